@@ -1,0 +1,138 @@
+"""Choosing between the reference path and the fused Triton kernels.
+
+A backend is chosen when a module is built, from (first that is set):
+
+1. the ``backend=`` argument of the module / model / ``create_model``,
+2. the innermost ``with crossvit_fast.use_backend(name):`` block,
+3. the environment variable ``CROSSVIT_FAST_BACKEND``,
+4. ``"auto"``.
+
+``"reference"`` is plain PyTorch and runs everywhere. ``"triton"`` is the fused kernels: asking for it where it
+cannot run raises :class:`BackendUnavailableError` saying why. ``"auto"`` takes the fused path only where it can
+run at full speed (a CUDA device, triton installed, a kernel for the op) and the reference path otherwise. Triton's
+CPU interpreter (``TRITON_INTERPRET=1``) counts as "can run" for an explicit ``"triton"`` only: it is for tests.
+
+Nothing here imports triton.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+import warnings
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+from crossvit_fast.config import ENV_BACKEND
+
+__all__ = [
+    "BACKENDS",
+    "FUSED_OPS",
+    "BackendUnavailableError",
+    "use_backend",
+    "get_backend",
+    "resolve_backend",
+    "triton_status",
+    "interpreter_enabled",
+    "fused_runs_on",
+    "warn_once",
+]
+
+BACKENDS = ("reference", "triton", "auto")
+
+FUSED_OPS: dict = {}
+"""Ops with a fused Triton kernel in this version: op name -> the ``crossvit_fast.ops`` module that registers it."""
+
+_context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("crossvit_fast_backend", default=None)
+_warned: set = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """``backend="triton"`` was asked for where the fused kernels cannot run."""
+
+
+def _check_name(name: str, source: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"unknown crossvit_fast backend {name!r} (from {source}); expected one of {BACKENDS}")
+    return name.lower()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Within the block, modules built without an explicit ``backend=`` use ``name``."""
+    name = _check_name(name, "use_backend()")
+    token = _context_backend.set(name)
+    try:
+        yield name
+    finally:
+        _context_backend.reset(token)
+
+
+def get_backend() -> str:
+    """The backend a module built now without ``backend=`` asks for (before resolving ``"auto"``)."""
+    ctx = _context_backend.get()
+    if ctx is not None:
+        return ctx
+    env = os.environ.get(ENV_BACKEND, "").strip()
+    if env:
+        return _check_name(env, f"environment variable {ENV_BACKEND}")
+    return "auto"
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def triton_status(op: Optional[str] = None, allow_interpreter: bool = True) -> Tuple[bool, str]:
+    """Whether the fused path for ``op`` (any op when None) can run here, and if not, why.
+
+    Returns ``(ok, reason)``; ``reason`` says where it runs when ``ok``.
+    """
+    if op is not None and op not in FUSED_OPS:
+        return False, f"this version of crossvit_fast has no fused Triton kernel for {op!r} yet"
+    if op is None and not FUSED_OPS:
+        return False, "this version of crossvit_fast has no fused Triton kernels yet (reference path only)"
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton)"
+    if torch.cuda.is_available():
+        return True, f"CUDA device {torch.cuda.get_device_name()}"
+    if allow_interpreter and interpreter_enabled():
+        return True, "Triton's CPU interpreter (TRITON_INTERPRET=1): correct but slow, for tests"
+    return False, (
+        "no CUDA device (torch.cuda.is_available() is False); the fused kernels need an NVIDIA GPU, "
+        "or TRITON_INTERPRET=1 set before start-up to run them in Triton's CPU interpreter (slow, for tests)"
+    )
+
+
+def resolve_backend(requested: Optional[str] = None, op: Optional[str] = None) -> str:
+    """Resolve a request (None: the current default) to ``"reference"`` or ``"triton"`` for ``op``.
+
+    Raises:
+        BackendUnavailableError: ``"triton"`` was asked for and cannot run here.
+    """
+    name = get_backend() if requested is None else _check_name(requested, "backend= argument")
+    if name == "reference":
+        return "reference"
+    if name == "triton":
+        ok, why = triton_status(op, allow_interpreter=True)
+        if not ok:
+            raise BackendUnavailableError(f"backend='triton' was asked for but cannot run here: {why}")
+        return "triton"
+    ok, _ = triton_status(op, allow_interpreter=False)
+    return "triton" if ok else "reference"
+
+
+def fused_runs_on(t: torch.Tensor) -> bool:
+    """Whether a fused kernel can take ``t`` where it is (a CUDA tensor, or any CPU tensor under the interpreter)."""
+    return t.is_cuda or (t.device.type == "cpu" and interpreter_enabled())
+
+
+def warn_once(key: str, message: str) -> None:
+    """Warn with ``message`` the first time ``key`` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

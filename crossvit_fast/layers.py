@@ -1,0 +1,409 @@
+"""CrossViT's layers with timm's module names and state_dict keys, each choosing its backend when built.
+
+The two seams where fused kernels plug in:
+
+* :class:`Attention`: the branch self-attention (``qkv`` Linear -> attention -> ``proj``),
+* :class:`CrossAttentionBlock`: the CLS-query cross-attention of the fusion (``norm1`` + ``attn.wq/wk/wv/proj``),
+  called with the projected CLS and the other branch's patch tokens, never their concatenation.
+
+Everything else is plain PyTorch modules laid out exactly as in timm's ``crossvit.py``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from crossvit_fast.backend import fused_runs_on, resolve_backend, warn_once
+from crossvit_fast.config import LN_EPS
+from crossvit_fast.reference import cls_cross_attention_ref, self_attention_ref
+
+__all__ = [
+    "DropPath",
+    "Mlp",
+    "Attention",
+    "Block",
+    "PatchEmbed",
+    "CrossAttention",
+    "CrossAttentionBlock",
+    "MultiScaleBlock",
+    "patch_grid",
+]
+
+
+def _layer_norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=LN_EPS)
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample: zero a sample's residual branch with probability p, scale the rest by 1/(1-p)."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    mask = x.new_empty(shape).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+class Mlp(nn.Module):
+    """Linear -> exact GELU -> Linear, with timm's ``fc1``/``fc2`` keys."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class _BackendMixin:
+    """Backend bookkeeping shared by the two seams: what was asked for, what it resolved to."""
+
+    op_name: str = ""
+
+    def _init_backend(self, backend: Optional[str]) -> None:
+        self.backend_requested = backend
+        self.backend = resolve_backend(backend, op=self.op_name)
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the fused op; warns once (auto) or raises (explicit triton) off its device."""
+        if self.backend != "triton":
+            return False
+        if self.training and self._dropout_active():
+            warn_once(
+                f"{self.op_name}-dropout",
+                f"crossvit_fast: {type(self).__name__} has attention dropout > 0 in training mode, which the fused "
+                f"{self.op_name} kernel does not implement; using the reference path for those calls",
+            )
+            return False
+        if fused_runs_on(x):
+            return True
+        if self.backend_requested == "triton":
+            raise ValueError(
+                f"{type(self).__name__} was built with backend='triton' but got a tensor on {x.device}; the fused "
+                f"kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+            )
+        warn_once(
+            f"{self.op_name}-device-{x.device.type}",
+            f"crossvit_fast: backend 'auto' chose the fused {self.op_name} kernel, but its input is on {x.device}; "
+            f"using the reference path for tensors there",
+        )
+        return False
+
+    def _dropout_active(self) -> bool:
+        return False
+
+
+class Attention(_BackendMixin, nn.Module):
+    """Branch multi-head self-attention: timm's ``Attention`` keys (``qkv``, ``proj``)."""
+
+    op_name = "self_attention"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        backend: Optional[str] = None,
+    ):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"Attention: dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._init_backend(backend)
+
+    def _dropout_active(self) -> bool:
+        return self.attn_drop.p > 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)  # (B, N, 3 * C)
+        if self._use_fused(qkv):
+            from crossvit_fast.ops.self_attention import self_attention
+
+            out = self_attention(qkv, self.num_heads, self.scale)
+        else:
+            p = self.attn_drop.p if self.training else 0.0
+            out = self_attention_ref(qkv, self.num_heads, self.scale, dropout_p=p)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, backend={self.backend!r}"
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: ``x + attn(LN(x))`` then ``x + mlp(LN(x))``; timm's ``Block`` keys."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        backend: Optional[str] = None,
+    ):
+        super().__init__()
+        self.norm1 = _layer_norm(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, backend=backend)
+        self.ls1 = nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = _layer_norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.ls2 = nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+# (kernel, stride, padding) of the dagger models' three convolutions ("3 Conv."), per patch size.
+_MULTI_CONV = {
+    12: ((7, 4, 3), (3, 3, 0), (3, 1, 1)),
+    16: ((7, 4, 3), (3, 2, 1), (3, 2, 1)),
+}
+
+
+def patch_grid(img_size: Tuple[int, int], patch_size: int, multi_conv: bool) -> Tuple[int, int]:
+    """The (rows, cols) of patch tokens the patch embedding makes from an image of ``img_size``.
+
+    Computed from the convolutions' own arithmetic, per side, so non-square sizes come out right (timm and IBM
+    compute ``H // p * W // p``, which is ``((H // p) * W) // p``).
+    """
+    if not multi_conv:
+        return img_size[0] // patch_size, img_size[1] // patch_size
+    out = []
+    for side in img_size:
+        for k, s, p in _MULTI_CONV[patch_size]:
+            side = (side + 2 * p - k) // s + 1
+        out.append(side)
+    return out[0], out[1]
+
+
+class PatchEmbed(nn.Module):
+    """Image -> patch tokens ``(B, rows*cols, dim)``: one strided conv, or the dagger models' three convs."""
+
+    def __init__(
+        self,
+        img_size: Tuple[int, int],
+        patch_size: int,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        multi_conv: bool = False,
+    ):
+        super().__init__()
+        if multi_conv and patch_size not in _MULTI_CONV:
+            raise ValueError(
+                f"PatchEmbed: multi_conv (dagger) patch embedding exists for patch sizes {sorted(_MULTI_CONV)}, "
+                f"got {patch_size}"
+            )
+        self.img_size = tuple(img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = patch_grid(self.img_size, patch_size, multi_conv)
+        if self.grid_size[0] < 1 or self.grid_size[1] < 1:
+            raise ValueError(f"PatchEmbed: image size {self.img_size} is too small for patch size {patch_size}")
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if multi_conv:
+            (k1, s1, p1), (k2, s2, p2), (k3, s3, p3) = _MULTI_CONV[patch_size]
+            self.proj = nn.Sequential(
+                nn.Conv2d(in_chans, embed_dim // 4, kernel_size=k1, stride=s1, padding=p1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(embed_dim // 4, embed_dim // 2, kernel_size=k2, stride=s2, padding=p2),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=k3, stride=s3, padding=p3),
+            )
+        else:
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, dim, rows, cols) -> (B, rows*cols, dim)
+
+
+class CrossAttention(nn.Module):
+    """Holds the cross-attention's parameters with timm's keys (``wq``, ``wk``, ``wv``, ``proj``).
+
+    ``forward`` is timm's: one query (token 0 of the normalised concatenation) against every token.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"CrossAttention: dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.wq = nn.Linear(dim, dim, bias=qkv_bias)
+        self.wk = nn.Linear(dim, dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        H, D = self.num_heads, self.head_dim
+        q = self.wq(x[:, 0:1]).reshape(B, 1, H, D).permute(0, 2, 1, 3)  # (B, H, 1, D)
+        k = self.wk(x).reshape(B, N, H, D).permute(0, 2, 1, 3)  # (B, H, N, D)
+        v = self.wv(x).reshape(B, N, H, D).permute(0, 2, 1, 3)  # (B, H, N, D)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (B, H, 1, N)
+        attn = self.attn_drop(attn)
+        out = (attn @ v).transpose(1, 2).reshape(B, 1, C)
+        return self.proj_drop(self.proj(out))
+
+
+class CrossAttentionBlock(_BackendMixin, nn.Module):
+    """CrossViT's fusion attention: ``cls + attn(LN(concat(cls, tokens)))`` for the CLS query only.
+
+    Keys as timm's ``CrossAttentionBlock`` (``norm1``, ``attn.wq/wk/wv/proj``). Call it as
+    ``block(cls, tokens)`` with the projected CLS ``(B, 1, C)`` and the other branch's patch tokens
+    ``(B, N, C)`` (a view; nothing is concatenated on the fused path), or as timm does, ``block(x)`` with their
+    concatenation ``(B, 1 + N, C)``. Returns the new CLS ``(B, 1, C)``.
+    """
+
+    op_name = "cls_cross_attention"
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        backend: Optional[str] = None,
+    ):
+        super().__init__()
+        self.norm1 = _layer_norm(dim)
+        self.attn = CrossAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self._init_backend(backend)
+
+    def _dropout_active(self) -> bool:
+        return self.attn.attn_drop.p > 0.0
+
+    def forward(self, cls: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if tokens is None:
+            cls, tokens = cls[:, 0:1], cls[:, 1:]
+        a = self.attn
+        if self._use_fused(tokens):
+            from crossvit_fast.ops.cls_cross_attention import cls_cross_attention
+
+            out = cls_cross_attention(
+                cls, tokens, self.norm1.weight, self.norm1.bias,
+                a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias, a.wv.weight, a.wv.bias,
+                a.proj.weight, a.proj.bias, a.num_heads, self.norm1.eps,
+            )
+        else:
+            p = a.attn_drop.p if self.training else 0.0
+            out = cls_cross_attention_ref(
+                cls, tokens, self.norm1.weight, self.norm1.bias,
+                a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias, a.wv.weight, a.wv.bias,
+                a.proj.weight, a.proj.bias, a.num_heads, self.norm1.eps, dropout_p=p,
+            )
+        return cls + self.drop_path(a.proj_drop(out))
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class MultiScaleBlock(nn.Module):
+    """One multi-scale block: each branch's transformer blocks, then CLS-query fusion in both directions.
+
+    Keys as timm's ``MultiScaleBlock``: ``blocks.{b}.{j}``, ``projs.{b}.{0,2}``, ``fusion.{b}``,
+    ``revert_projs.{b}.{0,2}``. Branch i's fusion uses branch j = 1 - i's width and heads.
+    """
+
+    def __init__(
+        self,
+        dim: Sequence[int],
+        depth: Sequence[int],
+        num_heads: Sequence[int],
+        mlp_ratio: Sequence[float],
+        qkv_bias: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: Union[float, Sequence[float]] = 0.0,
+        backend: Optional[str] = None,
+    ):
+        super().__init__()
+        num_branches = len(dim)
+        self.num_branches = num_branches
+        if depth[-1] != 0:
+            raise ValueError(
+                f"MultiScaleBlock: depth {tuple(depth)} asks for {depth[-1]} stacked fusion blocks; every released "
+                f"CrossViT uses one cross-attention per direction (last depth entry 0), the only layout supported"
+            )
+        if isinstance(drop_path, (int, float)):
+            drop_path = [float(drop_path)] * max(max(depth[:-1]), 1)
+        dpr = list(drop_path)
+
+        self.blocks = nn.ModuleList()
+        for d in range(num_branches):
+            self.blocks.append(
+                nn.Sequential(
+                    *[
+                        Block(dim[d], num_heads[d], mlp_ratio[d], qkv_bias, proj_drop, attn_drop, dpr[i], backend)
+                        for i in range(depth[d])
+                    ]
+                )
+            )
+
+        self.projs = nn.ModuleList()
+        for d in range(num_branches):
+            j = (d + 1) % num_branches
+            self.projs.append(nn.Sequential(_layer_norm(dim[d]), nn.GELU(), nn.Linear(dim[d], dim[j])))
+
+        self.fusion = nn.ModuleList()
+        for d in range(num_branches):
+            j = (d + 1) % num_branches
+            self.fusion.append(
+                CrossAttentionBlock(dim[j], num_heads[j], qkv_bias, proj_drop, attn_drop, dpr[-1], backend)
+            )
+
+        self.revert_projs = nn.ModuleList()
+        for d in range(num_branches):
+            j = (d + 1) % num_branches
+            self.revert_projs.append(nn.Sequential(_layer_norm(dim[j]), nn.GELU(), nn.Linear(dim[j], dim[d])))
+
+    def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
+        outs_b = [block(x[i]) for i, block in enumerate(self.blocks)]
+        proj_cls = [proj(outs_b[i][:, 0:1]) for i, proj in enumerate(self.projs)]  # (B, 1, dim_j) each
+        outs = []
+        for i, (fusion, revert_proj) in enumerate(zip(self.fusion, self.revert_projs)):
+            j = (i + 1) % self.num_branches
+            cls_new = fusion(proj_cls[i], outs_b[j][:, 1:])  # (B, 1, dim_j); branch j's tokens as a view
+            outs.append(torch.cat((revert_proj(cls_new), outs_b[i][:, 1:]), dim=1))
+        return outs

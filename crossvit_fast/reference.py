@@ -1,0 +1,133 @@
+"""The reference math: plain PyTorch, exactly the computation of timm's and IBM's CrossViT.
+
+These functions are
+
+* what the models run under ``backend="reference"`` (and the fallback where no fused kernel can run),
+* the oracle of every kernel test (called on float64 inputs), and
+* the baseline of every benchmark.
+
+They are written the way the released models compute, with the attention products as explicit matmuls
+(so fvcore counts them), not for speed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from crossvit_fast.config import LN_EPS
+
+__all__ = [
+    "layer_norm_ref",
+    "self_attention_ref",
+    "cls_cross_attention_ref",
+]
+
+
+def layer_norm_ref(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float = LN_EPS
+) -> torch.Tensor:
+    """LayerNorm over the last dimension: ``(x - mean) / sqrt(var + eps) * weight + bias`` (biased variance)."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def self_attention_ref(
+    qkv: torch.Tensor,
+    num_heads: int,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Multi-head self-attention of a branch block, from the output of its ``qkv`` Linear.
+
+    Args:
+        qkv: ``(B, N, 3 * H * D)``, laid out as timm's ``Attention.qkv`` writes it: the last dimension is
+            ``[q | k | v]``, each head-major ``(H, D)``. May be any strided view.
+        num_heads: H.
+        scale: the score scale; default ``D ** -0.5``.
+        dropout_p: attention dropout on the probabilities (only pass a non-zero value in training).
+
+    Returns:
+        ``(B, N, H * D)``: the heads' outputs concatenated, the layout the output projection reads.
+    """
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads) != 0:
+        raise ValueError(
+            f"self_attention_ref: qkv must be (B, N, 3 * num_heads * head_dim) with num_heads={num_heads}, "
+            f"got shape {tuple(qkv.shape)}"
+        )
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    D = C // num_heads
+    if scale is None:
+        scale = D ** -0.5
+    # (B, N, 3*H*D) -> (3, B, H, N, D)
+    q, k, v = qkv.reshape(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p, training=True)
+    out = attn @ v  # (B, H, N, D)
+    return out.transpose(1, 2).reshape(B, N, C)
+
+
+def cls_cross_attention_ref(
+    cls: torch.Tensor,
+    tokens: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    wq: torch.Tensor,
+    bq: Optional[torch.Tensor],
+    wk: torch.Tensor,
+    bk: Optional[torch.Tensor],
+    wv: torch.Tensor,
+    bv: Optional[torch.Tensor],
+    wproj: torch.Tensor,
+    bproj: Optional[torch.Tensor],
+    num_heads: int,
+    eps: float = LN_EPS,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """CLS-query cross-attention of CrossViT's fusion, written as the spec writes it.
+
+    With ``x = concat(cls, tokens)`` (``(B, 1 + N, C)``) and ``y = LN(x)``::
+
+        q = Wq y[:, :1] + bq,   k = Wk y + bk,   v = Wv y + bv     (H heads of D = C / H)
+        a = softmax(q k^T * D^-0.5)                                (B, H, 1, 1 + N): one query row
+        out = proj(a v)
+
+    Args:
+        cls: ``(B, 1, C)``: the CLS token of branch i projected to branch j's width (``f_i(cls_i)``).
+        tokens: ``(B, N, C)``: branch j's patch tokens (its token tensor without token 0), any strided view.
+        norm_weight, norm_bias: the block's ``norm1`` LayerNorm (eps ``eps``).
+        wq, bq, wk, bk, wv, bv: ``attn.wq/wk/wv`` Linear weights ``(C, C)`` and biases ``(C,)`` (biases may be None).
+        wproj, bproj: ``attn.proj``.
+        num_heads: H.
+        dropout_p: attention dropout on the probabilities (only pass a non-zero value in training).
+
+    Returns:
+        ``(B, 1, C)``: ``proj(a v)``, before the block's residual (the caller adds ``cls``).
+    """
+    if cls.dim() != 3 or cls.shape[1] != 1:
+        raise ValueError(f"cls_cross_attention_ref: cls must be (B, 1, C), got shape {tuple(cls.shape)}")
+    if tokens.dim() != 3 or tokens.shape[0] != cls.shape[0] or tokens.shape[2] != cls.shape[2]:
+        raise ValueError(
+            f"cls_cross_attention_ref: tokens must be (B, N, C) = ({cls.shape[0]}, N, {cls.shape[2]}), "
+            f"got shape {tuple(tokens.shape)}"
+        )
+    B, _, C = cls.shape
+    if C % num_heads != 0:
+        raise ValueError(f"cls_cross_attention_ref: dim {C} is not divisible by num_heads {num_heads}")
+    D = C // num_heads
+    x = torch.cat((cls, tokens), dim=1)  # (B, 1 + N, C)
+    T = x.shape[1]
+    y = layer_norm_ref(x, norm_weight, norm_bias, eps)
+    q = F.linear(y[:, 0:1], wq, bq).reshape(B, 1, num_heads, D).permute(0, 2, 1, 3)  # (B, H, 1, D)
+    k = F.linear(y, wk, bk).reshape(B, T, num_heads, D).permute(0, 2, 1, 3)  # (B, H, T, D)
+    v = F.linear(y, wv, bv).reshape(B, T, num_heads, D).permute(0, 2, 1, 3)  # (B, H, T, D)
+    attn = (q @ k.transpose(-2, -1)) * (D ** -0.5)  # (B, H, 1, T)
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p, training=True)
+    out = (attn @ v).transpose(1, 2).reshape(B, 1, C)  # (B, 1, C)
+    return F.linear(out, wproj, bproj)

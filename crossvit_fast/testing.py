@@ -1,0 +1,99 @@
+"""Helpers for parity tests: the tolerance rule, poisoned outputs, the fixtures' weight-fill rule.
+
+The tolerance rule (DEVELOPERS.md): a kernel's error against the float64 reference may be at most twice the error
+of the reference itself run in the same low dtype, plus a small atol::
+
+    max|out - ref64| <= 2 * max|ref_lowp - ref64| + atol
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+__all__ = [
+    "default_atol",
+    "max_abs_err",
+    "assert_within_rule",
+    "poison_",
+    "fill_like_fixtures_",
+    "fixture_input",
+]
+
+_ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def default_atol(dtype: torch.dtype) -> float:
+    """The small absolute slack of the tolerance rule for ``dtype``."""
+    return _ATOL[dtype]
+
+
+def max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max|a - ref|`` in float64; NaN anywhere in ``a`` where ``ref`` is finite gives ``inf``."""
+    a64, r64 = a.detach().double(), ref.detach().double()
+    if a64.shape != r64.shape:
+        raise AssertionError(f"shape {tuple(a64.shape)} != reference shape {tuple(r64.shape)}")
+    if a64.numel() == 0:
+        return 0.0
+    bad = torch.isnan(a64) & ~torch.isnan(r64)
+    if bool(bad.any()):
+        return float("inf")
+    return float((a64 - r64).abs().nan_to_num(0.0).max())
+
+
+def assert_within_rule(
+    out: torch.Tensor,
+    ref64: torch.Tensor,
+    ref_lowp: torch.Tensor,
+    atol: Optional[float] = None,
+    what: str = "output",
+) -> Dict[str, float]:
+    """Assert the tolerance rule; returns the two errors and the bound for reporting."""
+    if atol is None:
+        atol = default_atol(out.dtype)
+    err = max_abs_err(out, ref64)
+    err_ref = max_abs_err(ref_lowp, ref64)
+    bound = 2.0 * err_ref + atol
+    if not err <= bound:
+        raise AssertionError(
+            f"{what}: max abs error {err:.3e} against the float64 reference exceeds the rule's bound "
+            f"{bound:.3e} (= 2 x {err_ref:.3e}, the reference's own error in {out.dtype}, + atol {atol:.1e})"
+        )
+    return {"err": err, "err_ref": err_ref, "bound": bound}
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN (integers: their maximum) so that any element a kernel forgets to write shows."""
+    if t.dtype.is_floating_point:
+        return t.fill_(float("nan"))
+    return t.fill_(torch.iinfo(t.dtype).max)
+
+
+def fill_like_fixtures_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fill ``model``'s state in place by the fixtures' seeded rule (tests/data/timm_crossvit_logits.json).
+
+    One ``numpy.random.default_rng(seed)``; for each key of ``sorted(state_dict)`` draw a standard normal of the
+    tensor's shape (float64); 1-D ``*.weight`` tensors (LayerNorm scales) get ``1 + 0.1 z``, every other ``0.05 z``,
+    cast to the model's dtype. The fixtures filled a float32 model and converted it with ``.double()`` for their
+    float64 logits: fill a float32 model to reproduce them.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sd = model.state_dict()
+    with torch.no_grad():
+        for key in sorted(sd):
+            t = sd[key]
+            z = rng.standard_normal(tuple(t.shape))
+            val = 1.0 + 0.1 * z if (t.dim() == 1 and key.endswith(".weight")) else 0.05 * z
+            t.copy_(torch.from_numpy(np.asarray(val, dtype=np.float64)).to(t.dtype))
+    return model
+
+
+def fixture_input(seed: int, batch: int, hw, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The fixtures' input: ``default_rng(seed + 1).standard_normal((batch, 3, H, W))``."""
+    import numpy as np
+
+    x = np.random.default_rng(seed + 1).standard_normal((batch, 3, int(hw[0]), int(hw[1])))
+    return torch.from_numpy(x).to(dtype)

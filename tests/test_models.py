@@ -1,0 +1,115 @@
+"""The family against timm: fixture logits, parameter counts, state_dict keys and shapes, image sizes."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import crossvit_fast
+from crossvit_fast.testing import fill_like_fixtures_, fixture_input
+
+from conftest import DATA_DIR
+
+with open(os.path.join(DATA_DIR, "timm_crossvit_manifest.json")) as f:
+    MANIFEST = json.load(f)["models"]
+with open(os.path.join(DATA_DIR, "timm_crossvit_logits.json")) as f:
+    CASES = json.load(f)["cases"]
+
+
+def _meta_model(name, **kw):
+    with torch.device("meta"):
+        return crossvit_fast.create_model(name, backend="reference", **kw)
+
+
+def test_family_is_the_manifest():
+    assert sorted(crossvit_fast.list_models()) == sorted(MANIFEST)
+    assert len(crossvit_fast.list_models(include_aliases=True)) == 22
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_params_keys_shapes_equal_timm(name):
+    model = _meta_model(name)
+    expected = MANIFEST[name]
+    assert sum(p.numel() for p in model.parameters()) == expected["num_params"]
+    sd = model.state_dict()
+    assert set(sd) == set(expected["state_dict"])
+    for k, shape in expected["state_dict"].items():
+        assert list(sd[k].shape) == shape, k
+    assert tuple(model.pretrained_cfg["input_size"]) == tuple(expected["input_size"])
+    assert model.pretrained_cfg["crop_pct"] == expected["crop_pct"]
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_ibm_alias_builds_the_same_model(name):
+    ibm = crossvit_fast.model_config(name)["ibm_name"]
+    assert crossvit_fast.model_config(ibm)["name"] == name
+    a, b = _meta_model(name).state_dict(), _meta_model(ibm).state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(ValueError, match="crossvit_9_240"):
+        crossvit_fast.create_model("crossvit_99_240")
+
+
+def _fixture_model(case):
+    model = crossvit_fast.create_model(case["model"], backend="reference").eval()
+    return fill_like_fixtures_(model, case["seed"])  # filled in float32, as the fixtures were
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["model"] for c in CASES])
+def test_logits_equal_timm(case):
+    model = _fixture_model(case)
+    x = fixture_input(case["seed"], case["batch"], case["input_hw"])
+    with torch.no_grad():
+        out64 = model.double()(x)
+        out32 = model.float()(x.float())
+    ref64 = torch.tensor(case["logits_float64"], dtype=torch.float64)
+    ref32 = torch.tensor(case["logits_float32"], dtype=torch.float64)
+    assert out64.shape == ref64.shape
+    assert (out64 - ref64).abs().max().item() <= 1e-9
+    assert (out32.double() - ref32).abs().max().item() <= 1e-4
+
+
+def test_non_square_sizes_build_and_run():
+    # timm computes H // p * W // p = ((H // p) * W) // p and fails to build these
+    for name, size, grids in [
+        ("crossvit_9_240", (240, 336), [(20, 28), (14, 19)]),
+        ("crossvit_9_dagger_240", (240, 336), [(20, 28), (14, 20)]),
+        ("crossvit_tiny_240", (252, 252), [(21, 21), (14, 14)]),
+    ]:
+        model = crossvit_fast.create_model(name, img_size=size, num_classes=7).eval()
+        assert model.patch_grids == grids
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, *size))
+        assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+def test_patch_grid_matches_the_convolutions():
+    for name in ("crossvit_9_240", "crossvit_9_dagger_240"):
+        for size in [(240, 336), (96, 160), (408, 408)]:
+            model = crossvit_fast.create_model(name, img_size=size, backend="reference")
+            for i, pe in enumerate(model.patch_embed):
+                h, w = model.img_size_scaled[i]
+                with torch.no_grad():
+                    tokens = pe(torch.randn(1, 3, h, w))
+                assert tokens.shape[1] == pe.num_patches == getattr(model, f"pos_embed_{i}").shape[1] - 1
+
+
+def test_wrong_size_input_names_both_sizes():
+    model = crossvit_fast.create_model("crossvit_tiny_240").eval()
+    with pytest.raises(ValueError, match=r"240x240.*224x224"):
+        model(torch.randn(1, 3, 224, 224))
+    with pytest.raises(ValueError, match="channels"):
+        model(torch.randn(1, 1, 240, 240))
+
+
+def test_features_and_heads():
+    model = crossvit_fast.create_model("crossvit_tiny_240", num_classes=0).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(2, 3, 240, 240))
+    assert feats.shape == (2, 96 + 192)
+    model.reset_classifier(5, global_pool="avg")
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 240, 240)).shape == (1, 5)

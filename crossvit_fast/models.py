@@ -147,7 +147,6 @@ class CrossViT(nn.Module):
                 out.setdefault(op, []).append(m.backend)
         return out
 
-    @torch.jit.ignore
     def no_weight_decay(self):
         out = set()
         for i in range(self.num_branches):
@@ -156,7 +155,6 @@ class CrossViT(nn.Module):
                 out.add(f"pos_embed_{i}")
         return out
 
-    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each multi-scale block in backward to save activation memory (timm's CrossViT refuses)."""
         self.grad_checkpointing = enable

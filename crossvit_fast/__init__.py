@@ -12,6 +12,7 @@ from crossvit_fast.backend import (
     triton_status,
     use_backend,
 )
+from crossvit_fast.convert import optimize, revert
 from crossvit_fast.checkpoint import CheckpointError, load_checkpoint, resample_pos_embed
 from crossvit_fast.flops import flops
 from crossvit_fast.models import ALIASES, CrossViT, create_model, list_models, model_config
@@ -32,6 +33,8 @@ __all__ = [
     "load_checkpoint",
     "resample_pos_embed",
     "flops",
+    "optimize",
+    "revert",
     "get_backend",
     "resolve_backend",
     "triton_status",

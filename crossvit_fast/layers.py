@@ -145,7 +145,27 @@ class Attention(_BackendMixin, nn.Module):
     def _dropout_active(self) -> bool:
         return self.attn_drop.p > 0.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def from_module(cls, m: nn.Module, backend: Optional[str] = None) -> "Attention":
+        """An Attention that reuses ``m``'s submodules and parameters (timm's or IBM's ``Attention``)."""
+        for extra in ("q_norm", "k_norm", "norm"):
+            if not isinstance(getattr(m, extra, nn.Identity()), nn.Identity):
+                raise ValueError(f"Attention.from_module: {type(m).__name__}.{extra} is not Identity; not a CrossViT attention")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_heads = int(m.num_heads)
+        new.head_dim = m.qkv.out_features // 3 // new.num_heads
+        new.scale = float(getattr(m, "scale", new.head_dim ** -0.5))
+        new.qkv, new.proj = m.qkv, m.proj
+        new.q_norm, new.k_norm = nn.Identity(), nn.Identity()
+        new.attn_drop = getattr(m, "attn_drop", nn.Dropout(0.0))
+        new.proj_drop = getattr(m, "proj_drop", nn.Dropout(0.0))
+        new._init_backend(backend)
+        return new
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if attn_mask is not None:
+            raise ValueError("crossvit_fast Attention: attn_mask is not supported (CrossViT attends to every token)")
         qkv = self.qkv(x)  # (B, N, 3 * C)
         if self._use_fused(qkv):
             from crossvit_fast.ops.self_attention import self_attention
@@ -314,6 +334,18 @@ class CrossAttentionBlock(_BackendMixin, nn.Module):
     def _dropout_active(self) -> bool:
         return self.attn.attn_drop.p > 0.0
 
+    @classmethod
+    def from_module(cls, m: nn.Module, backend: Optional[str] = None) -> "CrossAttentionBlock":
+        """A block that reuses ``m``'s ``norm1``, ``attn`` and ``drop_path`` (timm's or IBM's CrossAttentionBlock)."""
+        if getattr(m, "has_mlp", False):
+            raise ValueError("CrossAttentionBlock.from_module: blocks with an MLP (IBM has_mlp=True) are not CrossViT's fusion")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.norm1, new.attn = m.norm1, m.attn
+        new.drop_path = getattr(m, "drop_path", nn.Identity())
+        new._init_backend(backend)
+        return new
+
     def forward(self, cls: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tokens is None:
             cls, tokens = cls[:, 0:1], cls[:, 1:]
@@ -397,6 +429,15 @@ class MultiScaleBlock(nn.Module):
         for d in range(num_branches):
             j = (d + 1) % num_branches
             self.revert_projs.append(nn.Sequential(_layer_norm(dim[j]), nn.GELU(), nn.Linear(dim[j], dim[d])))
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> "MultiScaleBlock":
+        """A block that reuses ``m``'s ``blocks``, ``projs``, ``fusion`` and ``revert_projs`` (timm's or IBM's)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.num_branches = len(m.projs)
+        new.blocks, new.projs, new.fusion, new.revert_projs = m.blocks, m.projs, m.fusion, m.revert_projs
+        return new
 
     def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
         outs_b = [block(x[i]) for i, block in enumerate(self.blocks)]

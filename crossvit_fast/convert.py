@@ -1,0 +1,108 @@
+"""``optimize`` / ``revert``: put crossvit_fast's modules into an existing CrossViT, in place.
+
+Works on timm's ``CrossVit``, IBM/CrossViT's ``VisionTransformer`` and crossvit_fast's own ``CrossViT``, recognised
+by structure (no import of timm or IBM's code): a branch attention has ``qkv`` and ``proj`` Linears and
+``num_heads``; a fusion block has ``norm1`` and ``attn.wq/wk/wv/proj``; a multi-scale block has ``blocks``,
+``projs``, ``fusion`` and ``revert_projs``. The swapped-in modules hold the very same parameter tensors under the
+same names: the state_dict is unchanged and an existing optimizer keeps working. ``revert`` puts every original
+module back.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch.nn as nn
+
+from crossvit_fast.backend import resolve_backend
+from crossvit_fast.layers import Attention, CrossAttentionBlock, MultiScaleBlock
+
+__all__ = ["optimize", "revert"]
+
+_SWAPS = "_crossvit_fast_swaps"
+
+
+def _is_linear(m) -> bool:
+    return isinstance(m, nn.Linear)
+
+
+def _is_branch_attention(m: nn.Module) -> bool:
+    return (
+        not isinstance(m, Attention)
+        and _is_linear(getattr(m, "qkv", None))
+        and _is_linear(getattr(m, "proj", None))
+        and isinstance(getattr(m, "num_heads", None), int)
+    )
+
+
+def _is_fusion_block(m: nn.Module) -> bool:
+    a = getattr(m, "attn", None)
+    return (
+        not isinstance(m, CrossAttentionBlock)
+        and isinstance(getattr(m, "norm1", None), nn.LayerNorm)
+        and a is not None
+        and all(_is_linear(getattr(a, n, None)) for n in ("wq", "wk", "wv", "proj"))
+    )
+
+
+def _is_multiscale_block(m: nn.Module) -> bool:
+    return not isinstance(m, MultiScaleBlock) and all(
+        isinstance(getattr(m, n, None), nn.ModuleList) for n in ("blocks", "projs", "fusion", "revert_projs")
+    )
+
+
+def _children_to_swap(model: nn.Module, pred) -> List[Tuple[nn.Module, str, nn.Module]]:
+    out = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if pred(child):
+                out.append((parent, name, child))
+    return out
+
+
+def optimize(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Swap crossvit_fast's fused-capable modules into ``model`` in place and return it.
+
+    ``backend`` as everywhere ("reference", "triton", "auto"; None: the current default). Calling it again on an
+    optimized model only re-chooses the backend.
+    """
+    swaps: List[Tuple[nn.Module, str, nn.Module]] = getattr(model, _SWAPS, None) or []
+    for parent, name, child in _children_to_swap(model, _is_branch_attention):
+        setattr(parent, name, Attention.from_module(child, backend))
+        swaps.append((parent, name, child))
+    for parent, name, child in _children_to_swap(model, _is_fusion_block):
+        setattr(parent, name, CrossAttentionBlock.from_module(child, backend))
+        swaps.append((parent, name, child))
+    for parent, name, child in _children_to_swap(model, _is_multiscale_block):
+        setattr(parent, name, MultiScaleBlock.from_module(child))
+        swaps.append((parent, name, child))
+    # crossvit_fast's own seams (and those just swapped in): re-choose the backend
+    previous = []
+    for m in model.modules():
+        if isinstance(m, (Attention, CrossAttentionBlock)):
+            previous.append((m, m.backend_requested, m.backend))
+            m.backend_requested = backend
+            m.backend = resolve_backend(backend, op=m.op_name)
+    if not swaps and not previous:
+        raise ValueError(
+            f"optimize: found no CrossViT attention, fusion or multi-scale block in {type(model).__name__}"
+        )
+    object.__setattr__(model, _SWAPS, swaps)
+    if not hasattr(model, "_crossvit_fast_backends"):
+        object.__setattr__(model, "_crossvit_fast_backends", previous)
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo :func:`optimize`: the original modules (and backends) come back; parameters are untouched."""
+    swaps = getattr(model, _SWAPS, None)
+    if swaps is None:
+        raise ValueError("revert: this model was not optimized by crossvit_fast.optimize")
+    for parent, name, child in reversed(swaps):
+        setattr(parent, name, child)
+    for m, requested, resolved in getattr(model, "_crossvit_fast_backends", []):
+        m.backend_requested, m.backend = requested, resolved
+    object.__delattr__(model, _SWAPS)
+    if hasattr(model, "_crossvit_fast_backends"):
+        object.__delattr__(model, "_crossvit_fast_backends")
+    return model

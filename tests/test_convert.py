@@ -1,0 +1,174 @@
+"""optimize / revert on crossvit_fast's own models and on a model laid out as timm's (recognised by structure)."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import crossvit_fast
+from crossvit_fast.layers import Attention, CrossAttentionBlock, MultiScaleBlock
+
+
+# --- stand-ins with timm's layout and forward code paths (timm itself needs torchvision: not on CPU machines) ---
+class TimmAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv, self.q_norm, self.k_norm = nn.Linear(dim, 3 * dim), nn.Identity(), nn.Identity()
+        self.attn_drop, self.proj, self.proj_drop = nn.Dropout(0.0), nn.Linear(dim, dim), nn.Dropout(0.0)
+
+    def forward(self, x, attn_mask=None):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class TimmCrossAttentionBlock(nn.Module):
+    def __init__(self, src: CrossAttentionBlock):
+        super().__init__()
+        self.norm1, self.attn, self.drop_path = src.norm1, src.attn, src.drop_path
+
+    def forward(self, x):
+        return x[:, 0:1] + self.drop_path(self.attn(self.norm1(x)))
+
+
+class TimmMultiScaleBlock(nn.Module):
+    def __init__(self, src: MultiScaleBlock):
+        super().__init__()
+        self.num_branches = 2
+        self.blocks, self.projs = src.blocks, src.projs
+        self.fusion = nn.ModuleList([TimmCrossAttentionBlock(f) for f in src.fusion])
+        self.revert_projs = src.revert_projs
+
+    def forward(self, x):
+        outs_b = [block(x[i]) for i, block in enumerate(self.blocks)]
+        proj_cls = [proj(outs_b[i][:, 0:1]) for i, proj in enumerate(self.projs)]
+        outs = []
+        for i, (fusion, revert_proj) in enumerate(zip(self.fusion, self.revert_projs)):
+            tmp = torch.cat((proj_cls[i], outs_b[(i + 1) % 2][:, 1:]), dim=1)
+            tmp = revert_proj(fusion(tmp)[:, 0:1])
+            outs.append(torch.cat((tmp, outs_b[i][:, 1:]), dim=1))
+        return outs
+
+
+def timm_like(name="crossvit_tiny_240", **kw):
+    """A crossvit_fast model whose attention, fusion and multi-scale blocks are replaced by timm-layout modules."""
+    torch.manual_seed(0)
+    model = crossvit_fast.create_model(name, backend="reference", **kw)
+    for ms in model.blocks:
+        for seq in ms.blocks:
+            for blk in seq:
+                old = blk.attn
+                blk.attn = TimmAttention(old.qkv.in_features, old.num_heads)
+                blk.attn.qkv, blk.attn.proj = old.qkv, old.proj
+    model.blocks = nn.ModuleList([TimmMultiScaleBlock(ms) for ms in model.blocks])
+    return model
+
+
+def _kinds(model):
+    return {type(m).__name__ for m in model.modules()}
+
+
+def test_optimize_timm_layout_keeps_state_and_output_then_reverts():
+    model = timm_like().eval()
+    sd = {k: v for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    x = torch.randn(2, 3, 240, 240, dtype=torch.float64)
+    model.double()
+    with torch.no_grad():
+        want = model(x)
+    assert {"TimmAttention", "TimmMultiScaleBlock"} <= _kinds(model)
+
+    crossvit_fast.optimize(model, backend="reference")
+    assert not {"TimmAttention", "TimmCrossAttentionBlock", "TimmMultiScaleBlock"} & _kinds(model)
+    assert [id(p) for p in model.parameters()] == params
+    assert list(model.state_dict()) == list(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-12)
+
+    crossvit_fast.revert(model)
+    assert {"TimmAttention", "TimmCrossAttentionBlock", "TimmMultiScaleBlock"} <= _kinds(model)
+    assert [id(p) for p in model.parameters()] == params
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    with pytest.raises(ValueError, match="not optimized"):
+        crossvit_fast.revert(model)
+
+
+def test_optimizer_keeps_working_across_optimize():
+    model = timm_like(num_classes=5, img_size=96).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(2, 3, 96, 96), torch.tensor([0, 3])
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    crossvit_fast.optimize(model, backend="reference")
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_own_model_and_dtypes():
+    model = crossvit_fast.create_model("crossvit_tiny_240", backend="reference").eval()
+    x = torch.randn(1, 3, 240, 240)
+    with torch.no_grad():
+        want = model(x)
+    crossvit_fast.optimize(model)  # auto: reference on a CPU-only machine, fused on CUDA tensors elsewhere
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
+        for dt in (torch.bfloat16, torch.float16):
+            out = copy.deepcopy(model).to(dt)(x.to(dt))
+            assert out.dtype == dt and torch.isfinite(out).all()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(model(x)).all()
+    crossvit_fast.revert(model)
+
+
+def test_optimize_refuses_what_is_not_crossvit():
+    with pytest.raises(ValueError, match="found no CrossViT"):
+        crossvit_fast.optimize(nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_compile_fullgraph_has_no_graph_break():
+    model = timm_like().eval()
+    crossvit_fast.optimize(model, backend="reference")
+    x = torch.randn(1, 3, 240, 240)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def _ddp_worker(rank, world, init_file, x, y, state, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = timm_like(num_classes=4, img_size=96)
+    model.load_state_dict(state)
+    crossvit_fast.optimize(model, backend="reference")
+    ddp = DDP(model)
+    shard = slice(rank * 2, rank * 2 + 2)
+    F.cross_entropy(ddp(x[shard]), y[shard]).backward()
+    if rank == 0:
+        torch.save({k: p.grad for k, p in model.named_parameters()}, os.path.join(out_dir, "ddp.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_gradients_equal_a_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    model = timm_like(num_classes=4, img_size=96)
+    state = model.state_dict()
+    x, y = torch.randn(4, 3, 96, 96), torch.tensor([0, 1, 2, 3])
+    crossvit_fast.optimize(model, backend="reference")
+    F.cross_entropy(model(x), y).backward()
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), x, y, state, str(tmp_path)), nprocs=2, join=True)
+    ddp_grads = torch.load(tmp_path / "ddp.pt")
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(ddp_grads[k], p.grad, rtol=1e-4, atol=1e-6)

@@ -117,3 +117,16 @@ def write_record(record: Dict[str, object], out_dir: Optional[str] = None) -> st
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     return path
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (with a message) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    return plt

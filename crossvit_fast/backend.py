@@ -43,7 +43,10 @@ __all__ = [
 
 BACKENDS = ("reference", "triton", "auto")
 
-FUSED_OPS: dict = {}
+FUSED_OPS: dict = {
+    "cls_cross_attention": "crossvit_fast.ops.cls_cross_attention",
+    "self_attention": "crossvit_fast.ops.self_attention",
+}
 """Ops with a fused Triton kernel in this version: op name -> the ``crossvit_fast.ops`` module that registers it."""
 
 _context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("crossvit_fast_backend", default=None)

@@ -115,7 +115,7 @@ def _time_ms(fn, device: torch.device, reps: int) -> float:
 
 
 def cmd_check(args) -> int:
-    from crossvit_fast.backend import FUSED_OPS, triton_status
+    from crossvit_fast.backend import FUSED_OPS, BackendUnavailableError, triton_status
     from crossvit_fast.models import create_model
     from crossvit_fast.testing import default_atol, fill_like_fixtures_
 
@@ -154,13 +154,20 @@ def cmd_check(args) -> int:
             batch, xb = 1, x64[:1]
             note = "Triton CPU interpreter, batch 1 (slow: timing is not a speed figure)"
         for dt in dtypes:
-            model = create_model(args.model, backend=backend).eval()
+            try:
+                model = create_model(args.model, backend=backend).eval()
+            except BackendUnavailableError as e:
+                rows.append([backend, "-", "-", "-", "-", f"not available: {e}"])
+                break
             model.load_state_dict(state)
             model = model.to(device=device, dtype=dt)
             xd = xb.to(dt)
             with torch.no_grad():
+                t0 = time.perf_counter()
                 out = model(xd)
-                ms = _time_ms(lambda: model(xd), device, args.reps if backend == "reference" or device.type == "cuda" else 1)
+                ms = (time.perf_counter() - t0) * 1e3
+                if not (backend == "triton" and device.type == "cpu"):  # the interpreter runs once: it is slow
+                    ms = _time_ms(lambda: model(xd), device, args.reps)
             err = float((out.double() - ref[:batch]).abs().max())
             status = ""
             if backend == "reference":

@@ -5,3 +5,16 @@ LN_EPS = 1e-6
 
 ENV_BACKEND = "CROSSVIT_FAST_BACKEND"
 """Environment variable that sets the default backend ("reference", "triton" or "auto")."""
+
+# Limits of the fused kernels: their launchers refuse anything else, and the modules consult them when they choose
+# a backend (an "auto" module outside them takes the reference path; an explicit "triton" one raises).
+FUSED_DTYPES = ("float16", "bfloat16", "float32")
+"""Input dtypes (torch names) every fused kernel takes; they accumulate in float32."""
+
+CLS_CROSS_ATTENTION_MAX_DIM = 1024
+"""Largest channel count C of the fused CLS cross-attention (a token row is held whole in registers)."""
+
+CLS_CROSS_ATTENTION_MAX_HEAD_DIM = 128
+
+SELF_ATTENTION_HEAD_DIMS = tuple(range(16, 129, 16))
+"""Head dims of the fused self-attention: every multiple of 16 up to 128."""

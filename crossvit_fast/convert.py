@@ -14,7 +14,6 @@ from typing import List, Optional, Tuple
 
 import torch.nn as nn
 
-from crossvit_fast.backend import resolve_backend
 from crossvit_fast.layers import Attention, CrossAttentionBlock, MultiScaleBlock
 
 __all__ = ["optimize", "revert"]
@@ -81,8 +80,7 @@ def optimize(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     for m in model.modules():
         if isinstance(m, (Attention, CrossAttentionBlock)):
             previous.append((m, m.backend_requested, m.backend))
-            m.backend_requested = backend
-            m.backend = resolve_backend(backend, op=m.op_name)
+            m.set_backend(backend)
     if not swaps and not previous:
         raise ValueError(
             f"optimize: found no CrossViT attention, fusion or multi-scale block in {type(model).__name__}"

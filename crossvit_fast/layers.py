@@ -17,8 +17,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crossvit_fast.backend import fused_runs_on, resolve_backend, warn_once
-from crossvit_fast.config import LN_EPS
+from crossvit_fast.backend import BackendUnavailableError, fused_runs_on, get_backend, resolve_backend, warn_once
+from crossvit_fast.config import (
+    CLS_CROSS_ATTENTION_MAX_DIM,
+    CLS_CROSS_ATTENTION_MAX_HEAD_DIM,
+    FUSED_DTYPES,
+    LN_EPS,
+    SELF_ATTENTION_HEAD_DIMS,
+)
 from crossvit_fast.reference import cls_cross_attention_ref, self_attention_ref
 
 __all__ = [
@@ -76,37 +82,60 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype in force for ``x``'s device type, or None."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 class _BackendMixin:
-    """Backend bookkeeping shared by the two seams: what was asked for, what it resolved to."""
+    """Backend bookkeeping shared by the two seams: what was asked for, what it resolved to, when to use it."""
 
     op_name: str = ""
 
-    def _init_backend(self, backend: Optional[str]) -> None:
-        self.backend_requested = backend
-        self.backend = resolve_backend(backend, op=self.op_name)
+    def _fused_unsupported(self) -> str:
+        """Why the fused kernel cannot take this module's shapes ("" when it can)."""
+        return ""
+
+    def set_backend(self, backend: Optional[str] = None) -> None:
+        """(Re)choose this module's backend: ``backend``, or the current default when None (see crossvit_fast.backend)."""
+        requested = get_backend() if backend is None else str(backend).lower()
+        resolved = resolve_backend(requested, op=self.op_name)
+        if resolved == "triton":
+            why = self._fused_unsupported()
+            if why and requested == "triton":
+                raise BackendUnavailableError(f"{type(self).__name__}: backend='triton' cannot take this module: {why}")
+            if why:
+                resolved = "reference"
+        self.backend_requested, self.backend = requested, resolved
 
     def _use_fused(self, x: torch.Tensor) -> bool:
-        """Whether this call runs the fused op; warns once (auto) or raises (explicit triton) off its device."""
+        """Whether this call runs the fused op; off the kernels' dtypes or devices it warns once ("auto") or
+        raises (explicit "triton")."""
         if self.backend != "triton":
             return False
+        name = type(self).__name__
         if self.training and self._dropout_active():
             warn_once(
                 f"{self.op_name}-dropout",
-                f"crossvit_fast: {type(self).__name__} has attention dropout > 0 in training mode, which the fused "
-                f"{self.op_name} kernel does not implement; using the reference path for those calls",
+                f"crossvit_fast: {name} has attention dropout > 0 in training mode, which the fused {self.op_name} "
+                f"kernel does not implement; using the reference path for those calls",
             )
             return False
-        if fused_runs_on(x):
+        dtype = _autocast_dtype(x) or x.dtype
+        problem = ""
+        if str(dtype).replace("torch.", "") not in FUSED_DTYPES:
+            problem = f"a {dtype} input (the fused kernels take {', '.join(FUSED_DTYPES)})"
+        elif not fused_runs_on(x):
+            problem = f"a tensor on {x.device} (the fused kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU ones)"
+        if not problem:
             return True
         if self.backend_requested == "triton":
-            raise ValueError(
-                f"{type(self).__name__} was built with backend='triton' but got a tensor on {x.device}; the fused "
-                f"kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
-            )
+            raise ValueError(f"{name} was built with backend='triton' but got {problem}")
         warn_once(
-            f"{self.op_name}-device-{x.device.type}",
-            f"crossvit_fast: backend 'auto' chose the fused {self.op_name} kernel, but its input is on {x.device}; "
-            f"using the reference path for tensors there",
+            f"{self.op_name}-{dtype}-{x.device.type}",
+            f"crossvit_fast: backend 'auto' chose the fused {self.op_name} kernel for {name}, but it got {problem}; "
+            f"using the reference path for such calls",
         )
         return False
 
@@ -140,10 +169,15 @@ class Attention(_BackendMixin, nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._init_backend(backend)
+        self.set_backend(backend)
 
     def _dropout_active(self) -> bool:
         return self.attn_drop.p > 0.0
+
+    def _fused_unsupported(self) -> str:
+        if self.head_dim not in SELF_ATTENTION_HEAD_DIMS:
+            return f"head_dim {self.head_dim} is not one of the fused self-attention's {SELF_ATTENTION_HEAD_DIMS}"
+        return ""
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: Optional[str] = None) -> "Attention":
@@ -160,7 +194,7 @@ class Attention(_BackendMixin, nn.Module):
         new.q_norm, new.k_norm = nn.Identity(), nn.Identity()
         new.attn_drop = getattr(m, "attn_drop", nn.Dropout(0.0))
         new.proj_drop = getattr(m, "proj_drop", nn.Dropout(0.0))
-        new._init_backend(backend)
+        new.set_backend(backend)
         return new
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -170,7 +204,7 @@ class Attention(_BackendMixin, nn.Module):
         if self._use_fused(qkv):
             from crossvit_fast.ops.self_attention import self_attention
 
-            out = self_attention(qkv, self.num_heads, self.scale)
+            out = self_attention(qkv.to(_autocast_dtype(qkv) or qkv.dtype), self.num_heads, self.scale)
         else:
             p = self.attn_drop.p if self.training else 0.0
             out = self_attention_ref(qkv, self.num_heads, self.scale, dropout_p=p)
@@ -329,10 +363,17 @@ class CrossAttentionBlock(_BackendMixin, nn.Module):
         self.norm1 = _layer_norm(dim)
         self.attn = CrossAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self._init_backend(backend)
+        self.set_backend(backend)
 
     def _dropout_active(self) -> bool:
         return self.attn.attn_drop.p > 0.0
+
+    def _fused_unsupported(self) -> str:
+        C, D = self.norm1.normalized_shape[0], self.attn.head_dim
+        if C > CLS_CROSS_ATTENTION_MAX_DIM or D > CLS_CROSS_ATTENTION_MAX_HEAD_DIM:
+            return (f"dim {C} / head_dim {D} is above the fused cross-attention's limits "
+                    f"({CLS_CROSS_ATTENTION_MAX_DIM} / {CLS_CROSS_ATTENTION_MAX_HEAD_DIM})")
+        return ""
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: Optional[str] = None) -> "CrossAttentionBlock":
@@ -343,7 +384,7 @@ class CrossAttentionBlock(_BackendMixin, nn.Module):
         nn.Module.__init__(new)
         new.norm1, new.attn = m.norm1, m.attn
         new.drop_path = getattr(m, "drop_path", nn.Identity())
-        new._init_backend(backend)
+        new.set_backend(backend)
         return new
 
     def forward(self, cls: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -353,11 +394,12 @@ class CrossAttentionBlock(_BackendMixin, nn.Module):
         if self._use_fused(tokens):
             from crossvit_fast.ops.cls_cross_attention import cls_cross_attention
 
-            out = cls_cross_attention(
-                cls, tokens, self.norm1.weight, self.norm1.bias,
-                a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias, a.wv.weight, a.wv.bias,
-                a.proj.weight, a.proj.bias, a.num_heads, self.norm1.eps,
-            )
+            args = (cls, tokens, self.norm1.weight, self.norm1.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias,
+                    a.wv.weight, a.wv.bias, a.proj.weight, a.proj.bias)
+            dt = _autocast_dtype(tokens)
+            if dt is not None:  # autocast: the op takes one dtype, the autocast one
+                args = tuple(t if t is None else t.to(dt) for t in args)
+            out = cls_cross_attention(*args, a.num_heads, self.norm1.eps)
         else:
             p = a.attn_drop.p if self.training else 0.0
             out = cls_cross_attention_ref(

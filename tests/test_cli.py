@@ -31,7 +31,13 @@ def test_check_reports_parity_and_the_fused_status(capsys):
     assert main(["check", "crossvit_tiny_240", "--reps", "1"]) == 0
     out = capsys.readouterr().out
     assert "reference  float32" in out and "parity against the reference in float64" in out
-    assert "triton" in out
+    from crossvit_fast.backend import triton_status
+
+    ok, _ = triton_status()
+    if ok:  # CUDA, or the interpreter that tests/conftest.py switches on: the fused row passes the parity check
+        assert "FAIL" not in out and any(line.startswith("triton") and " ok" in line for line in out.splitlines())
+    else:
+        assert "triton     -" in out and "not available" in out
 
 
 def test_errors_are_reported_not_raised(capsys):

@@ -46,3 +46,16 @@ def test_input_size_override():
     assert crossvit_fast.flops(model).total() > crossvit_fast.flops(crossvit_fast.create_model("crossvit_tiny_240")).total()
     with pytest.raises(ValueError, match="input_size"):
         crossvit_fast.flops(model, input_size=(1, 2, 3, 4))
+
+
+def test_fused_ops_are_counted_like_the_reference():
+    from crossvit_fast.backend import triton_status
+
+    ok, why = triton_status()
+    if not ok:
+        pytest.skip(f"fused path cannot run here: {why}")
+    ref = crossvit_fast.create_model("crossvit_tiny_240", backend="reference").eval()
+    fused = crossvit_fast.create_model("crossvit_tiny_240", backend="triton").eval()
+    a, b = crossvit_fast.flops(ref), crossvit_fast.flops(fused)
+    assert {"cls_cross_attention", "self_attention"} <= set(b.by_operator())
+    assert a.total() == b.total()

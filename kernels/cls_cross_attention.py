@@ -1,0 +1,656 @@
+"""CLS-query cross-attention of CrossViT's fusion as one streaming pass over the tokens (forward and backward).
+
+The op (semantics: ``crossvit_fast.reference.cls_cross_attention_ref``). With ``x = concat(cls, tokens)``
+(``T = 1 + N`` rows of ``C``), ``y = LN(x)`` (eps ``eps``, affine ``gamma, beta``), H heads of ``D = C / H``::
+
+    q = Wq y_0 + bq      s_{t,h} = D^-0.5 q_h . (Wk_h y_t + bk_h)      a_{., h} = softmax_t(s_{., h})
+    out = Wproj o + bproj,   o_h = sum_t a_{t,h} (Wv_h y_t + bv_h)
+
+Algebra (K and V are never formed). ``xhat_t = (x_t - mu_t) rstd_t`` and ``y_t = gamma * xhat_t + beta``.
+
+* Keys folded into the query: ``u_h = Wk_h^T q_h`` (``C``-vector) and ``g_h = D^-0.5 u_h * gamma``; then
+  ``s_{t,h} = g_h . xhat_t + const_h`` where ``const_h = D^-0.5 (u_h . beta + q_h . bk_h)`` is the same for every t
+  and cancels in the softmax. The kernels use the shifted score ``g_h . xhat_t`` throughout (``lse`` included), so
+  ``bk`` never enters and its gradient is exactly zero.
+* Values applied after the weighted sum: the weights sum to 1, so
+  ``o_h = Wv_h z_h + bv_h`` with ``z_h = sum_t a_{t,h} y_t = gamma * xbar_h + beta``, ``xbar_h = sum_t a_{t,h} xhat_t``.
+
+Forward: the launcher computes ``q`` and ``u`` (small GEMMs in torch, fp32). ``_fwd_tokens_kernel`` streams the
+patch tokens once: per tile of BLOCK_T tokens it computes the LayerNorm statistics (exact two-pass mean/variance over
+the row, which is held whole in registers), ``xhat``, the scores of all heads with one ``tl.dot`` against ``g``,
+an online softmax per head (running max ``m`` and sum ``l``) and ``acc_h += p_h^T xhat``. Grid ``(B, n_chunks)``:
+each program owns one chunk of consecutive tokens of one batch row (split-N, so batch 1 still fills the device) and
+writes its partial ``(m, l, acc)``. ``_fwd_combine_kernel`` (grid ``(B, H)``) adds the CLS token (t = 0) as one more
+partial and merges the chunk partials in a fixed order (deterministic), writing ``xbar``, ``z`` and
+``lse_h = log sum_t exp(g_h . xhat_t)``. The launcher finishes with ``o = Wv z + bv`` and ``proj``.
+
+Backward: with ``do = Wproj^T dout`` and ``dz_h = Wv_h^T do_h``, ``e_h = gamma * dz_h`` and
+``f_h = dz_h . (beta - z_h)``::
+
+    a_{t,h}  = exp(g_h . xhat_t - lse_h)                       (recomputed, nothing of size T was saved)
+    ds_{t,h} = a_{t,h} (dz_h . y_t - dz_h . z_h) = a_{t,h} (e_h . xhat_t + f_h)
+    dxhat_t  = gamma * dy_t = sum_h a_{t,h} e_h + ds_{t,h} g_h
+    dx_t     = rstd_t (dxhat_t - mean(dxhat_t) - xhat_t mean(dxhat_t * xhat_t))          (LayerNorm backward)
+
+``_bwd_tokens_kernel`` streams the patch tokens once more (the only extra pass): it reads each token once and
+writes its gradient once, and per chunk the partial sums ``sum_t ds_{t,h} xhat_t`` and ``sum_t ds_{t,h}``. From
+those (plus the CLS token, done in torch) the launcher gets ``du_h`` and the parameter gradients by identities that
+need no other per-token sum: ``sum_t dy_t xhat_t = sum_h dz_h xbar_h + D^-0.5 u_h sum_t ds_{t,h} xhat_t`` (for
+``dgamma``) and ``sum_t dy_t = sum_h dz_h + D^-0.5 u_h sum_t ds_{t,h}`` (for ``dbeta``), plus the CLS row's own
+``q`` path. No floating-point atomics anywhere: partials are reduced in a fixed order (torch ``sum`` over the chunk
+axis, or the combine kernel's loop).
+
+Precision: LayerNorm statistics, softmax and every accumulator in fp32. ``tl.dot`` runs with
+``input_precision="ieee"`` for fp32 inputs (exact fp32, FMA path) and ``"tf32"`` for fp16/bf16 inputs (tensor
+cores; fp16/bf16 token values are exact in tf32, and tf32 rounding of ``xhat``, ``g`` and the weights, 2^-11
+relative, is finer than the fp16/bf16 roundings the reference makes of ``y``, ``q``, ``k``, ``v`` and ``a``).
+``input_precision`` is the spelling of both triton 3.6 and 3.9 (``allow_tf32`` is the deprecated one).
+
+Limits (checked by :func:`check_inputs`, which raises before any launch): fp32 / fp16 / bf16, every tensor one
+dtype and one device (CUDA; CPU only under ``TRITON_INTERPRET=1``); ``C <= 1024``, ``C % H == 0``, ``D <= 128``;
+any ``B`` and ``N >= 0``; ``tokens`` any strided ``(B, N, C)`` view (read in place; offsets are 64-bit). The row
+of C channels is held whole in registers (``BLOCK_C = next_pow2(C)``, ``BLOCK_H = max(16, next_pow2(H))`` rows of
+heads, masked), which is what bounds C. Block sizes and warps are a fixed heuristic (not autotuned); a config the
+device cannot hold (shared memory) falls back to fewer pipeline stages.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from crossvit_fast.config import CLS_CROSS_ATTENTION_MAX_DIM as MAX_DIM
+from crossvit_fast.config import CLS_CROSS_ATTENTION_MAX_HEAD_DIM as MAX_HEAD_DIM
+from crossvit_fast.config import LN_EPS
+
+__all__ = [
+    "MAX_DIM",
+    "MAX_HEAD_DIM",
+    "check_inputs",
+    "plan",
+    "cls_cross_attention_fwd",
+    "cls_cross_attention_bwd",
+]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+POISON_WORKSPACES = False
+"""Tests set this to fill every internal buffer with NaN before the kernels run (an unwritten element shows)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_xhat(
+    tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps,
+):
+    """One tile of tokens ``(BLOCK_T, BLOCK_C)`` -> (xhat in fp32, zero outside the valid rows/channels; rstd)."""
+    ptrs = tok_base + offs_n.to(tl.int64)[:, None] * stride_tn + offs_c.to(tl.int64)[None, :] * stride_tc
+    mask = n_mask[:, None] & c_mask[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / C
+    rstd = tl.rsqrt(var + eps)
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
+def _fwd_tokens_kernel(
+    tok_ptr, stride_tb, stride_tn, stride_tc,
+    u_ptr, stride_uh, stride_ub,  # u: (H, B, C), channel stride 1
+    w_ptr,  # gamma: (C,), contiguous fp32
+    m_ptr, l_ptr, acc_ptr,  # partials: m, l (n_chunks, H, B); acc (n_chunks, H, B, C)
+    B, N, C, H, chunk_tokens, eps, scale,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    b64 = pid_b.to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_h = tl.arange(0, BLOCK_H)
+    c_mask = offs_c < C
+    h_mask = offs_h < H
+    hc_mask = h_mask[:, None] & c_mask[None, :]
+
+    gamma = tl.load(w_ptr + offs_c, mask=c_mask, other=0.0)
+    u = tl.load(u_ptr + offs_h.to(tl.int64)[:, None] * stride_uh + b64 * stride_ub + offs_c[None, :],
+                mask=hc_mask, other=0.0)
+    g = u * (gamma * scale)[None, :]  # (BLOCK_H, BLOCK_C)
+    g_t = tl.trans(g)  # (BLOCK_C, BLOCK_H)
+
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_C), tl.float32)
+
+    tok_base = tok_ptr + b64 * stride_tb
+    n_start = pid_k * chunk_tokens
+    n_end = tl.minimum(n_start + chunk_tokens, N)
+    for n0 in range(n_start, n_end, BLOCK_T):
+        offs_n = n0 + offs_t
+        n_mask = offs_n < n_end
+        xhat, _rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps)
+        s = tl.dot(xhat, g_t, input_precision=PRECISION)  # (BLOCK_T, BLOCK_H)
+        s = tl.where(n_mask[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[None, :])  # (BLOCK_T, BLOCK_H)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[:, None] + tl.dot(tl.trans(p), xhat, input_precision=PRECISION)
+        m_i = m_new
+
+    # (k, h, b) of a (n_chunks, H, B) partial
+    row = (pid_k.to(tl.int64) * H + offs_h) * B + b64  # (BLOCK_H,)
+    tl.store(m_ptr + row, m_i, mask=h_mask)
+    tl.store(l_ptr + row, l_i, mask=h_mask)
+    tl.store(acc_ptr + row[:, None] * C + offs_c[None, :], acc, mask=hc_mask)
+
+
+@triton.jit
+def _fwd_combine_kernel(
+    cls_ptr, stride_cb, stride_cc,
+    u_ptr, stride_uh, stride_ub,  # u: (H, B, C), channel stride 1
+    w_ptr, bias_ptr,  # gamma, beta: (C,), contiguous fp32
+    m_ptr, l_ptr, acc_ptr,  # partials of _fwd_tokens_kernel
+    xbar_ptr, z_ptr, lse_ptr,  # xbar, z: (H, B, C); lse: (H, B); contiguous fp32
+    B, C, H, n_chunks, eps, scale,
+    BLOCK_C: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    h = tl.program_id(1)
+    b64 = pid_b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+
+    # the CLS token (t = 0) is one more partial: m = s_0, l = 1, acc = xhat_0
+    gamma = tl.load(w_ptr + offs_c, mask=c_mask, other=0.0)
+    beta = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0)
+    x0 = tl.load(cls_ptr + b64 * stride_cb + offs_c * stride_cc, mask=c_mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x0, axis=0) / C
+    xc = tl.where(c_mask, x0 - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=0) / C + eps)
+    xhat0 = xc * rstd
+    u = tl.load(u_ptr + h64 * stride_uh + b64 * stride_ub + offs_c, mask=c_mask, other=0.0)
+    s0 = tl.sum(xhat0 * u * gamma, axis=0) * scale
+
+    m = s0
+    for k in range(0, n_chunks):
+        m = tl.maximum(m, tl.load(m_ptr + (k * H + h64) * B + b64))
+    l = tl.exp(s0 - m)
+    acc = xhat0 * l
+    for k in range(0, n_chunks):
+        row = (k * H + h64) * B + b64
+        w = tl.exp(tl.load(m_ptr + row) - m)
+        l += tl.load(l_ptr + row) * w
+        acc += tl.load(acc_ptr + row * C + offs_c, mask=c_mask, other=0.0) * w
+    xbar = acc / l
+    out_row = (h64 * B + b64) * C
+    tl.store(xbar_ptr + out_row + offs_c, xbar, mask=c_mask)
+    tl.store(z_ptr + out_row + offs_c, gamma * xbar + beta, mask=c_mask)
+    tl.store(lse_ptr + h64 * B + b64, m + tl.log(l))
+
+
+@triton.jit
+def _bwd_tokens_kernel(
+    tok_ptr, stride_tb, stride_tn, stride_tc,
+    dtok_ptr, stride_db, stride_dn, stride_dc,
+    u_ptr, stride_uh, stride_ub,  # u: (H, B, C), channel stride 1
+    dz_ptr, stride_zh, stride_zb,  # dz: (H, B, C), channel stride 1
+    f_ptr, lse_ptr,  # (H, B), contiguous fp32
+    w_ptr,  # gamma: (C,), contiguous fp32
+    duhat_ptr, dss_ptr,  # partials: (n_chunks, H, B, C) and (n_chunks, H, B)
+    B, N, C, H, chunk_tokens, eps, scale,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    b64 = pid_b.to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_h = tl.arange(0, BLOCK_H)
+    c_mask = offs_c < C
+    h_mask = offs_h < H
+    hc_mask = h_mask[:, None] & c_mask[None, :]
+    h64 = offs_h.to(tl.int64)
+
+    gamma = tl.load(w_ptr + offs_c, mask=c_mask, other=0.0)
+    u = tl.load(u_ptr + h64[:, None] * stride_uh + b64 * stride_ub + offs_c[None, :], mask=hc_mask, other=0.0)
+    dz = tl.load(dz_ptr + h64[:, None] * stride_zh + b64 * stride_zb + offs_c[None, :], mask=hc_mask, other=0.0)
+    g = u * (gamma * scale)[None, :]  # (BLOCK_H, BLOCK_C)
+    e = dz * gamma[None, :]  # (BLOCK_H, BLOCK_C)
+    g_t = tl.trans(g)
+    e_t = tl.trans(e)
+    f = tl.load(f_ptr + h64 * B + b64, mask=h_mask, other=0.0)
+    lse = tl.load(lse_ptr + h64 * B + b64, mask=h_mask, other=0.0)
+
+    acc_du = tl.zeros((BLOCK_H, BLOCK_C), tl.float32)
+    acc_ss = tl.zeros((BLOCK_H,), tl.float32)
+
+    tok_base = tok_ptr + b64 * stride_tb
+    dtok_base = dtok_ptr + b64 * stride_db
+    n_start = pid_k * chunk_tokens
+    n_end = tl.minimum(n_start + chunk_tokens, N)
+    for n0 in range(n_start, n_end, BLOCK_T):
+        offs_n = n0 + offs_t
+        n_mask = offs_n < n_end
+        xhat, rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps)
+        s = tl.dot(xhat, g_t, input_precision=PRECISION)  # (BLOCK_T, BLOCK_H)
+        a = tl.where(n_mask[:, None] & h_mask[None, :], tl.exp(s - lse[None, :]), 0.0)
+        ds = a * (tl.dot(xhat, e_t, input_precision=PRECISION) + f[None, :])  # (BLOCK_T, BLOCK_H)
+        dxhat = tl.dot(a, e, input_precision=PRECISION) + tl.dot(ds, g, input_precision=PRECISION)
+        c1 = tl.sum(dxhat, axis=1) / C
+        c2 = tl.sum(dxhat * xhat, axis=1) / C
+        dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]  # (BLOCK_T, BLOCK_C)
+        d_ptrs = dtok_base + offs_n.to(tl.int64)[:, None] * stride_dn + offs_c.to(tl.int64)[None, :] * stride_dc
+        tl.store(d_ptrs, dx.to(dtok_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
+        acc_du += tl.dot(tl.trans(ds), xhat, input_precision=PRECISION)
+        acc_ss += tl.sum(ds, axis=0)
+
+    row = (pid_k.to(tl.int64) * H + offs_h) * B + b64  # (k, h, b) of a (n_chunks, H, B) partial
+    tl.store(dss_ptr + row, acc_ss, mask=h_mask)
+    tl.store(duhat_ptr + row[:, None] * C + offs_c[None, :], acc_du, mask=hc_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch planning and input checks
+# ----------------------------------------------------------------------------------------------------------------
+
+_MAX_GRID_Y = 65535
+_stages_ok: Dict[tuple, int] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _warps(elements: int) -> int:
+    """Warps for a program holding ``elements`` fp32 values: about 96 per thread, 4 to 16 warps."""
+    return int(min(16, max(4, triton.next_power_of_2(triton.cdiv(elements, 3072)))))
+
+
+def plan(
+    B: int,
+    N: int,
+    C: int,
+    H: int,
+    device: torch.device,
+    chunk_tokens: Optional[int] = None,
+    block_t: Optional[int] = None,
+) -> Dict[str, int]:
+    """Block sizes, warps and the split of the N tokens into chunks for one call.
+
+    ``chunk_tokens`` (rounded up to a multiple of BLOCK_T) overrides the split; by default each batch row is cut
+    into enough chunks that ``B * n_chunks`` is about four programs per SM (one chunk per row in the interpreter).
+    ``block_t`` (a power of 2, >= 16) overrides the tokens per tile (default: 64 to 16, fewer as C grows).
+    """
+    block_c = max(16, triton.next_power_of_2(C))
+    block_h = max(16, triton.next_power_of_2(H))
+    if block_t is None:
+        block_t = min(64, max(16, 8192 // block_c))
+    elif block_t < 16 or block_t != triton.next_power_of_2(block_t):
+        raise ValueError(f"cls_cross_attention: block_t must be a power of 2 >= 16, got {block_t}")
+    if chunk_tokens is None:
+        target = 4 * _sm_count(device) if device.type == "cuda" else max(B, 1)
+        per_row = max(1, triton.cdiv(target, max(B, 1)))
+        chunk_tokens = triton.cdiv(max(N, 1), per_row)
+    chunk_tokens = max(1, int(chunk_tokens))
+    chunk_tokens = triton.cdiv(chunk_tokens, block_t) * block_t
+    if triton.cdiv(N, chunk_tokens) > _MAX_GRID_Y:
+        chunk_tokens = triton.cdiv(triton.cdiv(N, _MAX_GRID_Y), block_t) * block_t
+    return {
+        "BLOCK_T": block_t,
+        "BLOCK_C": block_c,
+        "BLOCK_H": block_h,
+        "chunk_tokens": chunk_tokens,
+        "n_chunks": triton.cdiv(N, chunk_tokens),
+        "fwd_warps": _warps(block_t * block_c + 2 * block_h * block_c),
+        "bwd_warps": _warps(2 * block_t * block_c + 3 * block_h * block_c),
+        "combine_warps": max(1, min(4, block_c // 128)),
+    }
+
+
+def _launch(kernel, grid, args, key, num_warps: int, **constexprs) -> None:
+    """Launch with 2 pipeline stages, or 1 where the device has too little shared memory for 2 (remembered)."""
+    stages = _stages_ok.get(key, 2)
+    while True:
+        try:
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages)
+            _stages_ok[key] = stages
+            return
+        except triton.runtime.errors.OutOfResources:
+            if stages == 1:
+                raise
+            stages = 1
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _shape_str(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def check_inputs(
+    cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wproj, bproj, num_heads, eps,
+) -> Tuple[int, int, int, int, int]:
+    """Validate the op's inputs (types, dtypes, devices, shapes, supported sizes); returns ``(B, N, C, H, D)``.
+
+    Raises:
+        TypeError: a non-tensor, an unsupported dtype, or tensors of different dtypes.
+        ValueError: a wrong shape, a size outside the kernel's limits, mixed devices or an unusable device.
+    """
+    required = {"cls": cls, "tokens": tokens, "wq": wq, "wk": wk, "wv": wv, "wproj": wproj}
+    optional = {"norm_weight": norm_weight, "norm_bias": norm_bias, "bq": bq, "bk": bk, "bv": bv, "bproj": bproj}
+    for name, t in required.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"cls_cross_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in optional.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"cls_cross_attention: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"cls_cross_attention: num_heads must be a positive int, got {num_heads!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (0.0 <= float(eps) < math.inf):
+        raise ValueError(f"cls_cross_attention: eps must be a finite float >= 0, got {eps!r}")
+
+    tensors = {**required, **{k: v for k, v in optional.items() if v is not None}}
+    dtype = cls.dtype
+    if dtype not in _DTYPES:
+        raise TypeError(f"cls_cross_attention: cls has dtype {dtype}; supported are float32, float16, bfloat16")
+    wrong = {k: v.dtype for k, v in tensors.items() if v.dtype != dtype}
+    if wrong:
+        raise TypeError(
+            f"cls_cross_attention: every tensor must have cls's dtype {dtype}; these differ: "
+            + ", ".join(f"{k} ({d})" for k, d in wrong.items())
+        )
+    device = cls.device
+    other = {k: str(v.device) for k, v in tensors.items() if v.device != device}
+    if other:
+        raise ValueError(
+            f"cls_cross_attention: every tensor must be on cls's device {device}; these are not: "
+            + ", ".join(f"{k} ({d})" for k, d in other.items())
+        )
+    if device.type == "cpu" and not _INTERPRET:
+        raise ValueError(
+            "cls_cross_attention: the tensors are on the CPU; the Triton kernels need a CUDA device "
+            "(or TRITON_INTERPRET=1 set before crossvit_fast.kernels.cls_cross_attention is imported)"
+        )
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"cls_cross_attention: unsupported device {device}; expected a CUDA device")
+
+    if cls.dim() != 3 or cls.shape[1] != 1:
+        raise ValueError(f"cls_cross_attention: cls must be (B, 1, C), got shape {_shape_str(cls)}")
+    B, _, C = cls.shape
+    if tokens.dim() != 3 or tokens.shape[0] != B or tokens.shape[2] != C:
+        raise ValueError(
+            f"cls_cross_attention: tokens must be (B, N, C) = ({B}, N, {C}) to match cls, "
+            f"got shape {_shape_str(tokens)}"
+        )
+    N = tokens.shape[1]
+    for name in ("wq", "wk", "wv", "wproj"):
+        t = required[name]
+        if tuple(t.shape) != (C, C):
+            raise ValueError(f"cls_cross_attention: {name} must be (C, C) = ({C}, {C}), got shape {_shape_str(t)}")
+    for name, t in optional.items():
+        if t is not None and tuple(t.shape) != (C,):
+            raise ValueError(f"cls_cross_attention: {name} must be (C,) = ({C},), got shape {_shape_str(t)}")
+    if C > MAX_DIM:
+        raise ValueError(f"cls_cross_attention: dim C={C} is above the kernel's limit of {MAX_DIM}")
+    if C % num_heads != 0:
+        raise ValueError(f"cls_cross_attention: dim C={C} is not divisible by num_heads={num_heads}")
+    D = C // num_heads
+    if D > MAX_HEAD_DIM:
+        raise ValueError(
+            f"cls_cross_attention: head_dim C/num_heads = {C}/{num_heads} = {D} is above the kernel's limit of "
+            f"{MAX_HEAD_DIM}"
+        )
+    return B, N, C, num_heads, D
+
+
+def _check_tensor(name: str, t, shape: tuple, dtype: Optional[torch.dtype], device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"cls_cross_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"cls_cross_attention: {name} must have shape {tuple(shape)}, got {_shape_str(t)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"cls_cross_attention: {name} must have dtype {dtype}, got {t.dtype}")
+    if dtype is None and not t.dtype.is_floating_point:
+        raise TypeError(f"cls_cross_attention: {name} must be floating point, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"cls_cross_attention: {name} must be on {device}, got {t.device}")
+
+
+def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(torch.float32)
+
+
+def _vec32(t: Optional[torch.Tensor], fill: float, C: int, device: torch.device) -> torch.Tensor:
+    """A LayerNorm affine vector as contiguous fp32 ``(C,)`` (``fill`` where it is None)."""
+    if t is None:
+        return torch.full((C,), fill, dtype=torch.float32, device=device)
+    return t.to(torch.float32).contiguous()
+
+
+def _workspace(shape: tuple, device: torch.device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=torch.float32, device=device)
+    return t.fill_(float("nan")) if POISON_WORKSPACES else t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cls_cross_attention_fwd(
+    cls: torch.Tensor,
+    tokens: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    wq: torch.Tensor,
+    bq: Optional[torch.Tensor],
+    wk: torch.Tensor,
+    bk: Optional[torch.Tensor],
+    wv: torch.Tensor,
+    bv: Optional[torch.Tensor],
+    wproj: torch.Tensor,
+    bproj: Optional[torch.Tensor],
+    num_heads: int,
+    eps: float = LN_EPS,
+    *,
+    chunk_tokens: Optional[int] = None,
+    block_t: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward of the op; arguments as ``cls_cross_attention_ref`` (``bk`` is checked, and cancels).
+
+    Returns ``(out, q, u, xbar, lse, o)``: ``out`` ``(B, 1, C)`` in the input dtype (written into ``out=`` when
+    given), and what the backward needs, all fp32 and contiguous: ``q = Wq y_0 + bq`` ``(B, C)``,
+    ``u_h = Wk_h^T q_h`` as ``(H, B, C)``, ``xbar_h = sum_t a_{t,h} xhat_t`` as ``(H, B, C)``, ``lse`` ``(H, B)``
+    of the shifted scores ``D^-0.5 (u_h * gamma) . xhat_t``, and ``o`` ``(B, C)`` (the heads' outputs, before proj).
+    ``chunk_tokens`` and ``block_t`` override the launch plan (see :func:`plan`).
+    """
+    B, N, C, H, D = check_inputs(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wproj, bproj,
+                                 num_heads, eps)
+    device, dtype = cls.device, cls.dtype
+    if out is not None:
+        _check_tensor("out", out, (B, 1, C), dtype, device)
+    scale = D ** -0.5
+    p = plan(B, N, C, H, device, chunk_tokens, block_t)
+    n_chunks = p["n_chunks"]
+
+    gamma = _vec32(norm_weight, 1.0, C, device)
+    beta = _vec32(norm_bias, 0.0, C, device)
+    y0 = F.layer_norm(cls.reshape(B, C).to(torch.float32), (C,), gamma, beta, eps)  # (B, C)
+    q = F.linear(y0, wq.to(torch.float32), _f32(bq))  # (B, C)
+    u = torch.bmm(q.view(B, H, D).transpose(0, 1), wk.to(torch.float32).reshape(H, D, C))  # (H, B, C)
+
+    m_part = _workspace((n_chunks, H, B), device)
+    l_part = _workspace((n_chunks, H, B), device)
+    acc_part = _workspace((n_chunks, H, B, C), device)
+    xbar = _workspace((H, B, C), device)
+    z = _workspace((H, B, C), device)
+    lse = _workspace((H, B), device)
+    if B > 0 and n_chunks > 0:
+        _launch(
+            _fwd_tokens_kernel, (B, n_chunks),
+            (tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
+             u, u.stride(0), u.stride(1), gamma,
+             m_part, l_part, acc_part,
+             B, N, C, H, p["chunk_tokens"], float(eps), scale),
+            ("fwd", p["BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
+            p["fwd_warps"],
+            BLOCK_T=p["BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
+        )
+    if B > 0:
+        _launch(
+            _fwd_combine_kernel, (B, H),
+            (cls, cls.stride(0), cls.stride(2),
+             u, u.stride(0), u.stride(1), gamma, beta,
+             m_part, l_part, acc_part, xbar, z, lse,
+             B, C, H, n_chunks, float(eps), scale),
+            ("combine", p["BLOCK_C"]),
+            p["combine_warps"],
+            BLOCK_C=p["BLOCK_C"],
+        )
+
+    wv_hcd = wv.to(torch.float32).reshape(H, D, C).transpose(1, 2)  # (H, C, D): Wv_h^T
+    if bv is None:
+        o = torch.bmm(z, wv_hcd)  # (H, B, D)
+    else:
+        o = torch.baddbmm(bv.to(torch.float32).reshape(H, 1, D), z, wv_hcd)  # (H, B, D)
+    o = o.transpose(0, 1).reshape(B, C)  # (B, C): heads concatenated
+    res = F.linear(o, wproj.to(torch.float32), _f32(bproj)).view(B, 1, C)
+    if out is None:
+        out = res.to(dtype)
+    else:
+        out.copy_(res)
+    return out, q, u, xbar, lse, o
+
+
+def cls_cross_attention_bwd(
+    grad_out: torch.Tensor,
+    cls: torch.Tensor,
+    tokens: torch.Tensor,
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    wproj: torch.Tensor,
+    q: torch.Tensor,
+    u: torch.Tensor,
+    xbar: torch.Tensor,
+    lse: torch.Tensor,
+    o: torch.Tensor,
+    num_heads: int,
+    eps: float = LN_EPS,
+    *,
+    chunk_tokens: Optional[int] = None,
+    block_t: Optional[int] = None,
+    grad_tokens: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, ...]:
+    """Backward of the op from ``grad_out`` ``(B, 1, C)`` and the forward's ``q, u, xbar, lse, o``.
+
+    Returns the gradients ``(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wproj, bproj)`` in the
+    input dtype, every one a tensor (for a None input the caller drops it). The tokens' gradient is written into
+    ``grad_tokens=`` ``(B, N, C)`` (any strides) when given, else into a new contiguous tensor. ``bk``'s gradient
+    is exactly zero (``q_h . bk_h`` is constant over the keys). ``chunk_tokens`` and ``block_t`` override the
+    launch plan (see :func:`plan`).
+    """
+    B, N, C, H, D = check_inputs(cls, tokens, norm_weight, norm_bias, wq, None, wk, None, wv, None, wproj, None,
+                                 num_heads, eps)
+    device, dtype = cls.device, cls.dtype
+    _check_tensor("grad_out", grad_out, (B, 1, C), None, device)
+    for name, t, shape in (("q", q, (B, C)), ("u", u, (H, B, C)), ("xbar", xbar, (H, B, C)),
+                           ("lse", lse, (H, B)), ("o", o, (B, C))):
+        _check_tensor(f"saved {name}", t, shape, torch.float32, device)
+    if grad_tokens is None:
+        grad_tokens = torch.empty((B, N, C), dtype=dtype, device=device)
+    else:
+        _check_tensor("grad_tokens", grad_tokens, (B, N, C), dtype, device)
+    scale = D ** -0.5
+    p = plan(B, N, C, H, device, chunk_tokens, block_t)
+    n_chunks = p["n_chunks"]
+
+    gamma = _vec32(norm_weight, 1.0, C, device)
+    beta = _vec32(norm_bias, 0.0, C, device)
+    w_q, w_k, w_v, w_p = (w.to(torch.float32) for w in (wq, wk, wv, wproj))
+    u, xbar, lse = u.contiguous(), xbar.contiguous(), lse.contiguous()
+
+    dout = grad_out.reshape(B, C).to(torch.float32)  # (B, C)
+    d_wproj = dout.t() @ o  # (C, C)
+    d_bproj = dout.sum(0)
+    do_h = (dout @ w_p).view(B, H, D).transpose(0, 1)  # (H, B, D): d o_h
+    d_bv = do_h.sum(1).reshape(C)
+    z = torch.addcmul(beta, xbar, gamma)  # (H, B, C): z_h = sum_t a_{t,h} y_t
+    d_wv = torch.bmm(do_h.transpose(1, 2), z).reshape(C, C)  # (H, D, C) -> (C, C)
+    dz = torch.bmm(do_h, w_v.reshape(H, D, C))  # (H, B, C): Wv_h^T do_h
+    f = (dz * (beta - z)).sum(-1).contiguous()  # (H, B): dz_h . (beta - z_h)
+
+    duhat_part = _workspace((n_chunks, H, B, C), device)
+    dss_part = _workspace((n_chunks, H, B), device)
+    if B > 0 and n_chunks > 0:
+        _launch(
+            _bwd_tokens_kernel, (B, n_chunks),
+            (tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
+             grad_tokens, grad_tokens.stride(0), grad_tokens.stride(1), grad_tokens.stride(2),
+             u, u.stride(0), u.stride(1), dz, dz.stride(0), dz.stride(1),
+             f, lse, gamma, duhat_part, dss_part,
+             B, N, C, H, p["chunk_tokens"], float(eps), scale),
+            ("bwd", p["BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
+            p["bwd_warps"],
+            BLOCK_T=p["BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
+        )
+
+    # the CLS token (t = 0), whose LayerNorm output also feeds q
+    x0 = cls.reshape(B, C).to(torch.float32)
+    xc0 = x0 - x0.mean(-1, keepdim=True)
+    rstd0 = torch.rsqrt((xc0 * xc0).mean(-1, keepdim=True) + eps)  # (B, 1)
+    xhat0 = xc0 * rstd0  # (B, C)
+    g = u * (gamma * scale)  # (H, B, C)
+    e = dz * gamma  # (H, B, C)
+    a0 = torch.exp((g * xhat0).sum(-1) - lse)  # (H, B)
+    ds0 = a0 * ((e * xhat0).sum(-1) + f)  # (H, B)
+
+    duhat = duhat_part.sum(0) + ds0.unsqueeze(-1) * xhat0  # (H, B, C): sum_t ds_{t,h} xhat_t
+    dss = dss_part.sum(0) + ds0  # (H, B): sum_t ds_{t,h}
+    du = (duhat * gamma + dss.unsqueeze(-1) * beta) * scale  # (H, B, C): d u_h
+    dq = torch.bmm(du, w_k.reshape(H, D, C).transpose(1, 2)).transpose(0, 1).reshape(B, C)  # Wk_h du_h
+    d_wk = torch.bmm(q.view(B, H, D).permute(1, 2, 0), du).reshape(C, C)  # (H, D, C) -> (C, C)
+    y0 = xhat0 * gamma + beta
+    d_wq = dq.t() @ y0
+    d_bq = dq.sum(0)
+    dy0_q = dq @ w_q  # (B, C)
+    dy0 = (a0.unsqueeze(-1) * dz + (ds0 * scale).unsqueeze(-1) * u).sum(0) + dy0_q  # (B, C)
+    dxhat0 = dy0 * gamma
+    d_cls = (dxhat0 - dxhat0.mean(-1, keepdim=True) - xhat0 * (dxhat0 * xhat0).mean(-1, keepdim=True)) * rstd0
+
+    d_gamma = (dz * xbar).sum((0, 1)) + scale * (u * duhat).sum((0, 1)) + (dy0_q * xhat0).sum(0)
+    d_beta = dz.sum((0, 1)) + scale * (u * dss.unsqueeze(-1)).sum((0, 1)) + dy0_q.sum(0)
+    d_bk = torch.zeros(C, dtype=torch.float32, device=device)
+
+    def cast(t):
+        return t.to(dtype)
+
+    return (
+        cast(d_cls.view(B, 1, C)), grad_tokens, cast(d_gamma), cast(d_beta),
+        cast(d_wq), cast(d_bq), cast(d_wk), cast(d_bk), cast(d_wv), cast(d_bv), cast(d_wproj), cast(d_bproj),
+    )

@@ -1,0 +1,704 @@
+"""Fused multi-head self-attention (non-causal) of a CrossViT branch block: Triton forward and backward.
+
+Input and output
+----------------
+``qkv`` is the output of timm's ``Attention.qkv`` Linear, ``(B, N, 3 * H * D)``: the last dimension is
+``[q | k | v]``, each head-major ``(H, D)``. The kernels read it in place through its three strides (any strided
+view; no permute or contiguous copy), so element ``(b, n, part, h, d)`` lives at
+``b * s_b + n * s_n + ((part * H + h) * D + d) * s_c``. The output is ``(B, N, H * D)``, the layout timm's output
+projection reads; the backward writes ``dqkv`` as one ``(B, N, 3 * H * D)`` tensor, the gradient the qkv Linear
+wants. The oracle is :func:`crossvit_fast.reference.self_attention_ref`.
+
+Math
+----
+Per batch ``b`` and head ``h``, with ``S = scale * Q K^T`` (default ``scale = D^-0.5``)::
+
+    P = softmax(S) (over keys),  O = P V,  L_i = log(sum_j exp(S_ij))      (L: the log-sum-exp, natural log)
+
+    backward:  dV = P^T dO
+               dP = dO V^T,  delta_i = sum_j P_ij dP_ij = sum_d dO_id O_id
+               dS = P * (dP - delta)
+               dQ = scale * dS K,   dK = scale * dS^T Q
+
+Algorithm
+---------
+Forward (flash attention, online softmax): one program per (query block of BLOCK_M rows, b, h). It keeps the
+running row maximum ``m``, row sum ``l`` and un-normalised accumulator ``acc`` in registers and streams over key
+blocks of BLOCK_N::
+
+    s = (q k^T) * scale * log2(e)            (base-2 exponent, so exp2 replaces exp)
+    m' = max(m, rowmax(s));  a = 2^(m - m');  p = 2^(s - m')
+    l = a l + rowsum(p);     acc = a acc + p v;   m = m'
+    O = acc / l,   L = (m + log2 l) * ln 2
+
+Nothing N x N ever reaches memory: the forward saves only O and L, ``(B, H, N)`` float32, contiguous.
+
+Backward, deterministic (no atomics), three launches:
+
+1. ``delta = rowsum(dO * O)``, ``(B, H, N)`` float32;
+2. dK, dV: one program per (key block of BLOCK_N, b, h); it loops over every query block, recomputes
+   ``P^T = 2^(k q^T * scale * log2 e - L log2 e)`` from the saved L and accumulates ``dV += P^T dO`` and
+   ``dK += dS^T Q`` in registers; each dK/dV row is written once, by its owner;
+3. dQ: one program per (query block, b, h); loops over every key block and accumulates ``dQ += dS K``.
+
+This recomputes ``Q K^T`` twice (7 matmuls per tile pair instead of the 5 of an atomic-add dQ) in exchange for
+bit-reproducible gradients.
+
+Masking: keys past N score -inf (forward) or get P = 0 (backward, a padded query row loads L = +inf, so its P
+is 0); padded query rows are computed and never written. Full key/query blocks run an unmasked loop; only the
+last, partial block is masked.
+
+Limits
+------
+* head dim D: a multiple of 16 up to 128 (16, 32, ..., 128); anything else raises ValueError. D that is not a
+  power of two (48, 80, 96, 112) runs in a register tile of the next power of two with the extra columns masked
+  (zeros in, never written); 16, 32, 64 and 128 run unpadded.
+* dtypes: float16, bfloat16, float32 (all tensors of a call the same dtype; L and delta are float32).
+  Matmuls accumulate in float32; P and dS are rounded to the input dtype before their matmul (as in flash
+  attention). float32 runs its matmuls with ``tl.dot(..., input_precision="ieee")``: true float32 products, never
+  TF32 (whatever ``torch.backends.cuda.matmul.allow_tf32`` says), so it matches a float32 reference. Triton lowers
+  ieee float32 dots to FMA loops, not tensor cores: float32 uses its own smaller tiles and is the accurate path,
+  several times slower than float16/bfloat16. (``input_precision`` is ignored for 16-bit operands.)
+* any N >= 1 (B = 0 or N = 0 returns empty results without a launch); non-causal, no dropout, no mask input.
+* offsets: the per-batch/per-head base offset is always 64-bit; the in-tile offsets are 32-bit unless one batch
+  element of a tensor spans 2**31 elements or more, in which case a 64-bit specialisation (IDX64) is compiled.
+* devices: CUDA; CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported),
+  which cannot run bfloat16 ``tl.dot`` correctly, so bfloat16 is refused there.
+* plain pointer arithmetic with masks (no block pointers / tensor descriptors), only Triton APIs present in both
+  3.6 and 3.9 (``tl.dot(a, b, acc, input_precision=...)``, ``triton.autotune`` with ``early_config_prune``).
+
+Tuning
+------
+Each kernel but the (memory-bound, fixed-config) delta kernel is wrapped in ``triton.autotune`` keyed on
+``(N_BUCKET, H, HEAD_DIM)`` plus the tensors' dtypes (added by Triton itself), where
+``N_BUCKET = next_power_of_2(N)``: a new batch size, or another N in the same bucket, reuses the tuned config.
+Autotuning benchmarks kernels, which must not happen inside CUDA-graph capture: while the current stream is
+capturing, the launchers use the config already tuned for that key (remembered after every tuned launch) or,
+if none, a fixed default config, and launch the kernel directly. Warm up (run once) before capturing to get the
+tuned config (and to compile outside the capture). ``config=`` on the launchers (or ``AUTOTUNE = False`` /
+``CROSSVIT_FAST_AUTOTUNE=0``) bypasses tuning; under the CPU interpreter a fixed tile is used (16 x 16 below
+N = 128, 64 x 64 from there).
+The candidate tiles (``_TILES_16`` for float16/bfloat16, ``_TILES_32`` for float32) are filtered per call by
+``early_config_prune``: the dtype's set, minus tiles that spill registers at sm_90 for 128-wide heads.
+
+Grid: 1-D, ``cdiv(N, BLOCK) * B * H`` programs with the block index fastest, so the programs of one (b, h) run
+side by side and share that head's K/V (or Q/dO) in L2; 1-D avoids the 65535 limit of grid axes 1 and 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from crossvit_fast.config import FUSED_DTYPES, SELF_ATTENTION_HEAD_DIMS
+
+__all__ = [
+    "SUPPORTED_HEAD_DIMS",
+    "SUPPORTED_DTYPES",
+    "AUTOTUNE",
+    "self_attention_fwd",
+    "self_attention_bwd",
+    "check_self_attention_inputs",
+    "fwd_configs",
+    "bwd_configs",
+]
+
+SUPPORTED_HEAD_DIMS = SELF_ATTENTION_HEAD_DIMS
+SUPPORTED_DTYPES = tuple(getattr(torch, n) for n in FUSED_DTYPES)
+
+AUTOTUNE = os.environ.get("CROSSVIT_FAST_AUTOTUNE", "1").strip() not in ("0", "false", "False", "")
+"""Module switch (CUDA only): False never autotunes; a launch takes the config already tuned for its key, if any,
+else the fixed default."""
+
+_LOG2E = 1.4426950408889634
+_INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(base, rows, n_rows, cols, stride_row, stride_col,
+               HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (len(rows), BLOCK_D) tile of ``base[row * stride_row + col * stride_col]``; masked rows/columns read 0."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    if MASK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(base, x, rows, n_rows, cols, stride_row, stride_col, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    if EVEN_D:
+        tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, start_n, N, offs_n, offs_d, stride_n, stride_c, qk_scale,
+                   HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                   IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    rows = start_n + offs_n
+    if IDX64:
+        rows = rows.to(tl.int64)
+    k = _load_tile(k_base, rows, N, offs_d, stride_n, stride_c, HEAD_DIM, MASK_N, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+    if MASK_N:
+        s = tl.where(rows[None, :] < N, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(v_base, rows, N, offs_d, stride_n, stride_c, HEAD_DIM, MASK_N, EVEN_D)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    QKV, O, LSE,
+    stride_qb, stride_qn, stride_qc, stride_qpart,
+    stride_ob, stride_on, stride_oc,
+    N, H, N_BUCKET, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """O, LSE of one (query block, b, h). Grid: (cdiv(N, BLOCK_M) * B * H,), query block fastest."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    bh = pid // num_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    q_base = QKV + b * stride_qb + h * HEAD_DIM * stride_qc
+    k_base = q_base + stride_qpart
+    v_base = k_base + stride_qpart
+    o_base = O + b * stride_ob + h * HEAD_DIM * stride_oc
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
+
+    q = _load_tile(q_base, offs_m, N, offs_d, stride_qn, stride_qc, HEAD_DIM, True, EVEN_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, start_n, N, offs_n, offs_d,
+                                       stride_qn, stride_qc, qk_scale,
+                                       HEAD_DIM, False, EVEN_D, IDX64, DOT_PRECISION)
+    if n_full < N:
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, n_full, N, offs_n, offs_d,
+                                       stride_qn, stride_qc, qk_scale,
+                                       HEAD_DIM, True, EVEN_D, IDX64, DOT_PRECISION)
+
+    acc = acc / l_i[:, None]
+    _store_tile(o_base, acc.to(O.dtype.element_ty), offs_m, N, offs_d, stride_on, stride_oc, HEAD_DIM, EVEN_D)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_on, stride_oc,
+    stride_dob, stride_don, stride_doc,
+    N, H,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, IDX64: tl.constexpr,
+):
+    """delta = rowsum(dO * O), (B, H, N) float32. Grid: (cdiv(N, BLOCK_M) * B * H,)."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    bh = pid // num_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
+    o = _load_tile(O + b * stride_ob + h * HEAD_DIM * stride_oc, offs_m, N, offs_d, stride_on, stride_oc,
+                   HEAD_DIM, True, EVEN_D)
+    do = _load_tile(DO + b * stride_dob + h * HEAD_DIM * stride_doc, offs_m, N, offs_d, stride_don, stride_doc,
+                    HEAD_DIM, True, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, N, offs_m, offs_d,
+                          stride_qn, stride_qc, stride_don, stride_doc, qk_scale,
+                          HEAD_DIM: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr,
+                          IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    rows = start_m + offs_m
+    if IDX64:
+        rows = rows.to(tl.int64)
+    q = _load_tile(q_base, rows, N, offs_d, stride_qn, stride_qc, HEAD_DIM, MASK_M, EVEN_D)
+    do = _load_tile(do_base, rows, N, offs_d, stride_don, stride_doc, HEAD_DIM, MASK_M, EVEN_D)
+    if MASK_M:
+        lse = tl.load(lse_base + rows, mask=rows < N, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=rows < N, other=0.0)
+    else:
+        lse = tl.load(lse_base + rows)
+        delta = tl.load(delta_base + rows)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+    p_t = tl.math.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    QKV, DO, LSE, DELTA, DQKV,
+    stride_qb, stride_qn, stride_qc, stride_qpart,
+    stride_dob, stride_don, stride_doc,
+    stride_gb, stride_gn, stride_gc, stride_gpart,
+    N, H, N_BUCKET, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV of one (key block, b, h), written into DQKV's k and v parts. Grid: (cdiv(N, BLOCK_N) * B * H,)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n
+    bh = pid // num_n
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    q_base = QKV + b * stride_qb + h * HEAD_DIM * stride_qc
+    k_base = q_base + stride_qpart
+    v_base = k_base + stride_qpart
+    do_base = DO + b * stride_dob + h * HEAD_DIM * stride_doc
+    lse_base = LSE + bh.to(tl.int64) * N
+    delta_base = DELTA + bh.to(tl.int64) * N
+    dk_base = DQKV + b * stride_gb + h * HEAD_DIM * stride_gc + stride_gpart
+    dv_base = dk_base + stride_gpart
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    if IDX64:
+        offs_n = offs_n.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
+
+    k = _load_tile(k_base, offs_n, N, offs_d, stride_qn, stride_qc, HEAD_DIM, True, EVEN_D)
+    v = _load_tile(v_base, offs_n, N, offs_d, stride_qn, stride_qc, HEAD_DIM, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    m_full = (N // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, N, offs_m,
+                                       offs_d, stride_qn, stride_qc, stride_don, stride_doc, qk_scale,
+                                       HEAD_DIM, False, EVEN_D, IDX64, DOT_PRECISION)
+    if m_full < N:
+        dk, dv = _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m_full, N, offs_m,
+                                       offs_d, stride_qn, stride_qc, stride_don, stride_doc, qk_scale,
+                                       HEAD_DIM, True, EVEN_D, IDX64, DOT_PRECISION)
+
+    dk = dk * sm_scale
+    _store_tile(dk_base, dk.to(DQKV.dtype.element_ty), offs_n, N, offs_d, stride_gn, stride_gc, HEAD_DIM, EVEN_D)
+    _store_tile(dv_base, dv.to(DQKV.dtype.element_ty), offs_n, N, offs_d, stride_gn, stride_gc, HEAD_DIM, EVEN_D)
+
+
+@triton.jit
+def _bwd_dq_key_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N, offs_n, offs_d, stride_qn, stride_qc,
+                      qk_scale, HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                      IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    rows = start_n + offs_n
+    if IDX64:
+        rows = rows.to(tl.int64)
+    k = _load_tile(k_base, rows, N, offs_d, stride_qn, stride_qc, HEAD_DIM, MASK_N, EVEN_D)
+    v = _load_tile(v_base, rows, N, offs_d, stride_qn, stride_qc, HEAD_DIM, MASK_N, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+    p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    if MASK_N:
+        p = tl.where(rows[None, :] < N, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    QKV, DO, LSE, DELTA, DQKV,
+    stride_qb, stride_qn, stride_qc, stride_qpart,
+    stride_dob, stride_don, stride_doc,
+    stride_gb, stride_gn, stride_gc, stride_gpart,
+    N, H, N_BUCKET, sm_scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ of one (query block, b, h), written into DQKV's q part. Grid: (cdiv(N, BLOCK_M) * B * H,)."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    bh = pid // num_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    q_base = QKV + b * stride_qb + h * HEAD_DIM * stride_qc
+    k_base = q_base + stride_qpart
+    v_base = k_base + stride_qpart
+    do_base = DO + b * stride_dob + h * HEAD_DIM * stride_doc
+    dq_base = DQKV + b * stride_gb + h * HEAD_DIM * stride_gc
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if IDX64:
+        offs_m = offs_m.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
+
+    q = _load_tile(q_base, offs_m, N, offs_d, stride_qn, stride_qc, HEAD_DIM, True, EVEN_D)
+    do = _load_tile(do_base, offs_m, N, offs_d, stride_don, stride_doc, HEAD_DIM, True, EVEN_D)
+    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
+    lse2 = lse * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _bwd_dq_key_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N, offs_n, offs_d,
+                               stride_qn, stride_qc, qk_scale, HEAD_DIM, False, EVEN_D, IDX64, DOT_PRECISION)
+    if n_full < N:
+        dq = _bwd_dq_key_block(dq, q, do, lse2, delta, k_base, v_base, n_full, N, offs_n, offs_d,
+                               stride_qn, stride_qc, qk_scale, HEAD_DIM, True, EVEN_D, IDX64, DOT_PRECISION)
+
+    dq = dq * sm_scale
+    _store_tile(dq_base, dq.to(DQKV.dtype.element_ty), offs_m, N, offs_d, stride_gn, stride_gc, HEAD_DIM, EVEN_D)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configs and autotuning
+# --------------------------------------------------------------------------------------------------------------
+
+# Tiles as (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M counts query rows and BLOCK_N keys in every kernel:
+# fwd and dQ hold BLOCK_M query rows per program and step over keys by BLOCK_N; dK/dV holds BLOCK_N keys per
+# program and steps over queries by BLOCK_M. The 16-bit sets run on tensor cores (wgmma on Hopper); the float32
+# sets are for input_precision="ieee", which Triton lowers to FMA loops whose register appetite is much larger,
+# hence smaller tiles. Chosen from sm_90 compiles (registers/spills) of every config at D = 32, 64, 128.
+_TILES_16 = {
+    "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3),
+            (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 4, 2), (128, 128, 8, 2)],
+    "dkdv": [(32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 2)],
+    "dq": [(64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2)],
+}
+_TILES_32 = {
+    "fwd": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (64, 32, 8, 2)],
+    "dkdv": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
+    "dq": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
+}
+_DEFAULTS_16 = {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
+_DEFAULTS_32 = {"fwd": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)}
+# Under the interpreter every program instance costs tens of ms: small tiles for short sequences (so tests walk
+# several blocks and ragged tails), 64 x 64 from N = 128 on (5x fewer instances on the family's lengths).
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+_INTERPRETER_CONFIG_LONG = {"BLOCK_M": 64, "BLOCK_N": 64}
+_DELTA_BLOCK_M = 64
+
+
+def _as_config(t) -> triton.Config:
+    bm, bn, w, s = t
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+def _tile(c: triton.Config) -> Tuple[int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def _all_tiles(name: str):
+    return _TILES_16[name] + [t for t in _TILES_32[name] if t not in _TILES_16[name]]
+
+
+def fwd_configs():
+    """Every forward config the autotuner may pick (16-bit and float32 sets), as ``triton.Config``."""
+    return [_as_config(t) for t in _all_tiles("fwd")]
+
+
+def bwd_configs():
+    """``{"dkdv": [...], "dq": [...]}``: every backward config the autotuner may pick."""
+    return {name: [_as_config(t) for t in _all_tiles(name)] for name in ("dkdv", "dq")}
+
+
+def _pruner(name: str):
+    def prune(configs, named_args, **kwargs):
+        """The dtype's tile set; for 128-wide register tiles, no tile that spills at sm_90."""
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        fp32 = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee"
+        allowed = set(_TILES_32[name] if fp32 else _TILES_16[name])
+        keep = []
+        for c in configs:
+            bm, bn, w, _ = _tile(c)
+            if _tile(c) not in allowed:
+                continue
+            if not fp32 and block_d >= 128:
+                if bm * bn > 128 * 64 or (w == 4 and bm * bn > 64 * 64) or (name == "dkdv" and bm > 32):
+                    continue
+            keep.append(c)
+        return keep or [_as_config((_DEFAULTS_32 if fp32 else _DEFAULTS_16)[name])]
+    return prune
+
+
+_TUNE_KEY = ["N_BUCKET", "H", "HEAD_DIM"]
+_fwd_tuned = triton.autotune(fwd_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})(
+    _attn_fwd_kernel)
+_dkdv_tuned = triton.autotune(bwd_configs()["dkdv"], key=_TUNE_KEY,
+                              prune_configs_by={"early_config_prune": _pruner("dkdv")})(_attn_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(bwd_configs()["dq"], key=_TUNE_KEY,
+                            prune_configs_by={"early_config_prune": _pruner("dq")})(_attn_bwd_dq_kernel)
+
+_tuned_kernels = {"fwd": (_fwd_tuned, _attn_fwd_kernel), "dkdv": (_dkdv_tuned, _attn_bwd_dkdv_kernel),
+                  "dq": (_dq_tuned, _attn_bwd_dq_kernel)}
+
+_chosen: Dict[tuple, Dict[str, int]] = {}
+"""(kernel, N_BUCKET, H, HEAD_DIM, dtype, device) -> the config last picked by the autotuner, for graph capture."""
+
+
+def _interpreted() -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(_attn_fwd_kernel, InterpretedFunction)
+
+
+_INTERPRETED = _interpreted()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _launch(name: str, grid, args, meta, tune_key: tuple, device: torch.device, config: Optional[Dict]) -> None:
+    """Launch kernel ``name``: explicit config, interpreter config, remembered/default config (capture), or tuned."""
+    tuned, raw = _tuned_kernels[name]
+    if config is None and _INTERPRETED:
+        config = _INTERPRETER_CONFIG_LONG if tune_key[0] >= 128 else _INTERPRETER_CONFIG
+    if config is None and (not AUTOTUNE or _capturing(device)):
+        config = _chosen.get((name,) + tune_key)
+        if config is None:
+            bm, bn, w, s = (_DEFAULTS_32 if meta["DOT_PRECISION"] == "ieee" else _DEFAULTS_16)[name]
+            config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+    if config is not None:
+        raw[grid](*args, **meta, **config)
+        return
+    tuned[grid](*args, **meta)
+    best = tuned.best_config
+    _chosen[(name,) + tune_key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _device_of(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device), whatever the current device is."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _span(t: torch.Tensor) -> int:
+    """Largest in-tile element offset of one batch element of ``t`` (dims 1..)."""
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]))
+
+
+def _check_tensor(name: str, t, dtype: torch.dtype, device: torch.device, shape: Tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"self_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"self_attention: {name} has dtype {t.dtype}, expected {dtype} (the dtype of qkv): "
+                        "all tensors of one call must share a dtype")
+    if t.device != device:
+        raise ValueError(f"self_attention: {name} is on {t.device}, expected {device} (the device of qkv)")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"self_attention: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def check_self_attention_inputs(qkv, num_heads, scale=None) -> Tuple[int, int, int, int, float]:
+    """Validate ``qkv``/``num_heads``/``scale`` for the kernels; returns ``(B, N, H, D, scale)``.
+
+    Raises:
+        TypeError: qkv is not a tensor, has an unsupported dtype, or num_heads/scale have a wrong type.
+        ValueError: wrong rank or last dimension, unsupported head dim, or a device the kernels cannot run on.
+    """
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"self_attention: qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"self_attention: num_heads must be an int, got {type(num_heads).__name__}")
+    if num_heads < 1:
+        raise ValueError(f"self_attention: num_heads must be >= 1, got {num_heads}")
+    if qkv.dim() != 3:
+        raise ValueError(f"self_attention: qkv must be 3-D (B, N, 3 * num_heads * head_dim), got shape "
+                         f"{tuple(qkv.shape)}")
+    B, N, C3 = qkv.shape
+    if C3 % (3 * num_heads) != 0:
+        raise ValueError(f"self_attention: qkv's last dimension {C3} is not 3 * num_heads * head_dim for "
+                         f"num_heads={num_heads} (it must be divisible by {3 * num_heads})")
+    D = C3 // (3 * num_heads)
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"self_attention: head_dim {D} (= {C3} / (3 * {num_heads})) is not supported; expected a "
+                         f"multiple of 16 up to 128: {SUPPORTED_HEAD_DIMS}")
+    if qkv.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"self_attention: qkv has dtype {qkv.dtype}; expected one of float16, bfloat16, float32")
+    if qkv.device.type == "cuda":
+        pass
+    elif qkv.device.type == "cpu" and _INTERPRETED:
+        if qkv.dtype == torch.bfloat16:
+            raise TypeError("self_attention: bfloat16 is not supported under Triton's CPU interpreter (its tl.dot "
+                            "gives wrong bfloat16 results); use float16/float32 on CPU, or a CUDA device")
+    elif qkv.device.type == "cpu":
+        raise ValueError("self_attention: qkv is on the CPU, but the Triton kernels need a CUDA device (CPU runs "
+                         "only under Triton's interpreter, TRITON_INTERPRET=1 set before "
+                         "crossvit_fast.kernels.self_attention is imported)")
+    else:
+        raise ValueError(f"self_attention: qkv is on {qkv.device}; expected a CUDA device")
+    if scale is None:
+        scale = D ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"self_attention: scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"self_attention: scale must be finite, got {scale}")
+    return B, N, num_heads, D, scale
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _common_meta(D: int, dtype: torch.dtype, idx64: bool) -> Dict[str, object]:
+    return {"HEAD_DIM": D, "BLOCK_D": _next_pow2(D), "EVEN_D": D == _next_pow2(D),
+            "IDX64": idx64,
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+def self_attention_fwd(
+    qkv: torch.Tensor,
+    num_heads: int,
+    scale: Optional[float] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    config: Optional[Dict[str, int]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``(out, lse)`` with ``out`` ``(B, N, H * D)`` in qkv's dtype and ``lse`` ``(B, H, N)`` float32.
+
+    Args:
+        qkv: ``(B, N, 3 * H * D)`` ``[q | k | v]``, head-major; any strides.
+        num_heads: H.
+        scale: score scale, default ``D ** -0.5``.
+        out: optional preallocated output (any strides); lse: optional preallocated contiguous float32 LSE.
+        config: explicit ``{"BLOCK_M", "BLOCK_N"[, "num_warps", "num_stages"]}``, bypassing autotuning.
+    """
+    B, N, H, D, scale = check_self_attention_inputs(qkv, num_heads, scale)
+    if out is None:
+        out = torch.empty((B, N, H * D), dtype=qkv.dtype, device=qkv.device)
+    else:
+        _check_tensor("out", out, qkv.dtype, qkv.device, (B, N, H * D))
+    if lse is None:
+        lse = torch.empty((B, H, N), dtype=torch.float32, device=qkv.device)
+    else:
+        _check_tensor("lse", lse, torch.float32, qkv.device, (B, H, N))
+        if not lse.is_contiguous():
+            raise ValueError("self_attention: lse must be contiguous")
+    if B == 0 or N == 0:
+        return out, lse
+    idx64 = max(_span(qkv), _span(out)) > _INT32_MAX
+    meta = _common_meta(D, qkv.dtype, idx64)
+    n_bucket = _next_pow2(N)
+    args = (qkv, out, lse, *qkv.stride(), H * D * qkv.stride(2), *out.stride(), N, H, n_bucket, scale * _LOG2E)
+
+    def grid(m):
+        return (triton.cdiv(N, m["BLOCK_M"]) * B * H,)
+
+    with _device_of(qkv):
+        _launch("fwd", grid, args, meta, (n_bucket, H, D, qkv.dtype, qkv.device), qkv.device, config)
+    return out, lse
+
+
+def self_attention_bwd(
+    dout: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    num_heads: int,
+    scale: Optional[float] = None,
+    *,
+    dqkv: Optional[torch.Tensor] = None,
+    config: Optional[Dict[str, int]] = None,
+) -> torch.Tensor:
+    """Backward: ``dqkv`` ``(B, N, 3 * H * D)`` in qkv's dtype, from ``dout`` ``(B, N, H * D)``.
+
+    ``out`` and ``lse`` are the forward's results for the same ``qkv``/``num_heads``/``scale``. ``dqkv`` may be
+    preallocated (any strides); every element is written. ``config`` (``BLOCK_M``, ``BLOCK_N``, optional
+    ``num_warps``/``num_stages``) applies to both the dK/dV and the dQ kernel, bypassing autotuning.
+    """
+    B, N, H, D, scale = check_self_attention_inputs(qkv, num_heads, scale)
+    _check_tensor("dout", dout, qkv.dtype, qkv.device, (B, N, H * D))
+    _check_tensor("out", out, qkv.dtype, qkv.device, (B, N, H * D))
+    _check_tensor("lse", lse, torch.float32, qkv.device, (B, H, N))
+    if not lse.is_contiguous():
+        raise ValueError("self_attention: lse must be contiguous (as self_attention_fwd returns it)")
+    if dqkv is None:
+        dqkv = torch.empty((B, N, 3 * H * D), dtype=qkv.dtype, device=qkv.device)
+    else:
+        _check_tensor("dqkv", dqkv, qkv.dtype, qkv.device, (B, N, 3 * H * D))
+    if B == 0 or N == 0:
+        return dqkv
+    idx64 = max(_span(qkv), _span(out), _span(dout), _span(dqkv)) > _INT32_MAX
+    meta = _common_meta(D, qkv.dtype, idx64)
+    n_bucket = _next_pow2(N)
+    tune_key = (n_bucket, H, D, qkv.dtype, qkv.device)
+
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=qkv.device)
+    delta_block = 16 if _INTERPRETED else _DELTA_BLOCK_M
+    args = (qkv, dout, lse, delta, dqkv, *qkv.stride(), H * D * qkv.stride(2), *dout.stride(), *dqkv.stride(),
+            H * D * dqkv.stride(2), N, H, n_bucket, scale, scale * _LOG2E)
+
+    def grid_dkdv(m):
+        return (triton.cdiv(N, m["BLOCK_N"]) * B * H,)
+
+    def grid_dq(m):
+        return (triton.cdiv(N, m["BLOCK_M"]) * B * H,)
+
+    with _device_of(qkv):
+        _attn_bwd_delta_kernel[(triton.cdiv(N, delta_block) * B * H,)](
+            out, dout, delta, *out.stride(), *dout.stride(), N, H,
+            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=delta_block, IDX64=idx64,
+            num_warps=4,
+        )
+        _launch("dkdv", grid_dkdv, args, meta, tune_key, qkv.device, config)
+        _launch("dq", grid_dq, args, meta, tune_key, qkv.device, config)
+    return dqkv

@@ -1,0 +1,441 @@
+"""The fused CLS-query cross-attention (``crossvit_fast::cls_cross_attention``) against ``cls_cross_attention_ref``.
+
+Every check uses the tolerance rule of ``crossvit_fast.testing``: against the reference run in float64 on the same
+(low-precision) inputs, the kernel's error is at most twice the reference's own error in that dtype plus a small
+atol. Forward and all twelve gradients are checked.
+
+Without CUDA the kernels run in Triton's CPU interpreter (tests/conftest.py switches it on) and shapes stay tiny.
+The interpreter computes ``tl.dot`` on bf16 operands wrongly, but these kernels convert every tile to fp32 before
+any ``tl.dot``, so bf16 inputs are checked there too. The tests marked ``requires_cuda`` cover the model family's
+real shapes in all three dtypes.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from crossvit_fast.reference import cls_cross_attention_ref  # noqa: E402
+from crossvit_fast.testing import assert_within_rule, poison_  # noqa: E402
+from crossvit_fast.ops import cls_cross_attention as ops  # noqa: E402
+from crossvit_fast.kernels import cls_cross_attention as K  # noqa: E402
+from conftest import requires_cuda  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+SMALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NAMES = ("cls", "tokens", "norm_weight", "norm_bias", "wq", "bq", "wk", "bk", "wv", "bv", "wproj", "bproj")
+FAMILY = [(96, 3), (192, 3), (192, 6), (384, 6), (384, 12), (768, 12), (128, 4), (256, 4), (224, 7), (448, 7)]
+
+
+@pytest.fixture(autouse=True)
+def _poison_workspaces(monkeypatch):
+    """Every internal buffer starts as NaN, so an element a kernel forgets to write reaches the output."""
+    monkeypatch.setattr(K, "POISON_WORKSPACES", True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _token_source(B, N, C, layout, offset):
+    """float64 storage for the tokens and the view that reads them as ``(B, N, C)``."""
+    if layout == "slice":  # x[:, 1:] of a (B, 1 + N, C) tensor, as the model passes them
+        return torch.randn(B, 1 + N, C, dtype=torch.float64) + offset, lambda s: s[:, 1:]
+    if layout == "transposed":  # channel stride != 1: storage (C, N, B)
+        return torch.randn(C, N, B, dtype=torch.float64) + offset, lambda s: s.permute(2, 1, 0)
+    if layout == "contiguous":
+        return torch.randn(B, N, C, dtype=torch.float64) + offset, lambda s: s
+    raise ValueError(layout)
+
+
+class Case:
+    """Random inputs of one case (float64 masters), materialised per dtype/device with the same tokens layout."""
+
+    def __init__(self, B, N, C, H, layout="slice", offset=0.0, biases=True, norm=True):
+        self.B, self.N, self.C, self.H = B, N, C, H
+        self.src, self.view = _token_source(B, N, C, layout, offset)
+        f = torch.float64
+        self.master = {
+            "cls": torch.randn(B, 1, C, dtype=f) + offset,
+            "norm_weight": 1.0 + 0.1 * torch.randn(C, dtype=f) if norm else None,
+            "norm_bias": 0.1 * torch.randn(C, dtype=f) if norm else None,
+        }
+        for w in ("wq", "wk", "wv", "wproj"):
+            self.master[w] = 0.05 * torch.randn(C, C, dtype=f)
+            self.master["b" + w[1:]] = 0.05 * torch.randn(C, dtype=f) if biases else None
+        self.grad_out = torch.randn(B, 1, C, dtype=f)
+
+    def leaves(self, dtype, device=DEVICE, requires_grad=True, upcast_from=None):
+        """(src leaf, args in NAMES order): tensors in ``dtype``; with ``upcast_from`` the low-precision values
+        of that dtype carried exactly in ``dtype`` (the float64 reference sees the kernel's inputs)."""
+
+        def conv(t):
+            if t is None:
+                return None
+            t = t.to(device)
+            if upcast_from is not None:
+                t = t.to(upcast_from)
+            return t.to(dtype).detach().requires_grad_(requires_grad)
+
+        src = conv(self.src)
+        args = {k: conv(v) for k, v in self.master.items()}
+        args["tokens"] = self.view(src)
+        return src, [args[n] for n in NAMES]
+
+    def go(self, dtype, device=DEVICE, upcast_from=None):
+        g = self.grad_out.to(device)
+        return (g.to(upcast_from) if upcast_from is not None else g).to(dtype)
+
+
+def _run(fn, args, H, grad_out, with_grads=True):
+    out = fn(*args, H)
+    if not with_grads:
+        return out, None
+    wrt = [a for a in args if a is not None]
+    grads = iter(torch.autograd.grad(out, wrt, grad_out))
+    return out, [next(grads) if a is not None else None for a in args]
+
+
+def _check_against_reference(case, dtype, fn=ops.cls_cross_attention, with_grads=True):
+    H = case.H
+    _, args = case.leaves(dtype)
+    out, grads = _run(fn, args, H, case.go(dtype), with_grads)
+    _, args64 = case.leaves(torch.float64, upcast_from=dtype)
+    ref64, grads64 = _run(cls_cross_attention_ref, args64, H, case.go(torch.float64, upcast_from=dtype), with_grads)
+    _, args_lp = case.leaves(dtype)
+    ref_lp, grads_lp = _run(cls_cross_attention_ref, args_lp, H, case.go(dtype), with_grads)
+
+    assert out.shape == (case.B, 1, case.C) and out.dtype == dtype
+    assert bool(torch.isfinite(out).all()), "non-finite output from finite inputs"
+    assert_within_rule(out, ref64, ref_lp, what="output")
+    if with_grads:
+        for name, g, g64, glp in zip(NAMES, grads, grads64, grads_lp):
+            if g64 is None:
+                assert g is None, f"grad of {name} (None input) should be None"
+                continue
+            assert g.dtype == dtype and g.shape == g64.shape, name
+            assert bool(torch.isfinite(g).all()), f"non-finite grad of {name}"
+            assert_within_rule(g, g64, glp, what=f"grad of {name}")
+    return out, grads
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small shapes: the interpreter on CPU, or CUDA where there is one
+# --------------------------------------------------------------------------------------------------------------
+
+SMALL_CASES = [
+    # (B, N, C, H, layout)
+    (1, 1, 12, 3, "slice"),
+    (3, 2, 12, 3, "slice"),
+    (3, 7, 20, 5, "transposed"),
+    (1, 7, 24, 3, "contiguous"),
+    (3, 7, 96, 3, "slice"),  # crossvit_tiny's small branch width, head_dim 32
+    (2, 2, 224, 7, "transposed"),  # crossvit_18's non-power-of-2 width and heads
+]
+
+
+@pytest.mark.parametrize("dtype", SMALL_DTYPES, ids=str)
+@pytest.mark.parametrize("B,N,C,H,layout", SMALL_CASES, ids=lambda v: str(v))
+def test_matches_reference(B, N, C, H, layout, dtype):
+    _check_against_reference(Case(B, N, C, H, layout), dtype)
+
+
+def test_no_bias_no_affine():
+    """Biases and LayerNorm affine may be None; their gradients are then None."""
+    _check_against_reference(Case(2, 5, 12, 3, biases=False, norm=False), torch.float32)
+
+
+def test_large_mean_tokens():
+    """Tokens far from zero mean (|mean| >> std): LayerNorm statistics must not cancel catastrophically."""
+    _check_against_reference(Case(2, 7, 16, 2, offset=50.0), torch.float32)
+
+
+def test_no_patch_tokens():
+    """N = 0: the CLS token attends to itself only."""
+    _check_against_reference(Case(2, 0, 12, 3), torch.float32)
+
+
+def test_empty_batch():
+    case = Case(0, 3, 12, 3)
+    _, args = case.leaves(torch.float32)
+    out, grads = _run(ops.cls_cross_attention, args, case.H, case.go(torch.float32))
+    assert out.shape == (0, 1, 12)
+    assert all(g.shape == a.shape and not bool(g.any()) for g, a in zip(grads, args))
+
+
+def test_tokens_gradient_flows_into_the_base_tensor():
+    """``tokens = x[:, 1:]`` is read in place; its gradient lands in ``x.grad[:, 1:]`` (and 0 in ``x.grad[:, 0]``)."""
+    case = Case(2, 5, 12, 3, "slice")
+    src, args = case.leaves(torch.float32)
+    ops.cls_cross_attention(*args, case.H).backward(case.go(torch.float32))
+    src64, args64 = case.leaves(torch.float64, upcast_from=torch.float32)
+    cls_cross_attention_ref(*args64, case.H).backward(case.go(torch.float64))
+    src_lp, args_lp = case.leaves(torch.float32)
+    cls_cross_attention_ref(*args_lp, case.H).backward(case.go(torch.float32))
+    assert_within_rule(src.grad, src64.grad, src_lp.grad, what="grad of x")
+    assert bool((src.grad[:, 0] == 0).all())
+
+
+@pytest.mark.parametrize(
+    "N,block_t,chunk_tokens",
+    [(40, 16, 16), (40, 16, 32), (37, 16, 48), (5, 16, 16)],
+    ids=["3 chunks x 1 tile", "2 chunks x 2 tiles", "1 chunk x 3 tiles, ragged", "1 short tile"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_split_n_launchers(N, block_t, chunk_tokens, dtype):
+    """Split-N and multi-tile loops through the launchers, every output poisoned before the call."""
+    case = Case(2, N, 20, 5, "slice")
+    B, C, H = case.B, case.C, case.H
+    _, args = case.leaves(dtype, requires_grad=False)
+    out = poison_(torch.empty(B, 1, C, dtype=dtype, device=DEVICE))
+    gtok = poison_(torch.empty(B, N, C, dtype=dtype, device=DEVICE))
+    kw = dict(chunk_tokens=chunk_tokens, block_t=block_t)
+    p = K.plan(B, N, C, H, DEVICE, chunk_tokens, block_t)
+    assert p["BLOCK_T"] == block_t and p["n_chunks"] == -(-N // p["chunk_tokens"])
+    res = K.cls_cross_attention_fwd(*args, H, out=out, **kw)
+    assert res[0] is out
+    grads = K.cls_cross_attention_bwd(
+        case.go(dtype), args[0], args[1], args[2], args[3], args[4], args[6], args[8], args[10], *res[1:], H,
+        grad_tokens=gtok, **kw,
+    )
+    assert grads[1] is gtok
+
+    _, args64 = case.leaves(torch.float64, upcast_from=dtype)
+    ref64, g64 = _run(cls_cross_attention_ref, args64, H, case.go(torch.float64, upcast_from=dtype))
+    _, args_lp = case.leaves(dtype)
+    ref_lp, g_lp = _run(cls_cross_attention_ref, args_lp, H, case.go(dtype))
+    assert_within_rule(out, ref64, ref_lp, what="output")
+    for name, g, a, b in zip(NAMES, grads, g64, g_lp):
+        assert_within_rule(g, a, b, what=f"grad of {name}")
+
+
+def test_deterministic():
+    """Two runs give bitwise-equal outputs and gradients (no atomics, fixed-order reductions)."""
+    case = Case(3, 7, 20, 5, "transposed")
+    runs = []
+    for _ in range(2):
+        _, args = case.leaves(torch.float32)
+        out, grads = _run(ops.cls_cross_attention, args, case.H, case.go(torch.float32))
+        runs.append([out] + grads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_nan_in_nan_out():
+    """A NaN in one batch row's tokens (or CLS) makes that row's output NaN, leaves the others finite."""
+    case = Case(3, 5, 12, 3, "slice")
+    src, args = case.leaves(torch.float32, requires_grad=False)
+    with torch.no_grad():
+        src[1, 3, 4] = float("nan")  # a patch token of row 1
+        args[0][2, 0, 0] = float("nan")  # the CLS of row 2
+    out = ops.cls_cross_attention(*args, case.H)
+    assert bool(torch.isnan(out[1]).all()) and bool(torch.isnan(out[2]).all())
+    assert bool(torch.isfinite(out[0]).all())
+    _, args = case.leaves(torch.float32)
+    with torch.no_grad():
+        args[1][0, 0, 0] = float("nan")
+    out = ops.cls_cross_attention(*args, case.H)
+    out.backward(case.go(torch.float32))  # no crash, no hang
+    assert bool(torch.isnan(out[0]).all()) and bool(torch.isfinite(out[1:]).all())
+
+
+def test_opcheck():
+    case = Case(2, 3, 12, 3, "slice")
+    _, args = case.leaves(torch.float32)
+    torch.library.opcheck(torch.ops.crossvit_fast.cls_cross_attention.default, (*args, case.H, 1e-6))
+    with torch.no_grad():
+        saved = torch.ops.crossvit_fast.cls_cross_attention.default(*args, case.H, 1e-6)[1:]
+    bwd_args = (case.go(torch.float32), args[0], args[1], args[2], args[3], args[4], args[6], args[8], args[10],
+                *saved, case.H, 1e-6)
+    torch.library.opcheck(
+        torch.ops.crossvit_fast.cls_cross_attention_backward.default,
+        tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in bwd_args),
+    )
+
+
+def test_import_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, crossvit_fast.ops.cls_cross_attention; assert 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    """The op is opaque to torch.compile: ``fullgraph=True`` traces (no graph break) and matches eager."""
+    if backend == "inductor" and not CUDA and shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor on CPU needs a C compiler, none found")
+    case = Case(2, 3, 12, 3, "slice")
+    _, args = case.leaves(torch.float32)
+    torch._dynamo.reset()
+
+    def f(*a):
+        return ops.cls_cross_attention(*a) * 2.0
+
+    out_c, g_c = _run(torch.compile(f, fullgraph=True, backend=backend), args, case.H, case.go(torch.float32))
+    out_e, g_e = _run(f, args, case.H, case.go(torch.float32))
+    torch.testing.assert_close(out_c, out_e)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad inputs raise before any launch
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _bad_variants():
+    C, H = 12, 3
+
+    def base(dtype=torch.float32):
+        case = Case(2, 3, C, H)
+        return case.leaves(dtype, requires_grad=False)[1]
+
+    def set_(i, v):
+        def mk():
+            a = base()
+            a[i] = v(a) if callable(v) else v
+            return a, H
+        return mk
+
+    def heads(h):
+        return lambda: (base(), h)
+
+    def big(c, h):
+        return lambda: (Case(1, 1, c, h).leaves(torch.float32, requires_grad=False)[1], h)
+
+    return {
+        "float64": (TypeError, "dtype", lambda: (base(torch.float64), H)),
+        "mixed dtype": (TypeError, "wq", set_(4, lambda a: a[4].half())),
+        "tokens not a tensor": (TypeError, "tokens", set_(1, lambda a: a[1].tolist())),
+        "cls (B, 2, C)": (ValueError, "cls must be", set_(0, lambda a: torch.cat([a[0], a[0]], 1))),
+        "tokens other batch": (ValueError, "tokens must be", set_(1, lambda a: a[1][:1])),
+        "tokens other width": (ValueError, "tokens must be", set_(1, lambda a: a[1][..., :-1])),
+        "tokens 2-D": (ValueError, "tokens must be", set_(1, lambda a: a[1][0])),
+        "wk (C, C+1)": (ValueError, "wk must be", set_(6, lambda a: torch.zeros(C, C + 1, device=DEVICE))),
+        "bv (C+1,)": (ValueError, "bv must be", set_(9, lambda a: torch.zeros(C + 1, device=DEVICE))),
+        "norm_weight (1, C)": (ValueError, "norm_weight must be", set_(2, lambda a: a[2][None])),
+        "mixed devices": (ValueError, "wproj", set_(10, lambda a: torch.empty(C, C, device="meta"))),
+        "C % H != 0": (ValueError, "not divisible", heads(5)),
+        "num_heads 0": (ValueError, "num_heads", heads(0)),
+        "num_heads bool": (ValueError, "num_heads", heads(True)),
+        "num_heads float": (ValueError, "num_heads", heads(3.0)),
+        "C > 1024": (ValueError, "limit of 1024", big(1040, 13)),
+        "head_dim > 128": (ValueError, "limit of 128", big(256, 1)),
+    }
+
+
+BAD = _bad_variants()
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a kernel was launched for bad inputs")
+
+    monkeypatch.setattr(K, "_launch", boom)
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_inputs_raise_before_launch(name, no_launch):
+    exc, match, make = BAD[name]
+    args, H = make()
+    with pytest.raises(exc, match="cls_cross_attention: .*" + match):
+        ops.cls_cross_attention(*args, H)
+    with pytest.raises(exc, match="cls_cross_attention: .*" + match):
+        K.cls_cross_attention_fwd(*args, H)
+
+
+def test_bad_launcher_arguments(no_launch):
+    case = Case(2, 3, 12, 3)
+    _, args = case.leaves(torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="out"):
+        K.cls_cross_attention_fwd(*args, 3, out=torch.empty(2, 2, 12))
+    with pytest.raises(TypeError, match="out"):
+        K.cls_cross_attention_fwd(*args, 3, out=torch.empty(2, 1, 12, dtype=torch.float16))
+    with pytest.raises(ValueError, match="block_t"):
+        K.cls_cross_attention_fwd(*args, 3, block_t=24)
+    saved = [torch.empty(2, 12), torch.empty(3, 2, 12), torch.empty(3, 2, 12), torch.empty(3, 2), torch.empty(2, 12)]
+    bwd = (args[0], args[1], args[2], args[3], args[4], args[6], args[8], args[10])
+    with pytest.raises(ValueError, match="grad_out"):
+        K.cls_cross_attention_bwd(torch.empty(2, 12), *bwd, *saved, 3)
+    with pytest.raises(ValueError, match="saved u"):
+        K.cls_cross_attention_bwd(torch.empty(2, 1, 12), *bwd, saved[0], saved[1][:, :1], *saved[2:], 3)
+    with pytest.raises(ValueError, match="grad_tokens"):
+        K.cls_cross_attention_bwd(torch.empty(2, 1, 12), *bwd, *saved, 3, grad_tokens=torch.empty(2, 4, 12))
+
+
+@pytest.mark.skipif(CUDA, reason="CPU tensors are refused only without the interpreter, on a CPU-only machine")
+def test_cpu_without_interpreter_refused(monkeypatch, no_launch):
+    monkeypatch.setattr(K, "_INTERPRET", False)
+    _, args = Case(2, 3, 12, 3).leaves(torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="CUDA"):
+        ops.cls_cross_attention(*args, 3)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CUDA: the family's real shapes, all dtypes
+# --------------------------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [1, 2, 7, 197, 401, 1157])
+@pytest.mark.parametrize("C,H", FAMILY, ids=lambda v: str(v))
+@pytest.mark.parametrize("B", [1, 3])
+def test_cuda_family(B, C, H, N, dtype):
+    _check_against_reference(Case(B, N, C, H, "slice"), dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", ["transposed", "contiguous"])
+def test_cuda_layouts(layout):
+    _check_against_reference(Case(3, 401, 224, 7, layout), torch.bfloat16)
+
+
+@requires_cuda
+def test_cuda_split_n_fills_the_device():
+    """Batch 1 with N = 1157 is cut into many chunks by default (one program per chunk)."""
+    p = K.plan(1, 1157, 448, 7, torch.device("cuda"))
+    assert p["n_chunks"] >= min(32, -(-1157 // p["BLOCK_T"]))
+
+
+@requires_cuda
+def test_cuda_int64_offsets():
+    """tokens with more than 2^31 elements (bf16, ~4.9 GB): rows at the far end must be right (64-bit offsets)."""
+    B, N, C, H = 2048, 1157, 1024, 8
+    need = 2 * (B * (N + 1) * C * 2) + (1 << 30)
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free GPU memory, {free / 2**30:.1f} GiB free")
+    assert B * N * C > 2**31
+    dt = torch.bfloat16
+    x = torch.randn(B, 1 + N, C, device="cuda", dtype=dt)
+    case = Case(1, N, C, H, "slice")
+    _, small = case.leaves(dt, requires_grad=False)
+    cls = torch.randn(B, 1, C, device="cuda", dtype=dt)
+    args = [cls, x[:, 1:]] + small[2:]
+    res = K.cls_cross_attention_fwd(*args, H)
+    go = torch.randn(B, 1, C, device="cuda", dtype=dt)
+    grads = K.cls_cross_attention_bwd(go, cls, x[:, 1:], args[2], args[3], args[4], args[6], args[8], args[10],
+                                      *res[1:], H)
+    for b in (0, B - 1):
+        row = [cls[b:b + 1], x[b:b + 1, 1:]] + small[2:]
+        row64 = [a.double() if a is not None else None for a in row]
+        row64[0].requires_grad_(), row64[1].requires_grad_()
+        ref64 = cls_cross_attention_ref(*row64, H)
+        g64 = torch.autograd.grad(ref64, row64[:2], go[b:b + 1].double())
+        row_lp = [a.clone() if a is not None else None for a in row]
+        row_lp[0].requires_grad_(), row_lp[1].requires_grad_()
+        ref_lp = cls_cross_attention_ref(*row_lp, H)
+        g_lp = torch.autograd.grad(ref_lp, row_lp[:2], go[b:b + 1])
+        assert_within_rule(res[0][b:b + 1], ref64, ref_lp, what=f"output row {b}")
+        assert_within_rule(grads[0][b:b + 1], g64[0], g_lp[0], what=f"grad of cls row {b}")
+        assert_within_rule(grads[1][b:b + 1], g64[1], g_lp[1], what=f"grad of tokens row {b}")

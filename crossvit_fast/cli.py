@@ -204,10 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--reps", type=int, default=5)
     c.set_defaults(fn=cmd_check)
+    sub.add_parser("bench", help="end-to-end images/s benchmark (CUDA; see crossvit-fast bench --help)", add_help=False)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser: crossvit-fast bench --help
+        from crossvit_fast.bench_model import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "batch", 0) is None:
         use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")

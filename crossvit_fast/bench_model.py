@@ -1,0 +1,250 @@
+"""End-to-end model benchmark: images/s for inference and for a training step, per provider (``crossvit-fast bench``).
+
+Providers: ``timm`` and ``timm-compiled`` (when timm is importable), ``reference`` (crossvit_fast's reference path),
+``crossvit_fast`` (the fused Triton kernels) and ``crossvit_fast-compiled`` (the same under ``torch.compile``).
+Passes: ``forward`` (eval, no grad) and ``train_step`` (forward + cross-entropy + backward + AdamW step).
+``bfloat16`` means bf16 autocast over float32 weights, as people train; ``float32`` means no autocast.
+
+Each run measures the device's copy bandwidth and bf16 matmul rate, times every case with CUDA events
+(``triton.testing.do_bench``, median), and writes one JSON record (``benchmark: "model"``), a markdown table and a
+plot under ``bench/results/``. MFU = model FLOPs (2 x fvcore's multiply-adds; x3 for a training step) per second
+over the measured bf16 matmul rate. ``--profile`` adds a torch.profiler summary of the crossvit_fast provider.
+CUDA only: CPU timings never stand in for GPU claims.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from crossvit_fast.bench_utils import (
+    do_bench_samples,
+    measure_ceilings,
+    median,
+    new_record,
+    pyplot,
+    require_cuda,
+    timed_row,
+    write_record,
+)
+
+NAME = "model"
+MODELS = ("crossvit_9_240", "crossvit_18_dagger_240", "crossvit_18_dagger_408")
+BATCHES = (64, 256)
+DTYPES = ("bfloat16", "float32")
+PASSES = ("forward", "train_step")
+PROVIDERS = ("timm", "timm-compiled", "reference", "crossvit_fast", "crossvit_fast-compiled")
+
+# fvcore GMACs per image (the spec's table, equal to crossvit_fast.flops); used where fvcore is not installed.
+SPEC_GMACS = {
+    "crossvit_tiny_240": 1.57, "crossvit_small_240": 5.63, "crossvit_base_240": 21.22,
+    "crossvit_9_240": 1.85, "crossvit_15_240": 5.81, "crossvit_18_240": 9.05,
+    "crossvit_9_dagger_240": 1.99, "crossvit_15_dagger_240": 6.13, "crossvit_18_dagger_240": 9.50,
+    "crossvit_15_dagger_408": 21.45, "crossvit_18_dagger_408": 32.47,
+}
+SPEC_IMG = {name: (408 if name.endswith("_408") else 240) for name in SPEC_GMACS}
+
+
+def _gmacs(name: str) -> float:
+    try:
+        import fvcore  # noqa: F401
+    except ImportError:
+        return SPEC_GMACS[name]
+    import crossvit_fast
+
+    return crossvit_fast.flops(crossvit_fast.create_model(name, backend="reference").eval()).total() / 1e9
+
+
+def build(provider: str, name: str) -> Optional[torch.nn.Module]:
+    """The model of ``provider`` on CUDA in float32, or None when the provider is not available here."""
+    import crossvit_fast
+
+    if provider.startswith("timm"):
+        try:
+            import timm
+        except ImportError:
+            return None
+        model = timm.create_model(name, pretrained=False)
+    else:
+        backend = "reference" if provider == "reference" else "triton"
+        model = crossvit_fast.create_model(name, backend=backend)
+    model = model.cuda()
+    return torch.compile(model) if provider.endswith("-compiled") else model
+
+
+def step_fn(model: torch.nn.Module, pass_: str, dtype: str, batch: int, img: int) -> Callable[[], object]:
+    x = torch.randn(batch, 3, img, img, device="cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
+    if pass_ == "forward":
+        model.eval()
+
+        def fwd():
+            with torch.no_grad(), autocast:
+                return model(x)
+
+        return fwd
+    model.train()
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train():
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return train
+
+
+def run_case(name: str, batch: int, dtype: str, pass_: str, provider: str, gmacs: float, bf16_tflops: float,
+             rep_ms: float) -> Optional[Dict[str, object]]:
+    model = build(provider, name)
+    if model is None:
+        return None
+    img = SPEC_IMG[name]
+    fn = step_fn(model, pass_, dtype, batch, img)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()  # warm-up (compiles, autotunes)
+    torch.cuda.synchronize()
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    samples = do_bench_samples(fn, warmup_ms=100, rep_ms=rep_ms)
+    ms = median(samples)
+    flops = 2 * gmacs * 1e9 * batch * (3 if pass_ == "train_step" else 1)
+    settings = {"model": name, "batch": batch, "dtype": dtype, "pass": pass_, "img_size": img,
+                "autocast": dtype == "bfloat16"}
+    row = timed_row(settings, provider, samples, images_per_s=round(batch / (ms * 1e-3), 1),
+                    tflops=round(flops / (ms * 1e-3) / 1e12, 2), peak_mem_mb=round(peak_mb, 1),
+                    mfu=round(flops / (ms * 1e-3) / (bf16_tflops * 1e12), 4))
+    del model, fn
+    torch.cuda.empty_cache()
+    return row
+
+
+def markdown(record: Dict[str, object]) -> str:
+    rows = record["rows"]
+    c = record["ceilings"]
+    lines = [
+        f"Model benchmark on {record['device']} (torch {record['torch']}, triton {record['triton']}, commit "
+        f"{record['commit']}, {record['created']}); measured ceilings: copy {c['copy_gb_per_s']} GB/s, bf16 matmul "
+        f"{c['bf16_matmul_tflops']} TFLOP/s. bfloat16 = bf16 autocast; train_step = forward + backward + AdamW.",
+        "",
+        "| model | pass | dtype | batch | provider | images/s | vs timm | MFU | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {(r["model"], r["pass"], r["dtype"], r["batch"]): r["images_per_s"] for r in rows if r["provider"] == "timm"}
+    for r in rows:
+        b = base.get((r["model"], r["pass"], r["dtype"], r["batch"]))
+        vs = f"{r['images_per_s'] / b:.2f}x" if b else "-"
+        lines.append(f"| {r['model']} | {r['pass']} | {r['dtype']} | {r['batch']} | {r['provider']} | "
+                     f"{r['images_per_s']:.0f} | {vs} | {100 * r['mfu']:.1f}% | {r['peak_mem_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: Dict[str, object], path: str) -> Optional[str]:
+    plt = pyplot()
+    if plt is None or not record["rows"]:
+        return None
+    rows = record["rows"]
+    keys = sorted({(r["model"], r["pass"], r["dtype"], r["batch"]) for r in rows})
+    provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(keys)), 4.5))
+    width = 0.8 / max(len(provs), 1)
+    for j, p in enumerate(provs):
+        vals = [next((r["images_per_s"] for r in rows if r["provider"] == p
+                      and (r["model"], r["pass"], r["dtype"], r["batch"]) == k), 0) for k in keys]
+        ax.bar([i + j * width for i in range(len(keys))], vals, width, label=p)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
+    ax.set_xticklabels(["\n".join(map(str, k)) for k in keys], fontsize=7)
+    ax.set_ylabel("images/s")
+    ax.set_title(f"CrossViT end to end, {record['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def profile(name: str, batch: int, dtype: str, path: str) -> str:
+    """torch.profiler summary (top ops by CUDA time) of the crossvit_fast provider, forward and training step."""
+    from torch.profiler import ProfilerActivity, profile as _profile
+
+    out = []
+    for pass_ in PASSES:
+        model = build("crossvit_fast", name)
+        fn = step_fn(model, pass_, dtype, batch, SPEC_IMG[name])
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with _profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        out.append(f"== {name} {pass_} batch {batch} {dtype} (5 iterations) ==")
+        out.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crossvit-fast bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="*", default=list(MODELS), help=f"default: {' '.join(MODELS)}")
+    p.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
+    p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--rep-ms", type=float, default=500)
+    p.add_argument("--profile", action="store_true", help="also save a torch.profiler summary of the first case")
+    p.add_argument("--out-dir", default=None, help="where the record goes (default bench/results/)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list the cases and exit (no GPU needed)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    import crossvit_fast
+
+    models = [crossvit_fast.model_config(m)["name"] for m in args.models]
+    cases = [(m, b, d, p) for m in models for b in args.batch for d in args.dtype for p in args.passes]
+    if args.dry_run:
+        for m, b, d, p in cases:
+            print(f"{NAME}: {m} batch={b} dtype={d} pass={p} providers={','.join(args.providers)}")
+        print(f"{len(cases)} cases x {len(args.providers)} providers")
+        return 0
+    require_cuda("crossvit-fast bench")
+    ceilings = measure_ceilings()
+    print(f"ceilings: {ceilings}")
+    record = new_record(NAME, ceilings)
+    gmacs = {m: _gmacs(m) for m in models}
+    for m, b, d, p in cases:
+        print(f"{m} batch {b} {d} {p}", flush=True)
+        for provider in args.providers:
+            try:
+                row = run_case(m, b, d, p, provider, gmacs[m], ceilings["bf16_matmul_tflops"], args.rep_ms)
+            except torch.cuda.OutOfMemoryError:
+                print(f"  {provider:24s} out of memory")
+                torch.cuda.empty_cache()
+                continue
+            if row is None:
+                print(f"  {provider:24s} not available here")
+                continue
+            record["rows"].append(row)
+            print(f"  {provider:24s} {row['median_ms']:9.2f} ms  {row['images_per_s']:9.1f} img/s  "
+                  f"MFU {100 * row['mfu']:5.1f}%  peak {row['peak_mem_mb']:8.0f} MB", flush=True)
+    path = write_record(record, args.out_dir)
+    base = os.path.splitext(path)[0]
+    with open(base + ".md", "w") as f:
+        f.write(markdown(record))
+    if not args.no_plot:
+        plot(record, base + ".png")
+    if args.profile:
+        print("profile:", profile(models[0], args.batch[0], args.dtype[0], base + "-profile.txt"))
+    print(f"record: {path}")
+    print(markdown(record))
+    return 0

@@ -9,7 +9,8 @@ A backend is chosen when a module is built, from (first that is set):
 
 ``"reference"`` is plain PyTorch and runs everywhere. ``"triton"`` is the fused kernels: asking for it where it
 cannot run raises :class:`BackendUnavailableError` saying why. ``"auto"`` takes the fused path only where it can
-run at full speed (a CUDA device, triton installed, a kernel for the op) and the reference path otherwise. Triton's
+run at full speed (a CUDA device, triton installed, a kernel for the op that has passed its parity tests on a GPU:
+``GPU_VERIFIED_OPS``) and the reference path otherwise. Triton's
 CPU interpreter (``TRITON_INTERPRET=1``) counts as "can run" for an explicit ``"triton"`` only: it is for tests.
 
 Nothing here imports triton.
@@ -31,6 +32,7 @@ from crossvit_fast.config import ENV_BACKEND
 __all__ = [
     "BACKENDS",
     "FUSED_OPS",
+    "GPU_VERIFIED_OPS",
     "BackendUnavailableError",
     "use_backend",
     "get_backend",
@@ -48,6 +50,11 @@ FUSED_OPS: dict = {
     "self_attention": "crossvit_fast.ops.self_attention",
 }
 """Ops with a fused Triton kernel in this version: op name -> the ``crossvit_fast.ops`` module that registers it."""
+
+GPU_VERIFIED_OPS: set = set()
+"""Fused ops whose CUDA parity tests have passed on a GPU from this repository (with a committed benchmark record).
+``"auto"`` takes only these: a kernel tested in Triton's CPU interpreter alone runs when asked for explicitly
+(``backend="triton"``), never by default."""
 
 _context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("crossvit_fast_backend", default=None)
 _warned: set = set()
@@ -126,7 +133,8 @@ def resolve_backend(requested: Optional[str] = None, op: Optional[str] = None) -
             raise BackendUnavailableError(f"backend='triton' was asked for but cannot run here: {why}")
         return "triton"
     ok, _ = triton_status(op, allow_interpreter=False)
-    return "triton" if ok else "reference"
+    verified = op in GPU_VERIFIED_OPS if op is not None else bool(GPU_VERIFIED_OPS)
+    return "triton" if ok and verified else "reference"
 
 
 def fused_runs_on(t: torch.Tensor) -> bool:

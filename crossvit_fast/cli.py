@@ -56,7 +56,7 @@ def cmd_list(args) -> int:
 
 def cmd_info(args) -> int:
     import crossvit_fast
-    from crossvit_fast.backend import FUSED_OPS, get_backend, triton_status
+    from crossvit_fast.backend import GPU_VERIFIED_OPS, get_backend, resolve_backend, triton_status
 
     print(f"crossvit_fast {crossvit_fast.__version__}")
     print(f"python        {platform.python_version()} ({platform.machine()})")
@@ -77,8 +77,9 @@ def cmd_info(args) -> int:
     for op in ("cls_cross_attention", "self_attention"):
         ok, why = triton_status(op)
         print(f"    {op:<22} {'fused' if ok else 'reference'}: {why}")
-    ok, _ = triton_status(allow_interpreter=False)
-    print(f"  auto         takes {'triton' if ok else 'reference'} here")
+    for op in ("cls_cross_attention", "self_attention"):
+        print(f"  auto         takes {resolve_backend('auto', op=op)} here for {op}"
+              + ("" if op in GPU_VERIFIED_OPS else " (its kernel is not yet verified on a GPU: ask for 'triton')"))
     return 0
 
 

@@ -115,3 +115,14 @@ def test_import_needs_no_triton_and_imports_none():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_auto_takes_only_gpu_verified_kernels(no_interpreter, monkeypatch):
+    monkeypatch.setattr(B.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(B.torch.cuda, "get_device_name", lambda *a: "a CUDA device")
+    monkeypatch.setattr(B, "GPU_VERIFIED_OPS", set())
+    assert B.resolve_backend("auto", op="self_attention") == "reference"
+    assert B.resolve_backend("triton", op="self_attention") == "triton"
+    monkeypatch.setattr(B, "GPU_VERIFIED_OPS", {"self_attention"})
+    assert B.resolve_backend("auto", op="self_attention") == "triton"
+    assert B.resolve_backend("auto", op="cls_cross_attention") == "reference"

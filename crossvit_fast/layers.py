@@ -369,7 +369,8 @@ class CrossAttentionBlock(_BackendMixin, nn.Module):
         return self.attn.attn_drop.p > 0.0
 
     def _fused_unsupported(self) -> str:
-        C, D = self.norm1.normalized_shape[0], self.attn.head_dim
+        C = self.norm1.normalized_shape[0]
+        D = C // self.attn.num_heads
         if C > CLS_CROSS_ATTENTION_MAX_DIM or D > CLS_CROSS_ATTENTION_MAX_HEAD_DIM:
             return (f"dim {C} / head_dim {D} is above the fused cross-attention's limits "
                     f"({CLS_CROSS_ATTENTION_MAX_DIM} / {CLS_CROSS_ATTENTION_MAX_HEAD_DIM})")
@@ -380,6 +381,10 @@ class CrossAttentionBlock(_BackendMixin, nn.Module):
         """A block that reuses ``m``'s ``norm1``, ``attn`` and ``drop_path`` (timm's or IBM's CrossAttentionBlock)."""
         if getattr(m, "has_mlp", False):
             raise ValueError("CrossAttentionBlock.from_module: blocks with an MLP (IBM has_mlp=True) are not CrossViT's fusion")
+        head_dim = m.norm1.normalized_shape[0] // m.attn.num_heads
+        if abs(float(getattr(m.attn, "scale", head_dim ** -0.5)) - head_dim ** -0.5) > 1e-12:
+            raise ValueError(f"CrossAttentionBlock.from_module: attn.scale {m.attn.scale} is not head_dim ** -0.5 "
+                             f"(a custom qk_scale), which the fused and reference paths assume")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.norm1, new.attn = m.norm1, m.attn

@@ -28,10 +28,26 @@ class TimmAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+class TimmCrossAttention(nn.Module):
+    def __init__(self, src):
+        super().__init__()
+        self.num_heads, self.scale = src.num_heads, src.scale  # timm keeps no head_dim attribute here
+        self.wq, self.wk, self.wv, self.proj = src.wq, src.wk, src.wv, src.proj
+        self.attn_drop, self.proj_drop = nn.Dropout(0.0), nn.Dropout(0.0)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = self.wq(x[:, 0:1]).reshape(B, 1, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        k = self.wk(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        v = self.wv(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, 1, C)))
+
+
 class TimmCrossAttentionBlock(nn.Module):
     def __init__(self, src: CrossAttentionBlock):
         super().__init__()
-        self.norm1, self.attn, self.drop_path = src.norm1, src.attn, src.drop_path
+        self.norm1, self.attn, self.drop_path = src.norm1, TimmCrossAttention(src.attn), src.drop_path
 
     def forward(self, x):
         return x[:, 0:1] + self.drop_path(self.attn(self.norm1(x)))
@@ -184,3 +200,19 @@ def test_cuda_graphs_reduce_overhead():
         for _ in range(3):  # record, then replay the graph
             got = compiled(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA parity tests cover it")
+@pytest.mark.parametrize("name", ["crossvit_tiny_240", "crossvit_9_dagger_240"])
+def test_optimize_to_triton_in_the_interpreter(name, monkeypatch):
+    from crossvit_fast.testing import assert_within_rule, fill_like_fixtures_
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = fill_like_fixtures_(timm_like(name).eval(), 0)
+    x = torch.randn(1, 3, 240, 240, dtype=torch.float64)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x)
+        ref32 = model(x.float())
+        crossvit_fast.optimize(model, backend="triton")
+        assert {b for v in model.backends.values() for b in v} == {"triton"}
+        assert_within_rule(model(x.float()), want, ref32, what=f"optimized {name} logits")

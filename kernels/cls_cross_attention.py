@@ -40,22 +40,30 @@ need no other per-token sum: ``sum_t dy_t xhat_t = sum_h dz_h xbar_h + D^-0.5 u_
 ``q`` path. No floating-point atomics anywhere: partials are reduced in a fixed order (torch ``sum`` over the chunk
 axis, or the combine kernel's loop).
 
-Precision: LayerNorm statistics, softmax and every accumulator in fp32. ``tl.dot`` runs with
-``input_precision="ieee"`` for fp32 inputs (exact fp32, FMA path) and ``"tf32"`` for fp16/bf16 inputs (tensor
-cores; fp16/bf16 token values are exact in tf32, and tf32 rounding of ``xhat``, ``g`` and the weights, 2^-11
-relative, is finer than the fp16/bf16 roundings the reference makes of ``y``, ``q``, ``k``, ``v`` and ``a``).
-``input_precision`` is the spelling of both triton 3.6 and 3.9 (``allow_tf32`` is the deprecated one).
+Precision: LayerNorm statistics, softmax and every accumulator in fp32. fp32 inputs: every ``tl.dot`` runs with
+``input_precision="ieee"`` (exact fp32, FMA path). fp16/bf16 inputs: tensor cores. The backward's two score dots
+(``g . xhat`` and ``e . xhat``, a C-long sum that feeds ``exp``) use ``"tf32x3"`` (split into a high and a low tf32
+part, three products: about fp32 accuracy); the other dots use ``"tf32"``. tf32 keeps 10 explicit mantissa bits,
+the same as fp16 (unit roundoff 2^-11), so a tf32 dot is no finer than the fp16 roundings the reference makes of
+``y``, ``q``, ``k``, ``v`` and ``a``; it is 8x finer than bf16's. The forward's dots are still ``"tf32"`` (its
+score dot would want ``"tf32x3"`` too; that variant has not yet been compiled and measured for the forward). The
+interpreter ignores ``input_precision``, so the CPU tests see no tf32 rounding either way. ``input_precision`` is the spelling of both triton 3.6 and 3.9
+(``allow_tf32`` is the deprecated one).
 
 Limits (checked by :func:`check_inputs`, which raises before any launch): fp32 / fp16 / bf16, every tensor one
-dtype and one device (CUDA; CPU only under ``TRITON_INTERPRET=1``); ``C <= 1024``, ``C % H == 0``, ``D <= 128``;
-any ``B`` and ``N >= 0``; ``tokens`` any strided ``(B, N, C)`` view (read in place; offsets are 64-bit). The row
-of C channels is held whole in registers (``BLOCK_C = next_pow2(C)``, ``BLOCK_H = max(16, next_pow2(H))`` rows of
-heads, masked), which is what bounds C. Block sizes and warps are a fixed heuristic (not autotuned); a config the
-device cannot hold (shared memory) falls back to fewer pipeline stages.
+dtype and one device (CUDA; CPU only under ``TRITON_INTERPRET=1``; launches run under ``torch.cuda.device`` of the
+tensors); ``C <= 1024``, ``C % H == 0``, ``D <= 128``; any ``B`` and ``N >= 0``; ``tokens`` any strided ``(B, N, C)``
+view (read in place; offsets are 64-bit). The row of C channels is held whole in registers (``BLOCK_C =
+next_pow2(C)``, ``BLOCK_H = max(16, next_pow2(H))`` rows of heads, masked), which is what bounds C. Block sizes,
+warps and stages are a fixed heuristic (:func:`plan`, not autotuned), chosen from ahead-of-time sm_90 compiles:
+forward ``BLOCK_T`` 64 to 16 (at most 32 in fp32), backward ``BLOCK_T = 16`` at 8 warps; for ``BLOCK_C = 1024`` the
+backward rebuilds its ``g``/``e`` operands inside the token loop and runs at 1 stage (shared memory). A config the
+device still cannot hold falls back to fewer pipeline stages.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -204,6 +212,13 @@ def _fwd_combine_kernel(
 
 
 @triton.jit
+def _load_heads(ptr, stride_h, stride_b, b64, h64, offs_c, hc_mask, w):
+    """A ``(BLOCK_H, BLOCK_C)`` fp32 tile of an ``(H, B, C)`` tensor (channel stride 1) for batch row b, times ``w``."""
+    v = tl.load(ptr + h64[:, None] * stride_h + b64 * stride_b + offs_c[None, :], mask=hc_mask, other=0.0)
+    return v * w[None, :]
+
+
+@triton.jit
 def _bwd_tokens_kernel(
     tok_ptr, stride_tb, stride_tn, stride_tc,
     dtok_ptr, stride_db, stride_dn, stride_dc,
@@ -214,7 +229,14 @@ def _bwd_tokens_kernel(
     duhat_ptr, dss_ptr,  # partials: (n_chunks, H, B, C) and (n_chunks, H, B)
     B, N, C, H, chunk_tokens, eps, scale,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    SCORE_PRECISION: tl.constexpr, KS: tl.constexpr, RELOAD: tl.constexpr,
 ):
+    """The two score dots ``xhat g^T`` and ``xhat e^T`` (K = C, tiny M and N) are split along C into KS batched
+    slices (``(KS, BLOCK_T, BLOCK_C/KS) x (KS, BLOCK_C/KS, BLOCK_H)``, summed over the slices), so each warp holds only
+    its slice of ``xhat`` as a dot operand instead of the whole row (which spilled); their operand tiles are loaded
+    in the loop (L1/L2 hits). ``g = D^-0.5 u * gamma`` and ``e = dz * gamma``, the operands of the dots that expand
+    over C, are built once before the token loop (RELOAD=False) or, when staging both in shared memory for the
+    whole loop does not fit (RELOAD=True, ``BLOCK_C >= 1024``), rebuilt in the loop right before their dot."""
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
     b64 = pid_b.to(tl.int64)
@@ -227,14 +249,15 @@ def _bwd_tokens_kernel(
     h64 = offs_h.to(tl.int64)
 
     gamma = tl.load(w_ptr + offs_c, mask=c_mask, other=0.0)
-    u = tl.load(u_ptr + h64[:, None] * stride_uh + b64 * stride_ub + offs_c[None, :], mask=hc_mask, other=0.0)
-    dz = tl.load(dz_ptr + h64[:, None] * stride_zh + b64 * stride_zb + offs_c[None, :], mask=hc_mask, other=0.0)
-    g = u * (gamma * scale)[None, :]  # (BLOCK_H, BLOCK_C)
-    e = dz * gamma[None, :]  # (BLOCK_H, BLOCK_C)
-    g_t = tl.trans(g)
-    e_t = tl.trans(e)
+    gscale = gamma * scale
+    if not RELOAD:
+        g = _load_heads(u_ptr, stride_uh, stride_ub, b64, h64, offs_c, hc_mask, gscale)  # (BLOCK_H, BLOCK_C)
+        e = _load_heads(dz_ptr, stride_zh, stride_zb, b64, h64, offs_c, hc_mask, gamma)  # (BLOCK_H, BLOCK_C)
     f = tl.load(f_ptr + h64 * B + b64, mask=h_mask, other=0.0)
     lse = tl.load(lse_ptr + h64 * B + b64, mask=h_mask, other=0.0)
+
+    CK: tl.constexpr = BLOCK_C // KS
+    c3 = tl.arange(0, KS)[:, None, None] * CK + tl.arange(0, CK)[None, :, None]  # (KS, CK, 1): channel
 
     acc_du = tl.zeros((BLOCK_H, BLOCK_C), tl.float32)
     acc_ss = tl.zeros((BLOCK_H,), tl.float32)
@@ -247,16 +270,28 @@ def _bwd_tokens_kernel(
         offs_n = n0 + offs_t
         n_mask = offs_n < n_end
         xhat, rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps)
-        s = tl.dot(xhat, g_t, input_precision=PRECISION)  # (BLOCK_T, BLOCK_H)
+        # the masks depend on n0 (always true) so that these loads stay in the loop (not hoisted and staged)
+        x3 = tl.permute(tl.reshape(xhat, (BLOCK_T, KS, CK)), (1, 0, 2))  # (KS, BLOCK_T, CK)
+        m3 = (c3 < C) & h_mask[None, None, :] & (n0 >= 0)
+        gam3 = tl.load(w_ptr + c3, mask=c3 < C, other=0.0)
+        g3 = tl.load(u_ptr + h64[None, None, :] * stride_uh + b64 * stride_ub + c3, mask=m3, other=0.0)
+        s = tl.sum(tl.dot(x3, g3 * (gam3 * scale), input_precision=SCORE_PRECISION), axis=0)  # (BLOCK_T, BLOCK_H)
         a = tl.where(n_mask[:, None] & h_mask[None, :], tl.exp(s - lse[None, :]), 0.0)
-        ds = a * (tl.dot(xhat, e_t, input_precision=PRECISION) + f[None, :])  # (BLOCK_T, BLOCK_H)
-        dxhat = tl.dot(a, e, input_precision=PRECISION) + tl.dot(ds, g, input_precision=PRECISION)
+        e3 = tl.load(dz_ptr + h64[None, None, :] * stride_zh + b64 * stride_zb + c3, mask=m3, other=0.0)
+        es = tl.sum(tl.dot(x3, e3 * gam3, input_precision=SCORE_PRECISION), axis=0)  # (BLOCK_T, BLOCK_H)
+        ds = a * (es + f[None, :])  # (BLOCK_T, BLOCK_H)
+        if RELOAD:
+            e = _load_heads(dz_ptr, stride_zh, stride_zb, b64, h64, offs_c, hc_mask & (n0 >= 0), gamma)
+        dxhat = tl.dot(a, e, input_precision=PRECISION)
+        if RELOAD:
+            g = _load_heads(u_ptr, stride_uh, stride_ub, b64, h64, offs_c, hc_mask & (n0 >= 0), gscale)
+        dxhat = tl.dot(ds, g, dxhat, input_precision=PRECISION)  # (BLOCK_T, BLOCK_C)
         c1 = tl.sum(dxhat, axis=1) / C
         c2 = tl.sum(dxhat * xhat, axis=1) / C
         dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]  # (BLOCK_T, BLOCK_C)
         d_ptrs = dtok_base + offs_n.to(tl.int64)[:, None] * stride_dn + offs_c.to(tl.int64)[None, :] * stride_dc
         tl.store(d_ptrs, dx.to(dtok_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
-        acc_du += tl.dot(tl.trans(ds), xhat, input_precision=PRECISION)
+        acc_du = tl.dot(tl.trans(ds), xhat, acc_du, input_precision=PRECISION)
         acc_ss += tl.sum(ds, axis=0)
 
     row = (pid_k.to(tl.int64) * H + offs_h) * B + b64  # (k, h, b) of a (n_chunks, H, B) partial
@@ -294,42 +329,70 @@ def plan(
     device: torch.device,
     chunk_tokens: Optional[int] = None,
     block_t: Optional[int] = None,
+    dtype: torch.dtype = torch.float16,
 ) -> Dict[str, int]:
-    """Block sizes, warps and the split of the N tokens into chunks for one call.
+    """Block sizes, warps, pipeline stages and the split of the N tokens into chunks for one call.
 
-    ``chunk_tokens`` (rounded up to a multiple of BLOCK_T) overrides the split; by default each batch row is cut
-    into enough chunks that ``B * n_chunks`` is about four programs per SM (one chunk per row in the interpreter).
-    ``block_t`` (a power of 2, >= 16) overrides the tokens per tile (default: 64 to 16, fewer as C grows).
+    ``BLOCK_T`` is the forward's tokens per tile (default 64 to 16, fewer as C grows; at most 32 for fp32 inputs),
+    ``BWD_BLOCK_T`` the backward's (16: its tile holds xhat, dxhat and the gradient at once). ``block_t`` (a power
+    of 2, >= 16) overrides both. Both kernels use the same chunks: ``chunk_tokens`` is a multiple of both tiles
+    (rounded up); by default each batch row is cut into enough chunks that ``B * n_chunks`` is about four programs
+    per SM (one chunk per row in the interpreter). The backward keeps ``g``/``e`` resident only for ``BLOCK_C <=
+    512`` (else RELOAD: with them resident a 1024-wide row needs 344 KB of shared memory on sm_90), and runs at 1
+    stage from ``BLOCK_C = 512`` (2 stages overflow 232,448 bytes there under triton 3.6). At ``BLOCK_C = 1024``
+    the fp16/bf16 backward takes 16 warps (its tf32x3 score dots need 328 KB at 8 warps under triton 3.6).
+    Warps and stages were chosen from ahead-of-time sm_90 compiles (registers, spills, shared memory).
     """
     block_c = max(16, triton.next_power_of_2(C))
     block_h = max(16, triton.next_power_of_2(H))
+    fp32 = dtype == torch.float32
     if block_t is None:
-        block_t = min(64, max(16, 8192 // block_c))
+        block_t = min(32 if fp32 else 64, max(16, 8192 // block_c))
+        bwd_block_t = 16
     elif block_t < 16 or block_t != triton.next_power_of_2(block_t):
         raise ValueError(f"cls_cross_attention: block_t must be a power of 2 >= 16, got {block_t}")
+    else:
+        bwd_block_t = block_t
+    tile = max(block_t, bwd_block_t)  # powers of 2: a multiple of both
     if chunk_tokens is None:
         target = 4 * _sm_count(device) if device.type == "cuda" else max(B, 1)
         per_row = max(1, triton.cdiv(target, max(B, 1)))
         chunk_tokens = triton.cdiv(max(N, 1), per_row)
     chunk_tokens = max(1, int(chunk_tokens))
-    chunk_tokens = triton.cdiv(chunk_tokens, block_t) * block_t
+    chunk_tokens = triton.cdiv(chunk_tokens, tile) * tile
     if triton.cdiv(N, chunk_tokens) > _MAX_GRID_Y:
-        chunk_tokens = triton.cdiv(triton.cdiv(N, _MAX_GRID_Y), block_t) * block_t
+        chunk_tokens = triton.cdiv(triton.cdiv(N, _MAX_GRID_Y), tile) * tile
+    fwd_warps = _warps(block_t * block_c + 2 * block_h * block_c)
+    if fp32:
+        fwd_warps = max(8, fwd_warps)  # 4 warps spill at BLOCK_T = 32..64 in fp32
+    reload = block_c >= 1024
+    bwd_warps = 8 if bwd_block_t * block_c <= 16 * 512 else 16
+    if block_c >= 1024 and fp32:
+        bwd_warps = 8  # fp32 (ieee dots): fits at 8 warps (131 KB, ~4 KB spill); 16 warps not measured with split-K
     return {
         "BLOCK_T": block_t,
+        "BWD_BLOCK_T": bwd_block_t,
         "BLOCK_C": block_c,
         "BLOCK_H": block_h,
         "chunk_tokens": chunk_tokens,
         "n_chunks": triton.cdiv(N, chunk_tokens),
-        "fwd_warps": _warps(block_t * block_c + 2 * block_h * block_c),
-        "bwd_warps": _warps(2 * block_t * block_c + 3 * block_h * block_c),
+        "fwd_warps": fwd_warps,
+        "bwd_warps": bwd_warps,
+        "bwd_ks": max(1, min(8, block_c // 16)),
+        "bwd_reload": int(reload),
+        "bwd_stages": 1 if block_c >= 512 else 2,
         "combine_warps": max(1, min(4, block_c // 128)),
     }
 
 
-def _launch(kernel, grid, args, key, num_warps: int, **constexprs) -> None:
-    """Launch with 2 pipeline stages, or 1 where the device has too little shared memory for 2 (remembered)."""
-    stages = _stages_ok.get(key, 2)
+def _device_of(t: torch.Tensor):
+    """A context that makes ``t``'s device current for the launches (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch(kernel, grid, args, key, num_warps: int, num_stages: int = 2, **constexprs) -> None:
+    """Launch with ``num_stages`` pipeline stages, or 1 where the device has too little shared memory (remembered)."""
+    stages = _stages_ok.get(key, num_stages)
     while True:
         try:
             kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages)
@@ -343,6 +406,10 @@ def _launch(kernel, grid, args, key, num_warps: int, **constexprs) -> None:
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _score_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32x3"
 
 
 def _shape_str(t: torch.Tensor) -> str:
@@ -493,7 +560,7 @@ def cls_cross_attention_fwd(
     if out is not None:
         _check_tensor("out", out, (B, 1, C), dtype, device)
     scale = D ** -0.5
-    p = plan(B, N, C, H, device, chunk_tokens, block_t)
+    p = plan(B, N, C, H, device, chunk_tokens, block_t, dtype)
     n_chunks = p["n_chunks"]
 
     gamma = _vec32(norm_weight, 1.0, C, device)
@@ -508,28 +575,29 @@ def cls_cross_attention_fwd(
     xbar = _workspace((H, B, C), device)
     z = _workspace((H, B, C), device)
     lse = _workspace((H, B), device)
-    if B > 0 and n_chunks > 0:
-        _launch(
-            _fwd_tokens_kernel, (B, n_chunks),
-            (tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
-             u, u.stride(0), u.stride(1), gamma,
-             m_part, l_part, acc_part,
-             B, N, C, H, p["chunk_tokens"], float(eps), scale),
-            ("fwd", p["BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
-            p["fwd_warps"],
-            BLOCK_T=p["BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
-        )
-    if B > 0:
-        _launch(
-            _fwd_combine_kernel, (B, H),
-            (cls, cls.stride(0), cls.stride(2),
-             u, u.stride(0), u.stride(1), gamma, beta,
-             m_part, l_part, acc_part, xbar, z, lse,
-             B, C, H, n_chunks, float(eps), scale),
-            ("combine", p["BLOCK_C"]),
-            p["combine_warps"],
-            BLOCK_C=p["BLOCK_C"],
-        )
+    with _device_of(tokens):
+        if B > 0 and n_chunks > 0:
+            _launch(
+                _fwd_tokens_kernel, (B, n_chunks),
+                (tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
+                 u, u.stride(0), u.stride(1), gamma,
+                 m_part, l_part, acc_part,
+                 B, N, C, H, p["chunk_tokens"], float(eps), scale),
+                ("fwd", p["BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
+                p["fwd_warps"],
+                BLOCK_T=p["BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
+            )
+        if B > 0:
+            _launch(
+                _fwd_combine_kernel, (B, H),
+                (cls, cls.stride(0), cls.stride(2),
+                 u, u.stride(0), u.stride(1), gamma, beta,
+                 m_part, l_part, acc_part, xbar, z, lse,
+                 B, C, H, n_chunks, float(eps), scale),
+                ("combine", p["BLOCK_C"]),
+                p["combine_warps"],
+                BLOCK_C=p["BLOCK_C"],
+            )
 
     wv_hcd = wv.to(torch.float32).reshape(H, D, C).transpose(1, 2)  # (H, C, D): Wv_h^T
     if bv is None:
@@ -587,7 +655,7 @@ def cls_cross_attention_bwd(
     else:
         _check_tensor("grad_tokens", grad_tokens, (B, N, C), dtype, device)
     scale = D ** -0.5
-    p = plan(B, N, C, H, device, chunk_tokens, block_t)
+    p = plan(B, N, C, H, device, chunk_tokens, block_t, dtype)
     n_chunks = p["n_chunks"]
 
     gamma = _vec32(norm_weight, 1.0, C, device)
@@ -607,18 +675,20 @@ def cls_cross_attention_bwd(
 
     duhat_part = _workspace((n_chunks, H, B, C), device)
     dss_part = _workspace((n_chunks, H, B), device)
-    if B > 0 and n_chunks > 0:
-        _launch(
-            _bwd_tokens_kernel, (B, n_chunks),
-            (tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
-             grad_tokens, grad_tokens.stride(0), grad_tokens.stride(1), grad_tokens.stride(2),
-             u, u.stride(0), u.stride(1), dz, dz.stride(0), dz.stride(1),
-             f, lse, gamma, duhat_part, dss_part,
-             B, N, C, H, p["chunk_tokens"], float(eps), scale),
-            ("bwd", p["BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
-            p["bwd_warps"],
-            BLOCK_T=p["BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
-        )
+    with _device_of(tokens):
+        if B > 0 and n_chunks > 0:
+            _launch(
+                _bwd_tokens_kernel, (B, n_chunks),
+                (tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
+                 grad_tokens, grad_tokens.stride(0), grad_tokens.stride(1), grad_tokens.stride(2),
+                 u, u.stride(0), u.stride(1), dz, dz.stride(0), dz.stride(1),
+                 f, lse, gamma, duhat_part, dss_part,
+                 B, N, C, H, p["chunk_tokens"], float(eps), scale),
+                ("bwd", p["BWD_BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
+                p["bwd_warps"], p["bwd_stages"],
+                BLOCK_T=p["BWD_BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
+                SCORE_PRECISION=_score_precision(dtype), KS=p["bwd_ks"], RELOAD=bool(p["bwd_reload"]),
+            )
 
     # the CLS token (t = 0), whose LayerNorm output also feeds q
     x0 = cls.reshape(B, C).to(torch.float32)

@@ -146,6 +146,17 @@ def test_matches_reference(B, N, C, H, layout, dtype):
     _check_against_reference(Case(B, N, C, H, layout), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_wide_row_reload_path(dtype):
+    """C > 512 (BLOCK_C = 1024): the backward rebuilds g/e inside the token loop (RELOAD) at 1 stage, and the
+    split-K score dots run with 8 slices of 128 channels; two tiles, so the in-loop reloads repeat."""
+    B, N, C, H = 1, 20, 576, 6
+    p = K.plan(B, N, C, H, DEVICE, dtype=dtype)
+    assert p["BLOCK_C"] == 1024 and p["bwd_reload"] and p["bwd_stages"] == 1 and p["bwd_ks"] == 8
+    assert p["chunk_tokens"] % p["BLOCK_T"] == 0 and p["chunk_tokens"] % p["BWD_BLOCK_T"] == 0
+    _check_against_reference(Case(B, N, C, H, "slice"), dtype)
+
+
 def test_no_bias_no_affine():
     """Biases and LayerNorm affine may be None; their gradients are then None."""
     _check_against_reference(Case(2, 5, 12, 3, biases=False, norm=False), torch.float32)

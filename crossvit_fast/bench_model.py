@@ -46,7 +46,6 @@ SPEC_GMACS = {
     "crossvit_9_dagger_240": 1.99, "crossvit_15_dagger_240": 6.13, "crossvit_18_dagger_240": 9.50,
     "crossvit_15_dagger_408": 21.45, "crossvit_18_dagger_408": 32.47,
 }
-SPEC_IMG = {name: (408 if name.endswith("_408") else 240) for name in SPEC_GMACS}
 
 
 def _gmacs(name: str) -> float:
@@ -57,6 +56,12 @@ def _gmacs(name: str) -> float:
     import crossvit_fast
 
     return crossvit_fast.flops(crossvit_fast.create_model(name, backend="reference").eval()).total() / 1e9
+
+
+def _img_size(name: str) -> int:
+    import crossvit_fast
+
+    return crossvit_fast.model_config(name)["kwargs"]["img_size"]
 
 
 def build(provider: str, name: str) -> Optional[torch.nn.Module]:
@@ -106,7 +111,7 @@ def run_case(name: str, batch: int, dtype: str, pass_: str, provider: str, gmacs
     model = build(provider, name)
     if model is None:
         return None
-    img = SPEC_IMG[name]
+    img = _img_size(name)
     fn = step_fn(model, pass_, dtype, batch, img)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -176,7 +181,7 @@ def profile(name: str, batch: int, dtype: str, path: str) -> str:
     out = []
     for pass_ in PASSES:
         model = build("crossvit_fast", name)
-        fn = step_fn(model, pass_, dtype, batch, SPEC_IMG[name])
+        fn = step_fn(model, pass_, dtype, batch, _img_size(name))
         for _ in range(3):
             fn()
         torch.cuda.synchronize()

@@ -48,6 +48,7 @@ BACKENDS = ("reference", "triton", "auto")
 FUSED_OPS: dict = {
     "cls_cross_attention": "crossvit_fast.ops.cls_cross_attention",
     "self_attention": "crossvit_fast.ops.self_attention",
+    "layer_norm": "crossvit_fast.ops.layer_norm",
 }
 """Ops with a fused Triton kernel in this version: op name -> the ``crossvit_fast.ops`` module that registers it."""
 

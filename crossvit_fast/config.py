@@ -18,3 +18,6 @@ CLS_CROSS_ATTENTION_MAX_HEAD_DIM = 128
 
 SELF_ATTENTION_HEAD_DIMS = tuple(range(16, 129, 16))
 """Head dims of the fused self-attention: every multiple of 16 up to 128."""
+
+LAYER_NORM_MAX_DIM = 8192
+"""Largest width of the fused residual-add + LayerNorm (a row is held whole in registers)."""

@@ -2,7 +2,7 @@
 
 Works on timm's ``CrossVit``, IBM/CrossViT's ``VisionTransformer`` and crossvit_fast's own ``CrossViT``, recognised
 by structure (no import of timm or IBM's code): a branch attention has ``qkv`` and ``proj`` Linears and
-``num_heads``; a fusion block has ``norm1`` and ``attn.wq/wk/wv/proj``; a multi-scale block has ``blocks``,
+``num_heads``; a branch block has affine LayerNorms ``norm1``/``norm2``, ``attn.qkv`` and ``mlp.fc1``; a fusion block has ``norm1`` and ``attn.wq/wk/wv/proj``; a multi-scale block has ``blocks``,
 ``projs``, ``fusion`` and ``revert_projs``. The swapped-in modules hold the very same parameter tensors under the
 same names: the state_dict is unchanged and an existing optimizer keeps working. ``revert`` puts every original
 module back.
@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 
 import torch.nn as nn
 
-from crossvit_fast.layers import Attention, CrossAttentionBlock, MultiScaleBlock
+from crossvit_fast.layers import Attention, Block, CrossAttentionBlock, MultiScaleBlock, _is_affine_layer_norm
 
 __all__ = ["optimize", "revert"]
 
@@ -31,6 +31,16 @@ def _is_branch_attention(m: nn.Module) -> bool:
         and _is_linear(getattr(m, "qkv", None))
         and _is_linear(getattr(m, "proj", None))
         and isinstance(getattr(m, "num_heads", None), int)
+    )
+
+
+def _is_branch_block(m: nn.Module) -> bool:
+    return (
+        not isinstance(m, Block)
+        and _is_affine_layer_norm(getattr(m, "norm1", None))
+        and _is_affine_layer_norm(getattr(m, "norm2", None))
+        and _is_linear(getattr(getattr(m, "attn", None), "qkv", None))
+        and _is_linear(getattr(getattr(m, "mlp", None), "fc1", None))
     )
 
 
@@ -69,6 +79,9 @@ def optimize(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     for parent, name, child in _children_to_swap(model, _is_branch_attention):
         setattr(parent, name, Attention.from_module(child, backend))
         swaps.append((parent, name, child))
+    for parent, name, child in _children_to_swap(model, _is_branch_block):
+        setattr(parent, name, Block.from_module(child, backend))
+        swaps.append((parent, name, child))
     for parent, name, child in _children_to_swap(model, _is_fusion_block):
         setattr(parent, name, CrossAttentionBlock.from_module(child, backend))
         swaps.append((parent, name, child))
@@ -78,7 +91,7 @@ def optimize(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     # crossvit_fast's own seams (and those just swapped in): re-choose the backend
     previous = []
     for m in model.modules():
-        if isinstance(m, (Attention, CrossAttentionBlock)):
+        if isinstance(m, (Attention, Block, CrossAttentionBlock)):
             previous.append((m, m.backend_requested, m.backend))
             m.set_backend(backend)
     if not swaps and not previous:

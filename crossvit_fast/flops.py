@@ -12,7 +12,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["flops", "OP_HANDLES", "sdpa_flop_jit", "self_attention_flop_jit", "cls_cross_attention_flop_jit"]
+__all__ = ["flops", "OP_HANDLES", "sdpa_flop_jit", "self_attention_flop_jit", "cls_cross_attention_flop_jit",
+           "layer_norm_flop_jit"]
 
 
 def _shape(v: Any) -> Optional[List[int]]:
@@ -54,10 +55,17 @@ def cls_cross_attention_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return ln + 2 * B * C * C + 2 * B * T * C * C + 2 * B * T * C
 
 
+def layer_norm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``crossvit_fast::layer_norm``: fvcore's LayerNorm count, ``5`` per input element (affine); the residual add
+    is not counted, as fvcore does not count ``aten::add``."""
+    return 5 * _prod(_shape(inputs[0]))
+
+
 OP_HANDLES: Dict[str, Callable[[List[Any], List[Any]], int]] = {
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
     "crossvit_fast::self_attention": self_attention_flop_jit,
     "crossvit_fast::cls_cross_attention": cls_cross_attention_flop_jit,
+    "crossvit_fast::layer_norm": layer_norm_flop_jit,
 }
 """fvcore handles by traced op name; each fused op's handle counts what its reference computation counts."""
 

@@ -22,6 +22,7 @@ from crossvit_fast.config import (
     CLS_CROSS_ATTENTION_MAX_DIM,
     CLS_CROSS_ATTENTION_MAX_HEAD_DIM,
     FUSED_DTYPES,
+    LAYER_NORM_MAX_DIM,
     LN_EPS,
     SELF_ATTENTION_HEAD_DIMS,
 )
@@ -214,8 +215,24 @@ class Attention(_BackendMixin, nn.Module):
         return f"num_heads={self.num_heads}, backend={self.backend!r}"
 
 
-class Block(nn.Module):
-    """Pre-norm ViT block: ``x + attn(LN(x))`` then ``x + mlp(LN(x))``; timm's ``Block`` keys."""
+def _is_affine_layer_norm(m) -> bool:
+    return (
+        isinstance(m, nn.LayerNorm)
+        and len(m.normalized_shape) == 1
+        and m.weight is not None
+        and m.bias is not None
+    )
+
+
+class Block(_BackendMixin, nn.Module):
+    """Pre-norm ViT block: ``x + attn(LN(x))`` then ``x + mlp(LN(x))``; timm's ``Block`` keys.
+
+    Under ``backend="triton"`` its two LayerNorms run as the fused ``layer_norm`` op: ``norm1`` writes its output
+    straight in the dtype the qkv Linear computes in (the autocast dtype under autocast), and the first residual
+    add is fused with ``norm2``. The attention chooses its own backend (``self_attention``).
+    """
+
+    op_name = "layer_norm"
 
     def __init__(
         self,
@@ -237,11 +254,55 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.ls2 = nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.set_backend(backend)
+
+    def _fused_unsupported(self) -> str:
+        if self.norm1.normalized_shape[0] > LAYER_NORM_MAX_DIM:
+            return f"width {self.norm1.normalized_shape[0]} is over the fused LayerNorm's {LAYER_NORM_MAX_DIM}"
+        return ""
+
+    @classmethod
+    def from_module(cls, m: nn.Module, backend: Optional[str] = None) -> "Block":
+        """A Block that reuses ``m``'s submodules (timm's ``Block``: ``ls1/2``, ``drop_path1/2``; IBM's: one
+        ``drop_path``). ``m.norm1``/``m.norm2`` must be affine LayerNorms over the last dimension and ``m.mlp``
+        start with a Linear ``fc1`` (what lets norm2 write the autocast dtype directly)."""
+        if not (_is_affine_layer_norm(getattr(m, "norm1", None)) and _is_affine_layer_norm(getattr(m, "norm2", None))):
+            raise ValueError(f"Block.from_module: {type(m).__name__}'s norm1/norm2 are not affine LayerNorms over the "
+                             f"last dimension")
+        if not isinstance(getattr(getattr(m, "mlp", None), "fc1", None), nn.Linear):
+            raise ValueError(f"Block.from_module: {type(m).__name__}.mlp has no Linear fc1; not a CrossViT block")
+        if not isinstance(getattr(getattr(m, "attn", None), "qkv", None), nn.Linear):
+            raise ValueError(f"Block.from_module: {type(m).__name__}.attn has no Linear qkv; not a CrossViT block")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        shared_dp = getattr(m, "drop_path", nn.Identity())
+        new.norm1, new.attn = m.norm1, m.attn
+        new.ls1 = getattr(m, "ls1", nn.Identity())
+        new.drop_path1 = getattr(m, "drop_path1", shared_dp)
+        new.norm2, new.mlp = m.norm2, m.mlp
+        new.ls2 = getattr(m, "ls2", nn.Identity())
+        new.drop_path2 = getattr(m, "drop_path2", shared_dp)
+        new.set_backend(backend)
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_fused(x):
+            return self._forward_fused(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        from crossvit_fast.ops.layer_norm import layer_norm
+
+        # Under autocast the Linears after norm1/norm2 cast LayerNorm's float32 output to the autocast dtype:
+        # the fused op writes that dtype directly (one rounding, the same values).
+        out_dtype = _autocast_dtype(x)
+        n1, n2 = self.norm1, self.norm2
+        h = layer_norm(x, n1.weight, n1.bias, n1.eps, out_dtype=out_dtype)
+        y = self.drop_path1(self.ls1(self.attn(h)))
+        x, h = layer_norm(x, n2.weight, n2.bias, n2.eps, residual=y, out_dtype=out_dtype)
+        return x + self.drop_path2(self.ls2(self.mlp(h)))
 
 
 # (kernel, stride, padding) of the dagger models' three convolutions ("3 Conv."), per patch size.
@@ -489,9 +550,27 @@ class MultiScaleBlock(nn.Module):
     def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
         outs_b = [block(x[i]) for i, block in enumerate(self.blocks)]
         proj_cls = [proj(outs_b[i][:, 0:1]) for i, proj in enumerate(self.projs)]  # (B, 1, dim_j) each
-        outs = []
-        for i, (fusion, revert_proj) in enumerate(zip(self.fusion, self.revert_projs)):
+        new_cls = []
+        for i, fusion in enumerate(self.fusion):
             j = (i + 1) % self.num_branches
-            cls_new = fusion(proj_cls[i], outs_b[j][:, 1:])  # (B, 1, dim_j); branch j's tokens as a view
-            outs.append(torch.cat((revert_proj(cls_new), outs_b[i][:, 1:]), dim=1))
+            new_cls.append(fusion(proj_cls[i], outs_b[j][:, 1:]))  # (B, 1, dim_j); branch j's tokens as a view
+        outs = []
+        for i, revert_proj in enumerate(self.revert_projs):
+            cls_i = revert_proj(new_cls[i])  # (B, 1, dim_i)
+            if self._may_write_in_place(outs_b[i], x[i], cls_i):
+                # Without autograd, put the new CLS into the blocks' output (every fusion has read it already)
+                # instead of building a (B, 1 + N, dim_i) copy with torch.cat.
+                outs_b[i][:, 0:1].copy_(cls_i)
+                outs.append(outs_b[i])
+            else:
+                outs.append(torch.cat((cls_i, outs_b[i][:, 1:]), dim=1))
         return outs
+
+    @staticmethod
+    def _may_write_in_place(out: torch.Tensor, inp: torch.Tensor, cls: torch.Tensor) -> bool:
+        """Whether ``out[:, :1] = cls`` may replace the concatenation: nothing records autograd history, ``out`` is
+        a fresh tensor (not the block stack's input), and the write keeps torch.cat's result dtype."""
+        if torch.is_grad_enabled() and (out.requires_grad or cls.requires_grad):
+            return False
+        same_dtype = cls.dtype == out.dtype or (out.dtype == torch.float32 and cls.dtype in (torch.float16, torch.bfloat16))
+        return out is not inp and same_dtype

@@ -27,10 +27,23 @@ __all__ = [
 
 
 def layer_norm_ref(
-    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float = LN_EPS
-) -> torch.Tensor:
-    """LayerNorm over the last dimension: ``(x - mean) / sqrt(var + eps) * weight + bias`` (biased variance)."""
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float = LN_EPS,
+    residual: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+):
+    """LayerNorm over the last dimension: ``(x - mean) / sqrt(var + eps) * weight + bias`` (biased variance).
+
+    With ``residual``, the pre-norm seam of a block: returns ``(r, LayerNorm(r))`` with ``r = x + residual``.
+    ``out_dtype`` casts the normalised output (what the next Linear does under autocast).
+    """
+    r = x if residual is None else x + residual
+    out = F.layer_norm(r, (r.shape[-1],), weight, bias, eps)
+    if out_dtype is not None:
+        out = out.to(out_dtype)
+    return out if residual is None else (r, out)
 
 
 def self_attention_ref(

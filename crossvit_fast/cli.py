@@ -56,7 +56,7 @@ def cmd_list(args) -> int:
 
 def cmd_info(args) -> int:
     import crossvit_fast
-    from crossvit_fast.backend import GPU_VERIFIED_OPS, get_backend, resolve_backend, triton_status
+    from crossvit_fast.backend import FUSED_OPS, GPU_VERIFIED_OPS, get_backend, resolve_backend, triton_status
 
     print(f"crossvit_fast {crossvit_fast.__version__}")
     print(f"python        {platform.python_version()} ({platform.machine()})")
@@ -74,10 +74,10 @@ def cmd_info(args) -> int:
     print("  reference    can run (plain PyTorch)")
     ok, why = triton_status()
     print(f"  triton       {'can run: ' if ok else 'cannot run: '}{why}")
-    for op in ("cls_cross_attention", "self_attention"):
+    for op in FUSED_OPS:
         ok, why = triton_status(op)
         print(f"    {op:<22} {'fused' if ok else 'reference'}: {why}")
-    for op in ("cls_cross_attention", "self_attention"):
+    for op in FUSED_OPS:
         print(f"  auto         takes {resolve_backend('auto', op=op)} here for {op}"
               + ("" if op in GPU_VERIFIED_OPS else " (its kernel is not yet verified on a GPU: ask for 'triton')"))
     return 0

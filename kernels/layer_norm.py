@@ -65,6 +65,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 _INT32_MAX = 2**31 - 1
 _ROW_TILE = 4096  # elements of a (BLOCK_R, BLOCK_C) tile on the GPU: BLOCK_R = _ROW_TILE // BLOCK_C
+_INTERPRETER_TILE = 65536  # the interpreter's cost is per program, not per element: few, large tiles
 
 
 @triton.jit
@@ -254,7 +255,7 @@ def _tiles(C: int) -> Tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) for C channels."""
     block_c = triton.next_power_of_2(C)
     if _INTERPRETED:
-        return max(1, 2048 // block_c), block_c, 1
+        return max(1, _INTERPRETER_TILE // block_c), block_c, 1
     block_r = max(1, _ROW_TILE // block_c)
     return block_r, block_c, 4 if block_c * block_r <= 4096 else 8
 

@@ -116,6 +116,18 @@ def test_kernels(shape, dtype, with_residual):
     check(x, w, b, residual=y)
 
 
+@cpu_only
+@pytest.mark.parametrize("tile", [8, 64], ids=["1-row-blocks", "8-row-blocks"])
+def test_many_row_blocks_in_the_interpreter(monkeypatch, tile):
+    """Small tiles: many forward programs, a partial last row block, and backward programs that loop over several
+    row blocks each (the GPU's layout; the interpreter's default tile holds these rows at once)."""
+    monkeypatch.setattr(kln, "_INTERPRETER_TILE", tile)
+    x = rand((3, 13, 7), torch.float32, shift=1.0)
+    y = rand((3, 13, 7), torch.float16)
+    w, b = torch.randn(7, device=DEV), torch.randn(7, device=DEV)
+    check(x, w, b, residual=y)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []),
                          ids=lambda d: str(d).replace("torch.", ""))
 def test_autocast_seam_dtypes(out_dtype):

@@ -1,5 +1,6 @@
 """The family against timm: fixture logits, parameter counts, state_dict keys and shapes, image sizes."""
 
+import copy
 import json
 import os
 
@@ -113,3 +114,34 @@ def test_features_and_heads():
     model.reset_classifier(5, global_pool="avg")
     with torch.no_grad():
         assert model(torch.randn(1, 3, 240, 240)).shape == (1, 5)
+
+
+class _CountCat(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.cats = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.cat:
+            self.cats += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_multiscale_inference_writes_cls_in_place():
+    """Without autograd the multi-scale block writes each branch's new CLS into the blocks' output instead of
+    concatenating: the same logits, two torch.cat fewer per multi-scale block; with autograd it concatenates."""
+    m = crossvit_fast.create_model("crossvit_tiny_240", backend="reference").eval()
+    x = torch.randn(2, 3, 240, 240)
+    with torch.no_grad(), _CountCat() as no_grad_count:
+        a = m(x)
+    with _CountCat() as grad_count:
+        b = m(x)
+    assert torch.equal(a, b)
+    assert grad_count.cats - no_grad_count.cats == 2 * len(m.blocks)
+    b.sum().backward()  # the concatenating path keeps autograd intact
+    frozen = copy.deepcopy(m).requires_grad_(False)
+    with torch.no_grad():
+        c_ref = frozen(x)
+    with _CountCat() as frozen_count:
+        c = frozen(x)  # grad mode on, but nothing requires grad: in place
+    assert torch.equal(c, c_ref) and frozen_count.cats == no_grad_count.cats

@@ -46,3 +46,27 @@ def test_optimized_timm_matches_timm(name, dtype):
     assert_within_rule(gf, g64, gl, what=f"{name} input gradient")
     for k in p64:
         assert_within_rule(pf[k].grad, p64[k].grad, pl[k].grad, what=f"{name} grad {k}")
+
+
+@pytest.mark.parametrize("name", crossvit_fast.list_models())
+def test_optimized_timm_matches_timm_under_bf16_autocast(name):
+    """How people train and serve: float32 weights, bf16 autocast. timm under the same autocast is the rule's
+    low-precision reference; the fused LayerNorm writes the autocast dtype, the attention ops run in it."""
+    torch.manual_seed(0)
+    t = timm.create_model(name, pretrained=False).eval()
+    fill_like_fixtures_(t, 0)
+    t64 = copy.deepcopy(t).double().cuda()
+    t32 = copy.deepcopy(t).cuda()
+    fast = crossvit_fast.optimize(copy.deepcopy(t).cuda(), backend="triton")
+    h, w = t.pretrained_cfg["input_size"][1:]
+    x64 = torch.randn(2, 3, h, w, dtype=torch.float64, device="cuda")
+    outs = []
+    for m, x, ac in ((t64, x64, False), (t32, x64.float(), True), (fast, x64.float(), True)):
+        x = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ac):
+            y = m(x)
+        y.float().square().mean().backward()
+        outs.append((y.detach(), x.grad))
+    (y64, g64), (yl, gl), (yf, gf) = outs
+    assert_within_rule(yf, y64, yl, what=f"{name} logits (bf16 autocast)")
+    assert_within_rule(gf, g64, gl, what=f"{name} input gradient (bf16 autocast)")

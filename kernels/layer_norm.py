@@ -42,9 +42,10 @@ Limits
   view exists). ``y`` the same shape as x. ``w`` and ``b``: ``(C,)``. 1 <= C <= MAX_DIM (8192).
 * dtypes: float16, bfloat16, float32 for every tensor; out_dtype one of those three. Triton's CPU interpreter
   truncates float32 -> bfloat16 stores (round toward zero, not to nearest), so bfloat16 is refused there.
-* Tiles (GPU): 4096-element (BLOCK_R x BLOCK_C) tiles, warps from ``_tiles``. Compiled ahead of time for sm_90
-  (ptxas, triton 3.9): no register spills up to C = 2048; the backward spills at C = 8192 (speed only; CrossViT's
-  widths are 96..768). Not yet timed on a GPU: no autotuning, the tile is a first choice.
+* Tiles (GPU): (BLOCK_R x BLOCK_C) tiles of 4096 elements (forward) and 2048 (backward), warps from ``_tiles``.
+  Compiled ahead of time for sm_90 (ptxas, triton 3.6.0 and 3.9): no register spills up to C = 2048; at C = 8192
+  the backward spills (speed only; CrossViT's widths are 96..768). Not yet timed on a GPU: no autotuning, the
+  tiles are a first choice.
 * Offsets are 32-bit unless a tensor spans 2**31 elements or more (then a 64-bit specialisation, IDX64).
 * CUDA; CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
   Plain pointer arithmetic with masks; only APIs present in both triton 3.6 and 3.9.
@@ -257,15 +258,15 @@ def check_layer_norm_inputs(
 def _tiles(C: int, backward: bool = False) -> Tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) for C channels.
 
-    Warps are set so a thread holds at most 32 elements of a tile per live tensor in the forward and 16 in the
-    backward (which keeps six tile-sized tensors live): no register spills on sm_90 for C <= 1024 (checked
-    ahead of time with ptxas for the family's widths, float32 and bfloat16).
+    The backward (six tile-sized tensors live) takes half the forward's rows. Warps are set so a thread holds at
+    most 32 elements of a tile per live tensor in the forward and 8 in the backward: no register spills on sm_90
+    up to C = 2048 (checked ahead of time with ptxas, triton 3.6 and 3.9, float32 and bfloat16).
     """
     block_c = triton.next_power_of_2(C)
     if _INTERPRETED:
         return max(1, _INTERPRETER_TILE // block_c), block_c, 1
-    block_r = max(1, _ROW_TILE // block_c)
-    per_thread = 16 if backward else 32
+    block_r = max(1, (_ROW_TILE // 2 if backward else _ROW_TILE) // block_c)
+    per_thread = 8 if backward else 32
     warps = min(16, max(4, block_r * block_c // (32 * per_thread)))
     return block_r, block_c, warps
 

@@ -2,8 +2,9 @@
 
 Works on timm's ``CrossVit``, IBM/CrossViT's ``VisionTransformer`` and crossvit_fast's own ``CrossViT``, recognised
 by structure (no import of timm or IBM's code): a branch attention has ``qkv`` and ``proj`` Linears and
-``num_heads``; a branch block has affine LayerNorms ``norm1``/``norm2``, ``attn.qkv`` and ``mlp.fc1``; a fusion block has ``norm1`` and ``attn.wq/wk/wv/proj``; a multi-scale block has ``blocks``,
-``projs``, ``fusion`` and ``revert_projs``. The swapped-in modules hold the very same parameter tensors under the
+``num_heads``; a branch block has affine LayerNorms ``norm1``/``norm2``, ``attn.qkv`` and ``mlp.fc1``; a fusion
+block has ``norm1`` and ``attn.wq/wk/wv/proj``; a multi-scale block has ``blocks``, ``projs``, ``fusion`` and
+``revert_projs``. The swapped-in modules hold the very same parameter tensors under the
 same names: the state_dict is unchanged and an existing optimizer keeps working. ``revert`` puts every original
 module back.
 """

@@ -572,5 +572,6 @@ class MultiScaleBlock(nn.Module):
         a fresh tensor (not the block stack's input), and the write keeps torch.cat's result dtype."""
         if torch.is_grad_enabled() and (out.requires_grad or cls.requires_grad):
             return False
-        same_dtype = cls.dtype == out.dtype or (out.dtype == torch.float32 and cls.dtype in (torch.float16, torch.bfloat16))
+        widening = out.dtype == torch.float32 and cls.dtype in (torch.float16, torch.bfloat16)
+        same_dtype = cls.dtype == out.dtype or widening
         return out is not inp and same_dtype

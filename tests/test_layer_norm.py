@@ -281,25 +281,21 @@ def test_block_fused_layer_norm(autocast, train):
         grads.append(torch.autograd.grad((y.float() * torch.linspace(-1, 1, 32, device=DEV)).sum(),
                                          [x] + list(m.parameters())))
     assert outs[0].dtype == outs[1].dtype
-    tol = dict(rtol=2e-3, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-5)
+    # Under autocast the fused seam writes the same fp16 values the reference's LayerNorm-then-cast does; the
+    # residual stream stays float32, so only float32 summation order separates the two.
+    tol = dict(rtol=1e-4, atol=1e-5) if autocast else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[1], outs[0], **tol)
     for a, c in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, c, **tol)
 
 
 def test_block_state_dict_and_backend_choice():
-    from crossvit_fast.backend import BackendUnavailableError
     from crossvit_fast.layers import Block
 
     ref = Block(32, 2, backend="reference")
     fused = Block(32, 2, backend="triton")
     assert list(ref.state_dict()) == list(fused.state_dict())
     assert Block(32, 2, backend="auto").backend == "reference"  # not GPU-verified yet / no GPU
-    import crossvit_fast.backend as be
-
-    if not be.interpreter_enabled() and not CUDA:
-        with pytest.raises(BackendUnavailableError):
-            Block(32, 2, backend="triton")
 
 
 # ------------------------------------------------------------------------------------------------------------

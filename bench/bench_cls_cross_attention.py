@@ -13,7 +13,8 @@ Every provider gets the same inputs: ``cls`` ``(B, 1, C)`` and ``tokens = x[:, 1
 * ``crossvit_fast``: the op (reads the tokens in place, one pass; K and V are never formed);
 * ``reference``: ``cls_cross_attention_ref``, timm's module as written: ``torch.cat``, LayerNorm over the
   concatenation, the ``wq``/``wk``/``wv`` Linears, explicit softmax, ``@ v``, ``proj``;
-* ``reference-compiled``: ``torch.compile`` of the same function (default mode, static shapes).
+* ``reference-compiled``: ``torch.compile`` of the same function (default mode, static shapes, ``fullgraph``), a
+  fresh compiled callable per case; the run stops with ``EagerFallbackError`` if dynamo ran any of it eagerly.
 
 Passes: ``fwd`` (under ``no_grad``) and ``fwd+bwd`` (``torch.autograd.grad`` of the output w.r.t. cls, tokens and
 all ten parameters with a fixed random ``dout``; nothing accumulates).
@@ -47,6 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
     DTYPES,
+    EagerFallbackError,
+    assert_compiled,
+    compile_fresh,
     do_bench_samples,
     measure_ceilings,
     median,
@@ -94,10 +98,8 @@ def cases(args) -> List[Dict[str, object]]:
     return out
 
 
-_compiled: Dict[str, Callable] = {}
-
-
 def provider_fn(provider: str) -> Callable:
+    """The callable of ``provider``; called once per case (a compiled provider is compiled afresh for it)."""
     from crossvit_fast.reference import cls_cross_attention_ref
 
     if provider == "crossvit_fast":
@@ -107,9 +109,7 @@ def provider_fn(provider: str) -> Callable:
     if provider == "reference":
         return cls_cross_attention_ref
     if provider == "reference-compiled":
-        if provider not in _compiled:
-            _compiled[provider] = torch.compile(cls_cross_attention_ref, dynamic=False)
-        return _compiled[provider]
+        return compile_fresh(cls_cross_attention_ref, dynamic=False, fullgraph=True)
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
@@ -148,7 +148,10 @@ def run_case(case: Dict[str, object], providers, warmup_ms: float, rep_ms: float
                 with torch.no_grad():
                     return f(cls, tokens, *params, H)
         try:
-            call()
+            if provider.endswith("-compiled"):
+                assert_compiled(call, f"{provider} {case}")
+            else:
+                call()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -156,6 +159,8 @@ def run_case(case: Dict[str, object], providers, warmup_ms: float, rep_ms: float
             torch.cuda.synchronize()
             peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
             samples = do_bench_samples(call, warmup_ms=warmup_ms, rep_ms=rep_ms)
+        except EagerFallbackError:
+            raise
         except Exception as e:  # a provider that cannot run this case (OOM, compile failure) gets no row
             msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
             print(f"  {provider:20s} skipped: {msg}", flush=True)
@@ -256,7 +261,8 @@ def main(argv=None) -> int:
         print(f"{c['model']} {c['direction']} batch={c['batch']} {c['dtype']} {c['pass']} "
               f"C={c['C']} N={c['N']} H={c['heads']}", flush=True)
         record["rows"].extend(run_case(c, args.providers, args.warmup_ms, args.rep_ms, ceilings["copy_gb_per_s"]))
-    path = write_record(record, args.out_dir)
+        write_record(record, args.out_dir)  # a partial record survives a time limit
+    path = write_record(record, args.out_dir, complete=True)
     print(f"wrote {path}")
     if not args.no_plot:
         png = plot(record, path)

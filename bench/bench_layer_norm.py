@@ -11,7 +11,9 @@ Providers:
 * ``crossvit_fast``: the op (``r, out = layer_norm(x, w, b, residual=y, out_dtype=...)``);
 * ``reference``: eager PyTorch, ``r = x + y; out = F.layer_norm(r, ...).to(dtype)`` (what timm's block does under
   autocast: the add, LayerNorm in float32, the Linear's cast);
-* ``reference-compiled``: the same function under ``torch.compile`` (Inductor fuses it into one kernel).
+* ``reference-compiled``: the same function under ``torch.compile`` (Inductor fuses it into one kernel), a fresh
+  compiled callable per case (static shapes, ``fullgraph``); the run stops with ``EagerFallbackError`` if dynamo
+  ran any of it eagerly.
 
 ``residual`` = 0 times the block's first norm (no add). Passes: ``forward`` and ``forward+backward``
 (``torch.autograd.grad`` of ``out`` and ``r`` with fixed random gradients, w.r.t. x, y, weight and bias).
@@ -37,6 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
     DTYPES,
+    assert_compiled,
+    compile_fresh,
     do_bench_samples,
     measure_ceilings,
     median,
@@ -61,6 +65,7 @@ def _reference(x, y, w, b, out_dtype):
 
 
 def provider_fn(provider: str) -> Optional[Callable]:
+    """The callable of ``provider``; called once per case (a compiled provider is compiled afresh for it)."""
     if provider == "crossvit_fast":
         from crossvit_fast.ops.layer_norm import layer_norm
 
@@ -68,7 +73,7 @@ def provider_fn(provider: str) -> Optional[Callable]:
     if provider == "reference":
         return _reference
     if provider == "reference-compiled":
-        return torch.compile(_reference, dynamic=False)
+        return compile_fresh(_reference, dynamic=False, fullgraph=True)
     return None
 
 
@@ -119,7 +124,10 @@ def run_case(case: Dict[str, object], providers, warmup_ms: float, rep_ms: float
             def call(f=f):
                 with torch.no_grad():
                     return f(x, y, w, b, dtype)
-        call()
+        if provider.endswith("-compiled"):
+            assert_compiled(call, f"{provider} {case}")
+        else:
+            call()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -172,7 +180,8 @@ def main(argv=None) -> int:
         print(f"batch={c['batch']} {c['dtype']} {c['pass']} N={c['N']} C={c['C']} residual={c['residual']}",
               flush=True)
         record["rows"].extend(run_case(c, args.providers, args.warmup_ms, args.rep_ms))
-    path = write_record(record, args.out_dir)
+        write_record(record, args.out_dir)  # a partial record survives a time limit
+    path = write_record(record, args.out_dir, complete=True)
     print(f"wrote {path}")
     return 0
 

@@ -223,7 +223,8 @@ def main(argv=None) -> int:
     for c in todo:
         print(f"batch={c['batch']} {c['dtype']} {c['pass']} N={c['N']} H={c['heads']} D={c['head_dim']}", flush=True)
         record["rows"].extend(run_case(c, args.providers, args.warmup_ms, args.rep_ms))
-    path = write_record(record, args.out_dir)
+        write_record(record, args.out_dir)  # a partial record survives a time limit
+    path = write_record(record, args.out_dir, complete=True)
     print(f"wrote {path}")
     if not args.no_plot:
         png = plot(record, path)

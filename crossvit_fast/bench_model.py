@@ -1,7 +1,9 @@
 """End-to-end model benchmark: images/s for inference and for a training step, per provider (``crossvit-fast bench``).
 
 Providers: ``timm`` and ``timm-compiled`` (when timm is importable), ``reference`` (crossvit_fast's reference path),
-``crossvit_fast`` (the fused Triton kernels) and ``crossvit_fast-compiled`` (the same under ``torch.compile``).
+``crossvit_fast`` (the fused Triton kernels) and ``crossvit_fast-compiled`` (the same under ``torch.compile``). A
+compiled provider is compiled afresh for every case (``compile_fresh``) and checked after its warm-up
+(``assert_compiled``): a case that dynamo ran eagerly stops the run instead of being timed as compiled.
 Passes: ``forward`` (eval, no grad) and ``train_step`` (forward + cross-entropy + backward + AdamW step).
 ``bfloat16`` means bf16 autocast over float32 weights, as people train; ``float32`` means no autocast.
 
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from crossvit_fast.bench_utils import (
+    assert_compiled,
+    compile_fresh,
     do_bench_samples,
     measure_ceilings,
     median,
@@ -78,7 +82,7 @@ def build(provider: str, name: str) -> Optional[torch.nn.Module]:
         backend = "reference" if provider == "reference" else "triton"
         model = crossvit_fast.create_model(name, backend=backend)
     model = model.cuda()
-    return torch.compile(model) if provider.endswith("-compiled") else model
+    return compile_fresh(model) if provider.endswith("-compiled") else model
 
 
 def step_fn(model: torch.nn.Module, pass_: str, dtype: str, batch: int, img: int) -> Callable[[], object]:
@@ -115,7 +119,10 @@ def run_case(name: str, batch: int, dtype: str, pass_: str, provider: str, gmacs
     fn = step_fn(model, pass_, dtype, batch, img)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    fn()  # warm-up (compiles, autotunes)
+    if provider.endswith("-compiled"):
+        assert_compiled(fn, f"{provider} {name} batch {batch} {dtype} {pass_}")  # warm-up: compiles, autotunes
+    else:
+        fn()  # warm-up (autotunes)
     torch.cuda.synchronize()
     peak_mb = torch.cuda.max_memory_allocated() / 2**20
     samples = do_bench_samples(fn, warmup_ms=100, rep_ms=rep_ms)
@@ -240,9 +247,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"  {provider:24s} not available here")
                 continue
             record["rows"].append(row)
+            write_record(record, args.out_dir)  # a partial record survives a time limit
             print(f"  {provider:24s} {row['median_ms']:9.2f} ms  {row['images_per_s']:9.1f} img/s  "
                   f"MFU {100 * row['mfu']:5.1f}%  peak {row['peak_mem_mb']:8.0f} MB", flush=True)
-    path = write_record(record, args.out_dir)
+    path = write_record(record, args.out_dir, complete=True)
     base = os.path.splitext(path)[0]
     with open(base + ".md", "w") as f:
         f.write(markdown(record))

@@ -6,6 +6,13 @@ each row holds its settings (``model, batch, dtype, pass`` and shape fields), ``
 
 Timings are GPU timings: on a machine without CUDA, :func:`require_cuda` stops a benchmark with a message, since
 CPU timings never stand in for GPU claims.
+
+Records are written as they grow: a script calls :func:`write_record` after every case (same path each time, an
+atomic replace), so a run cut off by a time limit leaves a valid partial record (``"complete": false``).
+
+Compiled baselines: dynamo keeps its compiled graphs per code object and, past ``recompile_limit`` (8) of them,
+silently runs the function eagerly. :func:`compile_fresh` gives each case its own compiled callable (the caches are
+reset first) and :func:`assert_compiled` fails loudly when a call still ran any frame eagerly.
 """
 
 from __future__ import annotations
@@ -82,6 +89,55 @@ def measure_ceilings(nbytes: int = 1 << 30) -> Dict[str, float]:
     return {"copy_gb_per_s": round(copy_gbs, 1), "bf16_matmul_tflops": round(tflops, 1)}
 
 
+class EagerFallbackError(RuntimeError):
+    """A ``*-compiled`` provider ran (part of) its function eagerly: its timing would not be a compiled baseline."""
+
+
+def compile_fresh(fn: Callable, **kwargs) -> Callable:
+    """``torch.compile(fn, **kwargs)`` after resetting dynamo's caches: one compiled callable per benchmark case.
+
+    Without the reset, every shape or model instance adds a graph to the same code object's cache, and past dynamo's
+    recompile limit the "compiled" baseline silently runs eagerly.
+    """
+    torch._dynamo.reset()
+    return torch.compile(fn, **kwargs)
+
+
+def _dynamo_counts() -> Dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {
+        "frames": counters["frames"].get("total", 0) - counters["frames"].get("ok", 0),
+        "frames_ok": counters["frames"].get("ok", 0),
+        "graphs": counters["stats"].get("unique_graphs", 0),
+        "limit_hits": sum(v for k, v in counters["unimplemented"].items() if "recompile limit" in k.lower()
+                          or "cache_size_limit" in k or "recompile_limit" in k),
+    }
+
+
+def assert_compiled(call: Callable[[], object], what: str, warm_calls: int = 2) -> None:
+    """Run ``call`` ``warm_calls`` times (the first compiles) and raise :class:`EagerFallbackError` if dynamo hit its
+    recompile limit, failed to convert a frame, produced no graph on the first call, or was still compiling on the
+    last call (a recompile on every call is no steady state to time)."""
+    before = _dynamo_counts()
+    call()
+    first = _dynamo_counts()
+    for _ in range(warm_calls - 1):
+        call()
+    after = _dynamo_counts()
+    problems = []
+    if after["limit_hits"] > before["limit_hits"]:
+        problems.append("dynamo hit its recompile limit and ran the function eagerly")
+    if after["frames"] > before["frames"]:
+        problems.append(f"{after['frames'] - before['frames']} frame(s) were not converted (ran eagerly)")
+    if first["graphs"] == before["graphs"] and first["frames_ok"] == before["frames_ok"]:
+        problems.append("the first call compiled nothing (a cached graph from another case, or eager)")
+    if warm_calls > 1 and (after["graphs"] > first["graphs"] or after["frames_ok"] > first["frames_ok"]):
+        problems.append("it recompiled after the first call")
+    if problems:
+        raise EagerFallbackError(f"{what}: not a compiled baseline: " + "; ".join(problems))
+
+
 def new_record(benchmark: str, ceilings: Dict[str, float]) -> Dict[str, object]:
     try:
         import triton
@@ -97,6 +153,7 @@ def new_record(benchmark: str, ceilings: Dict[str, float]) -> Dict[str, object]:
         "commit": _git_commit(),
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "ceilings": ceilings,
+        "complete": False,
         "rows": [],
     }
 
@@ -110,15 +167,24 @@ def timed_row(settings: Dict[str, object], provider: str, samples_ms: Sequence[f
     return row
 
 
-def write_record(record: Dict[str, object], out_dir: Optional[str] = None) -> str:
-    """Write ``record`` as ``bench/results/<benchmark>-<device>-<created>.json``; returns the path."""
-    out_dir = out_dir or RESULTS_DIR
-    os.makedirs(out_dir, exist_ok=True)
+def record_path(record: Dict[str, object], out_dir: Optional[str] = None) -> str:
+    """``<out_dir>/<benchmark>-<device>-<created>.json`` (default ``bench/results/``)."""
     dev = str(record["device"]).replace(" ", "_").replace("/", "_")
     stamp = str(record["created"]).replace(":", "").replace("+0000", "Z")
-    path = os.path.join(out_dir, f"{record['benchmark']}-{dev}-{stamp}.json")
-    with open(path, "w") as f:
+    return os.path.join(out_dir or RESULTS_DIR, f"{record['benchmark']}-{dev}-{stamp}.json")
+
+
+def write_record(record: Dict[str, object], out_dir: Optional[str] = None, complete: Optional[bool] = None) -> str:
+    """Write ``record`` to :func:`record_path` (an atomic replace, so a reader never sees half a file); call it after
+    every case and once more with ``complete=True`` at the end. Returns the path."""
+    if complete is not None:
+        record["complete"] = bool(complete)
+    path = record_path(record, out_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
+    os.replace(tmp, path)
     return path
 
 

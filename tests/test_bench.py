@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from crossvit_fast import bench_model
-from crossvit_fast.bench_utils import new_record, timed_row, write_record
+from crossvit_fast.bench_utils import (
+    EagerFallbackError,
+    assert_compiled,
+    compile_fresh,
+    new_record,
+    record_path,
+    timed_row,
+    write_record,
+)
 from crossvit_fast.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,3 +51,49 @@ def test_record_format_and_markdown(tmp_path):
     assert row["provider"] == "crossvit_fast" and row["median_ms"] == 10.0 and len(row["samples_ms"]) == 3
     table = bench_model.markdown(data)
     assert "| crossvit_9_240 | forward | bfloat16 | 64 | crossvit_fast | 6400 | 2.00x |" in table
+
+
+def test_records_are_written_as_they_grow(tmp_path):
+    """Every case rewrites the same file; a run cut off after a case leaves a valid record marked incomplete."""
+    rec = new_record("layer_norm", {"copy_gb_per_s": 1.0, "bf16_matmul_tflops": 1.0})
+    first = write_record(rec, str(tmp_path))
+    rec["rows"].append(timed_row({"batch": 1, "dtype": "float32", "pass": "forward"}, "reference", [1.0]))
+    assert write_record(rec, str(tmp_path)) == first == record_path(rec, str(tmp_path))
+    with open(first) as f:
+        partial = json.load(f)
+    assert partial["complete"] is False and len(partial["rows"]) == 1
+    write_record(rec, str(tmp_path), complete=True)
+    with open(first) as f:
+        assert json.load(f)["complete"] is True
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(first)]  # no temporary file left behind
+
+
+def _scaled_sin(x):
+    return (x * 2).sin()
+
+
+def test_compile_fresh_gives_every_case_a_compiled_callable():
+    """More cases than dynamo's recompile limit (8): each still runs compiled."""
+    for n in range(1, 12):
+        f = compile_fresh(_scaled_sin, backend="eager", dynamic=False, fullgraph=True)
+        x = torch.randn(n)
+        assert_compiled(lambda: f(x), f"case {n}")
+
+
+def test_assert_compiled_fails_loudly_on_eager_fallback():
+    """One compiled callable fed many static shapes: past the recompile limit dynamo runs it eagerly, and the check
+    says so instead of letting the eager time stand for the compiled baseline."""
+    f = compile_fresh(_scaled_sin, backend="eager", dynamic=False)
+    with pytest.raises(EagerFallbackError, match="recompile limit"):
+        for n in range(1, 12):
+            x = torch.randn(n)
+            assert_compiled(lambda: f(x), f"shape {n}")
+    assert n == 9
+
+
+def test_assert_compiled_refuses_a_reused_graph():
+    f = compile_fresh(_scaled_sin, backend="eager", dynamic=False)
+    x = torch.randn(3)
+    assert_compiled(lambda: f(x), "first")
+    with pytest.raises(EagerFallbackError, match="compiled nothing"):
+        assert_compiled(lambda: f(x), "the same case again, without compile_fresh")

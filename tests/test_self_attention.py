@@ -497,10 +497,23 @@ def test_cuda_graph_capture(monkeypatch, warm):
 
 @requires_cuda
 def test_cuda_compile_inductor_bf16():
-    def f(x):
-        return self_attention(x, 6).float().sum()
+    """Inductor compiles a graph around the op (a cast and a scale on each side): output and gradient under the
+    tolerance rule against the same function run eagerly on the float64 and the bf16 reference."""
+    H = 6
 
-    qkv = make_qkv(2, 197, 6, 32, torch.bfloat16).requires_grad_(True)
-    compiled = torch.compile(f, fullgraph=True)
-    compiled(qkv).backward()
-    assert torch.isfinite(qkv.grad).all()
+    def f(x, attn):
+        return (attn(x * 0.5, H) * 2.0).float()
+
+    qkv = make_qkv(2, 197, H, 32, torch.bfloat16).requires_grad_(True)
+    dout = torch.randn(2, 197, H * 32, device=DEV)
+    out = torch.compile(f, fullgraph=True)(qkv, self_attention)
+    (dqkv,) = torch.autograd.grad(out, qkv, dout)
+    want = []
+    for x, g in ((qkv.detach().double(), dout.double()), (qkv.detach(), dout)):
+        x = x.requires_grad_(True)
+        o = f(x, self_attention_ref)
+        want.append((o.detach(), torch.autograd.grad(o, x, g.to(o.dtype))[0]))
+    (o64, g64), (olow, glow) = want
+    assert out.dtype == olow.dtype == torch.float32
+    assert_within_rule(out, o64, olow, atol=default_atol(torch.bfloat16), what="compiled out")
+    assert_within_rule(dqkv, g64, glow, what="compiled dqkv")

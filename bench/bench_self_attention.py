@@ -103,8 +103,10 @@ def provider_fn(provider: str) -> Optional[Callable[[torch.Tensor, int], torch.T
 
 
 def cases(args) -> List[Dict[str, object]]:
+    """``--cases`` (explicit N:H:D triples) or the product of ``--n`` and ``--hd``, times batch, dtype and pass."""
+    shapes = args.cases or [(N, H, D) for (H, D), N in itertools.product(args.hd, args.n)]
     out = []
-    for batch, dtype, (H, D), N, pass_ in itertools.product(args.batch, args.dtype, args.hd, args.n, args.passes):
+    for batch, dtype, (N, H, D), pass_ in itertools.product(args.batch, args.dtype, shapes, args.passes):
         out.append({"batch": batch, "dtype": dtype, "pass": pass_, "N": N, "heads": H, "head_dim": D})
     return out
 
@@ -195,6 +197,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", nargs="+", default=["bfloat16", "float16"], choices=sorted(DTYPES))
     p.add_argument("--n", type=int, nargs="+", default=list(FAMILY_N), help="sequence lengths")
     p.add_argument("--hd", nargs="+", default=[f"{h}:{d}" for h, d in FAMILY_HD], help="heads:head_dim pairs")
+    p.add_argument("--cases", nargs="+", default=None,
+                   help="tokens:heads:head_dim triples instead of the product of --n and --hd (e.g. 401:7:32 197:7:64)")
     p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--warmup-ms", type=float, default=50)
@@ -203,6 +207,7 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     args.hd = [tuple(int(x) for x in s.split(":")) for s in args.hd]
+    args.cases = [tuple(int(x) for x in s.split(":")) for s in args.cases] if args.cases else None
     return args
 
 

@@ -97,3 +97,22 @@ def test_assert_compiled_refuses_a_reused_graph():
     assert_compiled(lambda: f(x), "first")
     with pytest.raises(EagerFallbackError, match="compiled nothing"):
         assert_compiled(lambda: f(x), "the same case again, without compile_fresh")
+
+
+PHASES = ["smoke", "tests-ops", "tests-models", "bench-cls", "bench-sa", "bench-ln", "bench-model"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_gpu_run_phases_are_ready(phase):
+    """Each phase of bench/gpu_run.sh, dry (no GPU): its pytest selections collect and its bench cases list, so the
+    GPU's first minutes are not lost to a typo."""
+    env = {**os.environ, "GPU_RUN_DRY": "1", "OUT": ""}
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_run.sh"), phase], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "FAILED" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert f"phase {phase} done" in r.stdout
+    if phase == "smoke":
+        import re
+
+        picked = re.search(r"(\d+)/\d+ tests collected", r.stdout)
+        assert picked and int(picked.group(1)) >= 21, r.stdout[-2000:]  # 3 ops x 2 shapes x 3 dtypes + 3 model cases

@@ -405,6 +405,18 @@ def test_cuda_family(B, C, H, N, dtype):
     _check_against_reference(Case(B, N, C, H, "slice"), dtype)
 
 
+# The headline model's shapes (crossvit_18_dagger_240: S branch C=224, 7 heads, 400 patch tokens; L branch C=448,
+# 7 heads, 196 patch tokens), every dtype: the set `bench/gpu_run.sh smoke` runs first on a GPU (`-m smoke`).
+
+
+@requires_cuda
+@pytest.mark.smoke
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("C,H,N", [(448, 7, 196), (224, 7, 400)], ids=["S->L", "L->S"])
+def test_cuda_headline(C, H, N, dtype):
+    _check_against_reference(Case(4, N, C, H, "slice"), dtype)
+
+
 @requires_cuda
 @pytest.mark.parametrize("layout", ["transposed", "contiguous"])
 def test_cuda_layouts(layout):

@@ -441,6 +441,25 @@ def test_cuda_family_widths(C, dtype):
     check(x.to(dtype), w.to(dtype), b.to(dtype), residual=y)
 
 
+# The headline model's shapes (crossvit_18_dagger_240: S branch C=224, 7 heads, 400 patch tokens; L branch C=448,
+# 7 heads, 196 patch tokens), every dtype: the set `bench/gpu_run.sh smoke` runs first on a GPU (`-m smoke`).
+
+
+@requires_cuda
+@pytest.mark.smoke
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("N,C", [(401, 224), (197, 448)], ids=["S", "L"])
+def test_cuda_headline(N, C, dtype):
+    """The block's two seams at the headline shapes: norm1 alone, and the residual add with norm2 (under autocast the
+    stream is float32 and the output 16-bit, as in the model)."""
+    x = rand((4, N, C), torch.float32, shift=2.0)
+    y = rand((4, N, C), dtype)
+    w, b = torch.randn(C, device=DEV), torch.randn(C, device=DEV)
+    out_dtype = None if dtype == torch.float32 else dtype
+    check(x, w, b, residual=y, out_dtype=out_dtype)
+    check(x, w, b, out_dtype=out_dtype)
+
+
 @requires_cuda
 def test_cuda_large_row_count_backward_deterministic():
     C = 448

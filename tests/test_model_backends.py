@@ -57,8 +57,12 @@ def test_interpreter_small_models_batch_1(name, dtype):
     _check(name, dtype, "cpu", batch=1, grad=True)
 
 
+HEADLINE = "crossvit_18_dagger_240"  # its cases are in the first-GPU smoke set (-m smoke)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", crossvit_fast.list_models())
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.smoke) if n == HEADLINE else n
+                                  for n in crossvit_fast.list_models()])
 def test_cuda_all_models(name, dtype):
     _check(name, dtype, "cuda", batch=3, grad=(dtype != torch.float16))

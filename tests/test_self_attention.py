@@ -402,6 +402,21 @@ def test_cuda_grid(B, N, H, D, dtype):
     check_all(out, lse, dqkv, qkv, H, dout)
 
 
+# The headline model's shapes (crossvit_18_dagger_240: S branch C=224, 7 heads, 400 patch tokens; L branch C=448,
+# 7 heads, 196 patch tokens), every dtype: the set `bench/gpu_run.sh smoke` runs first on a GPU (`-m smoke`).
+
+
+@requires_cuda
+@pytest.mark.smoke
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("B,N,H,D", [(4, 401, 7, 32), (4, 197, 7, 64)], ids=["S", "L"])
+def test_cuda_headline(B, N, H, D, dtype):
+    qkv = make_qkv(B, N, H, D, dtype, "slice")
+    dout = torch.randn(B, N, H * D, device=DEV, dtype=dtype)
+    out, lse, dqkv = run_launchers(qkv, H, dout)
+    check_all(out, lse, dqkv, qkv, H, dout)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("layout", LAYOUTS[1:])

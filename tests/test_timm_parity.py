@@ -48,7 +48,8 @@ def test_optimized_timm_matches_timm(name, dtype):
         assert_within_rule(pf[k].grad, p64[k].grad, pl[k].grad, what=f"{name} grad {k}")
 
 
-@pytest.mark.parametrize("name", crossvit_fast.list_models())
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.smoke) if n == "crossvit_18_dagger_240" else n
+                                  for n in crossvit_fast.list_models()])
 def test_optimized_timm_matches_timm_under_bf16_autocast(name):
     """How people train and serve: float32 weights, bf16 autocast. timm under the same autocast is the rule's
     low-precision reference; the fused LayerNorm writes the autocast dtype, the attention ops run in it."""

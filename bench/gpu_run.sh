@@ -9,6 +9,8 @@
 #   bash bench/gpu_run.sh bench-cls|bench-sa|bench-ln|bench-linear   the op benchmarks at batch 256 (bf16 first)
 #   bash bench/gpu_run.sh bench-model [MODEL [DTYPE [PASS...]]]   the model benchmark, every provider (default
 #                                                 crossvit_18_dagger_240 bfloat16 forward train_step)
+#   bash bench/gpu_run.sh profile                 time by kernel kind: timm eager, timm compiled, crossvit_fast
+#   bash bench/gpu_run.sh graphs                  CUDA-graph parity tests; batch-1 and batch-8 latency
 #   GPU_RUN_DRY=1 bash bench/gpu_run.sh PHASE      no GPU: collect the tests and list the bench cases (tests/test_bench.py)
 #
 # Where things go: with the device tool's $OUT set, records are written into $OUT/results/ as each case finishes (a
@@ -126,7 +128,14 @@ case "$phase" in
   bench-model)
     model=${1:-$headline}; dtype=${2:-bfloat16}; shift $(($# < 2 ? $# : 2))
     passes=(); [ $# -gt 0 ] && passes=(--passes "$@")
-    bench bench/bench_model.py "$model" --batch 256 --dtype "$dtype" "${passes[@]}" --profile ;;
+    bench bench/bench_model.py "$model" --batch 256 --dtype "$dtype" "${passes[@]}" ;;
+  profile)
+    bench bench/bench_model.py "$headline" --batch 256 --dtype bfloat16 --profile-only \
+      --providers timm timm-compiled crossvit_fast ;;
+  graphs)
+    tests graphs tests/test_cuda_graphs.py
+    bench bench/bench_model.py "$headline" --dtype bfloat16 --batch 1 8 --passes forward --graphs none runner \
+      --providers crossvit_fast timm timm-compiled ;;
   *) echo "unknown phase $phase (see the header of $0)"; exit 2 ;;
 esac
 

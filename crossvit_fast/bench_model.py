@@ -10,7 +10,10 @@ Passes: ``forward`` (eval, no grad) and ``train_step`` (forward + cross-entropy 
 Each run measures the device's copy bandwidth and bf16 matmul rate, times every case with CUDA events
 (``triton.testing.do_bench``, median), and writes one JSON record (``benchmark: "model"``), a markdown table and a
 plot under ``bench/results/``. MFU = model FLOPs (2 x fvcore's multiply-adds; x3 for a training step) per second
-over the measured bf16 matmul rate. ``--profile`` adds a torch.profiler summary of the crossvit_fast provider.
+over the measured bf16 matmul rate. ``--profile`` adds, for the first model, batch and dtype, a torch.profiler run of
+each requested provider and pass: the time a step by kernel kind (GEMM, attention, LayerNorm, elementwise, copies,
+other, and the gaps where the GPU waited for launches) in the record's ``profile`` and a ``-profile.txt`` beside it;
+``--profile-only`` does that without the timings.
 CUDA only: CPU timings never stand in for GPU claims.
 """
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +71,21 @@ def _img_size(name: str) -> int:
     return crossvit_fast.model_config(name)["kwargs"]["img_size"]
 
 
-def build(provider: str, name: str) -> Optional[torch.nn.Module]:
+GRAPHS = ("none", "runner", "reduce-overhead")
+"""CUDA graphs: ``none``; ``runner``: an eager provider's forward captured by :class:`crossvit_fast.graphs.CUDAGraphRunner`;
+``reduce-overhead``: a compiled provider under ``torch.compile(mode="reduce-overhead")`` (Inductor's CUDA graphs)."""
+
+
+def graphs_apply(provider: str, pass_: str, graphs: str) -> bool:
+    """Whether the ``graphs`` variant exists for this provider and pass (graphs are for inference here)."""
+    if graphs == "none":
+        return True
+    if pass_ != "forward":
+        return False
+    return provider.endswith("-compiled") == (graphs == "reduce-overhead")
+
+
+def build(provider: str, name: str, graphs: str = "none") -> Optional[torch.nn.Module]:
     """The model of ``provider`` on CUDA in float32, or None when the provider is not available here."""
     import crossvit_fast
 
@@ -82,12 +99,20 @@ def build(provider: str, name: str) -> Optional[torch.nn.Module]:
         backend = "reference" if provider == "reference" else "triton"
         model = crossvit_fast.create_model(name, backend=backend)
     model = model.cuda()
-    return compile_fresh(model) if provider.endswith("-compiled") else model
+    if not provider.endswith("-compiled"):
+        return model
+    return compile_fresh(model, mode="reduce-overhead") if graphs == "reduce-overhead" else compile_fresh(model)
 
 
-def step_fn(model: torch.nn.Module, pass_: str, dtype: str, batch: int, img: int) -> Callable[[], object]:
+def step_fn(model: torch.nn.Module, pass_: str, dtype: str, batch: int, img: int,
+            graphs: str = "none") -> Callable[[], object]:
     x = torch.randn(batch, 3, img, img, device="cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=(dtype == "bfloat16"))
+    if pass_ == "forward" and graphs == "runner":
+        from crossvit_fast.graphs import CUDAGraphRunner
+
+        runner = CUDAGraphRunner(model.eval(), x, autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+        return lambda: runner(x)
     if pass_ == "forward":
         model.eval()
 
@@ -111,12 +136,12 @@ def step_fn(model: torch.nn.Module, pass_: str, dtype: str, batch: int, img: int
 
 
 def run_case(name: str, batch: int, dtype: str, pass_: str, provider: str, gmacs: float, bf16_tflops: float,
-             rep_ms: float) -> Optional[Dict[str, object]]:
-    model = build(provider, name)
+             rep_ms: float, graphs: str = "none") -> Optional[Dict[str, object]]:
+    model = build(provider, name, graphs)
     if model is None:
         return None
     img = _img_size(name)
-    fn = step_fn(model, pass_, dtype, batch, img)
+    fn = step_fn(model, pass_, dtype, batch, img, graphs)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     if provider.endswith("-compiled"):
@@ -129,7 +154,7 @@ def run_case(name: str, batch: int, dtype: str, pass_: str, provider: str, gmacs
     ms = median(samples)
     flops = 2 * gmacs * 1e9 * batch * (3 if pass_ == "train_step" else 1)
     settings = {"model": name, "batch": batch, "dtype": dtype, "pass": pass_, "img_size": img,
-                "autocast": dtype == "bfloat16"}
+                "autocast": dtype == "bfloat16", "graphs": graphs}
     row = timed_row(settings, provider, samples, images_per_s=round(batch / (ms * 1e-3), 1),
                     tflops=round(flops / (ms * 1e-3) / 1e12, 2), peak_mem_mb=round(peak_mb, 1),
                     mfu=round(flops / (ms * 1e-3) / (bf16_tflops * 1e12), 4))
@@ -146,15 +171,17 @@ def markdown(record: Dict[str, object]) -> str:
         f"{record['commit']}, {record['created']}); measured ceilings: copy {c['copy_gb_per_s']} GB/s, bf16 matmul "
         f"{c['bf16_matmul_tflops']} TFLOP/s. bfloat16 = bf16 autocast; train_step = forward + backward + AdamW.",
         "",
-        "| model | pass | dtype | batch | provider | images/s | vs timm | MFU | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | pass | dtype | batch | provider | CUDA graphs | ms | images/s | vs timm | MFU | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base = {(r["model"], r["pass"], r["dtype"], r["batch"]): r["images_per_s"] for r in rows if r["provider"] == "timm"}
+    base = {(r["model"], r["pass"], r["dtype"], r["batch"]): r["images_per_s"] for r in rows
+            if r["provider"] == "timm" and r.get("graphs", "none") == "none"}
     for r in rows:
         b = base.get((r["model"], r["pass"], r["dtype"], r["batch"]))
         vs = f"{r['images_per_s'] / b:.2f}x" if b else "-"
         lines.append(f"| {r['model']} | {r['pass']} | {r['dtype']} | {r['batch']} | {r['provider']} | "
-                     f"{r['images_per_s']:.0f} | {vs} | {100 * r['mfu']:.1f}% | {r['peak_mem_mb']:.0f} |")
+                     f"{r.get('graphs', 'none')} | {r['median_ms']:.3f} | {r['images_per_s']:.0f} | {vs} | "
+                     f"{100 * r['mfu']:.1f}% | {r['peak_mem_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -181,26 +208,98 @@ def plot(record: Dict[str, object], path: str) -> Optional[str]:
     return path
 
 
-def profile(name: str, batch: int, dtype: str, path: str) -> str:
-    """torch.profiler summary (top ops by CUDA time) of the crossvit_fast provider, forward and training step."""
+KERNEL_KINDS = (  # (kind, pattern on the CUDA kernel's name); the first match wins
+    ("attention", r"flash|fmha|sdpa|attention|attn|softmax|tokens_kernel|combine_kernel|cls_cross"),
+    ("layer_norm", r"layer_?norm|layernorm"),
+    ("gemm", r"gemm|matmul|cutlass|xmma|nvjet|cublas|wgmma|s16816|_mm_|linear|conv|implicit_convolve"),
+    ("copy", r"memcpy|memset|copy|cat_|catarray|transpose|permute|index|gather|scatter"),
+    ("elementwise", r"elementwise|vectorized|unrolled|triton_poi|triton_per|triton_red|gelu|reduce|upsample|fill"),
+)
+"""Kinds for the time-by-kind table. GEMM includes the patch-embedding convolution; ``copy`` includes dtype casts
+(torch's copy kernels) and concatenation; Inductor's fused pointwise and reduction kernels count as elementwise
+unless their name says layer_norm or softmax."""
+
+
+def kernel_kind(name: str) -> str:
+    import re
+
+    low = name.lower()
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "other"
+
+
+def time_by_kind(kernels: Sequence[Tuple[str, float, float]], steps: int) -> Dict[str, float]:
+    """Milliseconds a step per kernel kind, from ``(name, start_us, end_us)`` device intervals of ``steps`` steps.
+
+    ``busy`` is the union of the kernel intervals (overlapping kernels count once), ``span`` the first start to the
+    last end, and ``gaps`` = span - busy: the time the GPU waited for work (launch overhead, host sync).
+    """
+    out = {kind: 0.0 for kind, _ in KERNEL_KINDS}
+    out["other"] = 0.0
+    if not kernels:
+        return {**out, "busy": 0.0, "span": 0.0, "gaps": 0.0}
+    for name, t0, t1 in kernels:
+        out[kernel_kind(name)] += (t1 - t0) / 1e3 / steps
+    busy, cur0, cur1 = 0.0, None, None
+    for _, t0, t1 in sorted(kernels, key=lambda k: k[1]):
+        if cur1 is None or t0 > cur1:
+            if cur1 is not None:
+                busy += cur1 - cur0
+            cur0, cur1 = t0, t1
+        else:
+            cur1 = max(cur1, t1)
+    busy += cur1 - cur0
+    span = max(k[2] for k in kernels) - min(k[1] for k in kernels)
+    out.update(busy=busy / 1e3 / steps, span=span / 1e3 / steps, gaps=(span - busy) / 1e3 / steps)
+    return out
+
+
+def profile_markdown(rows: List[Dict[str, object]]) -> str:
+    kinds = ["gemm", "attention", "layer_norm", "elementwise", "copy", "other", "gaps", "span"]
+    lines = ["Milliseconds a step by kernel kind (gaps: the GPU idle inside the span, waiting for launches).", "",
+             "| model | pass | dtype | batch | provider | " + " | ".join(kinds) + " |",
+             "|---|---|---|---|---|" + "---|" * len(kinds)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['pass']} | {r['dtype']} | {r['batch']} | {r['provider']} | "
+                     + " | ".join(f"{r['ms_by_kind'][k]:.3f}" for k in kinds) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def profile(name: str, batch: int, dtype: str, path: str,
+            providers: Sequence[str] = ("timm", "timm-compiled", "crossvit_fast"),
+            passes: Sequence[str] = PASSES) -> List[Dict[str, object]]:
+    """torch.profiler over 5 steps of each provider and pass: the time by kernel kind (ms a step, see
+    :func:`time_by_kind`) as rows, and the top kernels by CUDA time written to ``path``."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as _profile
 
-    out = []
-    for pass_ in PASSES:
-        model = build("crossvit_fast", name)
-        fn = step_fn(model, pass_, dtype, batch, _img_size(name))
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        with _profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
+    steps, rows, text = 5, [], []
+    for provider in providers:
+        for pass_ in passes:
+            model = build(provider, name)
+            if model is None:
+                continue
+            fn = step_fn(model, pass_, dtype, batch, _img_size(name))
+            for _ in range(3):
                 fn()
             torch.cuda.synchronize()
-        out.append(f"== {name} {pass_} batch {batch} {dtype} (5 iterations) ==")
-        out.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+            with _profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    fn()
+                torch.cuda.synchronize()
+            kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                       if getattr(e, "device_type", None) == DeviceType.CUDA]
+            rows.append({"model": name, "pass": pass_, "dtype": dtype, "batch": batch, "provider": provider,
+                         "ms_by_kind": {k: round(v, 4) for k, v in time_by_kind(kernels, steps).items()}})
+            text.append(f"== {provider} {name} {pass_} batch {batch} {dtype} ({steps} steps) ==")
+            text.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+            del model, fn
+            torch.cuda.empty_cache()
     with open(path, "w") as f:
-        f.write("\n".join(out))
-    return path
+        f.write(profile_markdown(rows) + "\n" + "\n".join(text))
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,8 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
     p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--graphs", nargs="+", default=["none"], choices=GRAPHS,
+                   help="CUDA-graph variants: none; runner (eager providers, forward); reduce-overhead (compiled "
+                        "providers, forward)")
+    p.add_argument("--latency", action="store_true",
+                   help="small-batch latency: --batch 1 8 --passes forward --graphs none runner reduce-overhead")
     p.add_argument("--rep-ms", type=float, default=500)
-    p.add_argument("--profile", action="store_true", help="also save a torch.profiler summary of the first case")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the first model/batch/dtype: time by kernel kind per provider and pass")
+    p.add_argument("--profile-only", action="store_true", help="only the profile, no timings")
     p.add_argument("--out-dir", default=None, help="where the record goes (default bench/results/)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list the cases and exit (no GPU needed)")
@@ -220,14 +326,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.latency:
+        args.batch, args.passes, args.graphs = [1, 8], ["forward"], list(GRAPHS)
     import crossvit_fast
 
     models = [crossvit_fast.model_config(m)["name"] for m in args.models]
     cases = [(m, b, d, p) for m in models for b in args.batch for d in args.dtype for p in args.passes]
+    if args.profile_only:
+        args.profile, cases = True, []
     if args.dry_run:
         for m, b, d, p in cases:
-            print(f"{NAME}: {m} batch={b} dtype={d} pass={p} providers={','.join(args.providers)}")
-        print(f"{len(cases)} cases x {len(args.providers)} providers")
+            runs = [f"{prov}" + ("" if g == "none" else f"+{g}") for g in args.graphs for prov in args.providers
+                    if graphs_apply(prov, p, g)]
+            print(f"{NAME}: {m} batch={b} dtype={d} pass={p} providers={','.join(runs)}")
+        print(f"{len(cases)} cases x {len(args.providers)} providers x {len(args.graphs)} graph variants")
+        if args.profile:
+            print(f"profile: {models[0]} batch={args.batch[0]} dtype={args.dtype[0]} passes={','.join(args.passes)} "
+                  f"providers={','.join(args.providers)}")
         return 0
     require_cuda("crossvit-fast bench")
     ceilings = measure_ceilings()
@@ -236,19 +351,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     gmacs = {m: _gmacs(m) for m in models}
     for m, b, d, p in cases:
         print(f"{m} batch {b} {d} {p}", flush=True)
-        for provider in args.providers:
+        for graphs, provider in [(g, prov) for g in args.graphs for prov in args.providers if graphs_apply(prov, p, g)]:
+            label = provider + ("" if graphs == "none" else f"+{graphs}")
             try:
-                row = run_case(m, b, d, p, provider, gmacs[m], ceilings["bf16_matmul_tflops"], args.rep_ms)
+                row = run_case(m, b, d, p, provider, gmacs[m], ceilings["bf16_matmul_tflops"], args.rep_ms, graphs)
             except torch.cuda.OutOfMemoryError:
-                print(f"  {provider:24s} out of memory")
+                print(f"  {label:24s} out of memory")
                 torch.cuda.empty_cache()
                 continue
             if row is None:
-                print(f"  {provider:24s} not available here")
+                print(f"  {label:24s} not available here")
                 continue
             record["rows"].append(row)
             write_record(record, args.out_dir)  # a partial record survives a time limit
-            print(f"  {provider:24s} {row['median_ms']:9.2f} ms  {row['images_per_s']:9.1f} img/s  "
+            print(f"  {label:24s} {row['median_ms']:9.2f} ms  {row['images_per_s']:9.1f} img/s  "
                   f"MFU {100 * row['mfu']:5.1f}%  peak {row['peak_mem_mb']:8.0f} MB", flush=True)
     path = write_record(record, args.out_dir, complete=True)
     base = os.path.splitext(path)[0]
@@ -257,7 +373,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.no_plot:
         plot(record, base + ".png")
     if args.profile:
-        print("profile:", profile(models[0], args.batch[0], args.dtype[0], base + "-profile.txt"))
+        record["profile"] = profile(models[0], args.batch[0], args.dtype[0], base + "-profile.txt", args.providers,
+                                    args.passes)
+        write_record(record, args.out_dir)
+        print(profile_markdown(record["profile"]))
     print(f"record: {path}")
     print(markdown(record))
     return 0

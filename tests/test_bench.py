@@ -50,7 +50,7 @@ def test_record_format_and_markdown(tmp_path):
     row = data["rows"][1]
     assert row["provider"] == "crossvit_fast" and row["median_ms"] == 10.0 and len(row["samples_ms"]) == 3
     table = bench_model.markdown(data)
-    assert "| crossvit_9_240 | forward | bfloat16 | 64 | crossvit_fast | 6400 | 2.00x |" in table
+    assert "| crossvit_9_240 | forward | bfloat16 | 64 | crossvit_fast | none | 10.000 | 6400 | 2.00x |" in table
 
 
 def test_records_are_written_as_they_grow(tmp_path):
@@ -99,7 +99,7 @@ def test_assert_compiled_refuses_a_reused_graph():
         assert_compiled(lambda: f(x), "the same case again, without compile_fresh")
 
 
-PHASES = ["smoke", "tests-ops", "tests-models", "bench-cls", "bench-sa", "bench-ln", "bench-model"]
+PHASES = ["smoke", "tests-ops", "tests-models", "bench-cls", "bench-sa", "bench-ln", "bench-model", "profile", "graphs"]
 
 
 @pytest.mark.parametrize("phase", PHASES)
@@ -116,3 +116,25 @@ def test_gpu_run_phases_are_ready(phase):
 
         picked = re.search(r"(\d+)/\d+ tests collected", r.stdout)
         assert picked and int(picked.group(1)) >= 21, r.stdout[-2000:]  # 3 ops x 2 shapes x 3 dtypes + 3 model cases
+
+
+def test_time_by_kind():
+    """Kernel kinds from names, and busy time as the union of intervals: the rest of the span is launch gaps."""
+    kernels = [  # (name, start_us, end_us) over 2 steps
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 0.0, 100.0),
+        ("void at::native::vectorized_layer_norm_kernel<float, float>", 90.0, 150.0),  # overlaps the GEMM
+        ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", 200.0, 260.0),
+        ("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>", 300.0, 320.0),
+        ("triton_poi_fused_add_gelu_3", 320.0, 330.0),
+        ("_fwd_tokens_kernel", 330.0, 340.0),
+        ("Memcpy DtoD (Device -> Device)", 340.0, 350.0),
+        ("some_unknown_kernel", 350.0, 400.0),
+    ]
+    t = bench_model.time_by_kind(kernels, steps=2)
+    want = {"gemm": 0.05, "layer_norm": 0.03, "attention": 0.035, "elementwise": 0.015, "copy": 0.005,
+            "other": 0.025, "span": 0.2, "busy": 0.155, "gaps": 0.045}
+    assert t == pytest.approx(want, abs=1e-12)
+    assert bench_model.time_by_kind([], 1)["span"] == 0.0
+    table = bench_model.profile_markdown([{"model": "m", "pass": "forward", "dtype": "bfloat16", "batch": 8,
+                                           "provider": "timm", "ms_by_kind": t}])
+    assert "| m | forward | bfloat16 | 8 | timm | 0.050 | 0.035 | 0.030 | 0.015 | 0.005 | 0.025 | 0.045 | 0.200 |" in table

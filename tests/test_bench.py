@@ -138,3 +138,52 @@ def test_time_by_kind():
     table = bench_model.profile_markdown([{"model": "m", "pass": "forward", "dtype": "bfloat16", "batch": 8,
                                            "provider": "timm", "ms_by_kind": t}])
     assert "| m | forward | bfloat16 | 8 | timm | 0.050 | 0.035 | 0.030 | 0.015 | 0.005 | 0.025 | 0.045 | 0.200 |" in table
+
+
+def _load_report():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", os.path.join(ROOT, "bench", "report.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_results_come_from_the_committed_records():
+    report = _load_report()
+    with open(os.path.join(ROOT, "README.md")) as f:
+        doc = f.read()
+    block = doc.split(report.BEGIN, 1)[1].split(report.END, 1)[0].strip()
+    assert block == report.summary(report.load_records()).strip(), "run: python bench/report.py --readme --plot"
+
+
+def test_report_tables(tmp_path):
+    report = _load_report()
+    ceil = {"copy_gb_per_s": 3000.0, "bf16_matmul_tflops": 700.0}
+    old = new_record("model", ceil)
+    old["created"], old["device"] = "2026-01-01T00:00:00+00:00", "NVIDIA H100 80GB HBM3"
+    old["rows"] = [timed_row({"model": "crossvit_9_240", "batch": 256, "dtype": "bfloat16", "pass": "forward"},
+                             "timm", [99.0], images_per_s=1.0)]
+    rec = new_record("model", ceil)
+    rec["device"], rec["created"] = "NVIDIA H100 80GB HBM3", "2026-02-01T00:00:00+00:00"
+    base = {"model": "crossvit_18_dagger_240", "batch": 256, "dtype": "bfloat16", "pass": "forward", "graphs": "none"}
+    for prov, ips in (("timm", 10000.0), ("crossvit_fast", 15000.0), ("timm-compiled", 12500.0)):
+        rec["rows"].append(timed_row(base, prov, [256 / ips * 1e3], images_per_s=ips))
+    rec["rows"].append(timed_row({**base, "graphs": "runner"}, "crossvit_fast", [1.0], images_per_s=1e6))
+    op = new_record("layer_norm", ceil)
+    op["device"], op["complete"] = "NVIDIA H100 80GB HBM3", False
+    case = {"batch": 256, "dtype": "bfloat16", "pass": "forward", "N": 401, "C": 224, "residual": True}
+    op["rows"] = [timed_row(case, "crossvit_fast", [0.1]), timed_row(case, "reference", [0.3]),
+                  timed_row(case, "reference-compiled", [0.12])]
+    for r in (old, rec, op):
+        write_record(r, str(tmp_path))
+    text = report.summary(report.load_records(str(tmp_path)), str(tmp_path))
+    assert "| model | pass | dtype | batch | timm | timm-compiled | crossvit_fast | crossvit_fast vs timm |" in text
+    assert "| crossvit_18_dagger_240 | forward | bfloat16 | 256 | 10000 | 12500 | 15000 | 1.50x |" in text
+    assert "crossvit_9_240" not in text  # the older record of the same device is not used
+    assert "| 256 | bfloat16 | forward | 401 | 224 | True | 0.1000 | 3.00x | 1.20x |" in text
+    assert "incomplete record" in text and "NVIDIA H100 80GB HBM3, torch" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\nrest\n")
+    report.rewrite_readme(text, str(readme))
+    assert readme.read_text() == f"intro\n{report.BEGIN}\n{text.rstrip()}\n{report.END}\nrest\n"

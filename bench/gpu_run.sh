@@ -16,7 +16,8 @@
 # Where things go: with the device tool's $OUT set, records are written into $OUT/results/ as each case finishes (a
 # phase cut off still returns its partial records), logs and pytest's junit XML into $OUT; at the end everything is
 # packed into one $OUT/<phase>.tgz (the tool returns at most 8 files). Without $OUT, records go to bench/results/.
-# Unpack the tar here and copy results/*.json into bench/results/ to commit them.
+# Unpack the tar here and copy results/*.json into bench/results/ to commit them. The device's copy of the tree has
+# no .git: pass the commit in, `CROSSVIT_FAST_COMMIT=$(git rev-parse --short=12 HEAD)` written out in the command.
 #
 # Triton compiles (sm_90, triton 3.6.0, counted without a GPU by tests/sm90_compile.py; CPU seconds on this
 # project's 2-core machines, where one compile takes ~0.3-0.6 s; the H100 hosts are no faster per compile):

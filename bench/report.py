@@ -4,8 +4,8 @@
     python bench/report.py --readme        # also rewrite the README's block between the results markers
     python bench/report.py --plot          # also write bench/results/model.png (needs matplotlib)
 
-For each benchmark the newest record per device is used (incomplete records, cut off by a time limit, are used and
-marked as such). The model table compares providers at the same model, pass, dtype and batch (CUDA graphs off);
+For each benchmark and device the records of the newest commit measured there are merged (incomplete records, cut
+off by a time limit, are used and marked as such). The model table compares providers at the same model, pass, dtype and batch (CUDA graphs off);
 each op table shows the crossvit_fast provider's speedup over every other provider of the same case. Every table
 names the device, torch, triton, commit and date of its record.
 """
@@ -38,13 +38,31 @@ def load_records(folder: str = RESULTS) -> List[Dict[str, object]]:
 
 
 def newest(records: List[Dict[str, object]], benchmark: str) -> List[Dict[str, object]]:
-    """The newest record of ``benchmark`` for each device."""
-    best: Dict[str, Dict[str, object]] = {}
+    """For each device, the rows of ``benchmark`` from the newest commit measured there: the records of that commit
+    merged in time order (a later row of the same case and provider replaces an earlier one)."""
+    by_device: Dict[str, List[Dict[str, object]]] = {}
     for rec in records:
         if rec["benchmark"] == benchmark and rec["rows"]:
-            if rec["device"] not in best or rec["created"] > best[rec["device"]]["created"]:
-                best[rec["device"]] = rec
-    return [best[d] for d in sorted(best)]
+            by_device.setdefault(rec["device"], []).append(rec)
+    out = []
+    for device in sorted(by_device):
+        recs = sorted(by_device[device], key=lambda r: r["created"])
+        same = [r for r in recs if r["commit"] == recs[-1]["commit"]]
+        merged: Dict[str, Dict[str, object]] = {}
+        for r in same:
+            for row in r["rows"]:
+                key = json.dumps({k: v for k, v in row.items() if k not in _MEASURED}, sort_keys=True)
+                merged[key] = row
+        rec = dict(same[-1])
+        rec["rows"] = list(merged.values())
+        rec["complete"] = all(r.get("complete", True) for r in same)
+        rec["_path"] = ", ".join(r["_path"] for r in same)
+        out.append(rec)
+    return out
+
+
+_MEASURED = ("median_ms", "samples_ms", "images_per_s", "gb_per_s", "tflops", "peak_mem_mb", "mfu", "frac_of_copy",
+             "speedup", "speedup_vs_compiled", "bytes")
 
 
 def provenance(rec: Dict[str, object]) -> str:

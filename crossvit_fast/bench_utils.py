@@ -41,6 +41,10 @@ def require_cuda(name: str) -> None:
 
 
 def _git_commit() -> str:
+    """The checkout's commit (``-dirty`` when tracked files changed); ``CROSSVIT_FAST_COMMIT`` when set (a copy of the
+    tree without ``.git``, such as the GPU machine's)."""
+    if os.environ.get("CROSSVIT_FAST_COMMIT", "").strip():
+        return os.environ["CROSSVIT_FAST_COMMIT"].strip()
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],

@@ -161,7 +161,7 @@ def test_report_tables(tmp_path):
     report = _load_report()
     ceil = {"copy_gb_per_s": 3000.0, "bf16_matmul_tflops": 700.0}
     old = new_record("model", ceil)
-    old["created"], old["device"] = "2026-01-01T00:00:00+00:00", "NVIDIA H100 80GB HBM3"
+    old["created"], old["device"], old["commit"] = "2026-01-01T00:00:00+00:00", "NVIDIA H100 80GB HBM3", "older"
     old["rows"] = [timed_row({"model": "crossvit_9_240", "batch": 256, "dtype": "bfloat16", "pass": "forward"},
                              "timm", [99.0], images_per_s=1.0)]
     rec = new_record("model", ceil)
@@ -170,17 +170,21 @@ def test_report_tables(tmp_path):
     for prov, ips in (("timm", 10000.0), ("crossvit_fast", 15000.0), ("timm-compiled", 12500.0)):
         rec["rows"].append(timed_row(base, prov, [256 / ips * 1e3], images_per_s=ips))
     rec["rows"].append(timed_row({**base, "graphs": "runner"}, "crossvit_fast", [1.0], images_per_s=1e6))
+    later = new_record("model", ceil)  # same commit, a second run (another phase): merged with the first
+    later["device"], later["created"], later["commit"] = rec["device"], "2026-02-01T00:05:00+00:00", rec["commit"]
+    later["rows"] = [timed_row({**base, "pass": "train_step"}, "timm", [1.0], images_per_s=3000.0)]
     op = new_record("layer_norm", ceil)
     op["device"], op["complete"] = "NVIDIA H100 80GB HBM3", False
     case = {"batch": 256, "dtype": "bfloat16", "pass": "forward", "N": 401, "C": 224, "residual": True}
     op["rows"] = [timed_row(case, "crossvit_fast", [0.1]), timed_row(case, "reference", [0.3]),
                   timed_row(case, "reference-compiled", [0.12])]
-    for r in (old, rec, op):
+    for r in (old, rec, later, op):
         write_record(r, str(tmp_path))
     text = report.summary(report.load_records(str(tmp_path)), str(tmp_path))
     assert "| model | pass | dtype | batch | timm | timm-compiled | crossvit_fast | crossvit_fast vs timm |" in text
     assert "| crossvit_18_dagger_240 | forward | bfloat16 | 256 | 10000 | 12500 | 15000 | 1.50x |" in text
-    assert "crossvit_9_240" not in text  # the older record of the same device is not used
+    assert "crossvit_9_240" not in text  # the older commit's record of the same device is not used
+    assert "| crossvit_18_dagger_240 | train_step | bfloat16 | 256 | 3000 | - | - | - |" in text
     assert "| 256 | bfloat16 | forward | 401 | 224 | True | 0.1000 | 3.00x | 1.20x |" in text
     assert "incomplete record" in text and "NVIDIA H100 80GB HBM3, torch" in text
     readme = tmp_path / "README.md"

@@ -10,8 +10,13 @@ For rows ``x`` (and optionally a residual branch ``y`` of the same shape), per r
 
 which is ``r = x + y; out = F.layer_norm(r, (C,), w, b, eps)`` and, with ``out_dtype`` = the autocast dtype,
 what ``Linear(LayerNorm(r))`` feeds its matmul under ``torch.autocast`` (LayerNorm runs in float32 there and the
-Linear casts its output to the autocast dtype; rounding once, here, gives the same value). All arithmetic is
+Linear casts its output to the autocast dtype; rounding once, here, is the same computation). All arithmetic is
 float32 whatever the storage dtypes; ``r`` is rounded to its dtype *before* it is normalised, as in PyTorch.
+
+Rounding: the row statistics use correctly rounded division and square root (``tl.div_rn``, ``tl.sqrt_rn``; sm_90
+would otherwise compile ``/`` to ``div.full.f32`` and ``sqrt`` to ``sqrt.approx.ftz.f32``), so mean and rstd are the
+same on every GPU and in the interpreter. They are not bit-equal to torch's LayerNorm (Welford, ``rsqrtf``): the
+tests bound both against a float64 reference by the tolerance rule, never against each other bit for bit.
 
 Backward, with ``xhat = (r - mean) * rstd``, ``g = dout * w`` and ``dr_in`` the gradient reaching ``r`` from its
 other uses (the residual stream)::
@@ -108,9 +113,10 @@ def _layer_norm_fwd_kernel(
         tl.store(R + _row_offsets(rows, N, sr0, sr1)[:, None] + cols[None, :] * sr2, r_st, mask=mask)
         r = r_st.to(tl.float32)
 
-    mean = tl.sum(r, axis=1) / C
+    c = tl.zeros((BLOCK_R,), dtype=tl.float32) + C
+    mean = tl.div_rn(tl.sum(r, axis=1), c)
     d = tl.where(mask, r - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+    rstd = tl.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), tl.sqrt_rn(tl.div_rn(tl.sum(d * d, axis=1), c) + eps))
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)
     out = d * rstd[:, None] * w[None, :] + b[None, :]

@@ -90,6 +90,10 @@ __all__ = [
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
+COMPILE_ONLY = False
+"""Set only by ``tests/sm90_compile.py`` (ahead-of-time sm_90 compiles under a Triton driver that compiles and never
+launches): CPU tensors then pass the device check, so the real launchers pick and compile their GPU configs."""
+
 POISON_WORKSPACES = False
 """Tests set this to fill every internal buffer with NaN before the kernels run (an unwritten element shows)."""
 
@@ -455,7 +459,7 @@ def check_inputs(
             f"cls_cross_attention: every tensor must be on cls's device {device}; these are not: "
             + ", ".join(f"{k} ({d})" for k, d in other.items())
         )
-    if device.type == "cpu" and not _INTERPRET:
+    if device.type == "cpu" and not (_INTERPRET or COMPILE_ONLY):
         raise ValueError(
             "cls_cross_attention: the tensors are on the CPU; the Triton kernels need a CUDA device "
             "(or TRITON_INTERPRET=1 set before crossvit_fast.kernels.cls_cross_attention is imported)"

@@ -385,6 +385,7 @@ def plan(
         "bwd_ks": max(1, min(8, block_c // 16)),
         "bwd_reload": int(reload),
         "bwd_stages": 1 if block_c >= 512 else 2,
+        "bwd_maxnreg": 128 if bwd_warps == 16 else None,
         "combine_warps": max(1, min(4, block_c // 128)),
     }
 
@@ -394,12 +395,15 @@ def _device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _launch(kernel, grid, args, key, num_warps: int, num_stages: int = 2, **constexprs) -> None:
-    """Launch with ``num_stages`` pipeline stages, or 1 where the device has too little shared memory (remembered)."""
+def _launch(kernel, grid, args, key, num_warps: int, num_stages: int = 2, maxnreg: Optional[int] = None,
+            **constexprs) -> None:
+    """Launch with ``num_stages`` pipeline stages, or 1 where the device has too little shared memory (remembered);
+    ``maxnreg`` (registers per thread, None: ptxas's choice) is passed only when set."""
     stages = _stages_ok.get(key, num_stages)
+    launch = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
     while True:
         try:
-            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages)
+            kernel[grid](*args, **constexprs, **launch, num_stages=stages)
             _stages_ok[key] = stages
             return
         except triton.runtime.errors.OutOfResources:
@@ -689,7 +693,7 @@ def cls_cross_attention_bwd(
                  f, lse, gamma, duhat_part, dss_part,
                  B, N, C, H, p["chunk_tokens"], float(eps), scale),
                 ("bwd", p["BWD_BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
-                p["bwd_warps"], p["bwd_stages"],
+                p["bwd_warps"], p["bwd_stages"], p["bwd_maxnreg"],
                 BLOCK_T=p["BWD_BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
                 SCORE_PRECISION=_score_precision(dtype), KS=p["bwd_ks"], RELOAD=bool(p["bwd_reload"]),
             )

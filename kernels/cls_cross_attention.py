@@ -56,9 +56,10 @@ tensors); ``C <= 1024``, ``C % H == 0``, ``D <= 128``; any ``B`` and ``N >= 0``;
 view (read in place; offsets are 64-bit). The row of C channels is held whole in registers (``BLOCK_C =
 next_pow2(C)``, ``BLOCK_H = max(16, next_pow2(H))`` rows of heads, masked), which is what bounds C. Block sizes,
 warps and stages are a fixed heuristic (:func:`plan`, not autotuned), chosen from ahead-of-time sm_90 compiles:
-forward ``BLOCK_T`` 64 to 16 (at most 32 in fp32), backward ``BLOCK_T = 16`` at 8 warps; for ``BLOCK_C = 1024`` the
-backward rebuilds its ``g``/``e`` operands inside the token loop and runs at 1 stage (shared memory). A config the
-device still cannot hold falls back to fewer pipeline stages.
+forward ``BLOCK_T`` 64 to 16 (at most 32 in fp32), backward ``BLOCK_T = 16`` at 8 warps, 16 warps with
+``maxnreg=128`` for fp16/bf16 at ``BLOCK_C = 1024`` and fp32 from ``BLOCK_C = 512``; for ``BLOCK_C = 1024`` the
+backward rebuilds its ``g``/``e`` operands inside the token loop, and from 512 it runs at 1 stage (shared memory). A
+config the device still cannot hold falls back to fewer pipeline stages.
 """
 
 from __future__ import annotations
@@ -344,8 +345,11 @@ def plan(
     per SM (one chunk per row in the interpreter). The backward keeps ``g``/``e`` resident only for ``BLOCK_C <=
     512`` (else RELOAD: with them resident a 1024-wide row needs 344 KB of shared memory on sm_90), and runs at 1
     stage from ``BLOCK_C = 512`` (2 stages overflow 232,448 bytes there under triton 3.6). At ``BLOCK_C = 1024``
-    the fp16/bf16 backward takes 16 warps (its tf32x3 score dots need 328 KB at 8 warps under triton 3.6).
-    Warps and stages were chosen from ahead-of-time sm_90 compiles (registers, spills, shared memory).
+    the fp16/bf16 backward takes 16 warps (its tf32x3 score dots need 328 KB at 8 warps under triton 3.6), and so
+    does the fp32 backward from ``BLOCK_C = 512`` (fewer spills than at 8 warps). A 16-warp backward launches with
+    ``maxnreg=128`` (``bwd_maxnreg``: the whole register file over 512 threads): left to itself ptxas gives it
+    32-40 registers and spills 5-7 KB a thread. Warps, stages and ``maxnreg`` were chosen from ahead-of-time sm_90
+    compiles (``tests/sm90_compile.py``: registers, spills, shared memory; the header lists them).
     """
     block_c = max(16, triton.next_power_of_2(C))
     block_h = max(16, triton.next_power_of_2(H))

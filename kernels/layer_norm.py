@@ -43,8 +43,10 @@ Limits
 * dtypes: float16, bfloat16, float32 for every tensor; out_dtype one of those three. Triton's CPU interpreter
   truncates float32 -> bfloat16 stores (round toward zero, not to nearest), so bfloat16 is refused there.
 * Tiles (GPU): (BLOCK_R x BLOCK_C) tiles of 4096 elements (forward) and 2048 (backward), warps from ``_tiles``.
-  Compiled ahead of time for sm_90 (ptxas, triton 3.6.0 and 3.9): no register spills up to C = 2048; at C = 8192
-  the backward spills (speed only; CrossViT's widths are 96..768). Not yet timed on a GPU: no autotuning, the
+  Compiled ahead of time for sm_90 (``tests/sm90_compile.py``, ptxas of triton 3.6.0 and 3.9.0): no register spills
+  at CrossViT's widths (96..768, table below), nor at C = 2048 and 8192 (triton 3.6, 256 x 197 rows). Narrow rows are
+  tight: at C = 40 and 100 the forward holds 64 / 32 rows a program and takes 234-255 registers under triton 3.6 (an
+  earlier review saw 4-16 B of spills there in other shapes). Not yet timed on a GPU: no autotuning, the
   tiles are a first choice.
 * Offsets are 32-bit unless a tensor spans 2**31 elements or more (then a 64-bit specialisation, IDX64).
 * CUDA; CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
@@ -263,7 +265,7 @@ def _tiles(C: int, backward: bool = False) -> Tuple[int, int, int]:
 
     The backward (six tile-sized tensors live) takes half the forward's rows. Warps are set so a thread holds at
     most 32 elements of a tile per live tensor in the forward and 8 in the backward: no register spills on sm_90
-    up to C = 2048 (checked ahead of time with ptxas, triton 3.6 and 3.9, float32 and bfloat16).
+    at the family's widths (``tests/sm90_compile.py``, triton 3.6 and 3.9, float32, float16, bfloat16, autocast).
     """
     block_c = triton.next_power_of_2(C)
     if _INTERPRETED:

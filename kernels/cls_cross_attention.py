@@ -56,9 +56,10 @@ tensors); ``C <= 1024``, ``C % H == 0``, ``D <= 128``; any ``B`` and ``N >= 0``;
 view (read in place; offsets are 64-bit). The row of C channels is held whole in registers (``BLOCK_C =
 next_pow2(C)``, ``BLOCK_H = max(16, next_pow2(H))`` rows of heads, masked), which is what bounds C. Block sizes,
 warps and stages are a fixed heuristic (:func:`plan`, not autotuned), chosen from ahead-of-time sm_90 compiles:
-forward ``BLOCK_T`` 64 to 16 (at most 32 in fp32), backward ``BLOCK_T = 16`` at 8 warps; for ``BLOCK_C = 1024`` the
-backward rebuilds its ``g``/``e`` operands inside the token loop and runs at 1 stage (shared memory). A config the
-device still cannot hold falls back to fewer pipeline stages.
+forward ``BLOCK_T`` 64 to 16 (at most 32 in fp32), backward ``BLOCK_T = 16`` at 8 warps, 16 warps with
+``maxnreg=128`` for fp16/bf16 at ``BLOCK_C = 1024`` and fp32 from ``BLOCK_C = 512``; for ``BLOCK_C = 1024`` the
+backward rebuilds its ``g``/``e`` operands inside the token loop, and from 512 it runs at 1 stage (shared memory). A
+config the device still cannot hold falls back to fewer pipeline stages.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ __all__ = [
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+COMPILE_ONLY = False
+"""Set only by ``tests/sm90_compile.py`` (ahead-of-time sm_90 compiles under a Triton driver that compiles and never
+launches): CPU tensors then pass the device check, so the real launchers pick and compile their GPU configs."""
 
 POISON_WORKSPACES = False
 """Tests set this to fill every internal buffer with NaN before the kernels run (an unwritten element shows)."""
@@ -340,8 +345,11 @@ def plan(
     per SM (one chunk per row in the interpreter). The backward keeps ``g``/``e`` resident only for ``BLOCK_C <=
     512`` (else RELOAD: with them resident a 1024-wide row needs 344 KB of shared memory on sm_90), and runs at 1
     stage from ``BLOCK_C = 512`` (2 stages overflow 232,448 bytes there under triton 3.6). At ``BLOCK_C = 1024``
-    the fp16/bf16 backward takes 16 warps (its tf32x3 score dots need 328 KB at 8 warps under triton 3.6).
-    Warps and stages were chosen from ahead-of-time sm_90 compiles (registers, spills, shared memory).
+    the fp16/bf16 backward takes 16 warps (its tf32x3 score dots need 328 KB at 8 warps under triton 3.6), and so
+    does the fp32 backward from ``BLOCK_C = 512`` (fewer spills than at 8 warps). A 16-warp backward launches with
+    ``maxnreg=128`` (``bwd_maxnreg``: the whole register file over 512 threads): left to itself ptxas gives it
+    32-40 registers and spills 5-7 KB a thread. Warps, stages and ``maxnreg`` were chosen from ahead-of-time sm_90
+    compiles (``tests/sm90_compile.py``: registers, spills, shared memory; the header lists them).
     """
     block_c = max(16, triton.next_power_of_2(C))
     block_h = max(16, triton.next_power_of_2(H))
@@ -367,8 +375,8 @@ def plan(
         fwd_warps = max(8, fwd_warps)  # 4 warps spill at BLOCK_T = 32..64 in fp32
     reload = block_c >= 1024
     bwd_warps = 8 if bwd_block_t * block_c <= 16 * 512 else 16
-    if block_c >= 1024 and fp32:
-        bwd_warps = 8  # fp32 (ieee dots): fits at 8 warps (131 KB, ~4 KB spill); 16 warps not measured with split-K
+    if fp32 and block_c >= 512:
+        bwd_warps = 16  # ieee dots: 8 warps spill 2.5 KB (C=512) to 7 KB (C=1024), 16 warps at 128 registers 1.4-5.5 KB
     return {
         "BLOCK_T": block_t,
         "BWD_BLOCK_T": bwd_block_t,
@@ -381,6 +389,7 @@ def plan(
         "bwd_ks": max(1, min(8, block_c // 16)),
         "bwd_reload": int(reload),
         "bwd_stages": 1 if block_c >= 512 else 2,
+        "bwd_maxnreg": 128 if bwd_warps == 16 else None,
         "combine_warps": max(1, min(4, block_c // 128)),
     }
 
@@ -390,12 +399,15 @@ def _device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _launch(kernel, grid, args, key, num_warps: int, num_stages: int = 2, **constexprs) -> None:
-    """Launch with ``num_stages`` pipeline stages, or 1 where the device has too little shared memory (remembered)."""
+def _launch(kernel, grid, args, key, num_warps: int, num_stages: int = 2, maxnreg: Optional[int] = None,
+            **constexprs) -> None:
+    """Launch with ``num_stages`` pipeline stages, or 1 where the device has too little shared memory (remembered);
+    ``maxnreg`` (registers per thread, None: ptxas's choice) is passed only when set."""
     stages = _stages_ok.get(key, num_stages)
+    launch = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
     while True:
         try:
-            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages)
+            kernel[grid](*args, **constexprs, **launch, num_stages=stages)
             _stages_ok[key] = stages
             return
         except triton.runtime.errors.OutOfResources:
@@ -455,7 +467,7 @@ def check_inputs(
             f"cls_cross_attention: every tensor must be on cls's device {device}; these are not: "
             + ", ".join(f"{k} ({d})" for k, d in other.items())
         )
-    if device.type == "cpu" and not _INTERPRET:
+    if device.type == "cpu" and not (_INTERPRET or COMPILE_ONLY):
         raise ValueError(
             "cls_cross_attention: the tensors are on the CPU; the Triton kernels need a CUDA device "
             "(or TRITON_INTERPRET=1 set before crossvit_fast.kernels.cls_cross_attention is imported)"
@@ -685,7 +697,7 @@ def cls_cross_attention_bwd(
                  f, lse, gamma, duhat_part, dss_part,
                  B, N, C, H, p["chunk_tokens"], float(eps), scale),
                 ("bwd", p["BWD_BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
-                p["bwd_warps"], p["bwd_stages"],
+                p["bwd_warps"], p["bwd_stages"], p["bwd_maxnreg"],
                 BLOCK_T=p["BWD_BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
                 SCORE_PRECISION=_score_precision(dtype), KS=p["bwd_ks"], RELOAD=bool(p["bwd_reload"]),
             )

@@ -79,7 +79,10 @@ tuned config (and to compile outside the capture). ``config=`` on the launchers 
 ``CROSSVIT_FAST_AUTOTUNE=0``) bypasses tuning; under the CPU interpreter a fixed tile is used (16 x 16 below
 N = 128, 64 x 64 from there).
 The candidate tiles (``_TILES_16`` for float16/bfloat16, ``_TILES_32`` for float32) are filtered per call by
-``early_config_prune``: the dtype's set, minus tiles that spill registers at sm_90 for 128-wide heads.
+``early_config_prune``: the dtype's set, minus, for 16-bit 128-wide register tiles, the larger tiles; for float32
+register tiles of 64 or more columns only the 8-warp 512-element tiles of ``_TILES_32_WIDE`` (the others spill
+100-340 B there). Every config the pruner keeps is compiled for sm_90 ahead of time by ``tests/sm90_compile.py``
+(CI: ``tests/test_sm90_compile.py``); the measured resources are listed below.
 
 Grid: 1-D, ``cdiv(N, BLOCK) * B * H`` programs with the block index fastest, so the programs of one (b, h) run
 side by side and share that head's K/V (or Q/dO) in L2; 1-D avoids the 65535 limit of grid axes 1 and 2.
@@ -115,6 +118,10 @@ SUPPORTED_DTYPES = tuple(getattr(torch, n) for n in FUSED_DTYPES)
 AUTOTUNE = os.environ.get("CROSSVIT_FAST_AUTOTUNE", "1").strip() not in ("0", "false", "False", "")
 """Module switch (CUDA only): False never autotunes; a launch takes the config already tuned for its key, if any,
 else the fixed default."""
+
+COMPILE_ONLY = False
+"""Set only by ``tests/sm90_compile.py`` (ahead-of-time sm_90 compiles under a Triton driver that compiles and never
+launches): CPU tensors then pass the device check, so the real launchers pick and compile their GPU configs."""
 
 _LOG2E = 1.4426950408889634
 _INT32_MAX = 2**31 - 1
@@ -416,12 +423,20 @@ _TILES_16 = {
     "dq": [(64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (64, 16, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2)],
 }
 _TILES_32 = {
-    "fwd": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (64, 32, 8, 2)],
-    "dkdv": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
-    "dq": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
+    "fwd": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (64, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)],
+    "dkdv": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (16, 32, 8, 2)],
+    "dq": [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2), (16, 32, 8, 2)],
+}
+# The float32 subset for register tiles of 64 or more columns (head dims 48..128), where the other float32 tiles
+# spill 100-340 B: 8 warps on 512-element tiles do not spill in the forward and spill least in the backward.
+_TILES_32_WIDE = {
+    "fwd": [(16, 32, 8, 2), (32, 16, 8, 2)],
+    "dkdv": [(16, 32, 8, 2)],
+    "dq": [(16, 32, 8, 2)],
 }
 _DEFAULTS_16 = {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
 _DEFAULTS_32 = {"fwd": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)}
+_DEFAULTS_32_WIDE = {"fwd": (16, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (16, 32, 8, 2)}
 # Under the interpreter every program instance costs tens of ms: small tiles for short sequences (so tests walk
 # several blocks and ragged tails), 64 x 64 from N = 128 on (5x fewer instances on the family's lengths).
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -442,6 +457,12 @@ def _all_tiles(name: str):
     return _TILES_16[name] + [t for t in _TILES_32[name] if t not in _TILES_16[name]]
 
 
+def _defaults(name: str, fp32: bool, block_d: int) -> Tuple[int, int, int, int]:
+    if not fp32:
+        return _DEFAULTS_16[name]
+    return (_DEFAULTS_32_WIDE if block_d >= 64 else _DEFAULTS_32)[name]
+
+
 def fwd_configs():
     """Every forward config the autotuner may pick (16-bit and float32 sets), as ``triton.Config``."""
     return [_as_config(t) for t in _all_tiles("fwd")]
@@ -454,10 +475,13 @@ def bwd_configs():
 
 def _pruner(name: str):
     def prune(configs, named_args, **kwargs):
-        """The dtype's tile set; for 128-wide register tiles, no tile that spills at sm_90."""
+        """The dtype's tile set (float32: by register tile width); for 128-wide 16-bit tiles, no tile that spills."""
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         fp32 = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee"
-        allowed = set(_TILES_32[name] if fp32 else _TILES_16[name])
+        if fp32:
+            allowed = set((_TILES_32_WIDE if block_d >= 64 else _TILES_32)[name])
+        else:
+            allowed = set(_TILES_16[name])
         keep = []
         for c in configs:
             bm, bn, w, _ = _tile(c)
@@ -467,7 +491,7 @@ def _pruner(name: str):
                 if bm * bn > 128 * 64 or (w == 4 and bm * bn > 64 * 64) or (name == "dkdv" and bm > 32):
                     continue
             keep.append(c)
-        return keep or [_as_config((_DEFAULTS_32 if fp32 else _DEFAULTS_16)[name])]
+        return keep or [_as_config(_defaults(name, fp32, block_d))]
     return prune
 
 
@@ -509,7 +533,7 @@ def _launch(name: str, grid, args, meta, tune_key: tuple, device: torch.device, 
     if config is None and (not AUTOTUNE or _capturing(device)):
         config = _chosen.get((name,) + tune_key)
         if config is None:
-            bm, bn, w, s = (_DEFAULTS_32 if meta["DOT_PRECISION"] == "ieee" else _DEFAULTS_16)[name]
+            bm, bn, w, s = _defaults(name, meta["DOT_PRECISION"] == "ieee", meta["BLOCK_D"])
             config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
     if config is not None:
         raw[grid](*args, **meta, **config)
@@ -572,7 +596,7 @@ def check_self_attention_inputs(qkv, num_heads, scale=None) -> Tuple[int, int, i
                          f"multiple of 16 up to 128: {SUPPORTED_HEAD_DIMS}")
     if qkv.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"self_attention: qkv has dtype {qkv.dtype}; expected one of float16, bfloat16, float32")
-    if qkv.device.type == "cuda":
+    if qkv.device.type == "cuda" or (qkv.device.type == "cpu" and COMPILE_ONLY and not _INTERPRETED):
         pass
     elif qkv.device.type == "cpu" and _INTERPRETED:
         if qkv.dtype == torch.bfloat16:

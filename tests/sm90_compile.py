@@ -1,0 +1,485 @@
+"""Ahead-of-time sm_90 (H100) compile check of every Triton kernel, on a machine without a GPU.
+
+Usage (from the repository root; needs triton's bundled ptxas, no GPU)::
+
+    python tests/sm90_compile.py --set smoke|ci|family [--jobs 2] [--json out.json] [--check]
+
+How: a stand-in Triton driver reports an active sm_90 device that compiles and never launches. Each kernel is
+driven through its real launcher (``*_fwd`` / ``*_bwd`` of ``crossvit_fast.kernels``) with CPU tensors (allocated
+with ``torch.empty``, never touched, so a batch of 256 costs no memory); the launcher picks its tiles, warps and
+stages exactly as on the GPU, and a launch becomes a compile (``warmup``). For the autotuned self-attention kernels
+every config the pruner keeps is compiled (every config the autotuner can pick). A compile whose shared memory is
+over the device's limit raises ``OutOfResources`` as a GPU launch would, so the launchers' fallbacks run too.
+
+Per distinct compile (deduplicated by Triton's kernel hash) it reports: kernel, config, registers, spill bytes
+(stores / loads), stack frame, shared memory and the number of ``wgmma`` instructions in the PTX, read from the
+ptxas ``-v`` log of Triton's own compile. ``--check`` fails (exit 1) on a compile error, on shared memory over
+232,448 bytes, or on spills (stores + loads) above the kernel's budget in :data:`SPILL_BUDGET`.
+
+Scopes: ``smoke`` = the headline model (crossvit_18_dagger_240: C=224 and 448, 7 heads, N=401 / 197, batch 256;
+bf16 and fp32; forward and backward of the three ops); ``ci`` = one shape of every kernel x dtype x width class
+(self-attention head dims 32 and 64; CLS attention and LayerNorm at each power-of-two width class of the family);
+``family`` = the 11 models' shapes at 240 and 408 pixels, batch 1 and 256, fp32 / fp16 / bf16 (and the bf16-autocast
+LayerNorm), plus the launchers' limits (head dim 128, CLS attention at C = 1024). Each worker process compiles
+into its own fresh Triton cache under a temporary directory, so counts and CPU seconds are those of cold compiles.
+
+This file is a tool of the test suite (``tests/test_sm90_compile.py`` runs it in a subprocess): it imports nothing
+from triton at module level and is not part of the installed package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_SHARED = 232448  # bytes of shared memory an sm_90 block may use (227 KB)
+
+# Spill budget in bytes (spill stores + spill loads, ptxas -v) per (kernel, dtype), the largest over every shape
+# and config of the family, measured with triton 3.6.0 and 3.9.0, plus a small margin. A kernel/dtype that is not
+# listed has a budget of 0. LayerNorm dtypes: "fp32", "fp16", "bf16" (every tensor that dtype) and "amp" (the
+# float32 residual stream with bfloat16 output / gradient, as under bf16 autocast).
+SPILL_BUDGET: Dict[Tuple[str, str], int] = {
+}
+
+DTYPES = ("fp32", "fp16", "bf16")
+
+# (C_small, C_large, heads) of the five width pairs, and the models that use them at 408 pixels
+_WIDTHS = {"tiny": (96, 192, 3), "small": (192, 384, 6), "base": (384, 768, 12), "9": (128, 256, 4),
+           "18": (224, 448, 7)}
+_N = {240: (401, 197), 408: (1157, 577)}  # tokens (CLS included) of the small / large branch
+_MODELS = [(w, 240) for w in _WIDTHS] + [("small", 408), ("18", 408)]  # 15 and small share widths
+
+
+def _job(op: str, dtype: str, C: int, H: int, N: int, B: int) -> dict:
+    return {"op": op, "dtype": dtype, "C": C, "H": H, "N": N, "B": B}
+
+
+def jobs_for(scope: str) -> List[dict]:
+    """The launcher calls of a scope (each runs the op's forward and backward)."""
+    jobs: List[dict] = []
+    if scope == "smoke":
+        for dt in ("bf16", "fp32"):
+            for C, N in ((224, 401), (448, 197)):
+                jobs.append(_job("self_attention", dt, C, 7, N, 256))
+                jobs.append(_job("cls_cross_attention", dt, C, 7, N - 1, 256))
+                jobs.append(_job("layer_norm", dt, C, 7, N, 256))
+            # the fused block under autocast: float32 stream, bfloat16 LayerNorm output
+        for C, N in ((224, 401), (448, 197)):
+            jobs.append(_job("layer_norm", "amp", C, 7, N, 256))
+    elif scope == "ci":
+        for dt in DTYPES:
+            for C, H, N in ((224, 7, 401), (448, 7, 197)):  # head dims 32 and 64
+                jobs.append(_job("self_attention", dt, C, H, N, 256))
+            for C, H, N in ((96, 3, 400), (224, 7, 400), (448, 7, 196), (768, 12, 196)):  # BLOCK_C 128..1024
+                jobs.append(_job("cls_cross_attention", dt, C, H, N, 256))
+        for dt in DTYPES + ("amp",):
+            for C, N in ((96, 401), (224, 401), (448, 197), (768, 197)):
+                jobs.append(_job("layer_norm", dt, C, 0, N, 256))
+    elif scope == "family":
+        seen = set()
+        for w, img in _MODELS:
+            cs, cl, h = _WIDTHS[w]
+            for C, N in ((cs, _N[img][0]), (cl, _N[img][1])):
+                for B in (1, 256):
+                    for dt in DTYPES:
+                        for op, n in (("self_attention", N), ("cls_cross_attention", N - 1), ("layer_norm", N)):
+                            j = _job(op, dt, C, h, n, B)
+                            key = tuple(sorted(j.items()))
+                            if key not in seen:
+                                seen.add(key)
+                                jobs.append(j)
+                    j = _job("layer_norm", "amp", C, h, N, B)
+                    if tuple(sorted(j.items())) not in seen:
+                        seen.add(tuple(sorted(j.items())))
+                        jobs.append(j)
+        for dt in DTYPES:  # the launchers' limits beyond the family
+            jobs.append(_job("self_attention", dt, 768, 6, 197, 256))  # head dim 128
+            jobs.append(_job("cls_cross_attention", dt, 1024, 8, 196, 256))
+    else:
+        raise ValueError(f"unknown scope {scope!r}; expected smoke, ci or family")
+    return jobs
+
+
+def _group_key(j: dict) -> tuple:
+    """Jobs that may share compiles go to one worker (its in-memory cache dedupes them)."""
+    if j["op"] == "self_attention":
+        return (j["op"], j["dtype"], j["C"] // j["H"])
+    return (j["op"], j["dtype"], j["C"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker side: stand-in driver, patched launch, recording
+# ----------------------------------------------------------------------------------------------------------------
+
+_W: dict = {}  # worker state
+
+
+def _init_worker(cache_root: str) -> None:
+    os.environ.pop("TRITON_INTERPRET", None)
+    cache = os.path.join(cache_root, f"cache-{os.getpid()}")
+    os.makedirs(cache, exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = cache
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.errors import OutOfResources
+    from triton.runtime.jit import JITFunction
+
+    try:
+        triton.knobs.cache.dir = cache  # triton >= 3.4 reads its knobs, set at import from the environment
+    except AttributeError:
+        pass
+    try:
+        triton.knobs.nvidia.dump_ptxas_log = True
+    except AttributeError:
+        os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+
+    target = GPUTarget("cuda", 90, 32)
+
+    class CompileOnlyDriver:
+        """An active 'CUDA' device of compute capability 9.0 that compiles; launching is never reached."""
+
+        def get_current_device(self):
+            return 0
+
+        def set_current_device(self, device):
+            pass
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return target
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_benchmarker(self):
+            raise RuntimeError("sm90_compile: nothing is benchmarked (compile only)")
+
+    driver.set_active(CompileOnlyDriver())
+
+    class _Props:
+        multi_processor_count = 132  # H100 SXM
+
+    torch.cuda.get_device_properties = lambda *a, **k: _Props()
+
+    orig_run = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            ck = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+        _record(self, ck, buf.getvalue())
+        if ck.metadata.shared > MAX_SHARED:
+            raise OutOfResources(ck.metadata.shared, MAX_SHARED, "shared memory")
+        return ck
+
+    def autotune_run(self, *args, **kwargs):
+        """Compile every config the pruner keeps (what the autotuner would benchmark); 'pick' the first."""
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = self.prune_configs(kwargs)
+        fit = []
+        for config in configs:
+            try:
+                self.fn.run(*args, **kwargs, **config.all_kwargs())
+                fit.append(config)
+            except OutOfResources:  # the autotuner skips it (and the check reports it)
+                pass
+        self.nargs = None
+        self.best_config = (fit or configs)[0]
+
+    JITFunction.run = run
+    Autotuner.run = autotune_run
+
+    from crossvit_fast.kernels import cls_cross_attention, layer_norm, self_attention
+
+    for mod in (cls_cross_attention, layer_norm, self_attention):
+        mod.COMPILE_ONLY = True
+    self_attention.AUTOTUNE = True
+    _W.update(torch=torch, triton=triton, seen=set(), records=[], tag=None,
+              mods={"cls_cross_attention": cls_cross_attention, "layer_norm": layer_norm,
+                    "self_attention": self_attention})
+
+
+_RE_REGS = re.compile(r"Used (\d+) registers")
+_RE_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _ptxas_log(ptx: str) -> str:
+    """Fallback (the kernel came from a cache, no log): ptxas -v on its PTX."""
+    import subprocess
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(90).path
+    except Exception:  # pragma: no cover
+        import triton
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                             text=True)
+    finally:
+        os.unlink(f.name)
+    return out.stderr + out.stdout
+
+
+def _record(fn, ck, log: str) -> None:
+    if ck.hash in _W["seen"]:
+        return
+    _W["seen"].add(ck.hash)
+    name = ck.metadata.name
+    if f"'{name}'" not in log or not _RE_REGS.search(log):
+        log = _ptxas_log(ck.asm["ptx"])
+    # the log may hold other kernels' entries (a nested compile): take this kernel's section
+    i = log.find(f"Compiling entry function '{name}'")
+    sec = log[i:] if i >= 0 else log
+    j = sec.find("Compiling entry function", 10)
+    sec = sec[:j] if j > 0 else sec
+    regs = _RE_REGS.search(sec)
+    sp = _RE_SPILL.search(sec)
+    consts = ck.src.constants
+    cfg = {str(k if isinstance(k, str) else fn.arg_names[k[0]] if isinstance(k, tuple) else k): v
+           for k, v in consts.items() if isinstance(v, (int, bool, str)) and not isinstance(k, tuple)}
+    if not cfg:  # triton >= 3.3 keys constants by (index,) tuples
+        cfg = {fn.arg_names[k[0]]: v for k, v in consts.items()
+               if isinstance(k, tuple) and len(k) == 1 and isinstance(v, (int, bool, str))}
+    cfg = {k: v for k, v in cfg.items() if k.isupper() or k.startswith("BLOCK")}
+    ptx = ck.asm["ptx"]
+    _W["records"].append({
+        **_W["tag"], "kernel": fn.__name__, "hash": ck.hash,
+        "config": {**cfg, "warps": ck.metadata.num_warps, "stages": ck.metadata.num_stages},
+        "regs": int(regs.group(1)) if regs else None,
+        "stack": int(sp.group(1)) if sp else None,
+        "spill_st": int(sp.group(2)) if sp else None,
+        "spill_ld": int(sp.group(3)) if sp else None,
+        "shared": int(ck.metadata.shared),
+        "wgmma": ptx.count("wgmma.mma_async"),
+    })
+
+
+def _tensor(shape, dtype):
+    return _W["torch"].empty(shape, dtype=dtype)
+
+
+def _drive(j: dict) -> None:
+    torch = _W["torch"]
+    mods = _W["mods"]
+    op, C, H, N, B = j["op"], j["C"], j["H"], j["N"], j["B"]
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "amp": torch.bfloat16}[j["dtype"]]
+    if op == "self_attention":
+        m = mods[op]
+        qkv = _tensor((B, N, 3 * C), dt)
+        _W["tag"]["pass"] = "fwd"
+        out, lse = m.self_attention_fwd(qkv, H)
+        _W["tag"]["pass"] = "bwd"
+        m.self_attention_bwd(_tensor((B, N, C), dt), qkv, out, lse, H)
+    elif op == "cls_cross_attention":
+        m = mods[op]
+        w = [torch.zeros((C, C), dtype=dt) for _ in range(4)]
+        v = [torch.zeros((C,), dtype=dt) for _ in range(6)]
+        cls = torch.zeros((B, 1, C), dtype=dt)
+        # the tokens are a view past the CLS row of a (B, 1 + N, C) sequence, as in the model's fusion
+        tokens = _tensor((B, 1 + N, C), dt)[:, 1:]
+        _W["tag"]["pass"] = "fwd"
+        res = m.cls_cross_attention_fwd(cls, tokens, v[0], v[1], w[0], v[2], w[1], v[3], w[2], v[4], w[3], v[5], H)
+        _, q, u, xbar, lse, o = res
+        _W["tag"]["pass"] = "bwd"
+        m.cls_cross_attention_bwd(torch.zeros((B, 1, C), dtype=dt), cls, tokens, v[0], v[1], w[0], w[1], w[2], w[3],
+                                  q, u, xbar, lse, o, H)
+    elif op == "layer_norm":
+        m = mods[op]
+        amp = j["dtype"] == "amp"
+        xd = torch.float32 if amp else dt
+        w = torch.zeros((C,), dtype=torch.float32 if amp else dt)
+        x = _tensor((B, N, C), xd)
+        y = _tensor((B, N, C), dt)
+        od = dt if amp else None
+        _W["tag"]["pass"] = "fwd"
+        for res in (None, y):  # norm1 (no residual) and the fused add + norm2
+            m.layer_norm_fwd(x, res, w, w, 1e-6, od)
+        _W["tag"]["pass"] = "bwd"
+        mean = torch.empty((B, N), dtype=torch.float32)
+        dout = _tensor((B, N, C), dt)
+        m.layer_norm_bwd(dout, None, x, w, mean, mean, xd, None)
+        m.layer_norm_bwd(dout, _tensor((B, N, C), xd), x, w, mean, mean, xd, dt)
+    else:  # pragma: no cover
+        raise ValueError(op)
+
+
+def _run_group(jobs: List[dict]) -> dict:
+    """Worker task: drive every job of a group; returns its new compile records, errors and CPU seconds."""
+    t0 = time.process_time()
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    w0 = time.time()
+    _W["records"] = []
+    errors = []
+    for j in jobs:
+        _W["tag"] = dict(j)
+        try:
+            _drive(j)
+        except Exception as e:  # a compile error, or a launcher that raised: reported, the check fails
+            errors.append({**_W["tag"], "error": f"{type(e).__name__}: {str(e)[:1500]}"})
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (time.process_time() - t0) + (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+    return {"records": _W["records"], "errors": errors, "cpu_s": cpu, "wall_s": time.time() - w0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parent side
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_scope(scope: str, jobs: int = 2) -> dict:
+    """Compile a scope in ``jobs`` worker processes; returns ``{"records", "errors", "compiles", "cpu_s", ...}``."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    groups: Dict[tuple, List[dict]] = {}
+    for j in jobs_for(scope):
+        groups.setdefault(_group_key(j), []).append(j)
+    # biggest groups first (self-attention compiles every autotune config)
+    order = sorted(groups.values(), key=lambda g: (g[0]["op"] != "self_attention", g[0]["dtype"] == "fp32"))
+    root = tempfile.mkdtemp(prefix="sm90-compile-")
+    t0 = time.time()
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(root,)) as pool:
+            results = list(pool.map(_run_group, order))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    wall = time.time() - t0
+    records, errors, seen = [], [], set()
+    for r in results:
+        errors += r["errors"]
+        for rec in r["records"]:
+            if rec["hash"] not in seen:  # the same kernel compiled by two workers counts once
+                seen.add(rec["hash"])
+                records.append(rec)
+    import triton  # only for the version in the report (after the workers, so nothing is compiled here)
+
+    return {"scope": scope, "triton": triton.__version__, "records": records, "errors": errors,
+            "compiles": len(records), "compiles_with_duplicates": sum(len(r["records"]) for r in results),
+            "cpu_s": round(sum(r["cpu_s"] for r in results), 1), "wall_s": round(wall, 1), "jobs": jobs}
+
+
+def _dtype_key(rec: dict) -> str:
+    return rec["dtype"]
+
+
+def budget(kernel: str, dtype: str) -> int:
+    return SPILL_BUDGET.get((kernel, dtype), 0)
+
+
+def problems(result: dict) -> List[str]:
+    """Everything the check fails on: compile/launcher errors, shared memory over the limit, spills over budget."""
+    out = [f"ERROR {e['op']} {e['dtype']} C={e['C']} H={e['H']} N={e['N']} B={e['B']} ({e.get('pass')}): "
+           f"{e['error']}" for e in result["errors"]]
+    for r in result["records"]:
+        where = f"{r['kernel']} {r['dtype']} C={r['C']} H={r['H']} {_cfg_str(r['config'])}"
+        if r["regs"] is None:
+            out.append(f"NO PTXAS REPORT {where}")
+            continue
+        if r["shared"] > MAX_SHARED:
+            out.append(f"SHARED {r['shared']} B > {MAX_SHARED} {where}")
+        spill = r["spill_st"] + r["spill_ld"]
+        if spill > budget(r["kernel"], _dtype_key(r)):
+            out.append(f"SPILL {r['spill_st']}+{r['spill_ld']} B > budget {budget(r['kernel'], _dtype_key(r))} "
+                       f"{where}")
+    return out
+
+
+def _cfg_str(cfg: dict) -> str:
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_T": "T", "BLOCK_C": "C", "BLOCK_H": "H", "BLOCK_R": "R",
+             "BLOCK_D": "D", "warps": "w", "stages": "s"}
+    keep = [f"{short[k]}{v}" for k, v in cfg.items() if k in short]
+    return " ".join(keep)
+
+
+def table(result: dict) -> str:
+    rows = sorted(result["records"], key=lambda r: (r["op"], r["kernel"], r["dtype"], r["C"] // max(r["H"], 1)
+                                                    if r["op"] == "self_attention" else r["C"], str(r["config"])))
+    lines = [f"{'kernel':<24} {'dtype':<5} {'C':>5} {'D':>4} {'config':<30} {'regs':>4} {'spill st/ld':>12} "
+             f"{'stack':>6} {'smem':>7} {'wgmma':>5}"]
+    for r in rows:
+        d = r["C"] // r["H"] if r["H"] else 0
+        lines.append(f"{r['kernel']:<24} {r['dtype']:<5} {r['C']:>5} {d:>4} {_cfg_str(r['config']):<30} "
+                     f"{r['regs'] if r['regs'] is not None else '?':>4} "
+                     f"{str(r['spill_st']) + '/' + str(r['spill_ld']):>12} {r['stack']!s:>6} {r['shared']:>7} "
+                     f"{r['wgmma']:>5}")
+    return "\n".join(lines)
+
+
+def summary(result: dict) -> str:
+    """Worst case per (kernel, dtype): registers, spills, stack, shared memory."""
+    worst: Dict[tuple, dict] = {}
+    for r in result["records"]:
+        if r["regs"] is None:
+            continue
+        k = (r["kernel"], r["dtype"])
+        w = worst.setdefault(k, {"n": 0, "regs": 0, "spill": 0, "stack": 0, "shared": 0, "where": ""})
+        w["n"] += 1
+        w["regs"] = max(w["regs"], r["regs"])
+        w["stack"] = max(w["stack"], r["stack"])
+        w["shared"] = max(w["shared"], r["shared"])
+        s = r["spill_st"] + r["spill_ld"]
+        if s > w["spill"] or not w["where"]:
+            w["spill"] = s
+            w["where"] = f"C={r['C']} H={r['H']} {_cfg_str(r['config'])}"
+    lines = [f"{'kernel':<24} {'dtype':<5} {'#':>3} {'max regs':>8} {'max spill':>9} {'budget':>6} {'max stack':>9} "
+             f"{'max smem':>8}  worst spill at"]
+    for (k, d), w in sorted(worst.items()):
+        lines.append(f"{k:<24} {d:<5} {w['n']:>3} {w['regs']:>8} {w['spill']:>9} {budget(k, d):>6} {w['stack']:>9} "
+                     f"{w['shared']:>8}  {w['where'] if w['spill'] else ''}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--set", default="ci", choices=("smoke", "ci", "family"), help="which shapes (default ci)")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    ap.add_argument("--json", help="write every record (and the totals) to this file")
+    ap.add_argument("--check", action="store_true", help="exit 1 on errors, shared memory or spills over budget")
+    ap.add_argument("--table", action="store_true", help="print every compile, not only the summary per kernel")
+    args = ap.parse_args(argv)
+    result = run_scope(args.set, args.jobs)
+    if args.table:
+        print(table(result))
+        print()
+    print(summary(result))
+    bad = problems(result)
+    result["problems"] = bad
+    print(f"\nscope {result['scope']}: {result['compiles']} distinct compiles "
+          f"({result['compiles_with_duplicates']} with cross-worker duplicates), {result['cpu_s']} CPU s, "
+          f"{result['wall_s']} s wall on {result['jobs']} workers, triton {result['triton']}")
+    for p in bad:
+        print(p)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.check and bad:
+        print(f"FAILED: {len(bad)} problem(s)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Every Triton kernel compiles for sm_90 (H100) within its register-spill budget and the shared-memory limit.
+
+Runs ``tests/sm90_compile.py --set ci --check`` in a subprocess without ``TRITON_INTERPRET`` (conftest sets it in
+this process, and kernels imported under the interpreter cannot compile); nothing from triton is imported here.
+No GPU is needed, only the ptxas that ships in the triton wheel. ``CROSSVIT_FAST_SM90_SET=family`` (or smoke)
+selects another scope.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+TOOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_compile.py")
+REPO = os.path.dirname(os.path.dirname(TOOL))
+
+
+def _ptxas():
+    """The ptxas triton would use (TRITON_PTXAS_PATH, else the wheel's), or None; found without importing triton."""
+    override = os.environ.get("TRITON_PTXAS_PATH")
+    if override:
+        return override if os.access(override, os.X_OK) else None
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = os.path.join(root, "backends", "nvidia", "bin", "ptxas")
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+@pytest.mark.skipif(_ptxas() is None, reason="triton's ptxas (triton/backends/nvidia/bin/ptxas) is not installed: "
+                                             "the sm_90 compile check needs it (no GPU needed)")
+def test_sm90_compile(tmp_path):
+    scope = os.environ.get("CROSSVIT_FAST_SM90_SET", "ci")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["TMPDIR"] = str(tmp_path)  # the workers' fresh Triton caches live (and die) here
+    report = tmp_path / "sm90.json"
+    proc = subprocess.run(
+        [sys.executable, TOOL, "--set", scope, "--jobs", "2", "--check", "--json", str(report)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    print(proc.stdout)
+    assert proc.returncode == 0, f"sm_90 compile check failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"

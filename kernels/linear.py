@@ -83,40 +83,12 @@ CONFIGS: Dict[str, Tuple[int, int, int, int, int]] = {
 }
 GROUP_M = 8
 # The interpreter's cost is per program: large tiles. Tests shrink it to walk several tiles and ragged edges.
-_INTERPRETER_CONFIG = (64, 64, 64, 1, 1)
+_INTERPRETER_CONFIG = (128, 128, 128, 1, 1)
 _SM_COUNT_DEFAULT = 132
 
 
-@triton.jit
-def _row_off(rows, T, s0, s1):
-    """Offset of row ``rows`` of a (B, T, C) view: ``(rows // T) * s0 + (rows % T) * s1``."""
-    return (rows // T) * s0 + (rows % T) * s1
-
-
-@triton.jit
-def _gelu(z):
-    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_grad(z):
-    cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-    return cdf + z * pdf
-
-
-@triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-    """(row tile, column tile) of this program, GROUP row tiles sweeping the columns together (L2 reuse)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP * num_n
-    first_m = (pid // in_group) * GROUP
-    size = tl.minimum(num_m - first_m, GROUP)
-    pid_m = first_m + (pid % in_group) % size
-    pid_n = (pid % in_group) // size
-    return pid_m, pid_n
+# (No @triton.jit helpers below: under Triton's CPU interpreter every call of a jitted helper costs ~20 ms of
+# re-patching, more than the arithmetic; GELU, the tile order and the row offsets are written inline.)
 
 
 @triton.jit
@@ -133,7 +105,15 @@ def _linear_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     CT: tl.constexpr = W.dtype.element_ty
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
+    # tile order: GROUP row tiles sweep the column tiles together (their rows of x stay in L2)
+    pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    in_group = GROUP * ((N + BLOCK_N - 1) // BLOCK_N)
+    first_m = (pid // in_group) * GROUP
+    size = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % in_group) % size
+    pid_n = (pid % in_group) // size
+
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if IDX64:
         rows = rows.to(tl.int64)
@@ -141,17 +121,19 @@ def _linear_fwd_kernel(
     ks = tl.arange(0, BLOCK_K)
     rmask = rows < M
     nmask = cols < N
-    x_rows = _row_off(rows, T, sx0, sx1)
+    bt, tt = rows // T, rows % T  # (b, t) of each row in the (B, T, .) views
     first_col_tile = (tl.zeros((BLOCK_M,), dtype=tl.int32) + pid_n) == 0  # (BLOCK_M,) of one value
+    x_ptrs = X + (bt * sx0 + tt * sx1)[:, None] + ks[None, :] * sxk  # (BLOCK_M, BLOCK_K), advanced along K
+    w_ptrs = W + cols[None, :] * swn + ks[:, None] * swk  # (BLOCK_K, BLOCK_N)
 
     if HAS_LN:
+        # one pass over the row block: per-chunk mean and M2 merged (Chan et al.)
         mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
         m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        p = x_ptrs
         for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
-            kmask = kk < K
-            xk = tl.load(X + x_rows[:, None] + kk[None, :] * sxk, mask=rmask[:, None] & kmask[None, :],
-                         other=0.0).to(tl.float32)
+            kmask = ks < K - k0
+            xk = tl.load(p, mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
             cnt = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
             cmean = tl.sum(xk, axis=1) / cnt
             d = tl.where(kmask[None, :], xk - cmean[:, None], 0.0)
@@ -159,30 +141,36 @@ def _linear_fwd_kernel(
             delta = cmean - mean
             mean += delta * (cnt / tot)
             m2 += tl.sum(d * d, axis=1) + delta * delta * (k0 * cnt / tot)
+            p += BLOCK_K * sxk
         rstd = 1.0 / tl.sqrt(m2 / K + eps)
         if SAVE:
             tl.store(Mean + rows, mean, mask=rmask & first_col_tile)
             tl.store(Rstd + rows, rstd, mask=rmask & first_col_tile)
+        if SAVE:
+            ahat_ptrs = Ahat + rows[:, None] * K + ks[None, :]
+            save_rows = (rmask & first_col_tile)[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
-        kmask = kk < K
+        kmask = ks < K - k0
         if EVEN_K:
-            a = tl.load(X + x_rows[:, None] + kk[None, :] * sxk, mask=rmask[:, None], other=0.0)
-            w = tl.load(W + cols[None, :] * swn + kk[:, None] * swk, mask=nmask[None, :], other=0.0)
+            a = tl.load(x_ptrs, mask=rmask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=nmask[None, :], other=0.0)
         else:
-            a = tl.load(X + x_rows[:, None] + kk[None, :] * sxk, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(W + cols[None, :] * swn + kk[:, None] * swk, mask=nmask[None, :] & kmask[:, None], other=0.0)
+            a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=nmask[None, :] & kmask[:, None], other=0.0)
         if HAS_LN:
-            g = tl.load(LnW + kk, mask=kmask, other=0.0).to(tl.float32)
-            bb = tl.load(LnB + kk, mask=kmask, other=0.0).to(tl.float32)
+            g = tl.load(LnW + k0 + ks, mask=kmask, other=0.0).to(tl.float32)
+            bb = tl.load(LnB + k0 + ks, mask=kmask, other=0.0).to(tl.float32)
             a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + bb[None, :]
         a = a.to(CT)
-        if HAS_LN and SAVE:
-            tl.store(Ahat + rows[:, None] * K + kk[None, :], a,
-                     mask=(rmask & first_col_tile)[:, None] & kmask[None, :])
+        if HAS_LN:
+            if SAVE:
+                tl.store(ahat_ptrs, a, mask=save_rows & kmask[None, :])
+                ahat_ptrs += BLOCK_K
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += BLOCK_K * swk
 
     if HAS_BIAS:
         acc += tl.load(Bias + cols, mask=nmask, other=0.0).to(CT).to(tl.float32)[None, :]
@@ -190,15 +178,14 @@ def _linear_fwd_kernel(
     if GELU:
         if SAVE:
             tl.store(Pre + rows[:, None] * N + cols[None, :], acc.to(CT), mask=omask)
-        acc = _gelu(acc)
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))  # exact GELU
     if HAS_SCALE:
         s = tl.load(Scale + rows // RPG, mask=rmask, other=0.0).to(tl.float32)
         acc = acc * s[:, None]
     if HAS_RES:
-        res = tl.load(Res + _row_off(rows, T, sr0, sr1)[:, None] + cols[None, :] * srn, mask=omask, other=0.0)
+        res = tl.load(Res + (bt * sr0 + tt * sr1)[:, None] + cols[None, :] * srn, mask=omask, other=0.0)
         acc += res.to(tl.float32)
-    tl.store(Out + _row_off(rows, T, so0, so1)[:, None] + cols[None, :] * son, acc.to(Out.dtype.element_ty),
-             mask=omask)
+    tl.store(Out + (bt * so0 + tt * so1)[:, None] + cols[None, :] * son, acc.to(Out.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -212,9 +199,17 @@ def _linear_dgrad_kernel(
     EVEN_N: tl.constexpr, IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    # Output tile: BLOCK_M rows x BLOCK_N columns of da (K wide); reduction over the GEMM's N in BLOCK_K chunks.
+    # Output tile: BLOCK_M rows x BLOCK_N columns of da (K wide); the reduction runs over the GEMM's N in chunks of
+    # BLOCK_K.
     CT: tl.constexpr = W.dtype.element_ty
-    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_N, GROUP)
+    pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    in_group = GROUP * ((K + BLOCK_N - 1) // BLOCK_N)
+    first_m = (pid // in_group) * GROUP
+    size = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % in_group) % size
+    pid_k = (pid % in_group) // size
+
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if IDX64:
         rows = rows.to(tl.int64)
@@ -222,33 +217,43 @@ def _linear_dgrad_kernel(
     ns = tl.arange(0, BLOCK_K)
     rmask = rows < M
     kmask = kcols < K
-    d_rows = _row_off(rows, T, sd0, sd1)
+    bt, tt = rows // T, rows % T
     if HAS_SCALE:
         s = tl.load(Scale + rows // RPG, mask=rmask, other=0.0).to(tl.float32)
     first_col_tile = (tl.zeros((BLOCK_M,), dtype=tl.int32) + pid_k) == 0  # (BLOCK_M,) of one value
+    d_ptrs = DOut + (bt * sd0 + tt * sd1)[:, None] + ns[None, :] * sdn  # (BLOCK_M, BLOCK_K), along N
+    w_ptrs = W + ns[:, None] * swn + kcols[None, :] * swk  # (BLOCK_K, BLOCK_N)
+    if GELU:
+        z_ptrs = Pre + rows[:, None] * N + ns[None, :]
+    if STORE_DZ:
+        dz_ptrs = DZ + rows[:, None] * N + ns[None, :]
+        dz_rows = (rmask & first_col_tile)[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_K):
-        nn = n0 + ns
-        nmask = nn < N
+        nmask = ns < N - n0
         if EVEN_N:
             m = rmask[:, None]
-            w = tl.load(W + nn[:, None] * swn + kcols[None, :] * swk, mask=kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0)
         else:
             m = rmask[:, None] & nmask[None, :]
-            w = tl.load(W + nn[:, None] * swn + kcols[None, :] * swk, mask=nmask[:, None] & kmask[None, :],
-                        other=0.0)
-        g = tl.load(DOut + d_rows[:, None] + nn[None, :] * sdn, mask=m, other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
+        g = tl.load(d_ptrs, mask=m, other=0.0).to(tl.float32)
         if HAS_SCALE:
             g = g * s[:, None]
         if GELU:
-            z = tl.load(Pre + rows[:, None] * N + nn[None, :], mask=m, other=0.0).to(tl.float32)
-            g = g * _gelu_grad(z)
+            z = tl.load(z_ptrs, mask=m, other=0.0).to(tl.float32)
+            cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+            g = g * (cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327)  # GELU'(z) = Phi(z) + z phi(z)
+            z_ptrs += BLOCK_K
         dz = g.to(CT)
         if STORE_DZ:
-            tl.store(DZ + rows[:, None] * N + nn[None, :], dz, mask=(rmask & first_col_tile)[:, None] & nmask[None, :])
+            tl.store(dz_ptrs, dz, mask=dz_rows & nmask[None, :])
+            dz_ptrs += BLOCK_K
         acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
-    tl.store(DA + _row_off(rows, T, sa0, sa1)[:, None] + kcols[None, :] * sak, acc.to(DA.dtype.element_ty),
+        d_ptrs += BLOCK_K * sdn
+        w_ptrs += BLOCK_K * swn
+    tl.store(DA + (bt * sa0 + tt * sa1)[:, None] + kcols[None, :] * sak, acc.to(DA.dtype.element_ty),
              mask=rmask[:, None] & kmask[None, :])
 
 

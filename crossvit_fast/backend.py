@@ -49,6 +49,7 @@ FUSED_OPS: dict = {
     "cls_cross_attention": "crossvit_fast.ops.cls_cross_attention",
     "self_attention": "crossvit_fast.ops.self_attention",
     "layer_norm": "crossvit_fast.ops.layer_norm",
+    "linear": "crossvit_fast.ops.linear",
 }
 """Ops with a fused Triton kernel in this version: op name -> the ``crossvit_fast.ops`` module that registers it."""
 

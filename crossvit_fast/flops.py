@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 __all__ = ["flops", "OP_HANDLES", "sdpa_flop_jit", "self_attention_flop_jit", "cls_cross_attention_flop_jit",
-           "layer_norm_flop_jit"]
+           "layer_norm_flop_jit", "linear_flop_jit"]
 
 
 def _shape(v: Any) -> Optional[List[int]]:
@@ -61,11 +61,23 @@ def layer_norm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return 5 * _prod(_shape(inputs[0]))
 
 
+def linear_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``crossvit_fast::linear`` on x (..., K) and weight (N, K): fvcore's Linear count ``M N K`` plus, with the
+    LayerNorm prologue (``ln_weight`` given), its LayerNorm count ``5 M K``; bias, GELU, scale and the residual
+    add are not counted, as fvcore does not count them in the reference path."""
+    x = _shape(inputs[0])
+    N, K = _shape(inputs[1])
+    M = _prod(x[:-1])
+    ln = 5 * M * K if _shape(inputs[3]) is not None else 0
+    return M * N * K + ln
+
+
 OP_HANDLES: Dict[str, Callable[[List[Any], List[Any]], int]] = {
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
     "crossvit_fast::self_attention": self_attention_flop_jit,
     "crossvit_fast::cls_cross_attention": cls_cross_attention_flop_jit,
     "crossvit_fast::layer_norm": layer_norm_flop_jit,
+    "crossvit_fast::linear": linear_flop_jit,
 }
 """fvcore handles by traced op name; each fused op's handle counts what its reference computation counts."""
 

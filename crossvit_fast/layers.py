@@ -285,8 +285,57 @@ class Block(_BackendMixin, nn.Module):
         new.set_backend(backend)
         return new
 
+    def set_backend(self, backend: Optional[str] = None) -> None:
+        super().set_backend(backend)
+        # The five-GEMM path (op "linear") is chosen on its own: "auto" takes it only once it is GPU-verified.
+        self.linear_backend = "reference"
+        if self.backend == "triton" and resolve_backend(self.backend_requested, op="linear") == "triton":
+            why = self._linear_unsupported()
+            if why:
+                warn_once(f"linear-structure-{why}", f"crossvit_fast: Block runs its LayerNorms fused but not the "
+                          f"fused GEMMs (op 'linear'): {why}")
+            else:
+                self.linear_backend = "triton"
+
+    def _linear_unsupported(self) -> str:
+        """Why this block's modules do not fit the five-kernel path ("" when they do)."""
+        a, mlp = self.attn, self.mlp
+        if not (isinstance(self.ls1, nn.Identity) and isinstance(self.ls2, nn.Identity)):
+            return "layer scale (ls1/ls2) is not Identity"
+        if not all(isinstance(getattr(a, n, None), nn.Linear) for n in ("qkv", "proj")) or not hasattr(a, "num_heads"):
+            return "attn has no qkv/proj Linears"
+        if not all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("fc1", "fc2")):
+            return "mlp has no fc1/fc2 Linears"
+        act = getattr(mlp, "act", None)
+        if not (isinstance(act, nn.GELU) and act.approximate == "none"):
+            return f"mlp.act is {type(act).__name__}, not the exact nn.GELU()"
+        if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+            return "mlp.norm is not Identity"
+        return ""
+
+    def _dropout_modules_active(self) -> bool:
+        """Attention or MLP dropout that would draw masks in this call (the fused GEMMs do not implement it)."""
+        if not self.training:
+            return False
+        mods = [getattr(self.attn, n, None) for n in ("attn_drop", "proj_drop")] + list(self.mlp.modules())
+        return any(isinstance(m, nn.Dropout) and m.p > 0.0 for m in mods)
+
+    def _use_fused_linear(self) -> bool:
+        if getattr(self, "linear_backend", "reference") != "triton":
+            return False
+        if self._dropout_modules_active():
+            warn_once(
+                "linear-dropout",
+                "crossvit_fast: Block has attention or MLP dropout > 0 in training mode, which the fused GEMMs "
+                "(op 'linear') do not implement; using the reference path for those calls",
+            )
+            return False
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_fused(x):
+            if self._use_fused_linear():
+                return self._forward_fused_linear(x)
             return self._forward_fused(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -303,6 +352,39 @@ class Block(_BackendMixin, nn.Module):
         y = self.drop_path1(self.ls1(self.attn(h)))
         x, h = layer_norm(x, n2.weight, n2.bias, n2.eps, residual=y, out_dtype=out_dtype)
         return x + self.drop_path2(self.ls2(self.mlp(h)))
+
+    @staticmethod
+    def _drop_path_scale(dp: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Drop-path's per-sample ``mask / keep`` as ``(B,)``, drawn by the module itself on a ``(B, 1, 1)`` tensor
+        of ones in the branch's dtype: the same random draws as the reference's ``dp(branch)``; None when it is
+        the identity."""
+        if isinstance(dp, nn.Identity) or not dp.training or getattr(dp, "drop_prob", None) == 0.0:
+            return None
+        ones = torch.ones((x.shape[0],) + (1,) * (x.dim() - 1), dtype=dtype, device=x.device)
+        return dp(ones).reshape(-1)
+
+    def _forward_fused_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The five-kernel block: qkv (LN1 prologue, bias), self-attention, proj (bias, drop-path, residual),
+        fc1 (LN2 prologue, bias, GELU), fc2 (bias, drop-path, residual)."""
+        from crossvit_fast.ops.linear import linear
+
+        a, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
+        dt = _autocast_dtype(x) or x.dtype  # compute dtype: the autocast one, as timm's Linears under autocast
+
+        def weight(lin: nn.Linear) -> torch.Tensor:
+            return lin.weight if lin.weight.dtype == dt else lin.weight.to(dt)  # autocast's per-call cast
+
+        qkv = linear(x, weight(a.qkv), a.qkv.bias, n1.weight, n1.bias, n1.eps)  # (B, N, 3C) in dt
+        if getattr(a, "backend", "reference") == "triton":
+            from crossvit_fast.ops.self_attention import self_attention
+
+            o = self_attention(qkv, a.num_heads, a.scale)
+        else:
+            o = self_attention_ref(qkv, a.num_heads, a.scale)  # (B, N, C)
+        x = linear(o, weight(a.proj), a.proj.bias, scale=self._drop_path_scale(self.drop_path1, x, dt), residual=x)
+        h = linear(x, weight(mlp.fc1), mlp.fc1.bias, n2.weight, n2.bias, n2.eps, gelu=True)  # (B, N, hidden)
+        return linear(h, weight(mlp.fc2), mlp.fc2.bias, scale=self._drop_path_scale(self.drop_path2, x, dt),
+                      residual=x)
 
 
 # (kernel, stride, padding) of the dagger models' three convolutions ("3 Conv."), per patch size.

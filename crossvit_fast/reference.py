@@ -23,6 +23,7 @@ __all__ = [
     "layer_norm_ref",
     "self_attention_ref",
     "cls_cross_attention_ref",
+    "linear_ref",
 ]
 
 
@@ -144,3 +145,34 @@ def cls_cross_attention_ref(
         attn = F.dropout(attn, p=dropout_p, training=True)
     out = (attn @ v).transpose(1, 2).reshape(B, 1, C)  # (B, 1, C)
     return F.linear(out, wproj, bproj)
+
+
+def linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    ln_weight: Optional[torch.Tensor] = None,
+    ln_bias: Optional[torch.Tensor] = None,
+    eps: float = LN_EPS,
+    gelu: bool = False,
+    scale: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """A branch block's GEMM as timm computes it: ``residual + scale * GELU(Linear(LayerNorm(x)))``, each part
+    optional.
+
+    The weight's dtype is the compute dtype (under autocast, the autocast dtype): the LayerNorm runs in x's dtype
+    and its output is cast to it, the bias is cast to it, GELU is the exact (erf) one, ``scale`` is one value per
+    index of x's first dimension (drop-path's per-sample ``mask / keep``), and the residual add promotes.
+    """
+    ct = weight.dtype
+    h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps) if ln_weight is not None else x
+    y = F.linear(h.to(ct), weight, bias.to(ct) if bias is not None else None)
+    if gelu:
+        y = F.gelu(y)
+    if scale is not None:
+        y = y * scale.reshape((-1,) + (1,) * (y.dim() - 1)).to(y.dtype)
+    if residual is not None:
+        y = residual + y
+    return y.to(out_dtype) if out_dtype is not None else y

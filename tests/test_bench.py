@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("script", ["bench_cls_cross_attention.py", "bench_self_attention.py", "bench_layer_norm.py",
-                                    "bench_model.py"])
+                                    "bench_model.py", "bench_linear.py"])
 def test_dry_run_lists_cases(script):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--dry-run"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -1,0 +1,597 @@
+"""Fused branch-block GEMM: LayerNorm prologue, bias / GELU / drop-path scale / residual epilogue (Triton).
+
+What it computes
+----------------
+For rows ``x`` (M rows of K channels; a ``(B, T, K)`` view of any strides) and a Linear ``weight`` ``(N, K)`` whose
+dtype is the compute dtype ``ct``::
+
+    a   = LayerNorm(x) (float32 statistics, affine)  if LN  else  x          (prologue)
+    z   = a.to(ct) @ weight^T  (float32 accumulation) + bias.to(ct)          (bias optional)
+    h   = GELU(z)  (exact: 0.5 z (1 + erf(z / sqrt 2)), as nn.GELU())         if GELU
+    out = residual + scale[row // RPG] * h,  stored in out_dtype              (scale, residual optional)
+
+which is timm's ``x + drop_path(proj(attn))``, ``qkv(norm1(x))``, ``act(fc1(norm2(x)))`` and ``x + drop_path(fc2(h))``
+under ``torch.autocast`` (LayerNorm in float32, its output cast to the autocast dtype, the Linear in that dtype with
+float32 accumulation, the residual add in the residual stream's dtype). The fused kernel rounds once, at the store;
+the reference rounds the Linear's output to ``ct`` before GELU / the residual add, so the fused result is as close
+or closer to the float64 value.
+
+Backward (``linear_dgrad``), with ``g = dout * scale * GELU'(z)`` (``z`` saved by the forward in ``ct``)::
+
+    dz = g.to(ct)         (written once: the reference writes it too, as GELU's / the cast's gradient)
+    da = dz @ weight      (the GELU derivative and the scale are applied in this GEMM's prologue)
+
+and the op (crossvit_fast/ops/linear.py) finishes with ``dW = dz^T a`` and ``db = sum_rows(dz)`` (torch matmul /
+sum, deterministic) and the LayerNorm backward (the ``layer_norm`` op's kernel) on ``da``.
+
+Algorithm
+---------
+One program per (BLOCK_M x BLOCK_N) output tile, tiles ordered in groups of GROUP_M row tiles so that a group's
+rows of x stay in L2 while it sweeps N. With the LayerNorm prologue a program first walks its BLOCK_M rows over K
+once for the statistics (chunked mean / M2 merged as Chan et al.: no catastrophic cancellation, one pass), then walks
+K again normalising each (BLOCK_M x BLOCK_K) chunk in float32 in registers, rounding it to ``ct`` and feeding
+``tl.dot`` (the second read hits L2: the row block was just read). Weight chunks are ``(BLOCK_K, BLOCK_N)`` views of
+the ``(N, K)`` Linear weight (no transpose copy). The epilogue is applied to the float32 accumulator in registers.
+When the backward will be needed the forward also writes ``z`` (GELU only), the rounded normalised input ``a``
+(LayerNorm only; the reference writes LayerNorm's output too) and the float32 row statistics, from the programs of
+the first column tile.
+
+The dgrad kernel is the same GEMM over N: each program's prologue loads ``dout`` (and ``z``) chunks, applies the
+scale and GELU' in float32, rounds to ``ct``, and the programs of the first K-column tile store ``dz``.
+Deterministic: no atomics, no split-K.
+
+Limits
+------
+* x: ``(..., K)``, any strides for 2-D and 3-D (read in place); other ranks reshaped. residual / out: x's leading
+  shape and N. weight ``(N, K)``, any strides. 1 <= K, N; no upper bound (K is looped over).
+* dtypes: float16, bfloat16, float32 for every tensor. float32 dots run with ``input_precision="ieee"`` (true
+  float32 products); 16-bit dots on tensor cores. The weight's dtype is the compute dtype: under autocast the caller
+  casts the float32 parameter once per call (as autocast itself does; an N x K copy, small beside the activations).
+  Triton's CPU interpreter computes garbage for bfloat16 dots and truncates bfloat16 stores: refused there.
+* Offsets are 32-bit unless a tensor spans 2**31 elements or more (then the 64-bit specialisation IDX64).
+
+Ahead-of-time compile for sm_90 (triton 3.6.0, the GPU machines' version; sm_90a ptxas -v through the fake
+driver of /work/shared/tools/sm90/fakedrv.py): every case of ``aot_cases()``, i.e. every config in ``CONFIGS`` the
+launcher can pick x the flag sets of qkv / proj / fc1 / fc2 (fc2 compiles to the same specialisation as proj) x
+inference and training (SAVE) x float16 / bfloat16 / float32, at K, N of every width of the family (96 ... 768 and
+3x) with the batch-256 row counts. All compile; every 16-bit dot lowers to Hopper's warp-group MMA (``wgmma`` in the
+PTX, forward and dgrad); no spills (0 bytes spill stores / loads, no ``ld.local``); shared memory at most 132,096
+bytes (H100 limit 232,448); the most registers 253 (dgrad with GELU', 4 and 8 warps). float32 (``ieee``) dots are
+FMA loops (no wgmma, by design); the float32 tile was shrunk to BLOCK_K = 16 after BLOCK_K = 32 spilled 4 bytes in
+the dgrad. Distinct specialisations (widths with the same divisibility give identical binaries) are in
+``AOT_SM90`` below (float16 within 2 registers of bfloat16, same shared memory).
+
+Not yet timed on a GPU: the configs and the choice in ``_pick`` are a first guess, not tuned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["linear_fwd", "linear_dgrad", "check_linear_inputs", "SUPPORTED_DTYPES", "CONFIGS", "pick_config",
+           "aot_cases"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+_INT32_MAX = 2**31 - 1
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): every tile the launcher may pick on a GPU. For dgrad BLOCK_N
+# counts output columns (of K) and BLOCK_K the reduction over N, the same roles.
+CONFIGS: Dict[str, Tuple[int, int, int, int, int]] = {
+    "16bit-large": (128, 128, 64, 8, 3),
+    "16bit-small": (64, 128, 64, 4, 3),
+    "fp32": (64, 64, 16, 4, 2),
+}
+GROUP_M = 8
+# The interpreter's cost is per program: large tiles. Tests shrink it to walk several tiles and ragged edges.
+_INTERPRETER_CONFIG = (128, 128, 128, 1, 1)
+_SM_COUNT_DEFAULT = 132
+
+
+# (No @triton.jit helpers below: under Triton's CPU interpreter every call of a jitted helper costs ~20 ms of
+# re-patching, more than the arithmetic; GELU, the tile order and the row offsets are written inline.)
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    X, W, Bias, LnW, LnB, Scale, Res, Out, Pre, Ahat, Mean, Rstd,  # unused pointers are placeholders
+    M, N, K, T, RPG, eps,  # T: rows per leading index of the 3-D views; RPG: rows per scale entry
+    sx0, sx1, sxk,  # x strides, (B, T, K) view
+    swn, swk,  # weight strides, (N, K)
+    sr0, sr1, srn,  # residual strides, (B, T, N)
+    so0, so1, son,  # out strides, (B, T, N)
+    HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_RES: tl.constexpr, SAVE: tl.constexpr,  # SAVE: write z (GELU), a and the row statistics (LN)
+    EVEN_K: tl.constexpr, IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    CT: tl.constexpr = W.dtype.element_ty
+    # tile order: GROUP row tiles sweep the column tiles together (their rows of x stay in L2)
+    pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    in_group = GROUP * ((N + BLOCK_N - 1) // BLOCK_N)
+    first_m = (pid // in_group) * GROUP
+    size = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % in_group) % size
+    pid_n = (pid % in_group) // size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    nmask = cols < N
+    bt, tt = rows // T, rows % T  # (b, t) of each row in the (B, T, .) views
+    first_col_tile = (tl.zeros((BLOCK_M,), dtype=tl.int32) + pid_n) == 0  # (BLOCK_M,) of one value
+    x_ptrs = X + (bt * sx0 + tt * sx1)[:, None] + ks[None, :] * sxk  # (BLOCK_M, BLOCK_K), advanced along K
+    w_ptrs = W + cols[None, :] * swn + ks[:, None] * swk  # (BLOCK_K, BLOCK_N)
+
+    if HAS_LN:
+        # one pass over the row block: per-chunk mean and M2 merged (Chan et al.)
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        p = x_ptrs
+        for k0 in range(0, K, BLOCK_K):
+            kmask = ks < K - k0
+            xk = tl.load(p, mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            cnt = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
+            cmean = tl.sum(xk, axis=1) / cnt
+            d = tl.where(kmask[None, :], xk - cmean[:, None], 0.0)
+            tot = k0 + cnt
+            delta = cmean - mean
+            mean += delta * (cnt / tot)
+            m2 += tl.sum(d * d, axis=1) + delta * delta * (k0 * cnt / tot)
+            p += BLOCK_K * sxk
+        rstd = 1.0 / tl.sqrt(m2 / K + eps)
+        if SAVE:
+            tl.store(Mean + rows, mean, mask=rmask & first_col_tile)
+            tl.store(Rstd + rows, rstd, mask=rmask & first_col_tile)
+        if SAVE:
+            ahat_ptrs = Ahat + rows[:, None] * K + ks[None, :]
+            save_rows = (rmask & first_col_tile)[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = ks < K - k0
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=rmask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=nmask[None, :] & kmask[:, None], other=0.0)
+        if HAS_LN:
+            g = tl.load(LnW + k0 + ks, mask=kmask, other=0.0).to(tl.float32)
+            bb = tl.load(LnB + k0 + ks, mask=kmask, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + bb[None, :]
+        a = a.to(CT)
+        if HAS_LN:
+            if SAVE:
+                tl.store(ahat_ptrs, a, mask=save_rows & kmask[None, :])
+                ahat_ptrs += BLOCK_K
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += BLOCK_K * swk
+
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=nmask, other=0.0).to(CT).to(tl.float32)[None, :]
+    omask = rmask[:, None] & nmask[None, :]
+    if GELU:
+        if SAVE:
+            tl.store(Pre + rows[:, None] * N + cols[None, :], acc.to(CT), mask=omask)
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))  # exact GELU
+    if HAS_SCALE:
+        s = tl.load(Scale + rows // RPG, mask=rmask, other=0.0).to(tl.float32)
+        acc = acc * s[:, None]
+    if HAS_RES:
+        res = tl.load(Res + (bt * sr0 + tt * sr1)[:, None] + cols[None, :] * srn, mask=omask, other=0.0)
+        acc += res.to(tl.float32)
+    tl.store(Out + (bt * so0 + tt * so1)[:, None] + cols[None, :] * son, acc.to(Out.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _linear_dgrad_kernel(
+    DOut, Pre, Scale, W, DA, DZ,  # Pre / Scale unused without GELU / HAS_SCALE
+    M, N, K, T, RPG,
+    sd0, sd1, sdn,  # dout strides, (B, T, N)
+    swn, swk,  # weight strides, (N, K)
+    sa0, sa1, sak,  # da strides, (B, T, K)
+    GELU: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_DZ: tl.constexpr,
+    EVEN_N: tl.constexpr, IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    # Output tile: BLOCK_M rows x BLOCK_N columns of da (K wide); the reduction runs over the GEMM's N in chunks of
+    # BLOCK_K.
+    CT: tl.constexpr = W.dtype.element_ty
+    pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    in_group = GROUP * ((K + BLOCK_N - 1) // BLOCK_N)
+    first_m = (pid // in_group) * GROUP
+    size = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % in_group) % size
+    pid_k = (pid % in_group) // size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if IDX64:
+        rows = rows.to(tl.int64)
+    kcols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    ns = tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    kmask = kcols < K
+    bt, tt = rows // T, rows % T
+    if HAS_SCALE:
+        s = tl.load(Scale + rows // RPG, mask=rmask, other=0.0).to(tl.float32)
+    first_col_tile = (tl.zeros((BLOCK_M,), dtype=tl.int32) + pid_k) == 0  # (BLOCK_M,) of one value
+    d_ptrs = DOut + (bt * sd0 + tt * sd1)[:, None] + ns[None, :] * sdn  # (BLOCK_M, BLOCK_K), along N
+    w_ptrs = W + ns[:, None] * swn + kcols[None, :] * swk  # (BLOCK_K, BLOCK_N)
+    if GELU:
+        z_ptrs = Pre + rows[:, None] * N + ns[None, :]
+    if STORE_DZ:
+        dz_ptrs = DZ + rows[:, None] * N + ns[None, :]
+        dz_rows = (rmask & first_col_tile)[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_K):
+        nmask = ns < N - n0
+        if EVEN_N:
+            m = rmask[:, None]
+            w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0)
+        else:
+            m = rmask[:, None] & nmask[None, :]
+            w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
+        g = tl.load(d_ptrs, mask=m, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * s[:, None]
+        if GELU:
+            z = tl.load(z_ptrs, mask=m, other=0.0).to(tl.float32)
+            cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+            g = g * (cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327)  # GELU'(z) = Phi(z) + z phi(z)
+            z_ptrs += BLOCK_K
+        dz = g.to(CT)
+        if STORE_DZ:
+            tl.store(dz_ptrs, dz, mask=dz_rows & nmask[None, :])
+            dz_ptrs += BLOCK_K
+        acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+        d_ptrs += BLOCK_K * sdn
+        w_ptrs += BLOCK_K * swn
+    tl.store(DA + (bt * sa0 + tt * sa1)[:, None] + kcols[None, :] * sak, acc.to(DA.dtype.element_ty),
+             mask=rmask[:, None] & kmask[None, :])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _device_of(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _as3d(t: torch.Tensor) -> torch.Tensor:
+    """A (B, T, C) view of ``t`` (2-D: (1, R, C); 1-D: (1, 1, C); other ranks reshaped, a copy only without a view)."""
+    if t.dim() == 3:
+        return t
+    if t.dim() == 2:
+        return t.unsqueeze(0)
+    return t.reshape(1, -1, t.shape[-1])
+
+
+def _span(t: torch.Tensor) -> int:
+    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def _dtype_name(d) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return _SM_COUNT_DEFAULT
+
+
+def pick_config(M: int, N: int, dtype: torch.dtype, sms: int = _SM_COUNT_DEFAULT) -> Tuple[int, int, int, int, int]:
+    """The (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tile for an (M x N) output in compute dtype ``dtype``."""
+    if _INTERPRETED:
+        return _INTERPRETER_CONFIG
+    if dtype == torch.float32:
+        return CONFIGS["fp32"]
+    big = CONFIGS["16bit-large"]
+    tiles = triton.cdiv(M, big[0]) * triton.cdiv(N, big[1])
+    return big if tiles >= 2 * sms else CONFIGS["16bit-small"]
+
+
+def _check_tensor(name: str, t, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"linear: {name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
+    if device is not None and t.device != device:
+        raise ValueError(f"linear: {name} is on {t.device}, but x is on {device}; expected one device")
+
+
+def _check_device_kind(device: torch.device, dtypes) -> None:
+    if device.type == "cuda":
+        return
+    if device.type == "cpu":
+        if not _INTERPRETED:
+            raise ValueError("linear: x is on the CPU, but the Triton kernels need a CUDA device (CPU runs only under "
+                             "Triton's interpreter, TRITON_INTERPRET=1 set before crossvit_fast.kernels.linear is "
+                             "imported)")
+        if torch.bfloat16 in dtypes:
+            raise TypeError("linear: bfloat16 is not supported under Triton's CPU interpreter (it computes wrong "
+                            "bfloat16 dots and truncates bfloat16 stores); use float16/float32 on CPU, or CUDA")
+        return
+    raise ValueError(f"linear: x is on {device}; expected a CUDA device")
+
+
+def check_linear_inputs(x, weight, bias=None, ln_weight=None, ln_bias=None, eps=1e-6, scale=None, residual=None,
+                        out_dtype=None) -> Tuple[int, int]:
+    """Every check of the forward, before any allocation or launch; returns (K, N)."""
+    _check_tensor("x", x, None)
+    _check_tensor("weight", weight, x.device)
+    for name, t in (("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias), ("scale", scale),
+                    ("residual", residual)):
+        if t is not None:
+            _check_tensor(name, t, x.device)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"linear: x must have a last (feature) dimension >= 1, got shape {tuple(x.shape)}")
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K or weight.shape[0] < 1:
+        raise ValueError(f"linear: weight has shape {tuple(weight.shape)}, expected (N, {K}) with N >= 1 (nn.Linear's "
+                         f"(out_features, in_features)) for x of shape {tuple(x.shape)}")
+    N = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"linear: bias has shape {tuple(bias.shape)}, expected ({N},)")
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("linear: the LayerNorm prologue needs both ln_weight and ln_bias (an affine LayerNorm)")
+    if ln_weight is not None:
+        for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+            if tuple(t.shape) != (K,):
+                raise ValueError(f"linear: {name} has shape {tuple(t.shape)}, expected ({K},)")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
+            raise ValueError(f"linear: eps must be a float >= 0, got {eps!r}")
+    out_shape = tuple(x.shape[:-1]) + (N,)
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"linear: residual has shape {tuple(residual.shape)}, expected {out_shape}")
+    if scale is not None:
+        lead = x.shape[0] if x.dim() >= 2 else 1
+        if scale.numel() != lead or (scale.dim() > 0 and scale.shape[0] != lead):
+            raise ValueError(f"linear: scale has shape {tuple(scale.shape)}, expected one value per index of x's "
+                             f"first dimension ({lead},) (drop-path's per-sample scale)")
+    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"linear: out_dtype {out_dtype}; expected float16, bfloat16 or float32")
+    dtypes = {t.dtype for t in (x, weight, bias, ln_weight, ln_bias, scale, residual) if t is not None}
+    _check_device_kind(x.device, dtypes | ({out_dtype} if out_dtype is not None else set()))
+    return K, N
+
+
+def default_out_dtype(weight_dtype: torch.dtype, residual: Optional[torch.Tensor]) -> torch.dtype:
+    """The compute dtype, or with a residual ``promote(residual, compute)`` (timm's ``x + branch`` under autocast)."""
+    return weight_dtype if residual is None else torch.promote_types(residual.dtype, weight_dtype)
+
+
+def linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    ln_weight: Optional[torch.Tensor] = None,
+    ln_bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    gelu: bool = False,
+    scale: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    save: bool = False,
+    *,
+    out: Optional[torch.Tensor] = None,
+    config: Optional[Tuple[int, int, int, int, int]] = None,
+):
+    """Forward: ``(out, pre, ahat, mean, rstd)``.
+
+    ``out`` has shape ``x.shape[:-1] + (N,)`` in ``out_dtype`` (default :func:`default_out_dtype`); ``out=`` takes a
+    preallocated tensor of any strides (2-D / 3-D). With ``save``: ``pre`` = z (GELU only), ``ahat`` = the rounded
+    normalised input (LayerNorm only), both contiguous ``(M, ·)`` in the compute dtype, and ``mean`` / ``rstd``
+    float32 ``(M,)`` (LayerNorm only); otherwise None.
+    """
+    K, N = check_linear_inputs(x, weight, bias, ln_weight, ln_bias, eps, scale, residual, out_dtype)
+    ct = weight.dtype
+    odt = out_dtype or default_out_dtype(ct, residual)
+    out_shape = tuple(x.shape[:-1]) + (N,)
+    if out is None:
+        out = torch.empty(out_shape, dtype=odt, device=x.device)
+    else:
+        if tuple(out.shape) != out_shape or out.dtype != odt or out.device != x.device:
+            raise ValueError(f"linear: out must be a {odt} tensor of shape {out_shape} on {x.device}, got "
+                             f"{out.dtype} {tuple(out.shape)} on {out.device}")
+        if out.dim() > 3 and not out.is_contiguous():
+            raise ValueError("linear: a preallocated out of more than 3 dimensions must be contiguous")
+    has_ln = ln_weight is not None
+    M = x.numel() // K
+    dev = x.device
+    pre = torch.empty((M, N), dtype=ct, device=dev) if save and gelu else None
+    ahat = torch.empty((M, K), dtype=ct, device=dev) if save and has_ln else None
+    mean = torch.empty((M,), dtype=torch.float32, device=dev) if save and has_ln else None
+    rstd = torch.empty((M,), dtype=torch.float32, device=dev) if save and has_ln else None
+    if M == 0:
+        return out, pre, ahat, mean, rstd
+    x3, o3 = _as3d(x), _as3d(out)
+    r3 = _as3d(residual) if residual is not None else o3
+    T = x3.shape[1]
+    if o3.shape[1] != T or r3.shape[1] != T:  # a reshaped 4-D+ tensor: fall back to one flat row index
+        raise ValueError("linear: x, residual and out must share their leading shape")
+    lead = x.shape[0] if x.dim() >= 2 else 1
+    rpg = max(M // lead, 1)
+    scale_flat = scale.reshape(-1) if scale is not None else None
+    idx64 = max(_span(t) for t in (x3, o3, r3, weight)) > _INT32_MAX or M * max(N, K) > _INT32_MAX
+    bm, bn, bk, warps, stages = config or pick_config(M, N, ct, _sm_count(x))
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    dummy = out
+    with _device_of(x):
+        _linear_fwd_kernel[grid](
+            x3, weight, bias if bias is not None else dummy, ln_weight if has_ln else dummy,
+            ln_bias if has_ln else dummy, scale_flat if scale is not None else dummy, r3, o3,
+            pre if pre is not None else dummy, ahat if ahat is not None else dummy,
+            mean if mean is not None else dummy, rstd if rstd is not None else dummy,
+            M, N, K, T, rpg, float(eps),
+            *x3.stride(), *weight.stride(), *r3.stride(), *o3.stride(),
+            HAS_LN=has_ln, HAS_BIAS=bias is not None, GELU=bool(gelu), HAS_SCALE=scale is not None,
+            HAS_RES=residual is not None, SAVE=bool(save), EVEN_K=K % bk == 0, IDX64=idx64,
+            DOT_PRECISION="ieee" if ct == torch.float32 else "tf32",
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, num_warps=warps, num_stages=stages,
+        )
+    return out, pre, ahat, mean, rstd
+
+
+def linear_dgrad(
+    dout: torch.Tensor,
+    weight: torch.Tensor,
+    pre: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    da_dtype: Optional[torch.dtype] = None,
+    store_dz: bool = True,
+    *,
+    da: Optional[torch.Tensor] = None,
+    config: Optional[Tuple[int, int, int, int, int]] = None,
+):
+    """Backward of the GEMM: ``(da, dz)`` with ``dz = (dout * scale * GELU'(pre)).to(weight.dtype)`` (``(M, N)``
+    contiguous, None without ``store_dz``) and ``da = dz @ weight`` (shape ``dout.shape[:-1] + (K,)``, in
+    ``da_dtype``, default the compute dtype; ``da=`` takes a preallocated tensor of any strides). ``pre`` is the
+    forward's saved ``z`` (GELU) or None; ``scale`` the forward's per-group scale or None."""
+    _check_tensor("dout", dout, None)
+    _check_tensor("weight", weight, dout.device)
+    if weight.dim() != 2 or dout.dim() < 1 or dout.shape[-1] != weight.shape[0]:
+        raise ValueError(f"linear backward: dout has shape {tuple(dout.shape)} and weight {tuple(weight.shape)}; "
+                         f"expected dout (..., N) and weight (N, K)")
+    N, K = weight.shape
+    M = dout.numel() // N
+    if pre is not None:
+        _check_tensor("pre", pre, dout.device)
+        if tuple(pre.shape) != (M, N) or not pre.is_contiguous():
+            raise ValueError(f"linear backward: pre must be the forward's contiguous ({M}, {N}) z, got "
+                             f"{tuple(pre.shape)}")
+    if scale is not None:
+        _check_tensor("scale", scale, dout.device)
+        lead = dout.shape[0] if dout.dim() >= 2 else 1
+        if scale.numel() != lead:
+            raise ValueError(f"linear backward: scale has {scale.numel()} values, expected {lead}")
+    if da_dtype is not None and da_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"linear backward: da_dtype {da_dtype}; expected float16, bfloat16 or float32")
+    ct = weight.dtype
+    _check_device_kind(dout.device, {dout.dtype, ct, da_dtype or ct} | ({pre.dtype} if pre is not None else set()))
+    a_shape = tuple(dout.shape[:-1]) + (K,)
+    if da is None:
+        da = torch.empty(a_shape, dtype=da_dtype or ct, device=dout.device)
+    elif tuple(da.shape) != a_shape or da.dtype != (da_dtype or ct):
+        raise ValueError(f"linear backward: da must be a {da_dtype or ct} tensor of shape {a_shape}")
+    dz = torch.empty((M, N), dtype=ct, device=dout.device) if store_dz else None
+    if M == 0:
+        return da, dz
+    d3, a3 = _as3d(dout), _as3d(da)
+    lead = dout.shape[0] if dout.dim() >= 2 else 1
+    idx64 = max(_span(t) for t in (d3, a3, weight)) > _INT32_MAX or M * max(N, K) > _INT32_MAX
+    bm, bn, bk, warps, stages = config or pick_config(M, K, ct, _sm_count(dout))
+    grid = (triton.cdiv(M, bm) * triton.cdiv(K, bn),)
+    with _device_of(dout):
+        _linear_dgrad_kernel[grid](
+            d3, pre if pre is not None else d3, scale.reshape(-1) if scale is not None else d3, weight, a3,
+            dz if dz is not None else a3,
+            M, N, K, d3.shape[1], max(M // lead, 1),
+            *d3.stride(), *weight.stride(), *a3.stride(),
+            GELU=pre is not None, HAS_SCALE=scale is not None, STORE_DZ=bool(store_dz), EVEN_N=N % bk == 0,
+            IDX64=idx64, DOT_PRECISION="ieee" if ct == torch.float32 else "tf32",
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, num_warps=warps, num_stages=stages,
+        )
+    return da, dz
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile cases (for an sm_90 compile tool: fakedrv + fn.warmup)
+# --------------------------------------------------------------------------------------------------------------
+
+# The five GEMMs of a branch block at (C, flags): qkv (LN, bias), proj (bias, scale, residual), fc1 (LN, bias,
+# GELU), fc2 (bias, scale, residual); the model family's widths.
+_BLOCK_GEMMS = (
+    ("qkv", 1, 3, dict(ln=True, bias=True)),
+    ("proj", 1, 1, dict(bias=True, scale=True, res=True)),
+    ("fc1", 1, 3, dict(ln=True, bias=True, gelu=True)),
+    ("fc2", 3, 1, dict(bias=True, scale=True, res=True)),
+)
+AOT_WIDTHS = (96, 128, 192, 224, 384, 448, 768)
+
+
+def aot_cases() -> List[Dict[str, object]]:
+    """Every (kernel, flags, K, N, dtype, config) the launchers can compile for the family: a list of dicts with
+    ``kernel`` ("fwd" / "dgrad"), ``name``, ``K``, ``N``, ``dtype``, ``config`` and the flag keywords. An sm_90 tool
+    builds CPU tensors of these shapes and calls ``linear_fwd`` / ``linear_dgrad`` (or the kernels' ``warmup``)."""
+    out = []
+    for C in AOT_WIDTHS:
+        for name, kin, nout, flags in _BLOCK_GEMMS:
+            K, N = kin * C, nout * C
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                names = ["fp32"] if dtype == torch.float32 else ["16bit-large", "16bit-small"]
+                for cfg in names:
+                    for save in (False, True):
+                        out.append(dict(kernel="fwd", name=name, K=K, N=N, dtype=dtype, config=cfg, save=save,
+                                        **flags))
+                    out.append(dict(kernel="dgrad", name=name, K=K, N=N, dtype=dtype, config=cfg,
+                                    gelu=flags.get("gelu", False), scale=flags.get("scale", False)))
+    return out
+
+
+AOT_SM90 = """
+sm_90a, triton 3.6.0, ptxas -v (K loop "even": K (dgrad: N) a multiple of BLOCK_K, else the masked "ragged" loop;
+mode "save": the training forward that also writes z / a / the row statistics)
+kernel gemm flags           K loop dtype tile             mode  regs spill   smem wgmma
+fwd    qkv  ln,bias         ragged bf16  128x128x64/w8/s3 infer  220   0/0 132096     4
+fwd    qkv  ln,bias         ragged bf16  128x128x64/w8/s3 save   240   0/0 132096     4
+fwd    qkv  ln,bias         ragged bf16  64x128x64/w4/s3  infer  238   0/0  91136     4
+fwd    qkv  ln,bias         ragged bf16  64x128x64/w4/s3  save   236   0/0  91136     4
+fwd    proj bias,scale,res  ragged bf16  128x128x64/w8/s3 infer  216   0/0  98304     4
+fwd    proj bias,scale,res  ragged bf16  128x128x64/w8/s3 save   216   0/0  98304     4
+fwd    proj bias,scale,res  ragged bf16  64x128x64/w4/s3  infer  188   0/0  73728     4
+fwd    proj bias,scale,res  ragged bf16  64x128x64/w4/s3  save   188   0/0  73728     4
+fwd    fc1  ln,bias,gelu    ragged bf16  128x128x64/w8/s3 infer  216   0/0 132096     4
+fwd    fc1  ln,bias,gelu    ragged bf16  128x128x64/w8/s3 save   234   0/0 132096     4
+fwd    fc1  ln,bias,gelu    ragged bf16  64x128x64/w4/s3  infer  236   0/0  91136     4
+fwd    fc1  ln,bias,gelu    ragged bf16  64x128x64/w4/s3  save   234   0/0  91136     4
+fwd    qkv  ln,bias         even   bf16  128x128x64/w8/s3 infer  220   0/0 132096     4
+fwd    qkv  ln,bias         even   bf16  128x128x64/w8/s3 save   240   0/0 132096     4
+fwd    qkv  ln,bias         even   bf16  64x128x64/w4/s3  infer  234   0/0  91136     4
+fwd    qkv  ln,bias         even   bf16  64x128x64/w4/s3  save   236   0/0  91136     4
+fwd    proj bias,scale,res  even   bf16  128x128x64/w8/s3 infer  216   0/0  98304     4
+fwd    proj bias,scale,res  even   bf16  128x128x64/w8/s3 save   216   0/0  98304     4
+fwd    proj bias,scale,res  even   bf16  64x128x64/w4/s3  infer  188   0/0  73728     4
+fwd    proj bias,scale,res  even   bf16  64x128x64/w4/s3  save   188   0/0  73728     4
+fwd    fc1  ln,bias,gelu    even   bf16  128x128x64/w8/s3 infer  222   0/0 132096     4
+fwd    fc1  ln,bias,gelu    even   bf16  128x128x64/w8/s3 save   234   0/0 132096     4
+fwd    fc1  ln,bias,gelu    even   bf16  64x128x64/w4/s3  infer  238   0/0  91136     4
+fwd    fc1  ln,bias,gelu    even   bf16  64x128x64/w4/s3  save   232   0/0  91136     4
+dgrad  qkv  -               ragged bf16  128x128x64/w8/s3 -      128   0/0  81920     4
+dgrad  qkv  -               ragged bf16  64x128x64/w4/s3  -      140   0/0  65536     4
+dgrad  proj scale           ragged bf16  128x128x64/w8/s3 -      181   0/0 114688     4
+dgrad  proj scale           ragged bf16  64x128x64/w4/s3  -      186   0/0  81920     4
+dgrad  fc1  gelu            ragged bf16  128x128x64/w8/s3 -      253   0/0 114688     4
+dgrad  fc1  gelu            ragged bf16  64x128x64/w4/s3  -      253   0/0  81920     4
+dgrad  qkv  -               even   bf16  128x128x64/w8/s3 -      128   0/0  81920     4
+dgrad  qkv  -               even   bf16  64x128x64/w4/s3  -      128   0/0  65536     4
+dgrad  proj scale           even   bf16  128x128x64/w8/s3 -      175   0/0 114688     4
+dgrad  proj scale           even   bf16  64x128x64/w4/s3  -      176   0/0  81920     4
+dgrad  fc1  gelu            even   bf16  128x128x64/w8/s3 -      248   0/0 114688     4
+dgrad  fc1  gelu            even   bf16  64x128x64/w4/s3  -      250   0/0  81920     4
+fwd    qkv  ln,bias         even   fp32  64x64x16/w4/s2   infer  128   0/0  12416     0
+fwd    qkv  ln,bias         even   fp32  64x64x16/w4/s2   save   168   0/0  12416     0
+fwd    proj bias,scale,res  even   fp32  64x64x16/w4/s2   infer  128   0/0   8192     0
+fwd    proj bias,scale,res  even   fp32  64x64x16/w4/s2   save   128   0/0   8192     0
+fwd    fc1  ln,bias,gelu    even   fp32  64x64x16/w4/s2   infer  128   0/0  12416     0
+fwd    fc1  ln,bias,gelu    even   fp32  64x64x16/w4/s2   save   168   0/0  12416     0
+dgrad  qkv  -               even   fp32  64x64x16/w4/s2   -      128   0/0   8192     0
+dgrad  proj scale           even   fp32  64x64x16/w4/s2   -      165   0/0  12288     0
+dgrad  fc1  gelu            even   fp32  64x64x16/w4/s2   -      165   0/0  16384     0
+"""

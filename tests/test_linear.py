@@ -1,0 +1,615 @@
+"""Fused branch-block GEMM (``crossvit_fast::linear``) against ``linear_ref`` in float64, and the five-kernel Block.
+
+Tolerance rule (crossvit_fast.testing): the kernel's error against the float64 reference is at most twice the error
+of the reference itself run in the same low dtype, plus a small atol. Checked for the output and the gradients of
+x, weight, bias, the LayerNorm's weight and bias and the residual, for every combination of the prologue and
+epilogue flags. Without CUDA the kernels run in Triton's CPU interpreter (float32/float16; bfloat16 on CUDA only).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from crossvit_fast.reference import linear_ref
+from crossvit_fast.testing import assert_within_rule, poison_
+
+kl = pytest.importorskip("crossvit_fast.kernels.linear", reason="triton is not installed")
+from crossvit_fast.ops.linear import linear  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+cpu_only = pytest.mark.skipif(CUDA, reason="CPU-interpreter variant; the CUDA tests cover this on a GPU")
+LOW_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+FLAGS = ("ln", "bias", "gelu", "scale", "res")
+SMALL_TILES = (16, 16, 16, 1, 1)  # interpreter: several row/column tiles, K loops and ragged edges
+
+
+def _ids(d):
+    return str(d).replace("torch.", "")
+
+
+def rand(shape, dtype, layout="contiguous", scale=1.0, shift=0.0):
+    """Random 3-D ``shape`` in a memory layout (a view of its storage)."""
+    B, T, C = shape
+    if layout == "contiguous":
+        t = torch.randn(B, T, C, device=DEV)
+    elif layout == "slice":
+        t = torch.randn(B, T, C + 24, device=DEV)[..., 8:8 + C]
+    elif layout == "transposed":
+        t = torch.randn(C, T, B, device=DEV).permute(2, 1, 0)
+    else:
+        raise ValueError(layout)
+    return (t * scale + shift).to(dtype)
+
+
+def make(shape, N, dtype, flags, x_dtype=None, res_dtype=None, layout="contiguous", p_drop=0.5):
+    """Inputs of one GEMM: x (the residual stream's dtype with a LayerNorm, as under autocast), weight in the
+    compute dtype ``dtype``, float32 parameters, a drop-path scale with a zero, a residual."""
+    B, T, K = shape
+    x_dtype = x_dtype or dtype
+    x = rand(shape, x_dtype, layout, shift=2.0 if "ln" in flags else 0.0)
+    w = (torch.randn(N, K, device=DEV) / K ** 0.5).to(dtype)
+    if layout == "transposed":
+        w = (torch.randn(K, N, device=DEV) / K ** 0.5).to(dtype).t()
+    args = dict(x=x, weight=w)
+    if "bias" in flags:
+        args["bias"] = torch.randn(N, device=DEV).to(x_dtype)
+    if "ln" in flags:
+        args["ln_weight"] = (1 + 0.3 * torch.randn(K, device=DEV)).to(x_dtype)
+        args["ln_bias"] = (0.3 * torch.randn(K, device=DEV)).to(x_dtype)
+    if "gelu" in flags:
+        args["gelu"] = True
+    if "scale" in flags:
+        keep = torch.ones(B, device=DEV)
+        keep[::2] = 0.0
+        args["scale"] = (keep / (1 - p_drop)).to(dtype)
+    if "res" in flags:
+        args["residual"] = rand((B, T, N), res_dtype or x_dtype, layout)
+    return args
+
+
+def reference(args, dout, dtype64=True):
+    """Output and gradients of ``linear_ref``: in float64 (the oracle) or in the inputs' own dtypes (the rule's
+    baseline)."""
+    diff = ("x", "weight", "bias", "ln_weight", "ln_bias", "residual")
+    leaves = {}
+    call = {}
+    for k, v in args.items():
+        if isinstance(v, torch.Tensor):
+            t = v.detach()
+            if dtype64:
+                t = t.double()
+            if k in diff:
+                t = t.requires_grad_()
+                leaves[k] = t
+            call[k] = t
+        else:
+            call[k] = v
+    out = linear_ref(**call)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout.to(out.dtype))
+    return out.detach(), dict(zip(leaves, grads))
+
+
+def run_op(args, dout):
+    leaves = {k: v.detach().requires_grad_() for k, v in args.items()
+              if isinstance(v, torch.Tensor) and k != "scale"}
+    call = dict(args, **leaves)
+    out = linear(**call)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout)
+    return out, dict(zip(leaves, grads))
+
+
+def check(args):
+    """The op (forward + backward) and the launchers into NaN-poisoned buffers, against float64 under the rule."""
+    a = dict(args)
+    K = a["x"].shape[-1]
+    N = a["weight"].shape[0]
+    odt = kl.default_out_dtype(a["weight"].dtype, a.get("residual"))
+    dout = torch.randn(tuple(a["x"].shape[:-1]) + (N,), device=DEV).to(odt)
+    out, grads = run_op(a, dout)
+    o64, g64 = reference(a, dout)
+    olow, glow = reference(a, dout, dtype64=False)
+    assert out.dtype == olow.dtype == odt, (out.dtype, olow.dtype, odt)
+    assert_within_rule(out, o64, olow, what="out")
+    for name, g in grads.items():
+        assert g.dtype == args[name].dtype and g.shape == args[name].shape, name
+        assert_within_rule(g, g64[name], glow[name].to(g.dtype), what=f"d{name}")
+    # launchers into poisoned buffers: every element written
+    kw = {k: v for k, v in a.items() if k != "x" and k != "weight"}
+    o = poison_(torch.empty(tuple(a["x"].shape[:-1]) + (N,), dtype=odt, device=DEV))
+    o2, pre, ahat, mean, rstd = kl.linear_fwd(a["x"], a["weight"], save=True, out=o, **kw)
+    assert o2 is o
+    torch.testing.assert_close(o, out.detach(), rtol=0, atol=0)
+    M = a["x"].numel() // K
+    if "ln_weight" in a:
+        want = F.layer_norm(a["x"].float(), (K,), a["ln_weight"].float(), a["ln_bias"].float(), 1e-6)
+        tol = 1e-5 if a["weight"].dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(ahat.float(), want.to(a["weight"].dtype).float().reshape(M, K), rtol=tol, atol=tol)
+        torch.testing.assert_close(mean, a["x"].float().mean(-1).reshape(M), rtol=1e-5, atol=1e-5)
+    if a.get("gelu"):
+        z = F.linear(ahat if "ln_weight" in a else a["x"].to(a["weight"].dtype).reshape(M, K), a["weight"],
+                     a["bias"].to(a["weight"].dtype) if "bias" in a else None)
+        torch.testing.assert_close(pre.float(), z.float(), rtol=1e-2 if z.dtype != torch.float32 else 1e-5,
+                                   atol=1e-2 if z.dtype != torch.float32 else 1e-5)
+    da = poison_(torch.empty(tuple(a["x"].shape), dtype=torch.float32, device=DEV))
+    kl.linear_dgrad(dout, a["weight"], pre, a.get("scale"), torch.float32, da=da)
+    assert not torch.isnan(da).any()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Every flag combination, odd sizes, layouts (interpreter on CPU; quick on CUDA)
+# ------------------------------------------------------------------------------------------------------------
+
+COMBOS = [c for r in range(len(FLAGS) + 1) for c in itertools.combinations(FLAGS, r)]
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=_ids)
+@pytest.mark.parametrize("flags", COMBOS, ids=lambda c: "+".join(c) or "bare")
+def test_every_flag_combination(flags, dtype):
+    check(make((2, 5, 24), 20, dtype, flags))
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES[1:], ids=_ids)
+@pytest.mark.parametrize("gemm", ["qkv", "proj", "fc1", "fc2"])
+def test_autocast_dtypes(gemm, dtype):
+    """The block's GEMMs as the Block calls them under autocast: float32 residual stream and parameters, the weight
+    cast to the 16-bit compute dtype, 16-bit branch activations, float32 output of the residual adds."""
+    flags = {"qkv": ("ln", "bias"), "proj": ("bias", "scale", "res"), "fc1": ("ln", "bias", "gelu"),
+             "fc2": ("bias", "scale", "res")}[gemm]
+    x_dtype = torch.float32 if "ln" in flags else dtype
+    args = make((3, 7, 32), 48 if gemm in ("qkv", "fc1") else 32, dtype, flags, x_dtype=x_dtype,
+                res_dtype=torch.float32)
+    if "bias" in args:
+        args["bias"] = args["bias"].float()
+    check(args)
+
+
+@pytest.mark.parametrize("shape_n", [((1, 1, 1), 1), ((1, 3, 7), 5), ((3, 13, 37), 35), ((2, 9, 48), 67)],
+                         ids=lambda s: f"{'x'.join(map(str, s[0]))}-N{s[1]}")
+def test_odd_sizes_many_tiles(shape_n, monkeypatch):
+    """Odd M, K, N with small tiles: several row and column tiles, the grouped tile order, K loops, ragged edges."""
+    if not CUDA:
+        monkeypatch.setattr(kl, "_INTERPRETER_CONFIG", SMALL_TILES)
+    shape, N = shape_n
+    check(make(shape, N, torch.float32, FLAGS))
+    check(make(shape, N, torch.float16, FLAGS, x_dtype=torch.float32, res_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("layout", ["slice", "transposed"])
+def test_strided_inputs(layout, monkeypatch):
+    if not CUDA:
+        monkeypatch.setattr(kl, "_INTERPRETER_CONFIG", SMALL_TILES)
+    check(make((3, 5, 40), 24, torch.float32, FLAGS, layout=layout))
+    check(make((3, 5, 40), 24, torch.float16, ("bias", "scale", "res"), layout=layout))
+
+
+def test_other_ranks_and_strided_out():
+    w = torch.randn(12, 20, device=DEV)
+    b = torch.randn(12, device=DEV)
+    for x in (torch.randn(7, 20, device=DEV), torch.randn(20, device=DEV), torch.randn(2, 3, 4, 20, device=DEV),
+              torch.randn(2, 3, 4, 20, device=DEV).transpose(1, 2)):
+        torch.testing.assert_close(linear(x, w, b, gelu=True), linear_ref(x, w, b, gelu=True), rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 5, 20, device=DEV)
+    out = poison_(torch.empty(3, 12, 5, device=DEV)).transpose(1, 2)  # a strided preallocated output
+    kl.linear_fwd(x, w, b, out=out)
+    torch.testing.assert_close(out, linear_ref(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_0_and_1():
+    w, b = torch.randn(8, 16, device=DEV), torch.randn(8, device=DEV)
+    lw, lb = torch.randn(16, device=DEV), torch.randn(16, device=DEV)
+    x = torch.randn(0, 5, 16, device=DEV, requires_grad=True)
+    y = linear(x, w, b, lw, lb, residual=torch.randn(0, 5, 8, device=DEV), gelu=True)
+    assert y.shape == (0, 5, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    check(make((1, 1, 16), 8, torch.float32, FLAGS))
+    check(make((1, 6, 16), 8, torch.float16, FLAGS, x_dtype=torch.float32, res_dtype=torch.float32))
+
+
+def test_scale_zeroes_samples():
+    """Drop-path scale 0 drops a sample's branch: out = residual exactly, and no gradient reaches x or W from it."""
+    args = make((4, 3, 16), 16, torch.float32, ("ln", "bias", "scale", "res"))
+    out = linear(**args)
+    dropped = args["scale"] == 0
+    assert torch.equal(out[dropped], args["residual"][dropped])
+    x = args["x"].detach().requires_grad_()
+    linear(**dict(args, x=x)).sum().backward()
+    assert torch.equal(x.grad[dropped], torch.zeros_like(x.grad[dropped]))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nan_propagates_to_its_row_only():
+    args = make((2, 4, 16), 8, torch.float32, ("ln", "bias", "gelu"))
+    args["x"][1, 2, 5] = float("nan")
+    out = linear(**args)
+    assert torch.isnan(out[1, 2]).all()
+    mask = torch.ones_like(out, dtype=torch.bool)
+    mask[1, 2] = False
+    assert torch.isfinite(out[mask]).all()
+    args = make((2, 4, 16), 8, torch.float32, ("bias",))
+    args["weight"][3, 0] = float("nan")
+    out = linear(**args)
+    assert torch.isnan(out[..., 3]).all() and torch.isfinite(out[..., [0, 1, 2, 4, 5, 6, 7]]).all()
+
+
+def test_deterministic_backward():
+    args = make((3, 11, 24), 40, torch.float32, FLAGS)
+    dout = torch.randn(3, 11, 40, device=DEV)
+    a = run_op(args, dout)[1]
+    b = run_op(args, dout)[1]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Registration: opcheck, torch.compile, lazy import, FLOPs
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_opcheck():
+    x = torch.randn(2, 5, 24, device=DEV, requires_grad=True)
+    w = torch.randn(16, 24, device=DEV, requires_grad=True)
+    b = torch.randn(16, device=DEV, requires_grad=True)
+    lw = torch.randn(24, device=DEV, requires_grad=True)
+    lb = torch.randn(24, device=DEV, requires_grad=True)
+    r = torch.randn(2, 5, 16, device=DEV, requires_grad=True)
+    s = torch.tensor([0.0, 2.0], device=DEV)
+    op = torch.ops.crossvit_fast.linear.default
+    torch.library.opcheck(op, (x, w, b, lw, lb, 1e-6, True, s, r, None, True))
+    torch.library.opcheck(op, (x.detach(), w.detach(), None, None, None, 1e-6, False, None, None, torch.float16,
+                               False))
+    out, pre, ahat, mean, rstd = op(x.detach(), w.detach(), b.detach(), lw.detach(), lb.detach(), 1e-6, True, s,
+                                    None, None, True)
+    torch.library.opcheck(torch.ops.crossvit_fast.linear_backward.default,
+                          (torch.randn_like(out), x.detach(), w.detach(), pre, ahat, lw.detach(), mean, rstd, s))
+
+
+def test_compile_fullgraph_aot_eager():
+    def f(x, w, b, lw, lb, r):
+        h = linear(x, w, b, lw, lb, gelu=True)
+        return linear(h, w.t().contiguous(), None, residual=r)
+
+    args = [torch.randn(2, 7, 16, device=DEV), torch.randn(16, 16, device=DEV), torch.randn(16, device=DEV),
+            torch.randn(16, device=DEV), torch.randn(16, device=DEV), torch.randn(2, 7, 16, device=DEV)]
+    args = [a.requires_grad_() for a in args]
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    g = torch.autograd.grad(y.sum(), args)
+    y_eager = f(*args)
+    g_eager = torch.autograd.grad(y_eager.sum(), args)
+    torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
+    for a, c in zip(g, g_eager):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+
+
+def test_ops_registered_and_import_is_lazy():
+    import os
+    import subprocess
+    import sys
+
+    assert hasattr(torch.ops.crossvit_fast, "linear") and hasattr(torch.ops.crossvit_fast, "linear_backward")
+    code = ("import sys, torch, crossvit_fast.ops.linear; "
+            "torch.ops.crossvit_fast.linear; assert 'triton' not in sys.modules, 'triton was imported'")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_flop_handle_counts_like_the_reference():
+    pytest.importorskip("fvcore")
+    from fvcore.nn import FlopCountAnalysis
+
+    from crossvit_fast.flops import OP_HANDLES
+
+    class Ref(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(24), nn.Linear(24, 40)
+
+        def forward(self, x, r):
+            return r + F.gelu(self.fc(self.norm(x)))[..., :24]
+
+    class Fused(Ref):
+        def forward(self, x, r):
+            return r + linear(x, self.fc.weight, self.fc.bias, self.norm.weight, self.norm.bias, gelu=True)[..., :24]
+
+    args = (torch.randn(2, 5, 24, device=DEV), torch.randn(2, 5, 24, device=DEV))
+    want = FlopCountAnalysis(Ref().to(DEV), args)
+    got = FlopCountAnalysis(Fused().to(DEV), args).set_op_handle(**OP_HANDLES)
+    for a in (want, got):
+        a.unsupported_ops_warnings(False)
+    assert got.total() == want.total() == 2 * 5 * (24 * 40 + 5 * 24)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad inputs: a clear exception before any launch
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    class _Boom:
+        def __getitem__(self, grid):
+            raise AssertionError("a kernel was launched for bad input")
+
+    monkeypatch.setattr(kl, "_linear_fwd_kernel", _Boom())
+    monkeypatch.setattr(kl, "_linear_dgrad_kernel", _Boom())
+
+
+def test_bad_inputs(no_launch):
+    x = torch.randn(2, 5, 16, device=DEV)
+    w, b = torch.randn(8, 16, device=DEV), torch.randn(8, device=DEV)
+    lw = torch.randn(16, device=DEV)
+    bad = [
+        (dict(x=x.double()), TypeError, "x has dtype torch.float64"),
+        (dict(weight=w.int()), TypeError, "weight has dtype torch.int32"),
+        (dict(weight=w[:, :8]), ValueError, r"weight has shape \(8, 8\), expected \(N, 16\)"),
+        (dict(weight=w.reshape(-1)), ValueError, "weight has shape"),
+        (dict(bias=b[:4]), ValueError, r"bias has shape \(4,\), expected \(8,\)"),
+        (dict(ln_weight=lw), ValueError, "both ln_weight and ln_bias"),
+        (dict(ln_weight=lw[:8], ln_bias=lw[:8]), ValueError, r"ln_weight has shape \(8,\), expected \(16,\)"),
+        (dict(residual=torch.randn(2, 5, 16, device=DEV)), ValueError, r"residual has shape \(2, 5, 16\)"),
+        (dict(scale=torch.ones(3, device=DEV)), ValueError, "scale has shape"),
+        (dict(out_dtype=torch.float64), TypeError, "out_dtype"),
+        (dict(x=torch.randn(2, 5, 0, device=DEV), weight=w[:, :0]), ValueError, "last"),
+    ]
+    for change, exc, match in bad:
+        args = dict(x=x, weight=w, bias=b)
+        args.update(change)
+        with pytest.raises(exc, match=match):
+            kl.linear_fwd(**args)
+        with pytest.raises(exc, match=match):
+            linear(**args)
+    with pytest.raises(ValueError, match="eps"):
+        linear(x, w, b, lw, lw, eps=-1.0)
+    with pytest.raises(TypeError, match="residual must be"):
+        linear(x, w, b, residual=[1.0])
+    with pytest.raises(ValueError, match="out must be"):
+        kl.linear_fwd(x, w, b, out=torch.empty(2, 5, 9, device=DEV))
+    with pytest.raises(ValueError, match="dout has shape"):
+        kl.linear_dgrad(torch.randn(2, 5, 7, device=DEV), w)
+    with pytest.raises(ValueError, match="pre must be"):
+        kl.linear_dgrad(torch.randn(2, 5, 8, device=DEV), w, pre=torch.randn(10, 7, device=DEV))
+
+
+def test_cpu_tensor_refused_without_interpreter(no_launch, monkeypatch):
+    monkeypatch.setattr(kl, "_INTERPRETED", False)
+    with pytest.raises(ValueError, match="CUDA"):
+        kl.linear_fwd(torch.randn(2, 5, 16), torch.randn(8, 16))
+
+
+@cpu_only
+def test_bf16_refused_in_interpreter(no_launch):
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(TypeError, match="bfloat16"):
+        kl.linear_fwd(x, torch.randn(8, 16).bfloat16())
+    with pytest.raises(TypeError, match="bfloat16"):
+        kl.linear_fwd(x, torch.randn(8, 16), out_dtype=torch.bfloat16)
+
+
+@requires_cuda
+def test_mixed_devices_refused(no_launch):
+    x = torch.randn(2, 5, 16, device=DEV)
+    with pytest.raises(ValueError, match="weight is on cpu"):
+        kl.linear_fwd(x, torch.randn(8, 16))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The Block: five kernels under backend="triton", against the reference Block
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _block_pair(train, drop_path=0.3, dim=32, heads=2, **kw):
+    from crossvit_fast.layers import Block
+
+    torch.manual_seed(0)
+    ref = Block(dim, heads, 3.0, qkv_bias=True, drop_path=drop_path, backend="reference", **kw).to(DEV).train(train)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fused = copy.deepcopy(ref)
+    fused.set_backend("triton")
+    assert fused.linear_backend == "triton"
+    return ref, fused
+
+
+def _run_block(m, x, autocast, dtype, seed=1):
+    xx = x.detach().requires_grad_()
+    torch.manual_seed(seed)  # the same drop-path masks
+    with torch.autocast(DEV.type, dtype=dtype, enabled=autocast):
+        y = m(xx)
+    w = torch.linspace(-1, 1, y.shape[-1], device=DEV)
+    grads = torch.autograd.grad((y.double() * w).sum(), [xx] + list(m.parameters()))
+    return y, grads
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train-drop-path"])
+def test_block_five_kernels(autocast, train):
+    """Logits and every gradient of the fused Block under the tolerance rule, against the reference Block in
+    float64 and in the same precision (float32, or float16 autocast: bfloat16 on CUDA); in training the drop-path
+    masks are the reference's (the same seed draws the same masks)."""
+    ref, fused = _block_pair(train)
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    x = torch.randn(3, 11, 32, device=DEV)
+    y, g = _run_block(fused, x, autocast, dtype)
+    y_low, g_low = _run_block(ref, x, autocast, dtype)
+    ref64 = copy.deepcopy(ref).double()
+    y64, g64 = _run_block(ref64, x.double(), False, dtype)
+    assert y.dtype == y_low.dtype == torch.float32
+    assert_within_rule(y, y64, y_low, atol=1e-5, what="block output")
+    names = ["x"] + [n for n, _ in ref.named_parameters()]
+    for name, a, c, d in zip(names, g, g_low, g64):
+        assert_within_rule(a, d, c, atol=1e-5, what=f"block grad {name}")
+
+
+def test_block_runs_five_kernels_and_keeps_state(monkeypatch):
+    """Under autocast the block calls linear four times and self-attention / its reference once; no separate
+    LayerNorm, add or cast of activations is left (only the per-call weight casts)."""
+    from crossvit_fast.layers import Block
+
+    ref, fused = _block_pair(True)
+    assert list(ref.state_dict()) == list(fused.state_dict())
+    assert [n for n, _ in ref.named_modules()] == [n for n, _ in fused.named_modules()]
+    seen = []
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 5, 32, device=DEV)
+    with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16 if CUDA else torch.float16), Record():
+        fused(x)
+    assert seen.count("linear") == 4, seen
+    assert not {"layer_norm", "native_layer_norm", "add", "gelu"} & set(seen), seen
+    assert Block(32, 2, backend="auto").linear_backend == "reference"  # not GPU-verified
+
+
+def test_block_dropout_takes_the_reference_path_with_one_warning():
+    import crossvit_fast.backend as B
+
+    ref, fused = _block_pair(True, proj_drop=0.1)
+    B._warned.discard("linear-dropout")
+    x = torch.randn(2, 5, 32, device=DEV)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        torch.manual_seed(3)
+        y = fused(x)
+        fused(x)
+    msgs = [str(m.message) for m in w if "fused GEMMs" in str(m.message)]
+    assert len(msgs) == 1, msgs
+    torch.manual_seed(3)
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+    fused.eval()
+    ref.eval()
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)  # eval: dropout off, fused path
+
+
+class _IBMDropPath(nn.Module):
+    """IBM/timm-0.4's drop path: ``floor(keep + U[0, 1))`` masks (other random draws than ``bernoulli_``)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.drop_prob = p
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1 - self.drop_prob
+        mask = (keep + torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)).floor_()
+        return x.div(keep) * mask
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act = nn.Linear(dim, hidden), nn.GELU()
+        self.fc2, self.drop = nn.Linear(hidden, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class _IBMBlock(nn.Module):
+    """IBM CrossViT's Block layout: norm1, attn, one drop_path, norm2, mlp (fc1, act, fc2, drop)."""
+
+    def __init__(self, dim, heads, src_attn):
+        super().__init__()
+        self.norm1, self.attn, self.drop_path = nn.LayerNorm(dim, eps=1e-6), src_attn, _IBMDropPath(0.4)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), _Mlp(dim, 3 * dim)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def test_optimize_foreign_block_with_its_own_drop_path():
+    """optimize() swaps an IBM-layout block (its own drop-path rule) for Block: the five-kernel path draws the
+    foreign module's masks (same outputs in training), state_dict unchanged."""
+    import crossvit_fast
+    from crossvit_fast.layers import Attention, Block
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_IBMBlock(32, 2, Attention(32, 2, qkv_bias=True, backend="reference"))).to(DEV).train()
+    keys = list(model.state_dict())
+    x = torch.randn(4, 6, 32, device=DEV)
+    torch.manual_seed(5)
+    want = model(x)
+    crossvit_fast.optimize(model, backend="triton")
+    assert isinstance(model[0], Block) and model[0].linear_backend == "triton"
+    assert list(model.state_dict()) == keys
+    torch.manual_seed(5)
+    got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Whole small models: backend="triton" (five-kernel blocks) against the reference, logits and gradients
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else [torch.float16]), ids=_ids)
+def test_small_model_logits_and_parameter_gradients(dtype):
+    import crossvit_fast
+    from crossvit_fast.testing import fill_like_fixtures_
+
+    kw = dict(img_size=96, num_classes=5, drop_path_rate=0.2)
+    ref = crossvit_fast.create_model("crossvit_tiny_240", backend="reference", **kw).train()
+    fill_like_fixtures_(ref, 0)
+    fused = crossvit_fast.create_model("crossvit_tiny_240", backend="triton", **kw).train()
+    fused.load_state_dict(ref.state_dict())
+    ref_low = copy.deepcopy(ref).to(DEV, dtype)
+    ref64 = ref.double().to(DEV)
+    fused = fused.to(DEV, dtype)
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64, device=DEV)
+    outs = []
+    for m, xx in ((ref64, x), (ref_low, x.to(dtype)), (fused, x.to(dtype))):
+        torch.manual_seed(7)  # the same drop-path masks in all three
+        y = m(xx)
+        y.double().square().sum().backward()
+        outs.append((y.detach(), torch.cat([p.grad.double().flatten() for _, p in sorted(m.named_parameters())])))
+    (y64, g64), (ylow, glow), (y, g) = outs
+    assert_within_rule(y, y64, ylow, what="logits")
+    assert_within_rule(g.to(dtype), g64, glow.to(dtype), what="parameter gradients")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CUDA: bfloat16, the model family's shapes
+# ------------------------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("C", [96, 128, 192, 224, 384, 448, 768])
+@pytest.mark.parametrize("gemm", ["qkv", "proj", "fc1", "fc2"])
+def test_cuda_family_shapes_bf16(C, gemm):
+    T = 401 if C <= 224 else 197
+    flags = {"qkv": ("ln", "bias"), "proj": ("bias", "scale", "res"), "fc1": ("ln", "bias", "gelu"),
+             "fc2": ("bias", "scale", "res")}[gemm]
+    K = 3 * C if gemm == "fc2" else C
+    N = 3 * C if gemm in ("qkv", "fc1") else C
+    args = make((4, T, K), N, torch.bfloat16, flags, x_dtype=torch.float32 if "ln" in flags else torch.bfloat16,
+                res_dtype=torch.float32)
+    check(args)
+
+
+@requires_cuda
+def test_cuda_graph_capture():
+    args = make((8, 401, 224), 672, torch.bfloat16, ("ln", "bias", "gelu"), x_dtype=torch.float32)
+    out = linear(**args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = linear(**args)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got, out, rtol=0, atol=0)

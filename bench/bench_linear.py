@@ -45,6 +45,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
+    assert_compiled,
+    compile_fresh,
     do_bench_samples,
     measure_ceilings,
     median,
@@ -118,11 +120,8 @@ def _reference_gemm(x, w, b, lw, lb, scale, res, gelu):
     return res + y if res is not None else y
 
 
-_compiled_ref = None
-
-
 def gemm_provider(provider: str) -> Callable:
-    global _compiled_ref
+    """The callable of ``provider``; called once per case (a compiled provider is compiled afresh for it)."""
     if provider == "crossvit_fast":
         from crossvit_fast.ops.linear import linear
 
@@ -130,16 +129,19 @@ def gemm_provider(provider: str) -> Callable:
     if provider == "reference":
         return _reference_gemm
     if provider == "reference-compiled":
-        if _compiled_ref is None:
-            _compiled_ref = torch.compile(_reference_gemm, dynamic=False)
-        return _compiled_ref
+        return compile_fresh(_reference_gemm, dynamic=False, fullgraph=True)
     if provider == "cublas":
         return lambda x, w, b, lw, lb, scale, res, gelu: F.linear(x, w)
     raise ValueError(provider)
 
 
-def _time(call, warmup_ms, rep_ms):
-    call()
+def _time(call, warmup_ms, rep_ms, compiled_as=None):
+    """Samples and peak memory of ``call``; ``compiled_as`` names a compiled provider, whose warm-up must show that
+    dynamo compiled it (``assert_compiled``)."""
+    if compiled_as:
+        assert_compiled(call, compiled_as)
+    else:
+        call()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -180,7 +182,8 @@ def run_gemm(case, providers, warmup_ms, rep_ms):
             def call(f=f, xin=xin):
                 with torch.no_grad():
                     return f(xin, w, b, lw, lb, scale, r, gelu)
-        samples, peak_mb = _time(call, warmup_ms, rep_ms)
+        samples, peak_mb = _time(call, warmup_ms, rep_ms,
+                                 f"{provider} {case}" if provider.endswith("-compiled") else None)
         ms = median(samples)
         row = timed_row(case, provider, samples, tflops=round(flops / (ms * 1e-3) / 1e12, 1),
                         peak_mem_mb=round(peak_mb, 1))
@@ -210,7 +213,7 @@ def run_block(case, providers, warmup_ms, rep_ms):
         elif provider == "reference":
             m = ref
         else:
-            m = torch.compile(ref, dynamic=False)
+            m = compile_fresh(ref, dynamic=False)
         params = list(ref.parameters()) if provider != "crossvit_fast" else list(m.parameters())
         if bwd:
             def call(m=m, params=params):
@@ -221,7 +224,8 @@ def run_block(case, providers, warmup_ms, rep_ms):
             def call(m=m):
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                     return m(x)
-        samples, peak_mb = _time(call, warmup_ms, rep_ms)
+        samples, peak_mb = _time(call, warmup_ms, rep_ms,
+                                 f"{provider} {case}" if provider.endswith("-compiled") else None)
         ms = median(samples)
         row = timed_row(case, provider, samples, peak_mem_mb=round(peak_mb, 1))
         rows.append(row)
@@ -247,6 +251,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ms", type=float, default=25)
     p.add_argument("--rep-ms", type=float, default=100)
     p.add_argument("--out-dir", default=None, help="where the JSON record goes (default bench/results/)")
+    p.add_argument("--no-plot", action="store_true", help="accepted for symmetry with the other benches (no plot)")
     return p.parse_args(argv)
 
 
@@ -272,7 +277,8 @@ def main(argv=None) -> int:
             record["rows"].extend(run_gemm(c, gp, args.warmup_ms, args.rep_ms))
         else:
             record["rows"].extend(run_block(c, bp, args.warmup_ms, args.rep_ms))
-    path = write_record(record, args.out_dir)
+        write_record(record, args.out_dir)  # a partial record survives a time limit
+    path = write_record(record, args.out_dir, complete=True)
     print(f"wrote {path}")
     return 0
 

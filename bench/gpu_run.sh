@@ -4,9 +4,10 @@
 # interrupted (pytest still writes its report), and the phase always packs what it made.
 #
 #   bash bench/gpu_run.sh smoke                   first call on a cold GPU: env, the smoke tests, check, headline benches
-#   bash bench/gpu_run.sh tests-ops               every CUDA test of the three kernel files (three processes at once)
+#   bash bench/gpu_run.sh tests-ops               every CUDA test of the four kernel files (four processes at once)
 #   bash bench/gpu_run.sh tests-models            whole models: backends, timm parity, conversion, CLI, training
-#   bash bench/gpu_run.sh bench-cls|bench-sa|bench-ln|bench-linear   the op benchmarks at batch 256 (bf16 first)
+#   bash bench/gpu_run.sh bench-cls|bench-sa|bench-ln   the op benchmarks at batch 256 (bf16 first)
+#   bash bench/gpu_run.sh bench-linear [MODEL]    the fused GEMMs and blocks (default crossvit_18_dagger_240)
 #   bash bench/gpu_run.sh bench-model [MODEL [DTYPE [PASS...]]]   the model benchmark, every provider (default
 #                                                 crossvit_18_dagger_240 bfloat16 forward train_step)
 #   bash bench/gpu_run.sh profile                 time by kernel kind: timm eager, timm compiled, crossvit_fast
@@ -105,11 +106,12 @@ case "$phase" in
     bench bench/bench_self_attention.py --batch 256 --dtype bfloat16 --cases 401:7:32 197:7:64 \
       --providers crossvit_fast sdpa-flash sdpa-efficient sdpa-cudnn reference
     bench bench/bench_layer_norm.py --batch 256 --dtype bfloat16 --nc 401:224 197:448 --residual 1
+    bench bench/bench_linear.py --models "$headline" --batch 256 --what block --passes forward
     bench bench/bench_model.py "$headline" --batch 256 --dtype bfloat16 --providers timm crossvit_fast reference
     bench bench/bench_model.py "$headline" --batch 256 --dtype bfloat16 --passes forward --providers timm-compiled ;;
   tests-ops)
     parallel "tests-cls:tests/test_cls_cross_attention.py" "tests-sa:tests/test_self_attention.py" \
-      "tests-ln:tests/test_layer_norm.py" ;;
+      "tests-ln:tests/test_layer_norm.py" "tests-linear:tests/test_linear.py" ;;
   tests-models)
     parallel "tests-model-backends:tests/test_model_backends.py" "tests-timm:tests/test_timm_parity.py" \
       "tests-rest:tests/test_convert.py tests/test_models.py tests/test_cli.py tests/test_training.py tests/test_backend.py" ;;
@@ -124,8 +126,7 @@ case "$phase" in
     bench bench/bench_layer_norm.py --batch 256 --dtype bfloat16
     bench bench/bench_layer_norm.py --batch 256 --dtype float32 --residual 1 ;;
   bench-linear)
-    if [ -f bench/bench_linear.py ]; then bench bench/bench_linear.py --batch 256 --dtype bfloat16
-    else say "bench/bench_linear.py is not in this checkout"; status=1; fi ;;
+    bench bench/bench_linear.py --models "${1:-$headline}" --batch 256 --what gemm block ;;
   bench-model)
     model=${1:-$headline}; dtype=${2:-bfloat16}; shift $(($# < 2 ? $# : 2))
     passes=(); [ $# -gt 0 ] && passes=(--passes "$@")

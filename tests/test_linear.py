@@ -590,7 +590,8 @@ def test_small_model_logits_and_parameter_gradients(dtype):
 
 
 @requires_cuda
-@pytest.mark.parametrize("C", [96, 128, 192, 224, 384, 448, 768])
+@pytest.mark.parametrize("C", [96, 128, 192, pytest.param(224, marks=pytest.mark.smoke), 384,
+                               pytest.param(448, marks=pytest.mark.smoke), 768])  # smoke: crossvit_18_dagger_240
 @pytest.mark.parametrize("gemm", ["qkv", "proj", "fc1", "fc2"])
 def test_cuda_family_shapes_bf16(C, gemm):
     T = 401 if C <= 224 else 197

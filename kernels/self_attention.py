@@ -86,6 +86,37 @@ register tiles of 64 or more columns only the 8-warp 512-element tiles of ``_TIL
 
 Grid: 1-D, ``cdiv(N, BLOCK) * B * H`` programs with the block index fastest, so the programs of one (b, h) run
 side by side and share that head's K/V (or Q/dO) in L2; 1-D avoids the 65535 limit of grid axes 1 and 2.
+
+Measured sm_90 resources (ptxas -v of triton 3.6.0's own compile, ``python tests/sm90_compile.py --set ci --table``,
+batch 256; every config the pruner keeps at head dims 32 and 64 (the family's); `cfgs` configs, ranges over them,
+spills as the worst config (how many of them spill); smem in bytes, limit 232,448; ``tests/test_sm90_compile.py`` holds
+the spill budgets)::
+
+    kernel                 dtype width   cfgs     regs  spill st/ld (B)  stack        smem (B)
+    attn_bwd_delta_kernel  bf16  D=32       1       32                0      0             256
+    attn_bwd_delta_kernel  bf16  D=64       1       34                0      0             256
+    attn_bwd_delta_kernel  fp16  D=32       1       32                0      0             256
+    attn_bwd_delta_kernel  fp16  D=64       1       34                0      0             256
+    attn_bwd_delta_kernel  fp32  D=32       1       40                0      0             256
+    attn_bwd_delta_kernel  fp32  D=64       1       40                0      0             256
+    attn_bwd_dkdv_kernel   bf16  D=32       6   78-168                0      0     14592-33280
+    attn_bwd_dkdv_kernel   bf16  D=64       6  123-209                0      0     28928-66048
+    attn_bwd_dkdv_kernel   fp16  D=32       6   78-168                0      0     14592-33280
+    attn_bwd_dkdv_kernel   fp16  D=64       6  123-209                0      0     28928-66048
+    attn_bwd_dkdv_kernel   fp32  D=32       4  212-232                0      0     14464-20736
+    attn_bwd_dkdv_kernel   fp32  D=64       1      255          244/244    248           26752
+    attn_bwd_dq_kernel     bf16  D=32       6   58-116                0      0     14336-32768
+    attn_bwd_dq_kernel     bf16  D=64       6   74-128                0      0     28672-65536
+    attn_bwd_dq_kernel     fp16  D=32       6   58-116                0      0     14336-32768
+    attn_bwd_dq_kernel     fp16  D=64       6   74-128                0      0     28672-65536
+    attn_bwd_dq_kernel     fp32  D=32       4  168-220                0      0     14336-20480
+    attn_bwd_dq_kernel     fp32  D=64       1      255            20/20     24           26624
+    attn_fwd_kernel        bf16  D=32       9   68-179                0      0     16384-40960
+    attn_fwd_kernel        bf16  D=64       9   90-238                0      0     32768-81920
+    attn_fwd_kernel        fp16  D=32       9   68-179                0      0     16384-40960
+    attn_fwd_kernel        fp16  D=64       9   90-238                0      0     32768-81920
+    attn_fwd_kernel        fp32  D=32       6  128-218                0      0     10368-24576
+    attn_fwd_kernel        fp32  D=64       2  128-204                0      0     18432-22592
 """
 
 from __future__ import annotations

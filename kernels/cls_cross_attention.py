@@ -418,7 +418,9 @@ def plan(
     reload = block_c >= 1024
     bwd_warps = 8 if bwd_block_t * block_c <= 16 * 512 else 16
     if fp32 and block_c >= 512:
-        bwd_warps = 16  # ieee dots: 8 warps spill 2.5 KB (C=512) to 7 KB (C=1024), 16 warps at 128 registers 1.4-5.5 KB
+        # ieee dots, spill stores + loads at 8 warps: 2.2-2.5 KB (C=448), 7.2-9.4 KB (C=768); at 16 warps and
+        # maxnreg 128: 1.4-1.7 KB, 5.5-6.4 KB (triton 3.6-3.9)
+        bwd_warps = 16
     return {
         "BLOCK_T": block_t,
         "BWD_BLOCK_T": bwd_block_t,

@@ -81,7 +81,8 @@ N = 128, 64 x 64 from there).
 The candidate tiles (``_TILES_16`` for float16/bfloat16, ``_TILES_32`` for float32) are filtered per call by
 ``early_config_prune``: the dtype's set, minus, for 16-bit 128-wide register tiles, the larger tiles and two
 that spill 8 B (``_SPILL_16_D128``); for float32 register tiles of 64 or more columns only the 8-warp 512-element
-tiles of ``_TILES_32_WIDE`` (the others spill 100-340 B there). Every config the pruner keeps is compiled for sm_90 ahead of time by ``tests/sm90_compile.py``
+tiles of ``_TILES_32_WIDE`` (the others spill 100-340 B there). Every config the pruner keeps is compiled for
+sm_90 ahead of time by ``tests/sm90_compile.py``
 (CI: ``tests/test_sm90_compile.py``); the measured resources are listed below.
 
 Grid: 1-D, ``cdiv(N, BLOCK) * B * H`` programs with the block index fastest, so the programs of one (b, h) run

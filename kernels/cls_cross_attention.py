@@ -60,6 +60,48 @@ forward ``BLOCK_T`` 64 to 16 (at most 32 in fp32), backward ``BLOCK_T = 16`` at 
 ``maxnreg=128`` for fp16/bf16 at ``BLOCK_C = 1024`` and fp32 from ``BLOCK_C = 512``; for ``BLOCK_C = 1024`` the
 backward rebuilds its ``g``/``e`` operands inside the token loop, and from 512 it runs at 1 stage (shared memory). A
 config the device still cannot hold falls back to fewer pipeline stages.
+
+Measured sm_90 resources (ptxas -v of triton 3.6.0's own compile, ``python tests/sm90_compile.py --set ci --table``,
+batch 256; one config per width (the plan's); widths of one power-of-two class (BLOCK_C) compile alike: 96/128,
+192/224/256, 384/448, 768; smem in bytes, limit 232,448; ``tests/test_sm90_compile.py`` holds the spill budgets)::
+
+    kernel                 dtype width   cfgs     regs  spill st/ld (B)  stack        smem (B)
+    bwd_tokens_kernel      bf16  C=96       1      180                0      0           78336
+    bwd_tokens_kernel      bf16  C=224      1      240                0      0          123904
+    bwd_tokens_kernel      bf16  C=448      1      255          176/160    160          165888
+    bwd_tokens_kernel      bf16  C=768      1      128        2784/2848   1992          200704
+    bwd_tokens_kernel      fp16  C=96       1      178                0      0           78336
+    bwd_tokens_kernel      fp16  C=224      1      240                0      0          123904
+    bwd_tokens_kernel      fp16  C=448      1      255          176/160    160          165888
+    bwd_tokens_kernel      fp16  C=768      1      128        2784/2848   1992          200704
+    bwd_tokens_kernel      fp32  C=96       1      204                0      0           66048
+    bwd_tokens_kernel      fp32  C=224      1      255              8/4      8          132096
+    bwd_tokens_kernel      fp32  C=448      1      128          700/736    552          163840
+    bwd_tokens_kernel      fp32  C=768      1      128        2496/2980   2000          196608
+    fwd_combine_kernel     bf16  C=96       1       34                0      0               0
+    fwd_combine_kernel     bf16  C=224      1       32                0      0               8
+    fwd_combine_kernel     bf16  C=448      1       32                0      0              16
+    fwd_combine_kernel     bf16  C=768      1       46                0      0            4096
+    fwd_combine_kernel     fp16  C=96       1       34                0      0               0
+    fwd_combine_kernel     fp16  C=224      1       32                0      0               8
+    fwd_combine_kernel     fp16  C=448      1       32                0      0              16
+    fwd_combine_kernel     fp16  C=768      1       46                0      0            4096
+    fwd_combine_kernel     fp32  C=96       1       34                0      0               0
+    fwd_combine_kernel     fp32  C=224      1       31                0      0               8
+    fwd_combine_kernel     fp32  C=448      1       31                0      0              16
+    fwd_combine_kernel     fp32  C=768      1       40                0      0              16
+    fwd_tokens_kernel      bf16  C=96       1      154                0      0           90112
+    fwd_tokens_kernel      bf16  C=224      1       96                0      0           67648
+    fwd_tokens_kernel      bf16  C=448      1      127                0      0           83008
+    fwd_tokens_kernel      bf16  C=768      1      127                0      0          164928
+    fwd_tokens_kernel      fp16  C=96       1      156                0      0           90112
+    fwd_tokens_kernel      fp16  C=224      1       96                0      0           67648
+    fwd_tokens_kernel      fp16  C=448      1      127                0      0           83008
+    fwd_tokens_kernel      fp16  C=768      1      127                0      0          164928
+    fwd_tokens_kernel      fp32  C=96       1       76                0      0           43520
+    fwd_tokens_kernel      fp32  C=224      1      145                0      0           84480
+    fwd_tokens_kernel      fp32  C=448      1      158                0      0           99840
+    fwd_tokens_kernel      fp32  C=768      1      128             12/8      8          198144
 """
 
 from __future__ import annotations
@@ -376,7 +418,9 @@ def plan(
     reload = block_c >= 1024
     bwd_warps = 8 if bwd_block_t * block_c <= 16 * 512 else 16
     if fp32 and block_c >= 512:
-        bwd_warps = 16  # ieee dots: 8 warps spill 2.5 KB (C=512) to 7 KB (C=1024), 16 warps at 128 registers 1.4-5.5 KB
+        # ieee dots, spill stores + loads at 8 warps: 2.2-2.5 KB (C=448), 7.2-9.4 KB (C=768); at 16 warps and
+        # maxnreg 128: 1.4-1.7 KB, 5.5-6.4 KB (triton 3.6-3.9)
+        bwd_warps = 16
     return {
         "BLOCK_T": block_t,
         "BWD_BLOCK_T": bwd_block_t,

@@ -56,6 +56,45 @@ Limits
 * Offsets are 32-bit unless a tensor spans 2**31 elements or more (then a 64-bit specialisation, IDX64).
 * CUDA; CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
   Plain pointer arithmetic with masks; only APIs present in both triton 3.6 and 3.9.
+
+Measured sm_90 resources (ptxas -v of triton 3.6.0's own compile, ``python tests/sm90_compile.py --set ci --table``,
+batch 256; two launches per pass (without/with the residual; ``amp`` = float32 stream, bfloat16 output/gradient, as
+under autocast); widths of one power-of-two class compile alike; smem in bytes, limit 232,448;
+``tests/test_sm90_compile.py`` holds the spill budgets)::
+
+    kernel                 dtype width   cfgs     regs  spill st/ld (B)  stack        smem (B)
+    layer_norm_bwd_kernel  amp   C=96       2    80-98                0      0            8192
+    layer_norm_bwd_kernel  amp   C=224      2   93-100                0      0            8192
+    layer_norm_bwd_kernel  amp   C=448      2   97-102                0      0            8192
+    layer_norm_bwd_kernel  amp   C=768      2    80-99                0      0            8192
+    layer_norm_bwd_kernel  bf16  C=96       2    80-94                0      0            4096
+    layer_norm_bwd_kernel  bf16  C=224      2    73-80                0      0            8192
+    layer_norm_bwd_kernel  bf16  C=448      2    80-98                0      0            8192
+    layer_norm_bwd_kernel  bf16  C=768      2    80-96                0      0            8192
+    layer_norm_bwd_kernel  fp16  C=96       2   78-100                0      0            4096
+    layer_norm_bwd_kernel  fp16  C=224      2    73-80                0      0            8192
+    layer_norm_bwd_kernel  fp16  C=448      2    80-98                0      0            8192
+    layer_norm_bwd_kernel  fp16  C=768      2    80-96                0      0            8192
+    layer_norm_bwd_kernel  fp32  C=96       2    64-74                0      0            4096
+    layer_norm_bwd_kernel  fp32  C=224      2    76-80                0      0            4096
+    layer_norm_bwd_kernel  fp32  C=448      2    76-80                0      0            4096
+    layer_norm_bwd_kernel  fp32  C=768      2    64-78                0      0              64
+    layer_norm_fwd_kernel  amp   C=96       2    72-96                0      0        512-4096
+    layer_norm_fwd_kernel  amp   C=224      2    78-94                0      0        512-4096
+    layer_norm_fwd_kernel  amp   C=448      2    77-96                0      0       2048-4096
+    layer_norm_fwd_kernel  amp   C=768      2    72-80                0      0            4096
+    layer_norm_fwd_kernel  bf16  C=96       2       64                0      0             256
+    layer_norm_fwd_kernel  bf16  C=224      2       64                0      0             512
+    layer_norm_fwd_kernel  bf16  C=448      2    64-66                0      0            1024
+    layer_norm_fwd_kernel  bf16  C=768      2       56                0      0              64
+    layer_norm_fwd_kernel  fp16  C=96       2    64-72                0      0             256
+    layer_norm_fwd_kernel  fp16  C=224      2       64                0      0             512
+    layer_norm_fwd_kernel  fp16  C=448      2    64-69                0      0            1024
+    layer_norm_fwd_kernel  fp16  C=768      2    56-64                0      0              64
+    layer_norm_fwd_kernel  fp32  C=96       2    70-90                0      0             512
+    layer_norm_fwd_kernel  fp32  C=224      2    88-90                0      0            1024
+    layer_norm_fwd_kernel  fp32  C=448      2    71-72                0      0             128
+    layer_norm_fwd_kernel  fp32  C=768      2       68                0      0              64
 """
 
 from __future__ import annotations

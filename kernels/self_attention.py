@@ -79,13 +79,45 @@ tuned config (and to compile outside the capture). ``config=`` on the launchers 
 ``CROSSVIT_FAST_AUTOTUNE=0``) bypasses tuning; under the CPU interpreter a fixed tile is used (16 x 16 below
 N = 128, 64 x 64 from there).
 The candidate tiles (``_TILES_16`` for float16/bfloat16, ``_TILES_32`` for float32) are filtered per call by
-``early_config_prune``: the dtype's set, minus, for 16-bit 128-wide register tiles, the larger tiles; for float32
-register tiles of 64 or more columns only the 8-warp 512-element tiles of ``_TILES_32_WIDE`` (the others spill
-100-340 B there). Every config the pruner keeps is compiled for sm_90 ahead of time by ``tests/sm90_compile.py``
+``early_config_prune``: the dtype's set, minus, for 16-bit 128-wide register tiles, the larger tiles and two
+that spill 8 B (``_SPILL_16_D128``); for float32 register tiles of 64 or more columns only the 8-warp 512-element
+tiles of ``_TILES_32_WIDE`` (the others spill 100-340 B there). Every config the pruner keeps is compiled for
+sm_90 ahead of time by ``tests/sm90_compile.py``
 (CI: ``tests/test_sm90_compile.py``); the measured resources are listed below.
 
 Grid: 1-D, ``cdiv(N, BLOCK) * B * H`` programs with the block index fastest, so the programs of one (b, h) run
 side by side and share that head's K/V (or Q/dO) in L2; 1-D avoids the 65535 limit of grid axes 1 and 2.
+
+Measured sm_90 resources (ptxas -v of triton 3.6.0's own compile, ``python tests/sm90_compile.py --set ci --table``,
+batch 256; every config the pruner keeps at head dims 32 and 64 (the family's); `cfgs` configs, ranges over them,
+spills as the worst config (how many of them spill); smem in bytes, limit 232,448; ``tests/test_sm90_compile.py`` holds
+the spill budgets)::
+
+    kernel                 dtype width   cfgs     regs  spill st/ld (B)  stack        smem (B)
+    attn_bwd_delta_kernel  bf16  D=32       1       32                0      0             256
+    attn_bwd_delta_kernel  bf16  D=64       1       34                0      0             256
+    attn_bwd_delta_kernel  fp16  D=32       1       32                0      0             256
+    attn_bwd_delta_kernel  fp16  D=64       1       34                0      0             256
+    attn_bwd_delta_kernel  fp32  D=32       1       40                0      0             256
+    attn_bwd_delta_kernel  fp32  D=64       1       40                0      0             256
+    attn_bwd_dkdv_kernel   bf16  D=32       6   78-168                0      0     14592-33280
+    attn_bwd_dkdv_kernel   bf16  D=64       6  123-209                0      0     28928-66048
+    attn_bwd_dkdv_kernel   fp16  D=32       6   78-168                0      0     14592-33280
+    attn_bwd_dkdv_kernel   fp16  D=64       6  123-209                0      0     28928-66048
+    attn_bwd_dkdv_kernel   fp32  D=32       4  212-232                0      0     14464-20736
+    attn_bwd_dkdv_kernel   fp32  D=64       1      255          244/244    248           26752
+    attn_bwd_dq_kernel     bf16  D=32       6   58-116                0      0     14336-32768
+    attn_bwd_dq_kernel     bf16  D=64       6   74-128                0      0     28672-65536
+    attn_bwd_dq_kernel     fp16  D=32       6   58-116                0      0     14336-32768
+    attn_bwd_dq_kernel     fp16  D=64       6   74-128                0      0     28672-65536
+    attn_bwd_dq_kernel     fp32  D=32       4  168-220                0      0     14336-20480
+    attn_bwd_dq_kernel     fp32  D=64       1      255            20/20     24           26624
+    attn_fwd_kernel        bf16  D=32       9   68-179                0      0     16384-40960
+    attn_fwd_kernel        bf16  D=64       9   90-238                0      0     32768-81920
+    attn_fwd_kernel        fp16  D=32       9   68-179                0      0     16384-40960
+    attn_fwd_kernel        fp16  D=64       9   90-238                0      0     32768-81920
+    attn_fwd_kernel        fp32  D=32       6  128-218                0      0     10368-24576
+    attn_fwd_kernel        fp32  D=64       2  128-204                0      0     18432-22592
 """
 
 from __future__ import annotations
@@ -434,6 +466,8 @@ _TILES_32_WIDE = {
     "dkdv": [(16, 32, 8, 2)],
     "dq": [(16, 32, 8, 2)],
 }
+# 16-bit tiles that pass the rule above at 128-wide heads but spill 8 B there (sm_90, triton 3.6.0)
+_SPILL_16_D128 = {"fwd": {(128, 32, 4, 3)}, "dkdv": {(32, 64, 4, 3)}, "dq": set()}
 _DEFAULTS_16 = {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
 _DEFAULTS_32 = {"fwd": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)}
 _DEFAULTS_32_WIDE = {"fwd": (16, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (16, 32, 8, 2)}
@@ -489,6 +523,8 @@ def _pruner(name: str):
                 continue
             if not fp32 and block_d >= 128:
                 if bm * bn > 128 * 64 or (w == 4 and bm * bn > 64 * 64) or (name == "dkdv" and bm > 32):
+                    continue
+                if _tile(c) in _SPILL_16_D128[name]:
                     continue
             keep.append(c)
         return keep or [_as_config(_defaults(name, fp32, block_d))]

@@ -50,6 +50,16 @@ MAX_SHARED = 232448  # bytes of shared memory an sm_90 block may use (227 KB)
 # listed has a budget of 0. LayerNorm dtypes: "fp32", "fp16", "bf16" (every tensor that dtype) and "amp" (the
 # float32 residual stream with bfloat16 output / gradient, as under bf16 autocast).
 SPILL_BUDGET: Dict[Tuple[str, str], int] = {
+    # CLS cross-attention backward: worst at C = 768 (16 warps, maxnreg 128): 3.6 2784+2848, 3.9 1852+1792 (16-bit);
+    # fp32 3.6 2496+2980, 3.9 3144+3248. At C = 384/448 (8 warps, 255 registers) 16-bit 176+160 / 296+268.
+    ("_bwd_tokens_kernel", "bf16"): 6208,
+    ("_bwd_tokens_kernel", "fp16"): 6208,
+    ("_bwd_tokens_kernel", "fp32"): 7040,
+    ("_fwd_tokens_kernel", "fp32"): 64,  # C = 768, 16 warps: 12+8 (3.6)
+    # self-attention, float32 (FMA dots), head dim 64: the 8-warp 16x32 tile (head dim 32: 8+8 in one 3.9 tile)
+    ("_attn_bwd_dkdv_kernel", "fp32"): 608,  # 244+244 (3.6), 272+272 (3.9)
+    ("_attn_bwd_dq_kernel", "fp32"): 112,  # 20+20 (3.6), 36+36 (3.9)
+    ("_attn_fwd_kernel", "fp32"): 48,  # 0 (3.6), 8+8 (3.9, 32x32 at head dim 32)
 }
 
 DTYPES = ("fp32", "fp16", "bf16")

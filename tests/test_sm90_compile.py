@@ -32,8 +32,11 @@ def _ptxas():
     return None
 
 
-@pytest.mark.skipif(_ptxas() is None, reason="triton's ptxas (triton/backends/nvidia/bin/ptxas) is not installed: "
-                                             "the sm_90 compile check needs it (no GPU needed)")
+_NO_PTXAS = ("no ptxas: triton is not installed, or its wheel has no triton/backends/nvidia/bin/ptxas (or "
+             "TRITON_PTXAS_PATH is not executable); the sm_90 compile check needs it (no GPU needed)")
+
+
+@pytest.mark.skipif(_ptxas() is None, reason=_NO_PTXAS)
 def test_sm90_compile(tmp_path):
     scope = os.environ.get("CROSSVIT_FAST_SM90_SET", "ci")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

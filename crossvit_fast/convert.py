@@ -94,25 +94,32 @@ def optimize(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     the swap take the flag of the one they replace. Calling it again on an optimized model only re-chooses the
     backend.
     """
-    swaps: List[Tuple[nn.Module, str, nn.Module]] = getattr(model, _SWAPS, None) or []
-    for parent, name, child in _children_to_swap(model, _is_branch_attention):
-        setattr(parent, name, _keep_mode(Attention.from_module(child, backend), child))
-        swaps.append((parent, name, child))
-    for parent, name, child in _children_to_swap(model, _is_branch_block):
-        setattr(parent, name, _keep_mode(Block.from_module(child, backend), child))
-        swaps.append((parent, name, child))
-    for parent, name, child in _children_to_swap(model, _is_fusion_block):
-        setattr(parent, name, _keep_mode(CrossAttentionBlock.from_module(child, backend), child))
-        swaps.append((parent, name, child))
-    for parent, name, child in _children_to_swap(model, _is_multiscale_block):
-        setattr(parent, name, _keep_mode(MultiScaleBlock.from_module(child), child))
-        swaps.append((parent, name, child))
-    # crossvit_fast's own seams (and those just swapped in): re-choose the backend
+    swaps: List[Tuple[nn.Module, str, nn.Module]] = list(getattr(model, _SWAPS, None) or [])
+    new_swaps: List[Tuple[nn.Module, str, nn.Module]] = []
     previous = []
-    for m in model.modules():
-        if isinstance(m, (Attention, Block, CrossAttentionBlock)):
-            previous.append((m, m.backend_requested, m.backend))
-            m.set_backend(backend)
+    makers = (
+        (_is_branch_attention, lambda m: Attention.from_module(m, backend)),
+        (_is_branch_block, lambda m: Block.from_module(m, backend)),
+        (_is_fusion_block, lambda m: CrossAttentionBlock.from_module(m, backend)),
+        (_is_multiscale_block, MultiScaleBlock.from_module),
+    )
+    try:
+        for pred, make in makers:
+            for parent, name, child in _children_to_swap(model, pred):
+                setattr(parent, name, _keep_mode(make(child), child))
+                new_swaps.append((parent, name, child))
+        # crossvit_fast's own seams (and those just swapped in): re-choose the backend
+        for m in model.modules():
+            if isinstance(m, (Attention, Block, CrossAttentionBlock)):
+                previous.append((m, m.backend_requested, m.backend))
+                m.set_backend(backend)
+    except Exception:  # nothing half-way: the model is left as it was given
+        for m, requested, resolved in previous:
+            m.backend_requested, m.backend = requested, resolved
+        for parent, name, child in reversed(new_swaps):
+            setattr(parent, name, child)
+        raise
+    swaps += new_swaps
     if not swaps and not previous:
         raise ValueError(
             f"optimize: found no CrossViT attention, fusion or multi-scale block in {type(model).__name__}"

@@ -197,6 +197,9 @@ class Attention(_BackendMixin, nn.Module):
         for extra in ("q_norm", "k_norm", "norm"):
             if not isinstance(getattr(m, extra, nn.Identity()), nn.Identity):
                 raise ValueError(f"Attention.from_module: {type(m).__name__}.{extra} is not Identity; not a CrossViT attention")
+        if getattr(m, "gate", None) is not None:
+            raise ValueError(f"Attention.from_module: {type(m).__name__} has an output gate (timm's gated=True); "
+                             f"not a CrossViT attention")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.num_heads = int(m.num_heads)

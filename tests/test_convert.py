@@ -306,3 +306,16 @@ def test_torch_backend_runs_sdpa_and_the_reference_runs_explicit_math(monkeypatc
         got = fast(x)
     assert len(calls) == 15
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_optimize_refuses_a_gated_attention():
+    """timm's Attention has an optional output gate (gated=True): not CrossViT's, never silently dropped."""
+    model = timm_like(img_size=96)
+    attn = model.blocks[2].blocks[1][-1].attn  # the last one: every other attention is swapped before it
+    attn.gate = nn.Linear(192, 192)
+    with pytest.raises(ValueError, match="gate"):
+        crossvit_fast.optimize(model, backend="reference")
+    # nothing half-way: every module before the gated one is back as it was
+    assert {"TimmAttention", "TimmMultiScaleBlock"} <= _kinds(model)
+    assert not {"Attention", "CrossAttentionBlock", "MultiScaleBlock"} & _kinds(model)
+    assert not hasattr(model, "_crossvit_fast_swaps")

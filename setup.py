@@ -22,6 +22,10 @@ setup(
         "triton": ["triton>=3.2"],
         "flops": ["fvcore"],
         "test": ["pytest", "pytest-benchmark", "numpy", "fvcore", "triton>=3.2"],
+        # optional peers, never imported unless used: timm (needs torchvision) for timm's models beside ours and
+        # for tests/test_timm_real.py; huggingface_hub for fetching released weights
+        "timm": ["timm>=1.0"],
+        "hub": ["huggingface_hub"],
     },
     entry_points={"console_scripts": ["crossvit-fast=crossvit_fast.cli:main"]},
 )

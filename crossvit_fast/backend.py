@@ -1,4 +1,4 @@
-"""Choosing between the reference path and the fused Triton kernels.
+"""Choosing between the reference math, what timm runs ("torch") and the fused Triton kernels.
 
 A backend is chosen when a module is built, from (first that is set):
 
@@ -7,11 +7,15 @@ A backend is chosen when a module is built, from (first that is set):
 3. the environment variable ``CROSSVIT_FAST_BACKEND``,
 4. ``"auto"``.
 
-``"reference"`` is plain PyTorch and runs everywhere. ``"triton"`` is the fused kernels: asking for it where it
-cannot run raises :class:`BackendUnavailableError` saying why. ``"auto"`` takes the fused path only where it can
-run at full speed (a CUDA device, triton installed, a kernel for the op that has passed its parity tests on a GPU:
-``GPU_VERIFIED_OPS``) and the reference path otherwise. Triton's
-CPU interpreter (``TRITON_INTERPRET=1``) counts as "can run" for an explicit ``"triton"`` only: it is for tests.
+``"reference"`` is the explicit math of :mod:`crossvit_fast.reference` (attention as explicit matmuls): the oracle
+of the tests, runs everywhere, not tuned for speed. ``"torch"`` is what timm runs, op for op: the branch
+self-attention through ``F.scaled_dot_product_attention``, PyTorch's LayerNorm, and the fusion's CLS-query
+attention as timm writes it (explicit matmuls: timm's ``CrossAttention`` does not call SDPA). ``"triton"`` is the
+fused kernels: asking for it where it cannot run raises :class:`BackendUnavailableError` saying why. ``"auto"``
+takes the fused path only where it can run at full speed (a CUDA device, triton installed, a kernel for the op that
+has passed its parity tests on a GPU: ``GPU_VERIFIED_OPS``) and ``"torch"`` otherwise, so a model is never slower
+than timm's. Triton's CPU interpreter (``TRITON_INTERPRET=1``) counts as "can run" for an explicit ``"triton"``
+only: it is for tests.
 
 Nothing here imports triton.
 """
@@ -23,7 +27,7 @@ import contextvars
 import importlib.util
 import os
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -31,6 +35,7 @@ from crossvit_fast.config import ENV_BACKEND
 
 __all__ = [
     "BACKENDS",
+    "RESOLVED_BACKENDS",
     "FUSED_OPS",
     "GPU_VERIFIED_OPS",
     "BackendUnavailableError",
@@ -40,10 +45,16 @@ __all__ = [
     "triton_status",
     "interpreter_enabled",
     "fused_runs_on",
+    "op_backends",
+    "describe_op_backends",
+    "TORCH_PATH",
     "warn_once",
 ]
 
-BACKENDS = ("reference", "triton", "auto")
+BACKENDS = ("reference", "torch", "triton", "auto")
+"""What ``backend=`` takes. A module resolves it to one of ``RESOLVED_BACKENDS`` when it is built."""
+
+RESOLVED_BACKENDS = ("reference", "torch", "triton")
 
 FUSED_OPS: dict = {
     "cls_cross_attention": "crossvit_fast.ops.cls_cross_attention",
@@ -52,6 +63,13 @@ FUSED_OPS: dict = {
     "linear": "crossvit_fast.ops.linear",
 }
 """Ops with a fused Triton kernel in this version: op name -> the ``crossvit_fast.ops`` module that registers it."""
+
+TORCH_PATH: dict = {
+    "cls_cross_attention": "timm's CrossAttention math: LayerNorm, the CLS query's scores, softmax, weighted sum",
+    "self_attention": "F.scaled_dot_product_attention, as timm's Attention",
+    "layer_norm": "torch.nn.LayerNorm, as timm's Block",
+}
+"""What each op runs on the ``"torch"`` backend (where it does not run fused): what timm runs."""
 
 GPU_VERIFIED_OPS: set = set()
 """Fused ops whose CUDA parity tests have passed on a GPU from this repository (with a committed benchmark record).
@@ -121,14 +139,14 @@ def triton_status(op: Optional[str] = None, allow_interpreter: bool = True) -> T
 
 
 def resolve_backend(requested: Optional[str] = None, op: Optional[str] = None) -> str:
-    """Resolve a request (None: the current default) to ``"reference"`` or ``"triton"`` for ``op``.
+    """Resolve a request (None: the current default) to ``"reference"``, ``"torch"`` or ``"triton"`` for ``op``.
 
     Raises:
         BackendUnavailableError: ``"triton"`` was asked for and cannot run here.
     """
     name = get_backend() if requested is None else _check_name(requested, "backend= argument")
-    if name == "reference":
-        return "reference"
+    if name in ("reference", "torch"):
+        return name
     if name == "triton":
         ok, why = triton_status(op, allow_interpreter=True)
         if not ok:
@@ -136,7 +154,34 @@ def resolve_backend(requested: Optional[str] = None, op: Optional[str] = None) -
         return "triton"
     ok, _ = triton_status(op, allow_interpreter=False)
     verified = op in GPU_VERIFIED_OPS if op is not None else bool(GPU_VERIFIED_OPS)
-    return "triton" if ok and verified else "reference"
+    return "triton" if ok and verified else "torch"
+
+
+def op_backends(model: torch.nn.Module) -> Dict[str, Dict[str, int]]:
+    """How the fused-capable seams of ``model`` run, by op: ``{op: {resolved backend: number of modules}}``,
+    e.g. ``{"self_attention": {"torch": 15}, ...}``; ``"triton"`` is fused, ``"torch"`` is what timm runs,
+    ``"reference"`` the explicit math."""
+    out: Dict[str, Dict[str, int]] = {}
+    for m in model.modules():
+        op, resolved = getattr(m, "op_name", ""), getattr(m, "backend", None)
+        if op and resolved in RESOLVED_BACKENDS:
+            per_op = out.setdefault(op, {})
+            per_op[resolved] = per_op.get(resolved, 0) + 1
+    return out
+
+
+def describe_op_backends(counts: Dict[str, Dict[str, int]]) -> List[str]:
+    """One line per op of :func:`op_backends`' result: fused or not, and what runs instead."""
+    lines = []
+    for op, per in counts.items():
+        total = sum(per.values())
+        parts = []
+        for resolved, n in sorted(per.items(), key=lambda kv: RESOLVED_BACKENDS.index(kv[0]), reverse=True):
+            what = {"triton": "fused (triton)", "torch": f"not fused: torch ({TORCH_PATH.get(op, 'PyTorch')})",
+                    "reference": "not fused: reference (explicit math)"}[resolved]
+            parts.append(f"{what} in {n} of {total} modules")
+        lines.append(f"{op}: " + "; ".join(parts))
+    return lines
 
 
 def fused_runs_on(t: torch.Tensor) -> bool:

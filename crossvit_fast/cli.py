@@ -71,16 +71,39 @@ def cmd_info(args) -> int:
         print("devices       cpu only (torch.cuda.is_available() is False)")
     print(f"default backend asked for: {get_backend()!r} (CROSSVIT_FAST_BACKEND={os.environ.get('CROSSVIT_FAST_BACKEND', '')!r})")
     print("backends:")
-    print("  reference    can run (plain PyTorch)")
+    print("  reference    can run (plain PyTorch: the explicit math, the tests' oracle)")
+    print("  torch        can run (what timm runs: SDPA, PyTorch's LayerNorm)")
     ok, why = triton_status()
     print(f"  triton       {'can run: ' if ok else 'cannot run: '}{why}")
     for op in FUSED_OPS:
         ok, why = triton_status(op)
-        print(f"    {op:<22} {'fused' if ok else 'reference'}: {why}")
+        print(f"    {op:<22} {'fused' if ok else 'not fused'}: {why}")
     for op in FUSED_OPS:
         print(f"  auto         takes {resolve_backend('auto', op=op)} here for {op}"
               + ("" if op in GPU_VERIFIED_OPS else " (its kernel is not yet verified on a GPU: ask for 'triton')"))
+    print("\n".join(fused_ops_lines()))
     return 0
+
+
+def fused_ops_lines() -> List[str]:
+    """Per op, whether a model built now with the default backend runs it fused, and what runs where it does not."""
+    from crossvit_fast.backend import FUSED_OPS, TORCH_PATH, BackendUnavailableError, get_backend, resolve_backend
+
+    requested = get_backend()
+    lines = [f"ops of a model built now (backend {requested!r}):"]
+    for op in FUSED_OPS:
+        try:
+            resolved = resolve_backend(requested, op=op)
+        except BackendUnavailableError as e:
+            lines.append(f"  {op:<22} cannot build: {e}")
+            continue
+        what = {
+            "triton": "fused (Triton kernel)",
+            "torch": f"not fused: runs what timm runs ({TORCH_PATH[op]})",
+            "reference": "not fused: the explicit reference math (backend='reference')",
+        }[resolved]
+        lines.append(f"  {op:<22} {what}")
+    return lines
 
 
 def cmd_flops(args) -> int:
@@ -195,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("flops", help="fvcore FLOP table of a model (one image)")
     f.add_argument("model")
     f.add_argument("--img-size", type=int, nargs="+", help="H or H W (default: the model's)")
-    f.add_argument("--backend", choices=["reference", "triton", "auto"])
+    f.add_argument("--backend", choices=["reference", "torch", "triton", "auto"])
     f.add_argument("--depth", type=int, default=3, help="module depth of the table (default 3)")
     f.set_defaults(fn=cmd_flops)
     c = sub.add_parser("check", help="parity and timing of every backend that can run here")

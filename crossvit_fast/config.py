@@ -7,7 +7,7 @@ ENV_BACKEND = "CROSSVIT_FAST_BACKEND"
 """Environment variable that sets the default backend ("reference", "triton" or "auto")."""
 
 # Limits of the fused kernels: their launchers refuse anything else, and the modules consult them when they choose
-# a backend (an "auto" module outside them takes the reference path; an explicit "triton" one raises).
+# a backend (an "auto" module outside them takes the "torch" path, what timm runs; an explicit "triton" one raises).
 FUSED_DTYPES = ("float16", "bfloat16", "float32")
 """Input dtypes (torch names) every fused kernel takes; they accumulate in float32."""
 

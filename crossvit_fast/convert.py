@@ -15,11 +15,14 @@ from typing import List, Optional, Tuple
 
 import torch.nn as nn
 
+from crossvit_fast.backend import op_backends
 from crossvit_fast.layers import Attention, Block, CrossAttentionBlock, MultiScaleBlock, _is_affine_layer_norm
 
 __all__ = ["optimize", "revert"]
 
 _SWAPS = "_crossvit_fast_swaps"
+OPS_ATTR = "crossvit_fast_ops"
+"""The attribute ``optimize`` sets on the model it returns: :func:`crossvit_fast.op_backends` at that moment."""
 
 
 def _is_linear(m) -> bool:
@@ -61,6 +64,16 @@ def _is_multiscale_block(m: nn.Module) -> bool:
     )
 
 
+def _keep_mode(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give ``new`` and every module of it that ``old`` does not share the train/eval flag of ``old``: what is
+    shared keeps its own flag, what is created in the swap starts in ``old``'s mode, not in training mode."""
+    shared = {id(m) for m in old.modules()}
+    for m in new.modules():
+        if id(m) not in shared:
+            m.training = old.training
+    return new
+
+
 def _children_to_swap(model: nn.Module, pred) -> List[Tuple[nn.Module, str, nn.Module]]:
     out = []
     for parent in model.modules():
@@ -73,28 +86,40 @@ def _children_to_swap(model: nn.Module, pred) -> List[Tuple[nn.Module, str, nn.M
 def optimize(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     """Swap crossvit_fast's fused-capable modules into ``model`` in place and return it.
 
-    ``backend`` as everywhere ("reference", "triton", "auto"; None: the current default). Calling it again on an
-    optimized model only re-chooses the backend.
+    ``backend`` as everywhere ("reference", "torch", "triton", "auto"; None: the current default). Where an op
+    does not run fused, its module runs what timm runs ("torch": SDPA, PyTorch's LayerNorm), so the model is never
+    slower than before. The returned model says which ops run fused: ``model.crossvit_fast_ops`` is
+    ``{op: {resolved backend: number of modules}}`` (``"triton"``: fused), e.g.
+    ``{"self_attention": {"torch": 15}, ...}``. Every module keeps its train/eval flag; the modules created in
+    the swap take the flag of the one they replace. Calling it again on an optimized model only re-chooses the
+    backend.
     """
-    swaps: List[Tuple[nn.Module, str, nn.Module]] = getattr(model, _SWAPS, None) or []
-    for parent, name, child in _children_to_swap(model, _is_branch_attention):
-        setattr(parent, name, Attention.from_module(child, backend))
-        swaps.append((parent, name, child))
-    for parent, name, child in _children_to_swap(model, _is_branch_block):
-        setattr(parent, name, Block.from_module(child, backend))
-        swaps.append((parent, name, child))
-    for parent, name, child in _children_to_swap(model, _is_fusion_block):
-        setattr(parent, name, CrossAttentionBlock.from_module(child, backend))
-        swaps.append((parent, name, child))
-    for parent, name, child in _children_to_swap(model, _is_multiscale_block):
-        setattr(parent, name, MultiScaleBlock.from_module(child))
-        swaps.append((parent, name, child))
-    # crossvit_fast's own seams (and those just swapped in): re-choose the backend
+    swaps: List[Tuple[nn.Module, str, nn.Module]] = list(getattr(model, _SWAPS, None) or [])
+    new_swaps: List[Tuple[nn.Module, str, nn.Module]] = []
     previous = []
-    for m in model.modules():
-        if isinstance(m, (Attention, Block, CrossAttentionBlock)):
-            previous.append((m, m.backend_requested, m.backend))
-            m.set_backend(backend)
+    makers = (
+        (_is_branch_attention, lambda m: Attention.from_module(m, backend)),
+        (_is_branch_block, lambda m: Block.from_module(m, backend)),
+        (_is_fusion_block, lambda m: CrossAttentionBlock.from_module(m, backend)),
+        (_is_multiscale_block, MultiScaleBlock.from_module),
+    )
+    try:
+        for pred, make in makers:
+            for parent, name, child in _children_to_swap(model, pred):
+                setattr(parent, name, _keep_mode(make(child), child))
+                new_swaps.append((parent, name, child))
+        # crossvit_fast's own seams (and those just swapped in): re-choose the backend
+        for m in model.modules():
+            if isinstance(m, (Attention, Block, CrossAttentionBlock)):
+                previous.append((m, m.backend_requested, m.backend))
+                m.set_backend(backend)
+    except Exception:  # nothing half-way: the model is left as it was given
+        for m, requested, resolved in previous:
+            m.backend_requested, m.backend = requested, resolved
+        for parent, name, child in reversed(new_swaps):
+            setattr(parent, name, child)
+        raise
+    swaps += new_swaps
     if not swaps and not previous:
         raise ValueError(
             f"optimize: found no CrossViT attention, fusion or multi-scale block in {type(model).__name__}"
@@ -102,19 +127,24 @@ def optimize(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     object.__setattr__(model, _SWAPS, swaps)
     if not hasattr(model, "_crossvit_fast_backends"):
         object.__setattr__(model, "_crossvit_fast_backends", previous)
+    object.__setattr__(model, OPS_ATTR, op_backends(model))
     return model
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo :func:`optimize`: the original modules (and backends) come back; parameters are untouched."""
+    """Undo :func:`optimize`: the original modules (and backends) come back, in the train/eval mode of the modules
+    they replace; parameters are untouched."""
     swaps = getattr(model, _SWAPS, None)
     if swaps is None:
         raise ValueError("revert: this model was not optimized by crossvit_fast.optimize")
     for parent, name, child in reversed(swaps):
-        setattr(parent, name, child)
+        # the swapped-in module's flag is the current one (model.eval() after optimize reached it, not `child`)
+        setattr(parent, name, _keep_mode(child, getattr(parent, name)))
     for m, requested, resolved in getattr(model, "_crossvit_fast_backends", []):
         m.backend_requested, m.backend = requested, resolved
     object.__delattr__(model, _SWAPS)
+    if OPS_ATTR in model.__dict__:
+        object.__delattr__(model, OPS_ATTR)
     if hasattr(model, "_crossvit_fast_backends"):
         object.__delattr__(model, "_crossvit_fast_backends")
     return model

@@ -83,6 +83,17 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
 
 
+def self_attention_sdpa(qkv: torch.Tensor, num_heads: int, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """The ``"torch"`` path of the branch self-attention, what timm's ``Attention`` runs: qkv ``(B, N, 3C)`` ->
+    ``F.scaled_dot_product_attention`` -> ``(B, N, C)``."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    # (B, N, 3*H*D) -> (3, B, H, N, D)
+    q, k, v = qkv.reshape(B, N, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)  # (B, H, N, D)
+    return out.transpose(1, 2).reshape(B, N, C)
+
+
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The autocast dtype in force for ``x``'s device type, or None."""
     dev = x.device.type
@@ -107,7 +118,7 @@ class _BackendMixin:
             if why and requested == "triton":
                 raise BackendUnavailableError(f"{type(self).__name__}: backend='triton' cannot take this module: {why}")
             if why:
-                resolved = "reference"
+                resolved = "torch"
         self.backend_requested, self.backend = requested, resolved
 
     def _use_fused(self, x: torch.Tensor) -> bool:
@@ -120,7 +131,7 @@ class _BackendMixin:
             warn_once(
                 f"{self.op_name}-dropout",
                 f"crossvit_fast: {name} has attention dropout > 0 in training mode, which the fused {self.op_name} "
-                f"kernel does not implement; using the reference path for those calls",
+                f"kernel does not implement; using the torch path (what timm runs) for those calls",
             )
             return False
         dtype = _autocast_dtype(x) or x.dtype
@@ -136,7 +147,7 @@ class _BackendMixin:
         warn_once(
             f"{self.op_name}-{dtype}-{x.device.type}",
             f"crossvit_fast: backend 'auto' chose the fused {self.op_name} kernel for {name}, but it got {problem}; "
-            f"using the reference path for such calls",
+            f"using the torch path (what timm runs) for such calls",
         )
         return False
 
@@ -186,6 +197,9 @@ class Attention(_BackendMixin, nn.Module):
         for extra in ("q_norm", "k_norm", "norm"):
             if not isinstance(getattr(m, extra, nn.Identity()), nn.Identity):
                 raise ValueError(f"Attention.from_module: {type(m).__name__}.{extra} is not Identity; not a CrossViT attention")
+        if getattr(m, "gate", None) is not None:
+            raise ValueError(f"Attention.from_module: {type(m).__name__} has an output gate (timm's gated=True); "
+                             f"not a CrossViT attention")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.num_heads = int(m.num_heads)
@@ -206,9 +220,12 @@ class Attention(_BackendMixin, nn.Module):
             from crossvit_fast.ops.self_attention import self_attention
 
             out = self_attention(qkv.to(_autocast_dtype(qkv) or qkv.dtype), self.num_heads, self.scale)
-        else:
+        elif self.backend == "reference":
             p = self.attn_drop.p if self.training else 0.0
             out = self_attention_ref(qkv, self.num_heads, self.scale, dropout_p=p)
+        else:
+            p = self.attn_drop.p if self.training else 0.0
+            out = self_attention_sdpa(qkv, self.num_heads, self.scale, dropout_p=p)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:

@@ -39,7 +39,7 @@ def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> None:
 class CrossViT(nn.Module):
     """Dual-branch CrossViT (Chen, Fan, Panda, ICCV 2021), computing what timm's ``CrossVit`` computes.
 
-    Args mirror timm's, plus ``backend`` ("reference", "triton", "auto"; None: the current default, see
+    Args mirror timm's, plus ``backend`` ("reference", "torch", "triton", "auto"; None: the current default, see
     :mod:`crossvit_fast.backend`). ``img_size`` may be an int or ``(H, W)``; the large branch sees the image
     resized by ``img_scale[1]`` (bicubic), and the patch grids are computed per side, so any size whose branch
     images are at least one patch wide builds.
@@ -139,7 +139,8 @@ class CrossViT(nn.Module):
 
     @property
     def backends(self) -> Dict[str, List[str]]:
-        """The resolved backend of every fused-op seam, by op: e.g. ``{"self_attention": ["reference"], ...}``."""
+        """The resolved backend of every fused-op seam, by op: e.g. ``{"self_attention": ["torch"], ...}``
+        (``"triton"``: fused; ``"torch"``: what timm runs; ``"reference"``: the explicit math)."""
         out: Dict[str, List[str]] = {}
         for m in self.modules():
             op = getattr(m, "op_name", "")
@@ -175,6 +176,7 @@ class CrossViT(nn.Module):
                 for d in self.embed_dim
             ]
         )
+        self.head.train(self.training)  # the new head takes the model's mode, as in timm
 
     # --- forward ------------------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:

@@ -2,7 +2,8 @@
 
 These functions are
 
-* what the models run under ``backend="reference"`` (and the fallback where no fused kernel can run),
+* what the models run under ``backend="reference"`` (where no fused kernel runs, ``"auto"`` runs what timm runs,
+  ``"torch"``, not this),
 * the oracle of every kernel test (called on float64 inputs), and
 * the baseline of every benchmark.
 

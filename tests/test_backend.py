@@ -62,7 +62,7 @@ def test_explicit_triton_where_it_cannot_run(no_interpreter, monkeypatch):
         B.resolve_backend("triton", op="self_attention")
     # auto never takes the interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert B.resolve_backend("auto", op="self_attention") == "reference"
+    assert B.resolve_backend("auto", op="self_attention") == "torch"
     assert B.resolve_backend("triton", op="self_attention") == "triton"
     # and with triton missing: says that
     real_find_spec = B.importlib.util.find_spec
@@ -77,7 +77,7 @@ def test_auto_falls_back_with_one_warning_and_explicit_raises(no_interpreter, mo
     attn.backend, attn.backend_requested = "triton", "auto"  # as "auto" resolves on a CUDA machine
     x = torch.randn(2, 5, 16)
     want = attn.proj(self_attention_ref(attn.qkv(x), 2))
-    with pytest.warns(RuntimeWarning, match="reference path"):
+    with pytest.warns(RuntimeWarning, match="torch path"):
         out = attn(x)
     torch.testing.assert_close(out, want)
     with warnings.catch_warnings():
@@ -88,7 +88,7 @@ def test_auto_falls_back_with_one_warning_and_explicit_raises(no_interpreter, mo
         attn(x)
 
 
-def test_attention_dropout_in_training_uses_reference_and_warns(monkeypatch):
+def test_attention_dropout_in_training_uses_torch_path_and_warns(monkeypatch):
     monkeypatch.setattr(B, "_warned", set())
     attn = Attention(16, 2, attn_drop=0.1, backend="reference").train()
     attn.backend, attn.backend_requested = "triton", "triton"
@@ -101,7 +101,7 @@ def test_import_needs_no_triton_and_imports_none():
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail, as if not installed
         "import crossvit_fast, torch\n"
         "m = crossvit_fast.create_model('crossvit_tiny_240').eval()\n"
-        "assert crossvit_fast.resolve_backend('auto') == 'reference'\n"
+        "assert crossvit_fast.resolve_backend('auto') == 'torch'\n"
         "m(torch.randn(1, 3, 240, 240))\n"
         "try:\n"
         "    crossvit_fast.create_model('crossvit_tiny_240', backend='triton')\n"
@@ -121,8 +121,8 @@ def test_auto_takes_only_gpu_verified_kernels(no_interpreter, monkeypatch):
     monkeypatch.setattr(B.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(B.torch.cuda, "get_device_name", lambda *a: "a CUDA device")
     monkeypatch.setattr(B, "GPU_VERIFIED_OPS", set())
-    assert B.resolve_backend("auto", op="self_attention") == "reference"
+    assert B.resolve_backend("auto", op="self_attention") == "torch"
     assert B.resolve_backend("triton", op="self_attention") == "triton"
     monkeypatch.setattr(B, "GPU_VERIFIED_OPS", {"self_attention"})
     assert B.resolve_backend("auto", op="self_attention") == "triton"
-    assert B.resolve_backend("auto", op="cls_cross_attention") == "reference"
+    assert B.resolve_backend("auto", op="cls_cross_attention") == "torch"

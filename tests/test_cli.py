@@ -49,3 +49,13 @@ def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "crossvit_fast", "list"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "crossvit_tiny_240" in r.stdout
+
+
+def test_info_says_which_ops_run_fused(capsys, monkeypatch):
+    monkeypatch.delenv("CROSSVIT_FAST_BACKEND", raising=False)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "ops of a model built now (backend 'auto')" in out
+    for op in ("self_attention", "cls_cross_attention", "layer_norm"):
+        assert any(line.split()[:1] == [op] and ("fused (Triton kernel)" in line or "not fused: runs what timm runs" in line)
+                   for line in out.splitlines())

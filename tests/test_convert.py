@@ -135,7 +135,7 @@ def test_own_model_and_dtypes():
     x = torch.randn(1, 3, 240, 240)
     with torch.no_grad():
         want = model(x)
-    crossvit_fast.optimize(model)  # auto: reference on a CPU-only machine, fused on CUDA tensors elsewhere
+    crossvit_fast.optimize(model)  # auto: "torch" (what timm runs) on a CPU-only machine, fused where verified
     with torch.no_grad():
         torch.testing.assert_close(model(x), want)
         for dt in (torch.bfloat16, torch.float16):
@@ -216,3 +216,106 @@ def test_optimize_to_triton_in_the_interpreter(name, monkeypatch):
         crossvit_fast.optimize(model, backend="triton")
         assert {b for v in model.backends.values() for b in v} == {"triton"}
         assert_within_rule(model(x.float()), want, ref32, what=f"optimized {name} logits")
+
+
+# --- train/eval flags ----------------------------------------------------------------------------------------------
+def _modes(model):
+    return {name: m.training for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_optimize_and_revert_keep_every_mode(backend):
+    model = timm_like(attn_drop_rate=0.1, drop_rate=0.1).eval()
+    crossvit_fast.optimize(model, backend=backend)
+    assert not any(_modes(model).values()), [n for n, t in _modes(model).items() if t]
+    x = torch.randn(1, 3, 240, 240)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # no dropout in eval
+    crossvit_fast.revert(model)
+    assert not any(_modes(model).values())
+
+    # train -> optimize -> eval -> revert: everything in eval, the originals included
+    model.train()
+    crossvit_fast.optimize(model, backend=backend)
+    assert all(_modes(model).values())
+    model.eval()
+    crossvit_fast.revert(model)
+    assert not any(_modes(model).values()), [n for n, t in _modes(model).items() if t]
+    # and the other way round
+    crossvit_fast.optimize(model, backend=backend)
+    model.train()
+    crossvit_fast.revert(model)
+    assert all(_modes(model).values())
+
+
+def test_optimize_keeps_a_mixed_mode():
+    model = timm_like().train()
+    model.blocks[0].eval()  # a frozen stage
+    crossvit_fast.optimize(model, backend="reference")
+    modes = _modes(model)
+    assert not any(t for n, t in modes.items() if n.startswith("blocks.0"))
+    assert all(t for n, t in modes.items() if n.startswith("blocks.1"))
+    crossvit_fast.revert(model)
+    modes = _modes(model)
+    assert not any(t for n, t in modes.items() if n.startswith("blocks.0"))
+    assert all(t for n, t in modes.items() if n.startswith("blocks.1"))
+
+
+def test_reset_classifier_keeps_the_mode():
+    model = crossvit_fast.create_model("crossvit_tiny_240", img_size=96).eval()
+    model.reset_classifier(10)
+    assert not any(m.training for m in model.modules())
+    model.train()
+    model.reset_classifier(0)
+    assert all(m.training for m in model.modules())
+
+
+# --- what optimize reports; never slower: what timm runs where nothing is fused ------------------------------------
+def test_optimize_says_which_ops_run_fused(monkeypatch):
+    monkeypatch.delenv("CROSSVIT_FAST_BACKEND", raising=False)
+    model = timm_like()
+    out = crossvit_fast.optimize(model)
+    assert out is model
+    fused = out.crossvit_fast_ops
+    assert fused == crossvit_fast.op_backends(model)
+    assert set(fused) == {"self_attention", "cls_cross_attention", "layer_norm"}
+    if not torch.cuda.is_available():  # auto: nothing GPU-verified runs here, so all "torch"
+        assert fused == {"self_attention": {"torch": 15}, "cls_cross_attention": {"torch": 6}, "layer_norm": {"torch": 15}}
+    from crossvit_fast.backend import describe_op_backends
+
+    lines = describe_op_backends(fused)
+    assert len(lines) == 3 and all(("fused (triton)" in l) or ("not fused: torch" in l) for l in lines)
+    crossvit_fast.optimize(model, backend="reference")
+    assert model.crossvit_fast_ops["self_attention"] == {"reference": 15}
+    crossvit_fast.revert(model)
+    assert not hasattr(model, "crossvit_fast_ops")
+
+
+def test_torch_backend_runs_sdpa_and_the_reference_runs_explicit_math(monkeypatch):
+    """"torch" (auto's non-fused path) runs F.scaled_dot_product_attention as timm does; "reference" never does."""
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64)
+    ref = crossvit_fast.create_model("crossvit_tiny_240", img_size=96, backend="reference").double().eval()
+    fast = crossvit_fast.create_model("crossvit_tiny_240", img_size=96, backend="torch").double().eval()
+    fast.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        want = ref(x)
+        assert not calls
+        got = fast(x)
+    assert len(calls) == 15
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_optimize_refuses_a_gated_attention():
+    """timm's Attention has an optional output gate (gated=True): not CrossViT's, never silently dropped."""
+    model = timm_like(img_size=96)
+    attn = model.blocks[2].blocks[1][-1].attn  # the last one: every other attention is swapped before it
+    attn.gate = nn.Linear(192, 192)
+    with pytest.raises(ValueError, match="gate"):
+        crossvit_fast.optimize(model, backend="reference")
+    # nothing half-way: every module before the gated one is back as it was
+    assert {"TimmAttention", "TimmMultiScaleBlock"} <= _kinds(model)
+    assert not {"Attention", "CrossAttentionBlock", "MultiScaleBlock"} & _kinds(model)
+    assert not hasattr(model, "_crossvit_fast_swaps")

@@ -68,6 +68,7 @@ TORCH_PATH: dict = {
     "cls_cross_attention": "timm's CrossAttention math: LayerNorm, the CLS query's scores, softmax, weighted sum",
     "self_attention": "F.scaled_dot_product_attention, as timm's Attention",
     "layer_norm": "torch.nn.LayerNorm, as timm's Block",
+    "linear": "the block's nn.Linear layers, GELU and residual adds, as timm's Block",
 }
 """What each op runs on the ``"torch"`` backend (where it does not run fused): what timm runs."""
 
@@ -163,10 +164,13 @@ def op_backends(model: torch.nn.Module) -> Dict[str, Dict[str, int]]:
     ``"reference"`` the explicit math."""
     out: Dict[str, Dict[str, int]] = {}
     for m in model.modules():
-        op, resolved = getattr(m, "op_name", ""), getattr(m, "backend", None)
-        if op and resolved in RESOLVED_BACKENDS:
-            per_op = out.setdefault(op, {})
-            per_op[resolved] = per_op.get(resolved, 0) + 1
+        seams = [(getattr(m, "op_name", ""), getattr(m, "backend", None))]
+        if hasattr(m, "linear_backend"):  # a branch Block: its GEMMs are a seam of their own
+            seams.append(("linear", m.linear_backend))
+        for op, resolved in seams:
+            if op and resolved in RESOLVED_BACKENDS:
+                per_op = out.setdefault(op, {})
+                per_op[resolved] = per_op.get(resolved, 0) + 1
     return out
 
 

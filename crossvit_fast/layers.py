@@ -304,8 +304,9 @@ class Block(_BackendMixin, nn.Module):
 
     def set_backend(self, backend: Optional[str] = None) -> None:
         super().set_backend(backend)
-        # The five-GEMM path (op "linear") is chosen on its own: "auto" takes it only once it is GPU-verified.
-        self.linear_backend = "reference"
+        # The five-GEMM path (op "linear") is chosen on its own: "auto" takes it only once it is GPU-verified. Off
+        # it, the Linears, GELU and residual adds are timm's own modules and ops ("torch"; "reference" on that path).
+        self.linear_backend = "reference" if self.backend == "reference" else "torch"
         if self.backend == "triton" and resolve_backend(self.backend_requested, op="linear") == "triton":
             why = self._linear_unsupported()
             if why:
@@ -338,7 +339,7 @@ class Block(_BackendMixin, nn.Module):
         return any(isinstance(m, nn.Dropout) and m.p > 0.0 for m in mods)
 
     def _use_fused_linear(self) -> bool:
-        if getattr(self, "linear_backend", "reference") != "triton":
+        if getattr(self, "linear_backend", "torch") != "triton":
             return False
         if self._dropout_modules_active():
             warn_once(

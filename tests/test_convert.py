@@ -278,13 +278,14 @@ def test_optimize_says_which_ops_run_fused(monkeypatch):
     assert out is model
     fused = out.crossvit_fast_ops
     assert fused == crossvit_fast.op_backends(model)
-    assert set(fused) == {"self_attention", "cls_cross_attention", "layer_norm"}
+    assert set(fused) == {"self_attention", "cls_cross_attention", "layer_norm", "linear"}
     if not torch.cuda.is_available():  # auto: nothing GPU-verified runs here, so all "torch"
-        assert fused == {"self_attention": {"torch": 15}, "cls_cross_attention": {"torch": 6}, "layer_norm": {"torch": 15}}
+        assert fused == {"self_attention": {"torch": 15}, "cls_cross_attention": {"torch": 6},
+                         "layer_norm": {"torch": 15}, "linear": {"torch": 15}}
     from crossvit_fast.backend import describe_op_backends
 
     lines = describe_op_backends(fused)
-    assert len(lines) == 3 and all(("fused (triton)" in l) or ("not fused: torch" in l) for l in lines)
+    assert len(lines) == 4 and all(("fused (triton)" in l) or ("not fused: torch" in l) for l in lines)
     crossvit_fast.optimize(model, backend="reference")
     assert model.crossvit_fast_ops["self_attention"] == {"reference": 15}
     crossvit_fast.revert(model)

@@ -300,7 +300,7 @@ def test_block_fused_layer_norm(autocast, train, replayed_drop_path_masks):
     ref = Block(32, 2, 3.0, qkv_bias=True, drop_path=0.3, backend="reference").to(DEV).train(train)
     fused = copy.deepcopy(ref)
     fused.set_backend("triton")  # the LayerNorms only: the attention stays on the reference path
-    fused.linear_backend = "reference"  # and the Linears (the five-kernel path is tests/test_linear.py's)
+    fused.linear_backend = "torch"  # and the Linears (the five-kernel path is tests/test_linear.py's)
     assert fused.backend == "triton" and fused.attn.backend == "reference"
     ref64 = copy.deepcopy(ref).double()
     x = torch.randn(3, 11, 32, device=DEV)

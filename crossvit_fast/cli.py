@@ -218,6 +218,8 @@ def cmd_check(args) -> int:
     ref_err = {}
     for backend in ("reference", "triton"):
         ok, why = triton_status(allow_interpreter=True) if backend == "triton" else (True, "plain PyTorch")
+        if ok and backend == "triton" and device.type == "cpu" and importlib.util.find_spec("numpy") is None:
+            ok, why = False, "Triton's CPU interpreter needs numpy (pip install numpy); on a CUDA device it does not"
         if not ok:
             rows.append([backend, "-", "-", "-", "-", f"not available: {why}"])
             continue
@@ -255,7 +257,7 @@ def cmd_check(args) -> int:
     if not FUSED_OPS:
         rows.append(["", "", "", "", "", "the fused Triton path is not available yet in this version"])
     print(_table(rows, ["backend", "dtype", "max abs err", "rel err", "ms/batch", "notes"]))
-    if interpreter:
+    if interpreter and any(r[0] == "triton" and r[1] != "-" for r in rows):
         print("(no CUDA device: TRITON_INTERPRET=1 was set for this run, so the triton row ran in Triton's CPU interpreter)")
     elif device.type == "cpu" and not triton_installed:
         print("(triton is not installed: only the reference path ran; pip install 'crossvit_fast[triton]' to add "

@@ -54,6 +54,7 @@ def test_module_entry_point():
 # --- a new user's first hour: the CLI through its entry point, in a subprocess -------------------------------------
 
 import importlib.metadata  # noqa: E402
+import importlib.util  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 
@@ -85,11 +86,10 @@ def _one_line_error(r, *needles):
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def plain_install(tmp_path_factory):
-    """A site dir holding torch and its own requirements only (what ``pip install .`` brings): no numpy, no fvcore,
-    no triton; run with ``python -S`` so the system site-packages stay out."""
-    site = tmp_path_factory.mktemp("plain_site")
+def _site_without_numpy(tmp_path_factory, *roots):
+    """A site dir holding ``roots`` and their requirements only: no numpy, no fvcore (unless asked for); run with
+    ``python -S`` so the system site-packages stay out. Returns the environment for it."""
+    site = tmp_path_factory.mktemp("site")
 
     def closure(name, seen):
         key = name.lower().replace("_", "-")
@@ -105,7 +105,8 @@ def plain_install(tmp_path_factory):
                 closure(re.split(r"[ ;<>=!~\[(]", req, 1)[0], seen)
 
     dists = {}
-    closure("torch", dists)
+    for root in roots:
+        closure(root, dists)
     for dist in dists.values():
         tops = set()
         for f in dist.files or []:
@@ -120,12 +121,30 @@ def plain_install(tmp_path_factory):
             if os.path.exists(src) and not dst.exists():
                 os.symlink(src, dst)
     env = _env(PYTHONPATH=REPO + os.pathsep + str(site))
+    absent = ("numpy", "fvcore") + (() if "triton" in roots else ("triton",))
     probe = subprocess.run([sys.executable, "-S", "-c", "import torch, importlib.util as u; "
-                            "assert not any(u.find_spec(m) for m in ('numpy', 'fvcore', 'triton'))"],
+                            f"assert not any(u.find_spec(m) for m in {absent!r})"],
                            capture_output=True, text=True, env=env)
     if probe.returncode != 0:
-        pytest.skip(f"could not build a torch-only site dir here: {probe.stderr.strip()[-300:]}")
+        pytest.skip(f"could not build a site dir of {roots} here: {probe.stderr.strip()[-300:]}")
     return env
+
+
+@pytest.fixture(scope="module")
+def plain_install(tmp_path_factory):
+    """``pip install .``: torch and what it requires, no numpy, fvcore nor triton."""
+    return _site_without_numpy(tmp_path_factory, "torch")
+
+
+@NO_CUDA
+def test_check_with_triton_but_no_numpy_says_why(tmp_path_factory):
+    """``pip install '.[triton]'`` on a CPU machine: the interpreter needs numpy; the triton row says so."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed here")
+    env = _site_without_numpy(tmp_path_factory, "torch", "triton")
+    r = _cli("check", "crossvit_tiny_240", "--reps", "1", env=env, python=(sys.executable, "-S"))
+    assert r.returncode == 0, r.stderr
+    assert "interpreter needs numpy" in r.stdout and "TRITON_INTERPRET=1 was set" not in r.stdout
 
 
 def test_plain_install_runs_list_info_check(plain_install):

@@ -27,6 +27,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
 def _device(name: Optional[str]) -> torch.device:
     """``--device``: cpu, cuda or cuda:N, checked before anything runs."""
     if name is None:
@@ -276,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="fvcore's table of multiply-adds (the paper's 'FLOPs') for one image. "
                                    "Needs fvcore: pip install 'crossvit_fast[flops]'.")
     f.add_argument("model", help="a model name (crossvit-fast list), timm's or IBM's")
-    f.add_argument("--img-size", type=int, nargs="+", metavar="H [W]", help="H or H W (default: the model's)")
+    f.add_argument("--img-size", type=_positive_int, nargs="+", metavar="H [W]", help="H or H W (default: the model's)")
     f.add_argument("--backend", choices=["reference", "triton", "auto"],
                    help="the backend the model is built with (the counts are the same for every backend)")
     f.add_argument("--depth", type=int, default=3, help="module depth of the table (default 3)")
@@ -287,10 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"a model name (default {DEFAULT_MODEL}; crossvit-fast list shows them all: "
                         f"{', '.join(list_models()[:3])}, ...)")
-    c.add_argument("--batch", type=int, default=None, help="images per batch (default 8 on CUDA, 1 on CPU)")
+    c.add_argument("--batch", type=_positive_int, default=None, help="images per batch (default 8 on CUDA, 1 on CPU)")
     c.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     c.add_argument("--seed", type=int, default=0, help="seed of the weights and of the input (default 0)")
-    c.add_argument("--reps", type=int, default=5,
+    c.add_argument("--reps", type=_positive_int, default=5,
                    help="timed runs per row, the median is shown (default 5; the CPU interpreter runs once)")
     c.set_defaults(fn=cmd_check)
     sub.add_parser("bench", help="end-to-end images/s benchmark (CUDA; see crossvit-fast bench --help)", add_help=False)

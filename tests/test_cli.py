@@ -192,8 +192,9 @@ def test_cpu_machine_errors_are_one_line(args, env, needles):
         (["check", "crossvit_9_240.garbage"], ["did you mean 'crossvit_9_240.in1k'"]),
         (["list", "--bogus"], ["unrecognized arguments", "--help"]),
         (["flops"], ["model", "crossvit-fast flops --help"]),
+        (["check", "--reps", "0"], ["--reps", "1 or more"]),
     ],
-    ids=["device-gpu", "img-size-3", "model-typo", "bad-tag", "bad-option", "no-model"],
+    ids=["device-gpu", "img-size-3", "model-typo", "bad-tag", "bad-option", "no-model", "reps-0"],
 )
 def test_errors_are_one_line_with_the_next_step(args, needles):
     _one_line_error(_cli(*args), *needles)

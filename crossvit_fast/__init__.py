@@ -4,7 +4,15 @@ Computes what timm's and IBM's released models compute and loads their weights. 
 imports triton (nor fvcore, nor timm).
 """
 
-from crossvit_fast.backend import (
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # crossvit_fast needs no numpy; without it, torch's first import warns "Failed to initialize NumPy" (only here,
+    # where this package is what imports torch).
+    _warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch  # noqa: F401
+
+from crossvit_fast.backend import (  # noqa: E402
     BACKENDS,
     BackendUnavailableError,
     get_backend,
@@ -13,11 +21,11 @@ from crossvit_fast.backend import (
     triton_status,
     use_backend,
 )
-from crossvit_fast.convert import optimize, revert
-from crossvit_fast.checkpoint import CheckpointError, load_checkpoint, resample_pos_embed
-from crossvit_fast.flops import flops
-from crossvit_fast.models import ALIASES, CrossViT, create_model, list_models, model_config
-from crossvit_fast.reference import cls_cross_attention_ref, layer_norm_ref, self_attention_ref
+from crossvit_fast.convert import optimize, revert  # noqa: E402
+from crossvit_fast.checkpoint import CheckpointError, load_checkpoint, resample_pos_embed  # noqa: E402
+from crossvit_fast.flops import flops  # noqa: E402
+from crossvit_fast.models import ALIASES, CrossViT, create_model, list_models, model_config  # noqa: E402
+from crossvit_fast.reference import cls_cross_attention_ref, layer_norm_ref, self_attention_ref  # noqa: E402
 
 __version__ = "0.1.0"
 

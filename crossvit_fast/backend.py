@@ -41,6 +41,7 @@ __all__ = [
     "BackendUnavailableError",
     "use_backend",
     "get_backend",
+    "backend_request",
     "resolve_backend",
     "triton_status",
     "interpreter_enabled",
@@ -104,13 +105,19 @@ def use_backend(name: str) -> Iterator[str]:
 
 def get_backend() -> str:
     """The backend a module built now without ``backend=`` asks for (before resolving ``"auto"``)."""
+    return backend_request()[0]
+
+
+def backend_request() -> Tuple[str, str]:
+    """``(name, source)``: the backend a module built now without ``backend=`` asks for, and where that came from
+    (``"use_backend()"``, ``"the environment variable CROSSVIT_FAST_BACKEND"`` or ``"the default"``)."""
     ctx = _context_backend.get()
     if ctx is not None:
-        return ctx
+        return ctx, "use_backend()"
     env = os.environ.get(ENV_BACKEND, "").strip()
     if env:
-        return _check_name(env, f"environment variable {ENV_BACKEND}")
-    return "auto"
+        return _check_name(env, f"environment variable {ENV_BACKEND}"), f"the environment variable {ENV_BACKEND}"
+    return "auto", "the default"
 
 
 def interpreter_enabled() -> bool:
@@ -145,13 +152,23 @@ def resolve_backend(requested: Optional[str] = None, op: Optional[str] = None) -
     Raises:
         BackendUnavailableError: ``"triton"`` was asked for and cannot run here.
     """
-    name = get_backend() if requested is None else _check_name(requested, "backend= argument")
+    if requested is None:
+        name, source = backend_request()
+    else:
+        name, source = _check_name(requested, "backend= argument"), "the backend= argument"
     if name in ("reference", "torch"):
         return name
     if name == "triton":
         ok, why = triton_status(op, allow_interpreter=True)
         if not ok:
-            raise BackendUnavailableError(f"backend='triton' was asked for but cannot run here: {why}")
+            fix = (
+                f"unset {ENV_BACKEND} or set it to 'auto'"
+                if source.endswith(ENV_BACKEND)
+                else "ask for backend='auto' (the fused kernels where they can run) or 'reference'"
+            )
+            raise BackendUnavailableError(
+                f"backend='triton' was asked for (by {source}) but cannot run here: {why}; {fix}"
+            )
         return "triton"
     ok, _ = triton_status(op, allow_interpreter=False)
     verified = op in GPU_VERIFIED_OPS if op is not None else bool(GPU_VERIFIED_OPS)

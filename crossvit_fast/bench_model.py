@@ -303,7 +303,14 @@ def profile(name: str, batch: int, dtype: str, path: str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crossvit-fast bench", description=__doc__.split("\n\n")[0])
+    from crossvit_fast.bench_utils import RESULTS_DIR
+
+    p = argparse.ArgumentParser(
+        prog="crossvit-fast bench",
+        description="End-to-end model benchmark: images/s for inference and for a training step (forward + backward "
+                    "+ AdamW), per provider (timm, timm-compiled, reference, crossvit_fast, crossvit_fast-compiled). "
+                    "CUDA only; writes a JSON record, a markdown table and a plot.",
+    )
     p.add_argument("models", nargs="*", default=list(MODELS), help=f"default: {' '.join(MODELS)}")
     p.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
@@ -318,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="also profile the first model/batch/dtype: time by kernel kind per provider and pass")
     p.add_argument("--profile-only", action="store_true", help="only the profile, no timings")
-    p.add_argument("--out-dir", default=None, help="where the record goes (default bench/results/)")
+    p.add_argument("--out-dir", default=None,
+                   help=f"where the record goes (default here: {RESULTS_DIR}; bench/results/ in a source checkout, "
+                        f"./bench_results for an installed copy)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list the cases and exit (no GPU needed)")
     return p

@@ -26,7 +26,11 @@ _TIMM_KEY = re.compile(r"^(pos_embed|cls_token)_(\d+)$")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not fit the model; the message names every missing, unexpected and mis-shaped key."""
+    """A checkpoint does not fit the model. The message leads with one line (what the checkpoint looks like, what
+    to do), then the missing, unexpected and mis-shaped keys (ten of each kind); ``.result`` (a :class:`LoadResult`)
+    holds them all when the error comes from a mismatch."""
+
+    result: Optional["LoadResult"] = None
 
 
 @dataclass
@@ -157,14 +161,103 @@ def load_checkpoint(
         if source[k].shape != target[k].shape
     ]
     if strict and (result.missing_keys or result.unexpected_keys or result.mismatched_keys):
-        lines = ["checkpoint does not fit the model:"]
-        if result.missing_keys:
-            lines.append(f"  missing keys ({len(result.missing_keys)}): {', '.join(result.missing_keys)}")
-        if result.unexpected_keys:
-            lines.append(f"  unexpected keys ({len(result.unexpected_keys)}): {', '.join(result.unexpected_keys)}")
-        for k, s, t in result.mismatched_keys:
-            lines.append(f"  mis-shaped key {k}: checkpoint {s}, model {t}")
-        raise CheckpointError("\n".join(lines))
+        err = CheckpointError(_mismatch_report(model, source, target, result))
+        err.result = result  # every key, for code that wants them all
+        raise err
     bad = {k for k, _, _ in result.mismatched_keys}
     model.load_state_dict({k: v for k, v in source.items() if k in target and k not in bad}, strict=False)
     return result
+
+
+_SHOW = 10  # keys listed per kind in a mismatch report; the rest are counted
+
+
+def _shape_of(sd: Mapping[str, torch.Tensor]) -> Optional[Dict[str, Any]]:
+    """The architecture a CrossViT state dict (timm keys) implies: widths, L blocks per multi-scale block, dagger,
+    mlp ratio, image size, classes; None when it is not one."""
+    try:
+        widths = tuple(int(sd[f"cls_token_{i}"].shape[-1]) for i in range(2))
+        m = len({k.split(".")[4] for k in sd if k.startswith("blocks.0.blocks.1.")})
+        mlp = sd["blocks.0.blocks.0.0.mlp.fc1.weight"].shape[0] / widths[0]
+        side = math.isqrt(int(sd["pos_embed_0"].shape[1]) - 1)
+        head = sd.get("head.0.weight")
+        return {
+            "widths": widths,
+            "m": m,
+            "dagger": "patch_embed.0.proj.0.weight" in sd,
+            "mlp": mlp,
+            "img": side * 12,
+            "classes": int(head.shape[0]) if head is not None else 0,
+        }
+    except (KeyError, IndexError, AttributeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _looks_like(shape: Dict[str, Any]) -> Optional[str]:
+    """The released model with this architecture (the one at its image size when there are two), or None."""
+    from crossvit_fast.models import MODEL_CONFIGS
+
+    found = [
+        (name, cfg["kwargs"]["img_size"])
+        for name, cfg in MODEL_CONFIGS.items()
+        if tuple(cfg["kwargs"]["embed_dim"]) == shape["widths"]
+        and cfg["kwargs"]["depth"][0][1] == shape["m"]
+        and bool(cfg["kwargs"]["multi_conv"]) == shape["dagger"]
+        and abs(cfg["kwargs"]["mlp_ratio"][0] - shape["mlp"]) < 1e-6
+    ]
+    for name, img in found:
+        if img == shape["img"]:
+            return name
+    return found[0][0] if found else None
+
+
+def _describe(shape: Dict[str, Any]) -> str:
+    return (
+        f"widths {shape['widths'][0]}, {shape['widths'][1]}; {shape['m']} L blocks per multi-scale block; "
+        f"{'dagger' if shape['dagger'] else 'no dagger'}; {shape['img']}x{shape['img']}; {shape['classes']} classes"
+    )
+
+
+def _keys(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:_SHOW])
+    return shown + (f", ... and {len(keys) - _SHOW} more" if len(keys) > _SHOW else "")
+
+
+def _mismatch_report(model, source, target, result: LoadResult) -> str:
+    """One summary line (what the checkpoint looks like, what to do), then the keys, shortened."""
+    name = getattr(model, "model_name", None) or type(model).__name__
+    counts = (
+        f"{len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, "
+        f"{len(result.mismatched_keys)} mis-shaped keys"
+    )
+    src, tgt = _shape_of(source), _shape_of(target)
+    head_only = (
+        not result.missing_keys
+        and not result.unexpected_keys
+        and all(k.startswith("head.") for k, _, _ in result.mismatched_keys)
+    )
+    if head_only and src and tgt:
+        first = (
+            f"checkpoint does not fit {name}: only the classifier head differs (checkpoint {src['classes']} classes, "
+            f"model {tgt['classes']}); pass strict=False to load everything else and keep the model's new head"
+        )
+    elif src and tgt and (src["widths"], src["m"], src["dagger"]) != (tgt["widths"], tgt["m"], tgt["dagger"]):
+        like = _looks_like(src)
+        first = (
+            f"checkpoint does not fit {name}: it looks like {like or 'another CrossViT'} ({_describe(src)}), "
+            f"the model has {_describe(tgt)}; build "
+            + (f"create_model({like!r})" if like else "the matching model")
+            + f" for it ({counts})"
+        )
+    else:
+        first = f"checkpoint does not fit {name} ({counts}); strict=False loads the keys that fit and returns the rest"
+    lines = [first]
+    if result.missing_keys:
+        lines.append(f"  missing keys ({len(result.missing_keys)}): {_keys(result.missing_keys)}")
+    if result.unexpected_keys:
+        lines.append(f"  unexpected keys ({len(result.unexpected_keys)}): {_keys(result.unexpected_keys)}")
+    for k, s, t in result.mismatched_keys[:_SHOW]:
+        lines.append(f"  mis-shaped key {k}: checkpoint {s}, model {t}")
+    if len(result.mismatched_keys) > _SHOW:
+        lines.append(f"  ... and {len(result.mismatched_keys) - _SHOW} more mis-shaped keys")
+    return "\n".join(lines)

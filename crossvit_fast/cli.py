@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -13,6 +14,47 @@ from typing import List, Optional
 import torch
 
 DEFAULT_MODEL = "crossvit_18_dagger_240"
+
+
+class CLIError(Exception):
+    """A user error the CLI reports as one line (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``crossvit-fast CMD: error: ...; see crossvit-fast CMD --help``."""
+
+    def error(self, message):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
+def _device(name: Optional[str]) -> torch.device:
+    """``--device``: cpu, cuda or cuda:N, checked before anything runs."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"this torch ({torch.__version__}) is a CPU-only build" if torch.version.cuda is None
+                   else "torch sees no CUDA device")
+            raise CLIError(f"--device {name} was asked for but {why}; run with --device cpu (or without --device)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    return device
 
 
 def _version(pkg: str) -> str:
@@ -30,7 +72,7 @@ def _table(rows: List[List[str]], header: List[str]) -> str:
 
 
 def cmd_list(args) -> int:
-    from crossvit_fast.models import MODEL_CONFIGS, create_model
+    from crossvit_fast.models import MODEL_CONFIGS, MODEL_GMACS, create_model
 
     rows = []
     for name, cfg in MODEL_CONFIGS.items():
@@ -48,39 +90,63 @@ def cmd_list(args) -> int:
                 "%g" % kw["mlp_ratio"][0],
                 "yes" if kw["multi_conv"] else "no",
                 f"{params:,}",
+                "%.2f" % MODEL_GMACS[name],
             ]
         )
-    print(_table(rows, ["model", "IBM name", "image", "dims (S, L)", "heads (S, L)", "M", "mlp", "dagger", "params"]))
+    print(_table(rows, ["model", "IBM name", "image", "dims (S, L)", "heads (S, L)", "M", "mlp", "dagger", "params",
+                        "GMACs (fvcore)"]))
     return 0
 
 
 def cmd_info(args) -> int:
     import crossvit_fast
-    from crossvit_fast.backend import FUSED_OPS, GPU_VERIFIED_OPS, get_backend, resolve_backend, triton_status
+    from crossvit_fast.backend import FUSED_OPS, GPU_VERIFIED_OPS, backend_request, resolve_backend, triton_status
+    from crossvit_fast.config import ENV_BACKEND
 
     print(f"crossvit_fast {crossvit_fast.__version__}")
     print(f"python        {platform.python_version()} ({platform.machine()})")
     print(f"torch         {torch.__version__}")
-    for pkg in ("triton", "fvcore", "timm"):
+    for pkg in ("triton", "fvcore", "numpy", "timm"):
         print(f"{pkg:<13} {_version(pkg)}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)
             print(f"cuda:{i}        {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
     else:
-        print("devices       cpu only (torch.cuda.is_available() is False)")
-    print(f"default backend asked for: {get_backend()!r} (CROSSVIT_FAST_BACKEND={os.environ.get('CROSSVIT_FAST_BACKEND', '')!r})")
+        build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
+        print(f"devices       cpu only (torch.cuda.is_available() is False; {build})")
+    env = os.environ.get(ENV_BACKEND, "")
+    try:
+        asked, source = backend_request()
+        print(f"default backend asked for: {asked!r} (from {source}; {ENV_BACKEND}={env!r})")
+    except ValueError as e:
+        asked = None
+        print(f"default backend asked for: none valid: {e}; modules built without backend= will raise until it is fixed")
     print("backends:")
     print("  reference    can run (plain PyTorch: the explicit math, the tests' oracle)")
     print("  torch        can run (what timm runs: SDPA, PyTorch's LayerNorm)")
-    ok, why = triton_status()
-    print(f"  triton       {'can run: ' if ok else 'cannot run: '}{why}")
+    ok_any, why_any = triton_status()
+    print(f"  triton       {'can run: ' if ok_any else 'cannot run: '}{why_any}")
     for op in FUSED_OPS:
         ok, why = triton_status(op)
-        print(f"    {op:<22} {'fused' if ok else 'not fused'}: {why}")
+        if ok:
+            state = "fused kernel runs here"
+        elif not ok_any:
+            state = "no (as above)"
+        else:
+            state = f"no: {why}"
+        print(f"    {op:<22} {state}")
     for op in FUSED_OPS:
-        print(f"  auto         takes {resolve_backend('auto', op=op)} here for {op}"
-              + ("" if op in GPU_VERIFIED_OPS else " (its kernel is not yet verified on a GPU: ask for 'triton')"))
+        took = resolve_backend("auto", op=op)
+        note = ""
+        if took != "triton" and op not in GPU_VERIFIED_OPS and triton_status(op)[0]:
+            note = " (its kernel is not yet verified on a GPU: ask for 'triton' to run it)"
+        elif took != "triton" and not ok_any:
+            note = " (the fused kernels cannot run here: see triton above)"
+        print(f"  auto         takes {took} here for {op}{note}")
+    if asked == "triton" and not ok_any:
+        print(f"note: {ENV_BACKEND}=triton asks for the fused kernels, which cannot run here: models built without "
+              f"backend= will raise; unset it or set it to 'auto'")
     print("\n".join(fused_ops_lines()))
     return 0
 
@@ -107,19 +173,35 @@ def fused_ops_lines() -> List[str]:
 
 
 def cmd_flops(args) -> int:
-    from fvcore.nn import flop_count_table
+    try:
+        from fvcore.nn import flop_count_table
+    except ImportError:
+        raise CLIError(
+            "FLOP counts need fvcore, which is not installed: pip install 'crossvit_fast[flops]' (or pip install fvcore)"
+        ) from None
 
     from crossvit_fast.flops import flops
     from crossvit_fast.models import create_model
 
     kwargs = {"backend": args.backend} if args.backend else {}
     if args.img_size:
+        if len(args.img_size) > 2:
+            raise CLIError(f"--img-size takes H or H W, got {len(args.img_size)} numbers: {' '.join(map(str, args.img_size))}")
         kwargs["img_size"] = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
+    if args.backend == "triton":
+        from crossvit_fast.backend import triton_status
+
+        ok, why = triton_status()
+        if not ok:
+            raise CLIError(f"--backend triton cannot run here: {why}; the counts are the same for every backend: "
+                           f"drop --backend")
     model = create_model(args.model, **kwargs).eval()
     analysis = flops(model)
-    print(flop_count_table(analysis, max_depth=args.depth))
+    # fvcore labels its column "#flops"; it counts one multiply-add as one: call them what they are.
+    print(flop_count_table(analysis, max_depth=args.depth).replace("#flops", "#MACs ", 1))
     h, w = model.img_size
-    print(f"\n{model.model_name} at {h}x{w}: {analysis.total() / 1e9:.3f} GMACs per image (fvcore; one multiply-add = one FLOP)")
+    print(f"\n{model.model_name} at {h}x{w}: {analysis.total() / 1e9:.3f} GMACs per image "
+          f"(fvcore; the #MACs column and the paper's \"FLOPs\" count one multiply-add as one)")
     return 0
 
 
@@ -141,16 +223,17 @@ def _time_ms(fn, device: torch.device, reps: int) -> float:
 def cmd_check(args) -> int:
     from crossvit_fast.backend import FUSED_OPS, BackendUnavailableError, triton_status
     from crossvit_fast.models import create_model
-    from crossvit_fast.testing import default_atol, fill_like_fixtures_
+    from crossvit_fast.testing import default_atol, fill_seeded_
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     interpreter = False
-    if device.type == "cpu" and FUSED_OPS and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    triton_installed = importlib.util.find_spec("triton") is not None
+    if device.type == "cpu" and FUSED_OPS and triton_installed and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
         interpreter = True
 
     base = create_model(args.model, backend="reference").eval()
-    fill_like_fixtures_(base, args.seed)
+    fill_seeded_(base, args.seed)
     state = base.state_dict()
     h, w = base.img_size
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -168,6 +251,8 @@ def cmd_check(args) -> int:
     ref_err = {}
     for backend in ("reference", "triton"):
         ok, why = triton_status(allow_interpreter=True) if backend == "triton" else (True, "plain PyTorch")
+        if ok and backend == "triton" and device.type == "cpu" and importlib.util.find_spec("numpy") is None:
+            ok, why = False, "Triton's CPU interpreter needs numpy (pip install numpy); on a CUDA device it does not"
         if not ok:
             rows.append([backend, "-", "-", "-", "-", f"not available: {why}"])
             continue
@@ -205,48 +290,82 @@ def cmd_check(args) -> int:
     if not FUSED_OPS:
         rows.append(["", "", "", "", "", "the fused Triton path is not available yet in this version"])
     print(_table(rows, ["backend", "dtype", "max abs err", "rel err", "ms/batch", "notes"]))
-    if interpreter:
-        print("(TRITON_INTERPRET=1 was set for this run: no CUDA device)")
+    if interpreter and any(r[0] == "triton" and r[1] != "-" for r in rows):
+        print("(no CUDA device: TRITON_INTERPRET=1 was set for this run, so the triton row ran in Triton's CPU interpreter)")
+    elif device.type == "cpu" and not triton_installed:
+        print("(triton is not installed: only the reference path ran; pip install 'crossvit_fast[triton]' to add "
+              "the fused kernels, which run on an NVIDIA GPU)")
     return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crossvit-fast", description="CrossViT with fused Triton kernels")
-    sub = p.add_subparsers(dest="command", required=True)
+    from crossvit_fast.models import list_models
+
+    p = _Parser(prog="crossvit-fast", description="CrossViT with fused Triton kernels")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("list", help="the model family").set_defaults(fn=cmd_list)
     sub.add_parser("info", help="versions, devices, which backends can run here").set_defaults(fn=cmd_info)
-    f = sub.add_parser("flops", help="fvcore FLOP table of a model (one image)")
-    f.add_argument("model")
-    f.add_argument("--img-size", type=int, nargs="+", help="H or H W (default: the model's)")
-    f.add_argument("--backend", choices=["reference", "torch", "triton", "auto"])
+    f = sub.add_parser("flops", help="fvcore FLOP table of a model (one image; needs crossvit_fast[flops])",
+                       description="fvcore's table of multiply-adds (the paper's 'FLOPs') for one image. "
+                                   "Needs fvcore: pip install 'crossvit_fast[flops]'.")
+    f.add_argument("model", help="a model name (crossvit-fast list), timm's or IBM's")
+    f.add_argument("--img-size", type=_positive_int, nargs="+", metavar="H [W]", help="H or H W (default: the model's)")
+    f.add_argument("--backend", choices=["reference", "torch", "triton", "auto"],
+                   help="the backend the model is built with (the counts are the same for every backend)")
     f.add_argument("--depth", type=int, default=3, help="module depth of the table (default 3)")
     f.set_defaults(fn=cmd_flops)
-    c = sub.add_parser("check", help="parity and timing of every backend that can run here")
-    c.add_argument("model", nargs="?", default=DEFAULT_MODEL)
-    c.add_argument("--batch", type=int, default=None, help="default 8 on CUDA, 1 on CPU")
-    c.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--reps", type=int, default=5)
+    c = sub.add_parser("check", help="parity and timing of every backend that can run here",
+                       description="Build a model with seeded weights, run it under every backend that can run here, "
+                                   "and print each one's error against the reference path in float64, and timing.")
+    c.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"a model name (default {DEFAULT_MODEL}; crossvit-fast list shows them all: "
+                        f"{', '.join(list_models()[:3])}, ...)")
+    c.add_argument("--batch", type=_positive_int, default=None, help="images per batch (default 8 on CUDA, 1 on CPU)")
+    c.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the weights and of the input (default 0)")
+    c.add_argument("--reps", type=_positive_int, default=5,
+                   help="timed runs per row, the median is shown (default 5; the CPU interpreter runs once)")
     c.set_defaults(fn=cmd_check)
     sub.add_parser("bench", help="end-to-end images/s benchmark (CUDA; see crossvit-fast bench --help)", add_help=False)
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    first, _, rest = text.partition("\n")
+    return first + (f" [{len(rest.splitlines())} more lines of detail omitted]" if rest else "")
+
+
+def _run(argv: List[str]) -> int:
     if argv[:1] == ["bench"]:  # its own parser: crossvit-fast bench --help
         from crossvit_fast.bench_model import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch", 0) is None:
-        use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        args.batch = 8 if use_cuda else 1
+    from crossvit_fast.backend import BackendUnavailableError
+
     try:
+        if getattr(args, "batch", 0) is None:
+            args.batch = 8 if _device(args.device).type == "cuda" else 1
         return args.fn(args)
-    except (ValueError, ImportError) as e:
-        print(f"crossvit-fast {args.command}: error: {e}", file=sys.stderr)
+    except BackendUnavailableError as e:
+        print(f"crossvit-fast {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (CLIError, ValueError, ImportError) as e:
+        print(f"crossvit-fast {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rc = _run(argv)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:  # crossvit-fast info | head -3: the reader has gone, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -111,8 +111,8 @@ class _BackendMixin:
 
     def set_backend(self, backend: Optional[str] = None) -> None:
         """(Re)choose this module's backend: ``backend``, or the current default when None (see crossvit_fast.backend)."""
+        resolved = resolve_backend(None if backend is None else str(backend).lower(), op=self.op_name)
         requested = get_backend() if backend is None else str(backend).lower()
-        resolved = resolve_backend(requested, op=self.op_name)
         if resolved == "triton":
             why = self._fused_unsupported()
             if why and requested == "triton":

@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from crossvit_fast.config import LN_EPS
 from crossvit_fast.layers import MultiScaleBlock, PatchEmbed
 
-__all__ = ["CrossViT", "MODEL_CONFIGS", "ALIASES", "create_model", "list_models", "model_config"]
+__all__ = ["CrossViT", "MODEL_CONFIGS", "MODEL_GMACS", "ALIASES", "TAGS", "create_model", "list_models", "model_config",
+           "parse_model_name"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,6 +35,28 @@ def _pair(x) -> Tuple[int, int]:
 
 def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> None:
     nn.init.trunc_normal_(t, std=std, a=-2.0, b=2.0)
+
+
+class BackendMap(dict):
+    """op -> the resolved backend of each of its seams (a plain dict of lists); ``repr`` counts them per op."""
+
+    def summary(self) -> Dict[str, Dict[str, int]]:
+        """op -> {backend: number of seams}."""
+        out: Dict[str, Dict[str, int]] = {}
+        for op, names in self.items():
+            for n in names:
+                out.setdefault(op, {}).setdefault(n, 0)
+                out[op][n] += 1
+        return out
+
+    def __repr__(self) -> str:
+        parts = [
+            f"{op}: " + ", ".join(f"{c} x {b}" for b, c in counts.items())
+            for op, counts in self.summary().items()
+        ]
+        return "{" + "; ".join(parts) + "}"
+
+    __str__ = __repr__
 
 
 class CrossViT(nn.Module):
@@ -138,10 +161,11 @@ class CrossViT(nn.Module):
         return [pe.grid_size for pe in self.patch_embed]
 
     @property
-    def backends(self) -> Dict[str, List[str]]:
+    def backends(self) -> "BackendMap":
         """The resolved backend of every fused-op seam, by op: e.g. ``{"self_attention": ["torch"], ...}``
-        (``"triton"``: fused; ``"torch"``: what timm runs; ``"reference"``: the explicit math)."""
-        out: Dict[str, List[str]] = {}
+        (``"triton"``: fused; ``"torch"``: what timm runs; ``"reference"``: the explicit math); printed as a per-op
+        count (``self_attention: 27 x torch``)."""
+        out = BackendMap()
         for m in self.modules():
             op = getattr(m, "op_name", "")
             if op:
@@ -182,6 +206,18 @@ class CrossViT(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4:
             raise ValueError(f"CrossViT expects images (B, {self.in_chans}, H, W), got a tensor of shape {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(
+                f"CrossViT expects a floating-point image tensor, got {x.dtype}: convert it first, e.g. "
+                f"x.float().div(255) and normalise with the model's pretrained_cfg mean and std"
+            )
+        p = self.norm[0].weight
+        autocast_ok = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        if x.dtype != p.dtype and not autocast_ok:
+            raise ValueError(
+                f"CrossViT's weights are {p.dtype} and the input is {x.dtype}: pass x.to({p.dtype}) "
+                f"(or convert the model first: model.to({x.dtype}))"
+            )
         if x.shape[1] != self.in_chans:
             raise ValueError(f"CrossViT expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
         if tuple(x.shape[-2:]) != self.img_size:
@@ -274,13 +310,65 @@ ALIASES: Dict[str, str] = {cfg["ibm_name"]: name for name, cfg in MODEL_CONFIGS.
 """IBM/CrossViT's model names (named after the large branch's size) -> timm's names."""
 
 
+TAGS = ("in1k",)
+"""timm's pretrained tags of the CrossViT family (``crossvit_9_240.in1k``): accepted and mapped to the model."""
+
+MODEL_GMACS: Dict[str, float] = {
+    "crossvit_tiny_240": 1.57, "crossvit_small_240": 5.63, "crossvit_base_240": 21.22,
+    "crossvit_9_240": 1.85, "crossvit_15_240": 5.81, "crossvit_18_240": 9.05,
+    "crossvit_9_dagger_240": 1.99, "crossvit_15_dagger_240": 6.13, "crossvit_18_dagger_240": 9.50,
+    "crossvit_15_dagger_408": 21.45, "crossvit_18_dagger_408": 32.47,
+}
+"""fvcore multiply-adds per image at the model's own size, in billions (``flops(model).total() / 1e9``; the paper's
+"FLOPs"); tests/test_cli.py checks them against fvcore."""
+
+_HUB_PREFIXES = ("hf_hub:", "hf-hub:")
+
+
+def _did_you_mean(word: str, choices) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_model_name(name: str) -> Tuple[str, Optional[str]]:
+    """``(model name, pretrained tag or None)`` of a timm or IBM name, with timm's spellings accepted:
+    ``crossvit_9_240``, ``crossvit_9_240.in1k``, ``timm/crossvit_9_240.in1k``, ``hf_hub:timm/crossvit_9_240``
+    (``hf-hub:`` too). IBM names (``crossvit_9_224``) map to timm's. An unknown model or tag raises ``ValueError``
+    with the nearest known name."""
+    if not isinstance(name, str):
+        raise ValueError(f"a CrossViT model name must be a string, got {type(name).__name__}")
+    key = name.strip()
+    for prefix in _HUB_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            if not key.startswith("timm/"):
+                raise ValueError(
+                    f"{name!r}: crossvit_fast knows timm's CrossViT models only ({prefix}timm/<model>[.tag])"
+                )
+    if key.startswith("timm/"):
+        key = key[len("timm/"):]
+    base, _, tag = key.partition(".")
+    if base in MODEL_CONFIGS:
+        canonical = base
+    elif base in ALIASES:
+        canonical = ALIASES[base]
+    else:
+        raise ValueError(
+            f"unknown CrossViT model {name!r}{_did_you_mean(base, list_models(include_aliases=True))}; "
+            f"known: {', '.join(list_models())} (IBM names: {', '.join(ALIASES)}); see crossvit-fast list"
+        )
+    if not tag:
+        return canonical, None
+    if tag not in TAGS:
+        hint = _did_you_mean(tag, TAGS) or f" (did you mean {base + '.' + TAGS[0]!r}?)"
+        raise ValueError(f"unknown pretrained tag {tag!r} in {name!r}{hint}; timm's CrossViT tags: {', '.join(TAGS)}")
+    return canonical, tag
+
+
 def _canonical(name: str) -> str:
-    key = name.split("timm/")[-1].split(".")[0]  # accept "timm/crossvit_9_240.in1k"
-    if key in MODEL_CONFIGS:
-        return key
-    if key in ALIASES:
-        return ALIASES[key]
-    raise ValueError(f"unknown CrossViT model {name!r}; known: {', '.join(list_models())} (IBM names: {', '.join(ALIASES)})")
+    return parse_model_name(name)[0]
 
 
 def model_config(name: str) -> dict:
@@ -296,9 +384,19 @@ def list_models(include_aliases: bool = False) -> List[str]:
     return names + list(ALIASES) if include_aliases else names
 
 
-def create_model(name: str, pretrained: Union[bool, str] = False, **overrides) -> CrossViT:
+def create_model(
+    name: str,
+    pretrained: Union[bool, str] = False,
+    *,
+    strict: bool = True,
+    weights_only: bool = True,
+    **overrides,
+) -> CrossViT:
     """Build model ``name`` (timm or IBM name) with constructor ``overrides`` (num_classes, img_size, drop rates,
     backend, ...). ``pretrained`` may be a checkpoint path (timm or IBM format); weights are never downloaded.
+    ``strict`` and ``weights_only`` go to :func:`crossvit_fast.load_checkpoint` with it (``weights_only=False`` for
+    IBM's release files, which pickle their training args; ``strict=False`` to load what fits, e.g. all but a head
+    of another class count).
     """
     cfg = model_config(name)
     kwargs = dict(cfg["kwargs"])
@@ -314,5 +412,5 @@ def create_model(name: str, pretrained: Union[bool, str] = False, **overrides) -
             )
         from crossvit_fast.checkpoint import load_checkpoint
 
-        load_checkpoint(model, pretrained)
+        load_checkpoint(model, pretrained, strict=strict, weights_only=weights_only)
     return model

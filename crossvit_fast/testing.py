@@ -18,6 +18,7 @@ __all__ = [
     "assert_within_rule",
     "poison_",
     "fill_like_fixtures_",
+    "fill_seeded_",
     "fixture_input",
 ]
 
@@ -88,6 +89,21 @@ def fill_like_fixtures_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
             z = rng.standard_normal(tuple(t.shape))
             val = 1.0 + 0.1 * z if (t.dim() == 1 and key.endswith(".weight")) else 0.05 * z
             t.copy_(torch.from_numpy(np.asarray(val, dtype=np.float64)).to(t.dtype))
+    return model
+
+
+def fill_seeded_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """The fixtures' fill rule drawn from ``torch.Generator().manual_seed(seed)`` instead of numpy: the same scales
+    (``1 + 0.1 z`` for 1-D ``*.weight`` tensors, ``0.05 z`` for the rest), not the fixtures' values. Needs no numpy,
+    so ``crossvit-fast check`` runs after a plain ``pip install .``."""
+    g = torch.Generator().manual_seed(seed)
+    sd = model.state_dict()
+    with torch.no_grad():
+        for key in sorted(sd):
+            t = sd[key]
+            z = torch.randn(tuple(t.shape), generator=g, dtype=torch.float64)
+            val = 1.0 + 0.1 * z if (t.dim() == 1 and key.endswith(".weight")) else 0.05 * z
+            t.copy_(val.to(t.dtype))
     return model
 
 

@@ -23,3 +23,29 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+
+
+def pytest_report_teststatus(report, config):
+    """No letter per skipped test in the progress line (without a GPU hundreds skip for one reason): the reasons are
+    counted once each at the end, by pytest_terminal_summary below."""
+    if report.skipped and not hasattr(report, "wasxfail") and config.get_verbosity() <= 0:
+        return "skipped", "", "SKIPPED"
+    return None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """One line per skip reason, with its count, before pytest's own final line."""
+    counts = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = _skip_reason(report)
+        counts[reason] = counts.get(reason, 0) + 1
+    if counts:
+        terminalreporter.write_sep("-", "skipped, by reason")
+        for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            terminalreporter.write_line(f"{n:5d} skipped: {reason}")

@@ -122,3 +122,39 @@ def test_create_model_pretrained_path(tmp_path):
     _same_state(src, crossvit_fast.create_model("crossvit_tiny_224", pretrained=str(path)))
     with pytest.raises(ValueError, match="does not download"):
         crossvit_fast.create_model("crossvit_tiny_240", pretrained=True)
+
+
+def test_create_model_passes_weights_only_and_strict(tmp_path):
+    import argparse
+
+    src = _model()
+    path = tmp_path / "ibm.pth"
+    torch.save({"model": to_ibm_keys(src.state_dict()), "args": argparse.Namespace(lr=1e-3)}, path)
+    with pytest.raises(CheckpointError, match="weights_only=False"):
+        crossvit_fast.create_model("crossvit_tiny_240", pretrained=str(path))
+    _same_state(src, crossvit_fast.create_model("crossvit_tiny_240", pretrained=str(path), weights_only=False))
+
+    # a 1000-class checkpoint into a 10-class model: the error leads with the head and the way out
+    with pytest.raises(CheckpointError) as e:
+        crossvit_fast.create_model("crossvit_tiny_240", pretrained=str(path), weights_only=False, num_classes=10)
+    first = str(e.value).splitlines()[0]
+    assert "only the classifier head differs" in first and "1000 classes" in first and "strict=False" in first
+    m = crossvit_fast.create_model("crossvit_tiny_240", pretrained=str(path), weights_only=False, num_classes=10,
+                                   strict=False)
+    assert m.head[0].weight.shape == (10, 96) and torch.equal(m.norm[0].weight, src.norm[0].weight)
+
+
+def test_another_models_checkpoint_is_summarised_in_one_line():
+    src = crossvit_fast.create_model("crossvit_15_240", backend="reference").state_dict()
+    with pytest.raises(CheckpointError) as e:
+        crossvit_fast.load_checkpoint(crossvit_fast.create_model("crossvit_9_240", backend="reference"), src)
+    msg = str(e.value)
+    first = msg.splitlines()[0]
+    assert "looks like crossvit_15_240" in first and "widths 192, 384" in first and "no dagger" in first
+    assert "5 L blocks" in first and "create_model('crossvit_15_240')" in first
+    assert len(msg) < 3000 and len(msg.splitlines()) <= 14, (len(msg), len(msg.splitlines()))
+    assert "and 256 more mis-shaped keys" in msg
+    assert len(e.value.result.mismatched_keys) == 266  # all of them, for code
+    dagger = crossvit_fast.create_model("crossvit_18_dagger_408", backend="reference").state_dict()
+    with pytest.raises(CheckpointError, match=r"looks like crossvit_18_dagger_408 \(widths 224, 448; 6 L .*; dagger"):
+        crossvit_fast.load_checkpoint(crossvit_fast.create_model("crossvit_9_240", backend="reference"), dagger)

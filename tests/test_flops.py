@@ -59,3 +59,9 @@ def test_fused_ops_are_counted_like_the_reference():
     a, b = crossvit_fast.flops(ref), crossvit_fast.flops(fused)
     assert {"cls_cross_attention", "self_attention"} <= set(b.by_operator())
     assert a.total() == b.total()
+
+
+def test_the_cli_table_uses_these_counts():
+    from crossvit_fast.models import MODEL_GMACS
+
+    assert MODEL_GMACS == SPEC_GMACS

@@ -50,6 +50,7 @@ def _check(name, dtype, device, batch, grad=False, **kw):
         assert_within_rule(flat(fused).to(dtype), flat(ref64), flat(ref_lowp).to(dtype), what=f"{name} parameter gradients")
 
 
+@pytest.mark.slow  # 25-30 s each in the interpreter
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests below cover it")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("name", ["crossvit_tiny_240", "crossvit_9_dagger_240"])

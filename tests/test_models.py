@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -145,3 +146,40 @@ def test_multiscale_inference_writes_cls_in_place():
     with _CountCat() as frozen_count:
         c = frozen(x)  # grad mode on, but nothing requires grad: in place
     assert torch.equal(c, c_ref) and frozen_count.cats == no_grad_count.cats
+
+
+@pytest.mark.parametrize(
+    "spelling", ["crossvit_9_240.in1k", "timm/crossvit_9_240.in1k", "hf_hub:timm/crossvit_9_240",
+                 "hf-hub:timm/crossvit_9_240.in1k", "timm/crossvit_9_224"]
+)
+def test_timm_name_spellings_map_to_the_model(spelling):
+    assert crossvit_fast.models.parse_model_name(spelling)[0] == "crossvit_9_240"
+    assert crossvit_fast.model_config(spelling)["name"] == "crossvit_9_240"
+
+
+@pytest.mark.parametrize(
+    "name, hint",
+    [("crossvit_9_240.garbage", "did you mean 'crossvit_9_240.in1k'"), ("crossvit_9_240.in1", "did you mean 'in1k'"),
+     ("crossvit_9_24", "did you mean 'crossvit_9_240'"), ("hf_hub:someone/crossvit_9_240", "timm's CrossViT")],
+)
+def test_garbage_names_are_refused_with_a_hint(name, hint):
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        crossvit_fast.create_model(name)
+
+
+def test_wrong_input_dtype_is_named():
+    model = crossvit_fast.create_model("crossvit_tiny_240", backend="reference").eval()
+    with pytest.raises(ValueError, match=r"floating-point image.*torch.uint8.*x.float\(\)"):
+        model(torch.zeros(1, 3, 240, 240, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"weights are torch.float32 and the input is torch.float64.*x.to"):
+        model(torch.zeros(1, 3, 240, 240, dtype=torch.float64))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast takes float32 into bf16
+        assert model(torch.zeros(1, 3, 240, 240)).dtype == torch.bfloat16
+
+
+def test_backends_print_as_a_count_per_op():
+    model = crossvit_fast.create_model("crossvit_9_240", backend="reference")
+    b = model.backends
+    assert b["self_attention"] == ["reference"] * 12  # still a dict of lists
+    assert repr(b) == "{layer_norm: 12 x reference; self_attention: 12 x reference; cls_cross_attention: 6 x reference}"
+    assert b.summary()["cls_cross_attention"] == {"reference": 6}

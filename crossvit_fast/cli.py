@@ -155,7 +155,10 @@ def fused_ops_lines() -> List[str]:
     """Per op, whether a model built now with the default backend runs it fused, and what runs where it does not."""
     from crossvit_fast.backend import FUSED_OPS, TORCH_PATH, BackendUnavailableError, get_backend, resolve_backend
 
-    requested = get_backend()
+    try:
+        requested = get_backend()
+    except ValueError as e:  # a bad CROSSVIT_FAST_BACKEND: reported above, and the report goes on
+        return [f"ops of a model built now: none, a model cannot be built until it is fixed ({e})"]
     lines = [f"ops of a model built now (backend {requested!r}):"]
     for op in FUSED_OPS:
         try:

@@ -228,7 +228,7 @@ def test_info_on_a_cpu_machine_says_each_thing_once():
     r = _cli("info", env=_env(CROSSVIT_FAST_BACKEND="bogus"))
     assert r.returncode == 0, r.stderr
     assert "'bogus'" in r.stdout and "CROSSVIT_FAST_BACKEND" in r.stdout
-    assert "auto         takes reference here for layer_norm" in r.stdout  # the report goes on to the end
+    assert "auto         takes torch here for layer_norm" in r.stdout  # the report goes on to the end
     r = _cli("info", env=_env(CROSSVIT_FAST_BACKEND="triton"))
     assert "from the environment variable CROSSVIT_FAST_BACKEND" in r.stdout and "unset it" in r.stdout
 

@@ -11,6 +11,7 @@ from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -36,6 +37,61 @@ def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> None:
     nn.init.trunc_normal_(t, std=std, a=-2.0, b=2.0)
 
 
+# --- input checks and branch scaling: leaves of torch.fx graphs (torch.fx.wrap), compiled by TorchScript ----------
+def check_image(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
+    """Raise unless ``x`` is a batch of ``(in_chans, *img_size)`` images."""
+    if x.dim() != 4:
+        raise ValueError(f"CrossViT expects images (B, {in_chans}, H, W), got a tensor of shape {list(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"CrossViT expects {in_chans} input channels, got {x.shape[1]} (shape {list(x.shape)})")
+    if x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
+        raise ValueError(
+            f"CrossViT built for {img_size[0]}x{img_size[1]} (H x W) images got "
+            f"{x.shape[2]}x{x.shape[3]}; build the model with img_size=({x.shape[2]}, {x.shape[3]}) "
+            f"(and load_checkpoint resamples the position embeddings)"
+        )
+
+
+def scale_image(x: torch.Tensor, size: Tuple[int, int], crop_scale: bool = False) -> torch.Tensor:
+    """A branch's image: ``x`` itself, its centre crop (``crop_scale``) or its bicubic resize to ``size``."""
+    H, W = x.shape[-2], x.shape[-1]
+    if H == size[0] and W == size[1]:
+        return x
+    if crop_scale and size[0] <= H and size[1] <= W:
+        top, left = int(round((H - size[0]) / 2.0)), int(round((W - size[1]) / 2.0))
+        return x[:, :, top : top + size[0], left : left + size[1]]
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+
+
+torch.fx.wrap("check_image")
+torch.fx.wrap("scale_image")
+
+
+def _take_indices(num_features: int, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+    """timm's feature index rule: None -> all, an int n -> the last n, a sequence -> those (negative from the end)."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, bool) or not isinstance(indices, (int, list, tuple)):
+        raise TypeError(f"indices must be None, an int or a list of ints, got {indices!r}")
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"indices={indices} asks for the last {indices} of {num_features} features "
+                             f"(expected 1 to {num_features})")
+        return list(range(num_features - indices, num_features))
+    if len(indices) == 0:
+        raise ValueError("indices is an empty list; expected at least one feature index")
+    out = []
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"indices must hold ints, got {i!r} in {indices!r}")
+        idx = num_features + i if i < 0 else i
+        if not 0 <= idx < num_features:
+            raise ValueError(f"feature index {i} is out of range for {num_features} features "
+                             f"(expected {-num_features} to {num_features - 1})")
+        out.append(idx)
+    return out
+
+
 class CrossViT(nn.Module):
     """Dual-branch CrossViT (Chen, Fan, Panda, ICCV 2021), computing what timm's ``CrossVit`` computes.
 
@@ -44,6 +100,8 @@ class CrossViT(nn.Module):
     resized by ``img_scale[1]`` (bicubic), and the patch grids are computed per side, so any size whose branch
     images are at least one patch wide builds.
     """
+
+    __jit_unused_properties__ = ["backends", "patch_grids"]  # Python-only (TorchScript compiles properties)
 
     def __init__(
         self,
@@ -111,6 +169,15 @@ class CrossViT(nn.Module):
             )
             ptr += curr
 
+        # Features (timm's layout): each branch's patch tokens after each multi-scale block, branch-major, so
+        # index b * num_feature_blocks + i is branch b after block i.
+        self.num_feature_blocks = len(depth)
+        self.feature_info = [
+            dict(num_chs=embed_dim[b], reduction=round(patch_size[b] / float(self.img_scale[b])), module=f"blocks.{i}")
+            for b in range(self.num_branches)
+            for i in range(self.num_feature_blocks)
+        ]
+
         self.norm = nn.ModuleList([nn.LayerNorm(d, eps=LN_EPS) for d in embed_dim])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.ModuleList(
@@ -176,41 +243,120 @@ class CrossViT(nn.Module):
             ]
         )
 
+    # --- timm's feature and optimizer API ------------------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, object]:
+        """Parameter groups by name, as timm's ``CrossVit``: the stem (tokens, position embeddings, patch
+        embeddings), then one group per multi-scale block, the final norms last (what timm's layer-wise lr decay
+        and ``group_parameters`` read)."""
+        return dict(
+            stem=r"^cls_token|pos_embed|patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+        """The forward that also returns intermediate features, as timm's ``CrossVit.forward_intermediates``.
+
+        Features are each branch's patch tokens (CLS removed) after each multi-scale block, branch-major: with D
+        blocks, indices 0..D-1 are branch 0 (small patches), D..2D-1 branch 1. ``indices``: None (all), an int n
+        (the last n) or a list (negative from the end). ``norm`` applies the branch's final norm; ``output_fmt``
+        "NCHW" (``(B, C, rows, cols)``) or "NLC" (``(B, rows*cols, C)``); ``stop_early`` skips the blocks after the
+        last feature asked for. Returns ``(final normed token lists, features)``, or the features alone.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        num_blocks = self.num_feature_blocks
+        take = _take_indices(self.num_branches * num_blocks, indices)
+        last_block = max(idx % num_blocks for idx in take)
+        xs = self._embed(x)
+        blocks = self.blocks[: last_block + 1] if stop_early else self.blocks
+        per_branch: List[List[torch.Tensor]] = [[] for _ in range(self.num_branches)]
+        for i, blk in enumerate(blocks):
+            xs = blk(xs)
+            for b, norm_layer in enumerate(self.norm):
+                if b * num_blocks + i in take:
+                    y = norm_layer(xs[b]) if norm else xs[b]
+                    per_branch[b].append(y[:, 1:])  # (B, rows*cols, C_b)
+        B = x.shape[0]
+        intermediates: List[torch.Tensor] = []
+        for pe, feats in zip(self.patch_embed, per_branch):
+            if output_fmt == "NCHW":
+                rows, cols = pe.grid_size
+                feats = [y.reshape(B, rows, cols, -1).permute(0, 3, 1, 2).contiguous() for y in feats]  # (B, C, r, c)
+            intermediates.extend(feats)
+        if intermediates_only:
+            return intermediates
+        return [norm_layer(xs[i]) for i, norm_layer in enumerate(self.norm)], intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks after the last feature in ``indices`` (timm's rule), optionally the final norms and the
+        head; returns the absolute feature indices kept. Feature indices keep their meaning afterwards."""
+        take = _take_indices(self.num_branches * self.num_feature_blocks, indices)
+        last_block = max(idx % self.num_feature_blocks for idx in take)
+        self.blocks = self.blocks[: last_block + 1]
+        if prune_norm:
+            self.norm = nn.ModuleList([nn.Identity() for _ in range(self.num_branches)])
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
     # --- forward ------------------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"CrossViT expects images (B, {self.in_chans}, H, W), got a tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"CrossViT expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"CrossViT built for {self.img_size[0]}x{self.img_size[1]} (H x W) images got "
-                f"{x.shape[-2]}x{x.shape[-1]}; build the model with img_size=({x.shape[-2]}, {x.shape[-1]}) "
-                f"(and load_checkpoint resamples the position embeddings)"
-            )
+        check_image(x, self.in_chans, self.img_size)
 
     def _scale_image(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        if (H, W) == tuple(size):
-            return x
-        if self.crop_scale and size[0] <= H and size[1] <= W:
-            top, left = int(round((H - size[0]) / 2.0)), int(round((W - size[1]) / 2.0))
-            return x[:, :, top : top + size[0], left : left + size[1]]
-        return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        return scale_image(x, size, self.crop_scale)
+
+    def _branch_tokens(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Branch i's (cls_token, pos_embed); spelled out for the two branches TorchScript can compile."""
+        if i == 0:
+            return self.cls_token_0, self.pos_embed_0
+        if i == 1:
+            return self.cls_token_1, self.pos_embed_1
+        return self._branch_tokens_any(i)
+
+    @torch.jit.unused
+    def _branch_tokens_any(self, i):
+        # type: (int) -> Tuple[torch.Tensor, torch.Tensor]
+        return getattr(self, f"cls_token_{i}"), getattr(self, f"pos_embed_{i}")
+
+    def _embed(self, x: torch.Tensor) -> List[torch.Tensor]:
+        check_image(x, self.in_chans, self.img_size)
+        B = x.shape[0]
+        xs: List[torch.Tensor] = []
+        for i, patch_embed in enumerate(self.patch_embed):
+            x_ = patch_embed(scale_image(x, self.img_size_scaled[i], self.crop_scale))  # (B, N_i, dim_i)
+            cls_token, pos_embed = self._branch_tokens(i)
+            x_ = torch.cat((cls_token.expand(B, -1, -1), x_), dim=1) + pos_embed  # (B, 1 + N_i, dim_i)
+            xs.append(self.pos_drop(x_))
+        return xs
+
+    @torch.jit.unused
+    def _blocks_checkpointed(self, xs):
+        # type: (List[torch.Tensor]) -> List[torch.Tensor]
+        for blk in self.blocks:
+            xs = checkpoint(blk, xs, use_reentrant=False)
+        return xs
 
     def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
-        self._check_input(x)
-        B = x.shape[0]
-        xs = []
-        for i, patch_embed in enumerate(self.patch_embed):
-            x_ = patch_embed(self._scale_image(x, self.img_size_scaled[i]))  # (B, N_i, dim_i)
-            cls_token = getattr(self, f"cls_token_{i}").expand(B, -1, -1)
-            x_ = torch.cat((cls_token, x_), dim=1) + getattr(self, f"pos_embed_{i}")  # (B, 1 + N_i, dim_i)
-            xs.append(self.pos_drop(x_))
-        for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                xs = checkpoint(blk, xs, use_reentrant=False)
-            else:
+        xs = self._embed(x)
+        if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
+            xs = self._blocks_checkpointed(xs)
+        else:
+            for blk in self.blocks:
                 xs = blk(xs)
         return [norm(xs[i]) for i, norm in enumerate(self.norm)]
 

@@ -7,6 +7,7 @@ Module tree and state_dict keys are timm's (``timm/models/crossvit.py``), so tim
 from __future__ import annotations
 
 import math
+import os
 from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -235,7 +236,7 @@ class CrossViT(nn.Module):
             if global_pool not in ("token", "avg"):
                 raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
             self.global_pool = global_pool
-        ref = self.norm[0].weight
+        ref = self.cls_token_0  # device and dtype (the norms may be pruned to Identity)
         self.head = nn.ModuleList(
             [
                 nn.Linear(d, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
@@ -440,23 +441,134 @@ def list_models(include_aliases: bool = False) -> List[str]:
     return names + list(ALIASES) if include_aliases else names
 
 
-def create_model(name: str, pretrained: Union[bool, str] = False, **overrides) -> CrossViT:
-    """Build model ``name`` (timm or IBM name) with constructor ``overrides`` (num_classes, img_size, drop rates,
-    backend, ...). ``pretrained`` may be a checkpoint path (timm or IBM format); weights are never downloaded.
-    """
-    cfg = model_config(name)
-    kwargs = dict(cfg["kwargs"])
-    kwargs.update(overrides)
-    model = CrossViT(**kwargs)
-    model.model_name = cfg["name"]
-    model.pretrained_cfg = dict(cfg["pretrained_cfg"], input_size=(kwargs.get("in_chans", 3), *model.img_size))
-    if pretrained:
-        if pretrained is True:
-            raise ValueError(
-                "crossvit_fast does not download weights: pass pretrained=PATH to a timm or IBM checkpoint, "
-                "or use crossvit_fast.load_checkpoint(model, path_or_state_dict)"
-            )
-        from crossvit_fast.checkpoint import load_checkpoint
+def _check_device_dtype(device, dtype) -> Tuple[Optional[torch.device], Optional[torch.dtype]]:
+    dev = None
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must be a torch.device or a device string ('cpu', 'cuda:0', 'meta'), "
+                             f"got {device!r}") from e
+    dt = dtype
+    if isinstance(dtype, str):
+        dt = getattr(torch, dtype.replace("torch.", ""), None)
+    if dtype is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...), "
+                         f"got {dtype!r}")
+    return dev, dt
 
-        load_checkpoint(model, pretrained)
-    return model
+
+def _layer_norm_eps(norm_layer) -> float:
+    """The eps of ``norm_layer``, which must build affine ``nn.LayerNorm``s (what every crossvit_fast path computes)."""
+    if not callable(norm_layer):
+        raise TypeError(f"norm_layer must be a callable building a norm layer from a width, got {norm_layer!r}")
+    probe = norm_layer(8)
+    if type(probe) is not nn.LayerNorm or probe.weight is None or probe.bias is None:
+        raise ValueError(
+            f"norm_layer must build affine torch.nn.LayerNorm layers (e.g. functools.partial(nn.LayerNorm, "
+            f"eps=1e-6)): crossvit_fast's fused and reference paths compute LayerNorm; got {probe!r}"
+        )
+    return float(probe.eps)
+
+
+def create_model(
+    name: str,
+    pretrained: Union[bool, str, "os.PathLike[str]"] = False,
+    pretrained_cfg: Union[None, str, Dict] = None,
+    pretrained_cfg_overlay: Optional[Dict] = None,
+    checkpoint_path: Optional[Union[str, "os.PathLike[str]"]] = None,
+    cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+    norm_layer=None,
+    features_only: bool = False,
+    out_indices: Optional[Union[int, Sequence[int]]] = None,
+    feature_cls: Optional[str] = None,
+    scriptable: Optional[bool] = None,
+    exportable: Optional[bool] = None,
+    no_jit: Optional[bool] = None,
+    **overrides,
+) -> nn.Module:
+    """Build model ``name`` as ``timm.create_model`` does, with constructor ``overrides`` (num_classes, img_size,
+    in_chans, drop rates, backend, ...).
+
+    ``name``: a timm name (``crossvit_9_240``, also ``crossvit_9_240.in1k``, ``timm/crossvit_9_240.in1k``,
+    ``hf_hub:timm/...``) or IBM's (``crossvit_9_224``). ``pretrained``: True loads timm's released weights from the
+    Hugging Face Hub (needs ``huggingface_hub``; see :mod:`crossvit_fast.pretrained`), a path loads that timm or
+    IBM checkpoint; both drop the classifier (with a warning) when ``num_classes`` differs from the weights' and
+    adapt the first convolutions to ``in_chans``. ``pretrained_cfg`` (a tag or a dict) and
+    ``pretrained_cfg_overlay`` as in timm (the cfg's ``input_size`` sets ``img_size``/``in_chans`` unless given);
+    ``checkpoint_path``: a checkpoint loaded strictly after building (timm's ``load_checkpoint``); ``cache_dir``:
+    the Hub cache; ``device`` (``"meta"`` included) and ``dtype``: where and in what the parameters are made;
+    ``norm_layer``: an affine ``nn.LayerNorm`` factory (its eps is used). ``features_only=True`` returns the
+    feature extractor timm builds for CrossViT (:class:`crossvit_fast.pretrained.FeatureGetter`), features
+    ``out_indices`` (default: each branch's last block). ``scriptable``, ``exportable``, ``no_jit``: timm's layer
+    flags, accepted for compatibility (these models always script and export). The model's ``pretrained_cfg``
+    (and its alias ``default_cfg``) holds timm's fields, ``input_size`` being the model's own.
+    """
+    from crossvit_fast import pretrained as pt
+    from crossvit_fast.checkpoint import load_checkpoint
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # as timm.create_model
+    if not (isinstance(pretrained, (bool, str)) or isinstance(pretrained, os.PathLike)):
+        raise TypeError(f"pretrained must be True/False or a checkpoint path, got {type(pretrained).__name__}")
+    if feature_cls is not None and str(feature_cls).lower() != "getter":
+        raise ValueError(f"feature_cls={feature_cls!r}: CrossViT's features_only model is timm's 'getter' "
+                         f"(forward_intermediates); no other feature class is supported")
+    if not features_only and out_indices is not None:
+        raise ValueError("out_indices is only used with features_only=True")
+    dev, dt = _check_device_dtype(device, dtype)
+    is_meta = dev is not None and dev.type == "meta"
+    if is_meta and (pretrained or checkpoint_path):
+        raise ValueError("a model on the 'meta' device holds no values: build it without pretrained / "
+                         "checkpoint_path, then load weights with load_state_dict(..., assign=True) after .to_empty()")
+    eps = _layer_norm_eps(norm_layer) if norm_layer is not None else None
+
+    arch, tag = pt.parse_model_name(name)
+    canonical = _canonical(arch)
+    cfg = pt.resolve_pretrained_cfg(canonical, tag, pretrained_cfg, pretrained_cfg_overlay)
+    kwargs = dict(MODEL_CONFIGS[canonical]["kwargs"])
+    kwargs.update(in_chans=cfg["input_size"][0], img_size=tuple(cfg["input_size"][1:]))
+    if cfg.get("num_classes") is not None and cfg["num_classes"] >= 0:
+        kwargs["num_classes"] = cfg["num_classes"]
+    kwargs.update(overrides)
+
+    if dev is not None:
+        with dev:
+            model = CrossViT(**kwargs)
+    else:
+        model = CrossViT(**kwargs)
+    if eps is not None:
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = eps
+    if dt is not None:
+        model.to(dtype=dt)
+    model.model_name = canonical
+
+    if pretrained is True:
+        state = pt.fetch_pretrained(cfg, cache_dir)
+    elif pretrained:
+        state = pt.read_weights(pretrained)
+    else:
+        state = None
+    if state is not None:
+        pt.load_pretrained(model, state, cfg, num_classes=0 if features_only else model.num_classes,
+                           in_chans=model.in_chans)
+    if checkpoint_path:
+        load_checkpoint(model, checkpoint_path)
+
+    cfg = dict(cfg, input_size=(model.in_chans, *model.img_size))
+    model.pretrained_cfg = cfg
+    model.default_cfg = model.pretrained_cfg
+    if not features_only:
+        return model
+    num_blocks = model.num_feature_blocks
+    if out_indices is None:
+        out_indices = [num_blocks * (b + 1) - 1 for b in range(model.num_branches)]
+    elif isinstance(out_indices, tuple):
+        out_indices = list(out_indices)
+    features = pt.FeatureGetter(model, out_indices)
+    features.pretrained_cfg = pt.cfg_for_features(cfg)
+    features.default_cfg = features.pretrained_cfg
+    return features

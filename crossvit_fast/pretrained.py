@@ -144,9 +144,9 @@ def resolve_pretrained_cfg(
                              f"{', '.join(repr(t) for t in PRETRAINED_TAGS)}")
         cfg = dict(_CFG_FIELDS)
         cfg.update(default_pretrained_cfg(architecture, tag))
-    overlay = dict(pretrained_cfg_overlay or {})
     if pretrained_cfg_overlay is not None:
         _check_cfg_keys(pretrained_cfg_overlay, "pretrained_cfg_overlay")
+    overlay = dict(pretrained_cfg_overlay or {})
     if not cfg.get("architecture"):
         overlay.setdefault("architecture", architecture)
     if any(overlay.get(k) for k in _SOURCE_KEYS):

@@ -120,5 +120,4 @@ def test_create_model_pretrained_path(tmp_path):
     path = tmp_path / "w.pth"
     torch.save(src.state_dict(), path)
     _same_state(src, crossvit_fast.create_model("crossvit_tiny_224", pretrained=str(path)))
-    with pytest.raises(ValueError, match="does not download"):
-        crossvit_fast.create_model("crossvit_tiny_240", pretrained=True)
+    # pretrained=True fetches timm's weights from the Hub: tests/test_timm_api.py (offline, against a built cache)

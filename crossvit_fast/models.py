@@ -4,8 +4,6 @@ Module tree and state_dict keys are timm's (``timm/models/crossvit.py``), so tim
 ``strict=True``; IBM's release checkpoints load through :func:`crossvit_fast.load_checkpoint`.
 """
 
-from __future__ import annotations
-
 import math
 import os
 from fractions import Fraction

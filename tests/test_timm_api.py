@@ -150,13 +150,15 @@ def test_pretrained_path_drops_head_with_warning(tmp_path):
         warnings.simplefilter("error")
         m = create_model(SMALL, pretrained=str(path))  # same classes: no warning, everything loaded
     assert torch.equal(m.head[1].weight, src.head[1].weight)
-    m = create_model(SMALL, pretrained=str(path), num_classes=0)  # headless: nothing to warn about in the model
+    with pytest.warns(UserWarning, match="the model 0: not loading the classifier"):  # headless, as timm drops it
+        m = create_model(SMALL, pretrained=str(path), num_classes=0)
     assert isinstance(m.head[0], nn.Identity)
 
 
 @pytest.mark.parametrize("name", [SMALL, "crossvit_9_dagger_240"])
 @pytest.mark.parametrize("in_chans", [1, 2, 6])
 def test_in_chans_adapts_first_convs(tmp_path, name, in_chans):
+    """1 channel, or a multiple of 3: a grey image gives what the RGB model gives for it (2: the shapes)."""
     torch.manual_seed(0)
     src = create_model(name).eval()
     path = tmp_path / "w.pth"
@@ -168,7 +170,9 @@ def test_in_chans_adapts_first_convs(tmp_path, name, in_chans):
     with torch.no_grad():
         want = src(grey.expand(-1, 3, -1, -1))
         got = m(grey.expand(-1, in_chans, -1, -1))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    if in_chans % 3 == 0 or in_chans == 1:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got.shape == want.shape
 
 
 def test_adapt_input_conv_math_and_errors():

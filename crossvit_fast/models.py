@@ -552,7 +552,7 @@ def create_model(
         state = None
     if state is not None:
         pt.load_pretrained(model, state, cfg, num_classes=0 if features_only else model.num_classes,
-                           in_chans=model.in_chans)
+                           in_chans=model.in_chans, warn=not features_only)
     if checkpoint_path:
         load_checkpoint(model, checkpoint_path)
 

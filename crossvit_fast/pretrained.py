@@ -269,10 +269,12 @@ def load_pretrained(
     cfg: Mapping[str, Any],
     num_classes: int,
     in_chans: int,
+    warn: bool = True,
 ) -> None:
     """Load released weights into ``model`` the way timm's ``load_pretrained`` does: the first convolutions
     adapted to ``in_chans``, the classifier dropped (with a warning naming it) when ``num_classes`` differs from
-    the weights'. Raises :class:`crossvit_fast.CheckpointError` and changes nothing when the rest does not fit."""
+    the weights' (``warn=False``: silently, for a features model whose head is pruned anyway). Raises
+    :class:`crossvit_fast.CheckpointError` and changes nothing when the rest does not fit."""
     from crossvit_fast.checkpoint import _unwrap, load_checkpoint, to_timm_keys
 
     source = to_timm_keys(_unwrap(state_dict))
@@ -289,7 +291,7 @@ def load_pretrained(
         dropped = [f"{c}.{p}" for c in classifier for p in ("weight", "bias") if f"{c}.{p}" in source]
         for key in dropped:
             del source[key]
-        if dropped:
+        if dropped and warn:
             warnings.warn(
                 f"pretrained weights have {cfg.get('num_classes', 1000)} classes and the model {num_classes}: "
                 f"not loading the classifier ({', '.join(dropped)}); it keeps its fresh initialisation",

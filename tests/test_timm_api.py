@@ -152,6 +152,10 @@ def test_pretrained_path_drops_head_with_warning(tmp_path):
     assert torch.equal(m.head[1].weight, src.head[1].weight)
     with pytest.warns(UserWarning, match="the model 0: not loading the classifier"):  # headless, as timm drops it
         m = create_model(SMALL, pretrained=str(path), num_classes=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = create_model(SMALL, pretrained=str(path), features_only=True)  # the head is pruned: no warning
+    assert torch.equal(f.model.blocks[0].fusion[1].attn.wq.weight, src.blocks[0].fusion[1].attn.wq.weight)
     assert isinstance(m.head[0], nn.Identity)
 
 
@@ -422,7 +426,7 @@ def test_group_matcher_and_layer_decay_as_timm():
                       for g in opt.param_groups)
 
     assert groups(m) == groups(t)
-    assert len({g[0] for g in groups(m)}) == 6  # stem, 3 blocks, norm, head: layer decay does something
+    assert len({g[0] for g in groups(m)}) == 5  # stem, 3 blocks, then norm and head: layer decay does something
 
 
 @needs_timm

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -50,7 +51,7 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     if drop_prob == 0.0 or not training:
         return x
     keep = 1.0 - drop_prob
-    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
     mask = x.new_empty(shape).bernoulli_(keep)
     return x * mask.div_(keep)
 
@@ -121,12 +122,22 @@ class _BackendMixin:
                 resolved = "torch"
         self.backend_requested, self.backend = requested, resolved
 
-    def _use_fused(self, x: torch.Tensor) -> bool:
+    @torch.jit.unused
+    def _use_fused(self, x):
+        # type: (torch.Tensor) -> bool
         """Whether this call runs the fused op; off the kernels' dtypes or devices it warns once ("auto") or
-        raises (explicit "triton")."""
+        raises (explicit "triton"). Not under TorchScript (the callers skip it) nor torch.fx tracing, which trace
+        the unfused path (with a warning where the fused one was chosen)."""
         if self.backend != "triton":
             return False
         name = type(self).__name__
+        if isinstance(x, torch.fx.Proxy):
+            warn_once(
+                f"{self.op_name}-fx",
+                f"crossvit_fast: torch.fx traces {name}'s unfused path (the fused {self.op_name} kernel needs the "
+                f"tensors' dtype and device, which a traced graph does not have)",
+            )
+            return False
         if self.training and self._dropout_active():
             warn_once(
                 f"{self.op_name}-dropout",
@@ -216,10 +227,8 @@ class Attention(_BackendMixin, nn.Module):
         if attn_mask is not None:
             raise ValueError("crossvit_fast Attention: attn_mask is not supported (CrossViT attends to every token)")
         qkv = self.qkv(x)  # (B, N, 3 * C)
-        if self._use_fused(qkv):
-            from crossvit_fast.ops.self_attention import self_attention
-
-            out = self_attention(qkv.to(_autocast_dtype(qkv) or qkv.dtype), self.num_heads, self.scale)
+        if not torch.jit.is_scripting() and self._use_fused(qkv):
+            out = self._fused(qkv)
         elif self.backend == "reference":
             p = self.attn_drop.p if self.training else 0.0
             out = self_attention_ref(qkv, self.num_heads, self.scale, dropout_p=p)
@@ -227,6 +236,13 @@ class Attention(_BackendMixin, nn.Module):
             p = self.attn_drop.p if self.training else 0.0
             out = self_attention_sdpa(qkv, self.num_heads, self.scale, dropout_p=p)
         return self.proj_drop(self.proj(out))
+
+    @torch.jit.unused
+    def _fused(self, qkv):
+        # type: (torch.Tensor) -> torch.Tensor
+        from crossvit_fast.ops.self_attention import self_attention
+
+        return self_attention(qkv.to(_autocast_dtype(qkv) or qkv.dtype), self.num_heads, self.scale)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, backend={self.backend!r}"
@@ -338,6 +354,7 @@ class Block(_BackendMixin, nn.Module):
         mods = [getattr(self.attn, n, None) for n in ("attn_drop", "proj_drop")] + list(self.mlp.modules())
         return any(isinstance(m, nn.Dropout) and m.p > 0.0 for m in mods)
 
+    @torch.jit.unused
     def _use_fused_linear(self) -> bool:
         if getattr(self, "linear_backend", "torch") != "triton":
             return False
@@ -351,7 +368,7 @@ class Block(_BackendMixin, nn.Module):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_fused(x):
+        if not torch.jit.is_scripting() and self._use_fused(x):
             if self._use_fused_linear():
                 return self._forward_fused_linear(x)
             return self._forward_fused(x)
@@ -359,7 +376,9 @@ class Block(_BackendMixin, nn.Module):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+    @torch.jit.unused
+    def _forward_fused(self, x):
+        # type: (torch.Tensor) -> torch.Tensor
         from crossvit_fast.ops.layer_norm import layer_norm
 
         # Under autocast the Linears after norm1/norm2 cast LayerNorm's float32 output to the autocast dtype:
@@ -381,6 +400,7 @@ class Block(_BackendMixin, nn.Module):
         ones = torch.ones((x.shape[0],) + (1,) * (x.dim() - 1), dtype=dtype, device=x.device)
         return dp(ones).reshape(-1)
 
+    @torch.jit.unused
     def _forward_fused_linear(self, x: torch.Tensor) -> torch.Tensor:
         """The five-kernel block: qkv (LN1 prologue, bias), self-attention, proj (bias, drop-path, residual),
         fc1 (LN2 prologue, bias, GELU), fc2 (bias, drop-path, residual)."""
@@ -555,17 +575,11 @@ class CrossAttentionBlock(_BackendMixin, nn.Module):
 
     def forward(self, cls: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tokens is None:
-            cls, tokens = cls[:, 0:1], cls[:, 1:]
+            tokens = cls[:, 1:]
+            cls = cls[:, 0:1]
         a = self.attn
-        if self._use_fused(tokens):
-            from crossvit_fast.ops.cls_cross_attention import cls_cross_attention
-
-            args = (cls, tokens, self.norm1.weight, self.norm1.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias,
-                    a.wv.weight, a.wv.bias, a.proj.weight, a.proj.bias)
-            dt = _autocast_dtype(tokens)
-            if dt is not None:  # autocast: the op takes one dtype, the autocast one
-                args = tuple(t if t is None else t.to(dt) for t in args)
-            out = cls_cross_attention(*args, a.num_heads, self.norm1.eps)
+        if not torch.jit.is_scripting() and self._use_fused(tokens):
+            out = self._fused(cls, tokens)
         else:
             p = a.attn_drop.p if self.training else 0.0
             out = cls_cross_attention_ref(
@@ -574,6 +588,19 @@ class CrossAttentionBlock(_BackendMixin, nn.Module):
                 a.proj.weight, a.proj.bias, a.num_heads, self.norm1.eps, dropout_p=p,
             )
         return cls + self.drop_path(a.proj_drop(out))
+
+    @torch.jit.unused
+    def _fused(self, cls, tokens):
+        # type: (torch.Tensor, torch.Tensor) -> torch.Tensor
+        from crossvit_fast.ops.cls_cross_attention import cls_cross_attention
+
+        a = self.attn
+        args = (cls, tokens, self.norm1.weight, self.norm1.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias,
+                a.wv.weight, a.wv.bias, a.proj.weight, a.proj.bias)
+        dt = _autocast_dtype(tokens)
+        if dt is not None:  # autocast: the op takes one dtype, the autocast one
+            args = tuple(t if t is None else t.to(dt) for t in args)
+        return cls_cross_attention(*args, a.num_heads, self.norm1.eps)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -648,16 +675,21 @@ class MultiScaleBlock(nn.Module):
         return new
 
     def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
-        outs_b = [block(x[i]) for i, block in enumerate(self.blocks)]
-        proj_cls = [proj(outs_b[i][:, 0:1]) for i, proj in enumerate(self.projs)]  # (B, 1, dim_j) each
-        new_cls = []
+        # explicit loops over the ModuleLists: what TorchScript compiles
+        outs_b: List[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            outs_b.append(block(x[i]))
+        proj_cls: List[torch.Tensor] = []
+        for i, proj in enumerate(self.projs):
+            proj_cls.append(proj(outs_b[i][:, 0:1]))  # (B, 1, dim_j)
+        new_cls: List[torch.Tensor] = []
         for i, fusion in enumerate(self.fusion):
             j = (i + 1) % self.num_branches
             new_cls.append(fusion(proj_cls[i], outs_b[j][:, 1:]))  # (B, 1, dim_j); branch j's tokens as a view
-        outs = []
+        outs: List[torch.Tensor] = []
         for i, revert_proj in enumerate(self.revert_projs):
             cls_i = revert_proj(new_cls[i])  # (B, 1, dim_i)
-            if self._may_write_in_place(outs_b[i], x[i], cls_i):
+            if not torch.jit.is_scripting() and _may_write_in_place(outs_b[i], x[i], cls_i):
                 # Without autograd, put the new CLS into the blocks' output (every fusion has read it already)
                 # instead of building a (B, 1 + N, dim_i) copy with torch.cat.
                 outs_b[i][:, 0:1].copy_(cls_i)
@@ -666,12 +698,18 @@ class MultiScaleBlock(nn.Module):
                 outs.append(torch.cat((cls_i, outs_b[i][:, 1:]), dim=1))
         return outs
 
-    @staticmethod
-    def _may_write_in_place(out: torch.Tensor, inp: torch.Tensor, cls: torch.Tensor) -> bool:
-        """Whether ``out[:, :1] = cls`` may replace the concatenation: nothing records autograd history, ``out`` is
-        a fresh tensor (not the block stack's input), and the write keeps torch.cat's result dtype."""
-        if torch.is_grad_enabled() and (out.requires_grad or cls.requires_grad):
-            return False
-        widening = out.dtype == torch.float32 and cls.dtype in (torch.float16, torch.bfloat16)
-        same_dtype = cls.dtype == out.dtype or widening
-        return out is not inp and same_dtype
+
+
+@torch.jit.unused
+def _may_write_in_place(out, inp, cls):
+    # type: (torch.Tensor, torch.Tensor, torch.Tensor) -> bool
+    """Whether ``out[:, :1] = cls`` may replace the concatenation: nothing records autograd history, ``out`` is
+    a fresh tensor (not the block stack's input), and the write keeps torch.cat's result dtype. Never while
+    torch.fx traces (a Proxy has no dtype; the graph keeps torch.cat) nor under TorchScript (the caller skips it)."""
+    if isinstance(out, torch.fx.Proxy):
+        return False
+    if torch.is_grad_enabled() and (out.requires_grad or cls.requires_grad):
+        return False
+    widening = out.dtype == torch.float32 and cls.dtype in (torch.float16, torch.bfloat16)
+    same_dtype = cls.dtype == out.dtype or widening
+    return out is not inp and same_dtype

@@ -4,13 +4,13 @@ Module tree and state_dict keys are timm's (``timm/models/crossvit.py``), so tim
 ``strict=True``; IBM's release checkpoints load through :func:`crossvit_fast.load_checkpoint`.
 """
 
-from __future__ import annotations
-
 import math
+import os
 from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -59,6 +59,78 @@ class BackendMap(dict):
     __str__ = __repr__
 
 
+# --- input checks and branch scaling: leaves of torch.fx graphs (torch.fx.wrap), compiled by TorchScript ----------
+def check_image(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int]) -> None:
+    """Raise unless ``x`` is a batch of ``(in_chans, *img_size)`` images."""
+    if x.dim() != 4:
+        raise ValueError(f"CrossViT expects images (B, {in_chans}, H, W), got a tensor of shape {list(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"CrossViT expects {in_chans} input channels, got {x.shape[1]} (shape {list(x.shape)})")
+    if x.shape[2] != img_size[0] or x.shape[3] != img_size[1]:
+        raise ValueError(
+            f"CrossViT built for {img_size[0]}x{img_size[1]} (H x W) images got "
+            f"{x.shape[2]}x{x.shape[3]}; build the model with img_size=({x.shape[2]}, {x.shape[3]}) "
+            f"(and load_checkpoint resamples the position embeddings)"
+        )
+
+
+def scale_image(x: torch.Tensor, size: Tuple[int, int], crop_scale: bool = False) -> torch.Tensor:
+    """A branch's image: ``x`` itself, its centre crop (``crop_scale``) or its bicubic resize to ``size``."""
+    H, W = x.shape[-2], x.shape[-1]
+    if H == size[0] and W == size[1]:
+        return x
+    if crop_scale and size[0] <= H and size[1] <= W:
+        top, left = int(round((H - size[0]) / 2.0)), int(round((W - size[1]) / 2.0))
+        return x[:, :, top : top + size[0], left : left + size[1]]
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+
+
+@torch.jit.unused
+def check_image_dtype(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Raise unless ``x`` is floating point in the weights' dtype (any float dtype under autocast)."""
+    if not x.dtype.is_floating_point:
+        raise ValueError(
+            f"CrossViT expects a floating-point image tensor, got {x.dtype}: convert it first, e.g. "
+            f"x.float().div(255) and normalise with the model's pretrained_cfg mean and std"
+        )
+    autocast_ok = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if x.dtype != weight.dtype and not autocast_ok:
+        raise ValueError(
+            f"CrossViT's weights are {weight.dtype} and the input is {x.dtype}: pass x.to({weight.dtype}) "
+            f"(or convert the model first: model.to({x.dtype}))"
+        )
+
+
+torch.fx.wrap("check_image")
+torch.fx.wrap("check_image_dtype")
+torch.fx.wrap("scale_image")
+
+
+def _take_indices(num_features: int, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+    """timm's feature index rule: None -> all, an int n -> the last n, a sequence -> those (negative from the end)."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, bool) or not isinstance(indices, (int, list, tuple)):
+        raise TypeError(f"indices must be None, an int or a list of ints, got {indices!r}")
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"indices={indices} asks for the last {indices} of {num_features} features "
+                             f"(expected 1 to {num_features})")
+        return list(range(num_features - indices, num_features))
+    if len(indices) == 0:
+        raise ValueError("indices is an empty list; expected at least one feature index")
+    out = []
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"indices must hold ints, got {i!r} in {indices!r}")
+        idx = num_features + i if i < 0 else i
+        if not 0 <= idx < num_features:
+            raise ValueError(f"feature index {i} is out of range for {num_features} features "
+                             f"(expected {-num_features} to {num_features - 1})")
+        out.append(idx)
+    return out
+
+
 class CrossViT(nn.Module):
     """Dual-branch CrossViT (Chen, Fan, Panda, ICCV 2021), computing what timm's ``CrossVit`` computes.
 
@@ -67,6 +139,8 @@ class CrossViT(nn.Module):
     resized by ``img_scale[1]`` (bicubic), and the patch grids are computed per side, so any size whose branch
     images are at least one patch wide builds.
     """
+
+    __jit_unused_properties__ = ["backends", "patch_grids"]  # Python-only (TorchScript compiles properties)
 
     def __init__(
         self,
@@ -134,6 +208,15 @@ class CrossViT(nn.Module):
             )
             ptr += curr
 
+        # Features (timm's layout): each branch's patch tokens after each multi-scale block, branch-major, so
+        # index b * num_feature_blocks + i is branch b after block i.
+        self.num_feature_blocks = len(depth)
+        self.feature_info = [
+            dict(num_chs=embed_dim[b], reduction=round(patch_size[b] / float(self.img_scale[b])), module=f"blocks.{i}")
+            for b in range(self.num_branches)
+            for i in range(self.num_feature_blocks)
+        ]
+
         self.norm = nn.ModuleList([nn.LayerNorm(d, eps=LN_EPS) for d in embed_dim])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.ModuleList(
@@ -193,7 +276,7 @@ class CrossViT(nn.Module):
             if global_pool not in ("token", "avg"):
                 raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
             self.global_pool = global_pool
-        ref = self.norm[0].weight
+        ref = self.cls_token_0  # device and dtype (the norms may be pruned to Identity)
         self.head = nn.ModuleList(
             [
                 nn.Linear(d, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
@@ -202,53 +285,122 @@ class CrossViT(nn.Module):
         )
         self.head.train(self.training)  # the new head takes the model's mode, as in timm
 
+    # --- timm's feature and optimizer API ------------------------------------------------------------------------
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, object]:
+        """Parameter groups by name, as timm's ``CrossVit``: the stem (tokens, position embeddings, patch
+        embeddings), then one group per multi-scale block, the final norms last (what timm's layer-wise lr decay
+        and ``group_parameters`` read)."""
+        return dict(
+            stem=r"^cls_token|pos_embed|patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+        """The forward that also returns intermediate features, as timm's ``CrossVit.forward_intermediates``.
+
+        Features are each branch's patch tokens (CLS removed) after each multi-scale block, branch-major: with D
+        blocks, indices 0..D-1 are branch 0 (small patches), D..2D-1 branch 1. ``indices``: None (all), an int n
+        (the last n) or a list (negative from the end). ``norm`` applies the branch's final norm; ``output_fmt``
+        "NCHW" (``(B, C, rows, cols)``) or "NLC" (``(B, rows*cols, C)``); ``stop_early`` skips the blocks after the
+        last feature asked for. Returns ``(final normed token lists, features)``, or the features alone.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        num_blocks = self.num_feature_blocks
+        take = _take_indices(self.num_branches * num_blocks, indices)
+        last_block = max(idx % num_blocks for idx in take)
+        xs = self._embed(x)
+        blocks = self.blocks[: last_block + 1] if stop_early else self.blocks
+        per_branch: List[List[torch.Tensor]] = [[] for _ in range(self.num_branches)]
+        for i, blk in enumerate(blocks):
+            xs = blk(xs)
+            for b, norm_layer in enumerate(self.norm):
+                if b * num_blocks + i in take:
+                    y = norm_layer(xs[b]) if norm else xs[b]
+                    per_branch[b].append(y[:, 1:])  # (B, rows*cols, C_b)
+        B = x.shape[0]
+        intermediates: List[torch.Tensor] = []
+        for pe, feats in zip(self.patch_embed, per_branch):
+            if output_fmt == "NCHW":
+                rows, cols = pe.grid_size
+                feats = [y.reshape(B, rows, cols, -1).permute(0, 3, 1, 2).contiguous() for y in feats]  # (B, C, r, c)
+            intermediates.extend(feats)
+        if intermediates_only:
+            return intermediates
+        return [norm_layer(xs[i]) for i, norm_layer in enumerate(self.norm)], intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks after the last feature in ``indices`` (timm's rule), optionally the final norms and the
+        head; returns the absolute feature indices kept. Feature indices keep their meaning afterwards."""
+        take = _take_indices(self.num_branches * self.num_feature_blocks, indices)
+        last_block = max(idx % self.num_feature_blocks for idx in take)
+        self.blocks = self.blocks[: last_block + 1]
+        if prune_norm:
+            self.norm = nn.ModuleList([nn.Identity() for _ in range(self.num_branches)])
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
     # --- forward ------------------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"CrossViT expects images (B, {self.in_chans}, H, W), got a tensor of shape {tuple(x.shape)}")
-        if not x.dtype.is_floating_point:
-            raise ValueError(
-                f"CrossViT expects a floating-point image tensor, got {x.dtype}: convert it first, e.g. "
-                f"x.float().div(255) and normalise with the model's pretrained_cfg mean and std"
-            )
-        p = self.norm[0].weight
-        autocast_ok = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        if x.dtype != p.dtype and not autocast_ok:
-            raise ValueError(
-                f"CrossViT's weights are {p.dtype} and the input is {x.dtype}: pass x.to({p.dtype}) "
-                f"(or convert the model first: model.to({x.dtype}))"
-            )
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"CrossViT expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"CrossViT built for {self.img_size[0]}x{self.img_size[1]} (H x W) images got "
-                f"{x.shape[-2]}x{x.shape[-1]}; build the model with img_size=({x.shape[-2]}, {x.shape[-1]}) "
-                f"(and load_checkpoint resamples the position embeddings)"
-            )
+        check_image(x, self.in_chans, self.img_size)
+        if not torch.jit.is_scripting():
+            check_image_dtype(x, self.cls_token_0)
 
     def _scale_image(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        if (H, W) == tuple(size):
-            return x
-        if self.crop_scale and size[0] <= H and size[1] <= W:
-            top, left = int(round((H - size[0]) / 2.0)), int(round((W - size[1]) / 2.0))
-            return x[:, :, top : top + size[0], left : left + size[1]]
-        return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        return scale_image(x, size, self.crop_scale)
 
-    def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def _branch_tokens(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Branch i's (cls_token, pos_embed); spelled out for the two branches TorchScript can compile."""
+        if i == 0:
+            return self.cls_token_0, self.pos_embed_0
+        if i == 1:
+            return self.cls_token_1, self.pos_embed_1
+        return self._branch_tokens_any(i)
+
+    @torch.jit.unused
+    def _branch_tokens_any(self, i):
+        # type: (int) -> Tuple[torch.Tensor, torch.Tensor]
+        return getattr(self, f"cls_token_{i}"), getattr(self, f"pos_embed_{i}")
+
+    def _embed(self, x: torch.Tensor) -> List[torch.Tensor]:
         self._check_input(x)
         B = x.shape[0]
-        xs = []
+        xs: List[torch.Tensor] = []
         for i, patch_embed in enumerate(self.patch_embed):
-            x_ = patch_embed(self._scale_image(x, self.img_size_scaled[i]))  # (B, N_i, dim_i)
-            cls_token = getattr(self, f"cls_token_{i}").expand(B, -1, -1)
-            x_ = torch.cat((cls_token, x_), dim=1) + getattr(self, f"pos_embed_{i}")  # (B, 1 + N_i, dim_i)
+            x_ = patch_embed(scale_image(x, self.img_size_scaled[i], self.crop_scale))  # (B, N_i, dim_i)
+            cls_token, pos_embed = self._branch_tokens(i)
+            x_ = torch.cat((cls_token.expand(B, -1, -1), x_), dim=1) + pos_embed  # (B, 1 + N_i, dim_i)
             xs.append(self.pos_drop(x_))
+        return xs
+
+    @torch.jit.unused
+    def _blocks_checkpointed(self, xs):
+        # type: (List[torch.Tensor]) -> List[torch.Tensor]
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                xs = checkpoint(blk, xs, use_reentrant=False)
-            else:
+            xs = checkpoint(blk, xs, use_reentrant=False)
+        return xs
+
+    def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
+        xs = self._embed(x)
+        if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
+            xs = self._blocks_checkpointed(xs)
+        else:
+            for blk in self.blocks:
                 xs = blk(xs)
         return [norm(xs[i]) for i, norm in enumerate(self.norm)]
 
@@ -384,33 +536,138 @@ def list_models(include_aliases: bool = False) -> List[str]:
     return names + list(ALIASES) if include_aliases else names
 
 
+def _check_device_dtype(device, dtype) -> Tuple[Optional[torch.device], Optional[torch.dtype]]:
+    dev = None
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must be a torch.device or a device string ('cpu', 'cuda:0', 'meta'), "
+                             f"got {device!r}") from e
+    dt = dtype
+    if isinstance(dtype, str):
+        dt = getattr(torch, dtype.replace("torch.", ""), None)
+    if dtype is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, ...), "
+                         f"got {dtype!r}")
+    return dev, dt
+
+
+def _layer_norm_eps(norm_layer) -> float:
+    """The eps of ``norm_layer``, which must build affine ``nn.LayerNorm``s (what every crossvit_fast path computes)."""
+    if not callable(norm_layer):
+        raise TypeError(f"norm_layer must be a callable building a norm layer from a width, got {norm_layer!r}")
+    probe = norm_layer(8)
+    if type(probe) is not nn.LayerNorm or probe.weight is None or probe.bias is None:
+        raise ValueError(
+            f"norm_layer must build affine torch.nn.LayerNorm layers (e.g. functools.partial(nn.LayerNorm, "
+            f"eps=1e-6)): crossvit_fast's fused and reference paths compute LayerNorm; got {probe!r}"
+        )
+    return float(probe.eps)
+
+
 def create_model(
     name: str,
-    pretrained: Union[bool, str] = False,
-    *,
+    pretrained: Union[bool, str, "os.PathLike[str]"] = False,
+    pretrained_cfg: Union[None, str, Dict] = None,
+    pretrained_cfg_overlay: Optional[Dict] = None,
+    checkpoint_path: Optional[Union[str, "os.PathLike[str]"]] = None,
+    cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+    norm_layer=None,
+    features_only: bool = False,
+    out_indices: Optional[Union[int, Sequence[int]]] = None,
+    feature_cls: Optional[str] = None,
+    scriptable: Optional[bool] = None,
+    exportable: Optional[bool] = None,
+    no_jit: Optional[bool] = None,
     strict: bool = True,
     weights_only: bool = True,
     **overrides,
-) -> CrossViT:
-    """Build model ``name`` (timm or IBM name) with constructor ``overrides`` (num_classes, img_size, drop rates,
-    backend, ...). ``pretrained`` may be a checkpoint path (timm or IBM format); weights are never downloaded.
-    ``strict`` and ``weights_only`` go to :func:`crossvit_fast.load_checkpoint` with it (``weights_only=False`` for
-    IBM's release files, which pickle their training args; ``strict=False`` to load what fits, e.g. all but a head
-    of another class count).
-    """
-    cfg = model_config(name)
-    kwargs = dict(cfg["kwargs"])
-    kwargs.update(overrides)
-    model = CrossViT(**kwargs)
-    model.model_name = cfg["name"]
-    model.pretrained_cfg = dict(cfg["pretrained_cfg"], input_size=(kwargs.get("in_chans", 3), *model.img_size))
-    if pretrained:
-        if pretrained is True:
-            raise ValueError(
-                "crossvit_fast does not download weights: pass pretrained=PATH to a timm or IBM checkpoint, "
-                "or use crossvit_fast.load_checkpoint(model, path_or_state_dict)"
-            )
-        from crossvit_fast.checkpoint import load_checkpoint
+) -> nn.Module:
+    """Build model ``name`` as ``timm.create_model`` does, with constructor ``overrides`` (num_classes, img_size,
+    in_chans, drop rates, backend, ...).
 
-        load_checkpoint(model, pretrained, strict=strict, weights_only=weights_only)
-    return model
+    ``name``: a timm name (``crossvit_9_240``, also ``crossvit_9_240.in1k``, ``timm/crossvit_9_240.in1k``,
+    ``hf_hub:timm/...``) or IBM's (``crossvit_9_224``). ``pretrained``: True loads timm's released weights from the
+    Hugging Face Hub (needs ``huggingface_hub``; see :mod:`crossvit_fast.pretrained`), a path loads that timm or
+    IBM checkpoint; both drop the classifier (with a warning) when ``num_classes`` differs from the weights' and
+    adapt the first convolutions to ``in_chans``. ``pretrained_cfg`` (a tag or a dict) and
+    ``pretrained_cfg_overlay`` as in timm (the cfg's ``input_size`` sets ``img_size``/``in_chans`` unless given);
+    ``checkpoint_path``: a checkpoint loaded strictly after building (timm's ``load_checkpoint``); ``cache_dir``:
+    the Hub cache; ``device`` (``"meta"`` included) and ``dtype``: where and in what the parameters are made;
+    ``norm_layer``: an affine ``nn.LayerNorm`` factory (its eps is used). ``strict`` and ``weights_only`` go to
+    :func:`crossvit_fast.load_checkpoint` for a checkpoint path (``weights_only=False`` for IBM's release files,
+    which pickle their training args; ``strict=False`` loads what fits). ``features_only=True`` returns the
+    feature extractor timm builds for CrossViT (:class:`crossvit_fast.pretrained.FeatureGetter`), features
+    ``out_indices`` (default: each branch's last block). ``scriptable``, ``exportable``, ``no_jit``: timm's layer
+    flags, accepted for compatibility (these models always script and export). The model's ``pretrained_cfg``
+    (and its alias ``default_cfg``) holds timm's fields, ``input_size`` being the model's own.
+    """
+    from crossvit_fast import pretrained as pt
+    from crossvit_fast.checkpoint import load_checkpoint
+
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # as timm.create_model
+    if not (isinstance(pretrained, (bool, str)) or isinstance(pretrained, os.PathLike)):
+        raise TypeError(f"pretrained must be True/False or a checkpoint path, got {type(pretrained).__name__}")
+    if feature_cls is not None and str(feature_cls).lower() != "getter":
+        raise ValueError(f"feature_cls={feature_cls!r}: CrossViT's features_only model is timm's 'getter' "
+                         f"(forward_intermediates); no other feature class is supported")
+    if not features_only and out_indices is not None:
+        raise ValueError("out_indices is only used with features_only=True")
+    dev, dt = _check_device_dtype(device, dtype)
+    is_meta = dev is not None and dev.type == "meta"
+    if is_meta and (pretrained or checkpoint_path):
+        raise ValueError("a model on the 'meta' device holds no values: build it without pretrained / "
+                         "checkpoint_path, then load weights with load_state_dict(..., assign=True) after .to_empty()")
+    eps = _layer_norm_eps(norm_layer) if norm_layer is not None else None
+
+    arch, tag = parse_model_name(name)
+    canonical = _canonical(arch)
+    cfg = pt.resolve_pretrained_cfg(canonical, tag, pretrained_cfg, pretrained_cfg_overlay)
+    kwargs = dict(MODEL_CONFIGS[canonical]["kwargs"])
+    kwargs.update(in_chans=cfg["input_size"][0], img_size=tuple(cfg["input_size"][1:]))
+    if cfg.get("num_classes") is not None and cfg["num_classes"] >= 0:
+        kwargs["num_classes"] = cfg["num_classes"]
+    kwargs.update(overrides)
+
+    if dev is not None:
+        with dev:
+            model = CrossViT(**kwargs)
+    else:
+        model = CrossViT(**kwargs)
+    if eps is not None:
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = eps
+    if dt is not None:
+        model.to(dtype=dt)
+    model.model_name = canonical
+
+    if pretrained is True:
+        state = pt.fetch_pretrained(cfg, cache_dir)
+    elif pretrained:
+        state = pt.read_weights(pretrained, weights_only=weights_only)
+    else:
+        state = None
+    if state is not None:
+        pt.load_pretrained(model, state, cfg, num_classes=0 if features_only else model.num_classes,
+                           in_chans=model.in_chans, warn=not features_only, strict=strict)
+    if checkpoint_path:
+        load_checkpoint(model, checkpoint_path)
+
+    cfg = dict(cfg, input_size=(model.in_chans, *model.img_size))
+    model.pretrained_cfg = cfg
+    model.default_cfg = model.pretrained_cfg
+    if not features_only:
+        return model
+    num_blocks = model.num_feature_blocks
+    if out_indices is None:
+        out_indices = [num_blocks * (b + 1) - 1 for b in range(model.num_branches)]
+    elif isinstance(out_indices, tuple):
+        out_indices = list(out_indices)
+    features = pt.FeatureGetter(model, out_indices)
+    features.pretrained_cfg = pt.cfg_for_features(cfg)
+    features.default_cfg = features.pretrained_cfg
+    return features

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 from crossvit_fast.config import LN_EPS
@@ -48,6 +49,32 @@ def layer_norm_ref(
     return out if residual is None else (r, out)
 
 
+# The shape checks below are leaves of torch.fx graphs (torch.fx.wrap): a traced model keeps them and runs them on
+# real tensors, and they compile under TorchScript.
+def _check_qkv(qkv: torch.Tensor, num_heads: int) -> None:
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads) != 0:
+        raise ValueError(
+            f"self_attention_ref: qkv must be (B, N, 3 * num_heads * head_dim) with num_heads={num_heads}, "
+            f"got shape {list(qkv.shape)}"
+        )
+
+
+def _check_cls_tokens(cls: torch.Tensor, tokens: torch.Tensor, num_heads: int) -> None:
+    if cls.dim() != 3 or cls.shape[1] != 1:
+        raise ValueError(f"cls_cross_attention_ref: cls must be (B, 1, C), got shape {list(cls.shape)}")
+    if tokens.dim() != 3 or tokens.shape[0] != cls.shape[0] or tokens.shape[2] != cls.shape[2]:
+        raise ValueError(
+            f"cls_cross_attention_ref: tokens must be (B, N, C) = ({cls.shape[0]}, N, {cls.shape[2]}), "
+            f"got shape {list(tokens.shape)}"
+        )
+    if cls.shape[2] % num_heads != 0:
+        raise ValueError(f"cls_cross_attention_ref: dim {cls.shape[2]} is not divisible by num_heads {num_heads}")
+
+
+torch.fx.wrap("_check_qkv")
+torch.fx.wrap("_check_cls_tokens")
+
+
 def self_attention_ref(
     qkv: torch.Tensor,
     num_heads: int,
@@ -66,19 +93,14 @@ def self_attention_ref(
     Returns:
         ``(B, N, H * D)``: the heads' outputs concatenated, the layout the output projection reads.
     """
-    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads) != 0:
-        raise ValueError(
-            f"self_attention_ref: qkv must be (B, N, 3 * num_heads * head_dim) with num_heads={num_heads}, "
-            f"got shape {tuple(qkv.shape)}"
-        )
+    _check_qkv(qkv, num_heads)
     B, N, C3 = qkv.shape
     C = C3 // 3
     D = C // num_heads
-    if scale is None:
-        scale = D ** -0.5
+    s = D ** -0.5 if scale is None else scale
     # (B, N, 3*H*D) -> (3, B, H, N, D)
     q, k, v = qkv.reshape(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
-    attn = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+    attn = (q * s) @ k.transpose(-2, -1)  # (B, H, N, N)
     attn = attn.softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p, training=True)
@@ -123,20 +145,12 @@ def cls_cross_attention_ref(
     Returns:
         ``(B, 1, C)``: ``proj(a v)``, before the block's residual (the caller adds ``cls``).
     """
-    if cls.dim() != 3 or cls.shape[1] != 1:
-        raise ValueError(f"cls_cross_attention_ref: cls must be (B, 1, C), got shape {tuple(cls.shape)}")
-    if tokens.dim() != 3 or tokens.shape[0] != cls.shape[0] or tokens.shape[2] != cls.shape[2]:
-        raise ValueError(
-            f"cls_cross_attention_ref: tokens must be (B, N, C) = ({cls.shape[0]}, N, {cls.shape[2]}), "
-            f"got shape {tuple(tokens.shape)}"
-        )
+    _check_cls_tokens(cls, tokens, num_heads)
     B, _, C = cls.shape
-    if C % num_heads != 0:
-        raise ValueError(f"cls_cross_attention_ref: dim {C} is not divisible by num_heads {num_heads}")
     D = C // num_heads
     x = torch.cat((cls, tokens), dim=1)  # (B, 1 + N, C)
     T = x.shape[1]
-    y = layer_norm_ref(x, norm_weight, norm_bias, eps)
+    y = F.layer_norm(x, (C,), norm_weight, norm_bias, eps)  # layer_norm_ref(x, ...) without the residual
     q = F.linear(y[:, 0:1], wq, bq).reshape(B, 1, num_heads, D).permute(0, 2, 1, 3)  # (B, H, 1, D)
     k = F.linear(y, wk, bk).reshape(B, T, num_heads, D).permute(0, 2, 1, 3)  # (B, H, T, D)
     v = F.linear(y, wv, bv).reshape(B, T, num_heads, D).permute(0, 2, 1, 3)  # (B, H, T, D)

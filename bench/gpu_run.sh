@@ -20,12 +20,16 @@
 # Unpack the tar here and copy results/*.json into bench/results/ to commit them. The device's copy of the tree has
 # no .git: pass the commit in, `CROSSVIT_FAST_COMMIT=$(git rev-parse --short=12 HEAD)` written out in the command.
 #
-# Triton compiles (sm_90, triton 3.6.0, counted without a GPU by tests/sm90_compile.py; CPU seconds on this
-# project's 2-core machines, where one compile takes ~0.3-0.6 s; the H100 hosts are no faster per compile):
-#   smoke         SMOKE_COMPILES (tests at the headline shapes, autotuning off) + the benches' autotuning
-#   tests-ops     FAMILY_COMPILES, split over three processes
-# Inductor compiles: smoke 4 (layer_norm) + 4 (cls) reference-compiled cases; bench-ln 24 a dtype; bench-cls 12;
-# bench-model 1 per compiled provider and pass (~1-2 min each for crossvit_18).
+# Triton compiles, counted without a GPU by `python tests/sm90_compile.py --set smoke|ci` (triton 3.6.0, the GPU
+# machines' version; CPU seconds of cold compiles on this project's 2-core machines, ptxas included):
+#   smoke scope   100 distinct compiles, 87 CPU s (the three ops at the headline shapes, bf16 and fp32, fwd + bwd);
+#                 the smoke tests add fp16 (about 50 more) and the linear GEMMs (4 flag sets x 2 widths, bf16)
+#   ci scope      208 distinct compiles, 200 CPU s (every kernel x dtype x width class)
+#   tests-ops     the family (not measured to completion: about 360 estimated) plus self-attention's autotune sets,
+#                 split over four processes
+# Inductor compiles: smoke 4 (layer_norm) + 4 (cls) + 2 (linear blocks) reference-compiled cases and 1 timm model
+# (forward); bench-ln 24 a dtype; bench-cls 12; bench-linear 20; bench-model 1 per compiled provider and pass
+# (~1-2 min each for crossvit_18).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

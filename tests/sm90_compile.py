@@ -60,6 +60,9 @@ SPILL_BUDGET: Dict[Tuple[str, str], int] = {
     ("_attn_bwd_dkdv_kernel", "fp32"): 608,  # 244+244 (3.6), 272+272 (3.9)
     ("_attn_bwd_dq_kernel", "fp32"): 112,  # 20+20 (3.6), 36+36 (3.9)
     ("_attn_fwd_kernel", "fp32"): 48,  # 0 (3.6), 8+8 (3.9, 32x32 at head dim 32)
+    # the fused block GEMMs (kernels/linear.py): 0 everywhere with 3.6; float32 forward (FMA dots, 64x64x16) 8+8
+    # with 3.9 at K = 224 (the ragged K loop)
+    ("_linear_fwd_kernel", "fp32"): 48,
 }
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -96,6 +99,10 @@ def jobs_for(scope: str) -> List[dict]:
         for dt in DTYPES + ("amp",):
             for C, N in ((96, 401), (224, 401), (448, 197), (768, 197)):
                 jobs.append(_job("layer_norm", dt, C, 0, N, 256))
+        for dt in DTYPES:  # the branch block's GEMMs: K ragged (224) and a multiple of the K tile (448)
+            for C, N in ((224, 401), (448, 197)):
+                for gemm in ("qkv", "proj", "fc1", "fc2"):
+                    jobs.append(dict(_job("linear", dt, C, 0, N, 256), gemm=gemm))
     elif scope == "family":
         seen = set()
         for w, img in _MODELS:
@@ -125,6 +132,8 @@ def _group_key(j: dict) -> tuple:
     """Jobs that may share compiles go to one worker (its in-memory cache dedupes them)."""
     if j["op"] == "self_attention":
         return (j["op"], j["dtype"], j["C"] // j["H"])
+    if j["op"] == "linear":
+        return (j["op"], j["dtype"], j["C"], j["gemm"])
     return (j["op"], j["dtype"], j["C"])
 
 
@@ -218,14 +227,14 @@ def _init_worker(cache_root: str) -> None:
     JITFunction.run = run
     Autotuner.run = autotune_run
 
-    from crossvit_fast.kernels import cls_cross_attention, layer_norm, self_attention
+    from crossvit_fast.kernels import cls_cross_attention, layer_norm, linear, self_attention
 
-    for mod in (cls_cross_attention, layer_norm, self_attention):
+    for mod in (cls_cross_attention, layer_norm, linear, self_attention):
         mod.COMPILE_ONLY = True
     self_attention.AUTOTUNE = True
     _W.update(torch=torch, triton=triton, seen=set(), records=[], tag=None,
               mods={"cls_cross_attention": cls_cross_attention, "layer_norm": layer_norm,
-                    "self_attention": self_attention})
+                    "self_attention": self_attention, "linear": linear})
 
 
 _RE_REGS = re.compile(r"Used (\d+) registers")
@@ -315,6 +324,23 @@ def _drive(j: dict) -> None:
         _W["tag"]["pass"] = "bwd"
         m.cls_cross_attention_bwd(torch.zeros((B, 1, C), dtype=dt), cls, tokens, v[0], v[1], w[0], w[1], w[2], w[3],
                                   q, u, xbar, lse, o, H)
+    elif op == "linear":
+        m = mods[op]
+        kin, nout, flags = {g[0]: g[1:] for g in m._BLOCK_GEMMS}[j["gemm"]]
+        K, NO = kin * C, nout * C
+        w = torch.zeros((NO, K), dtype=dt)
+        bias = torch.zeros((NO,), dtype=dt)
+        lnw = torch.zeros((K,), dtype=dt) if flags.get("ln") else None
+        scale = torch.zeros((B,), dtype=dt) if flags.get("scale") else None
+        res = _tensor((B, N, NO), dt) if flags.get("res") else None
+        x = _tensor((B, N, K), dt)
+        gelu = bool(flags.get("gelu"))
+        _W["tag"]["pass"] = "fwd"
+        for save in (False, True):  # inference, and the training forward that saves for the backward
+            m.linear_fwd(x, w, bias, lnw, lnw, 1e-6, gelu, scale, res, None, save)
+        _W["tag"]["pass"] = "bwd"
+        pre = _tensor((B * N, NO), dt) if gelu else None
+        m.linear_dgrad(_tensor((B, N, NO), dt), w, pre, scale)
     elif op == "layer_norm":
         m = mods[op]
         amp = j["dtype"] == "amp"
@@ -358,13 +384,16 @@ def _run_group(jobs: List[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_scope(scope: str, jobs: int = 2) -> dict:
-    """Compile a scope in ``jobs`` worker processes; returns ``{"records", "errors", "compiles", "cpu_s", ...}``."""
+def run_scope(scope: str, jobs: int = 2, ops: Optional[List[str]] = None) -> dict:
+    """Compile a scope (only ``ops`` when given) in ``jobs`` worker processes; returns ``{"records", "errors",
+    "compiles", "cpu_s", ...}``."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     groups: Dict[tuple, List[dict]] = {}
     for j in jobs_for(scope):
+        if ops and j["op"] not in ops:
+            continue
         groups.setdefault(_group_key(j), []).append(j)
     # biggest groups first (self-attention compiles every autotune config)
     order = sorted(groups.values(), key=lambda g: (g[0]["op"] != "self_attention", g[0]["dtype"] == "fp32"))
@@ -469,8 +498,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", help="write every record (and the totals) to this file")
     ap.add_argument("--check", action="store_true", help="exit 1 on errors, shared memory or spills over budget")
     ap.add_argument("--table", action="store_true", help="print every compile, not only the summary per kernel")
+    ap.add_argument("--ops", nargs="+", choices=("self_attention", "cls_cross_attention", "layer_norm", "linear"),
+                    help="only these ops (default all)")
     args = ap.parse_args(argv)
-    result = run_scope(args.set, args.jobs)
+    result = run_scope(args.set, args.jobs, args.ops)
     if args.table:
         print(table(result))
         print()

@@ -66,13 +66,14 @@ Not yet timed on a GPU: the configs and the choice in ``_pick`` are a first gues
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .layer_norm import _as3d, _device_of, _span
 
 __all__ = ["linear_fwd", "linear_dgrad", "check_linear_inputs", "SUPPORTED_DTYPES", "CONFIGS", "pick_config",
            "aot_cases"]
@@ -268,25 +269,8 @@ def _linear_dgrad_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Launchers
+# Launchers (the device guard, the (B, T, C) view and the span check are layer_norm's)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _device_of(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _as3d(t: torch.Tensor) -> torch.Tensor:
-    """A (B, T, C) view of ``t`` (2-D: (1, R, C); 1-D: (1, 1, C); other ranks reshaped, a copy only without a view)."""
-    if t.dim() == 3:
-        return t
-    if t.dim() == 2:
-        return t.unsqueeze(0)
-    return t.reshape(1, -1, t.shape[-1])
-
-
-def _span(t: torch.Tensor) -> int:
-    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
 
 
 def _dtype_name(d) -> str:

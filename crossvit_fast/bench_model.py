@@ -46,20 +46,13 @@ DTYPES = ("bfloat16", "float32")
 PASSES = ("forward", "train_step")
 PROVIDERS = ("timm", "timm-compiled", "reference", "crossvit_fast", "crossvit_fast-compiled")
 
-# fvcore GMACs per image (the spec's table, equal to crossvit_fast.flops); used where fvcore is not installed.
-SPEC_GMACS = {
-    "crossvit_tiny_240": 1.57, "crossvit_small_240": 5.63, "crossvit_base_240": 21.22,
-    "crossvit_9_240": 1.85, "crossvit_15_240": 5.81, "crossvit_18_240": 9.05,
-    "crossvit_9_dagger_240": 1.99, "crossvit_15_dagger_240": 6.13, "crossvit_18_dagger_240": 9.50,
-    "crossvit_15_dagger_408": 21.45, "crossvit_18_dagger_408": 32.47,
-}
-
-
 def _gmacs(name: str) -> float:
     try:
         import fvcore  # noqa: F401
     except ImportError:
-        return SPEC_GMACS[name]
+        from crossvit_fast.models import MODEL_GMACS
+
+        return MODEL_GMACS[name]
     import crossvit_fast
 
     return crossvit_fast.flops(crossvit_fast.create_model(name, backend="reference").eval()).total() / 1e9

@@ -499,8 +499,11 @@ def parse_model_name(name: str) -> Tuple[str, Optional[str]]:
                 raise ValueError(
                     f"{name!r}: crossvit_fast knows timm's CrossViT models only ({prefix}timm/<model>[.tag])"
                 )
-    if key.startswith("timm/"):
-        key = key[len("timm/"):]
+    if "/" in key:
+        org, key = key.split("/", 1)
+        if org != "timm":
+            raise ValueError(f"{name!r}: crossvit_fast knows timm's CrossViT weights ('timm/<name>.<tag>'), "
+                             f"not those of Hub organisation {org!r}")
     base, _, tag = key.partition(".")
     if base in MODEL_CONFIGS:
         canonical = base

@@ -63,21 +63,10 @@ HUB_PICKLE_FILE = "pytorch_model.bin"
 
 # --- names and configs --------------------------------------------------------------------------------------------
 def parse_model_name(name: str) -> Tuple[str, Optional[str]]:
-    """``"crossvit_9_240"``, ``"crossvit_9_240.in1k"``, ``"timm/crossvit_9_240.in1k"``,
-    ``"hf_hub:timm/crossvit_9_240.in1k"`` or ``"hf-hub:..."`` -> ``(architecture, tag or None)``."""
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"model name must be a non-empty string, got {name!r}")
-    rest = name
-    for prefix in ("hf_hub:", "hf-hub:"):
-        if rest.startswith(prefix):
-            rest = rest[len(prefix):]
-    if "/" in rest:
-        org, rest = rest.split("/", 1)
-        if org != "timm":
-            raise ValueError(f"{name!r}: crossvit_fast knows timm's CrossViT weights ('timm/<name>.<tag>'), "
-                             f"not those of Hub organisation {org!r}")
-    arch, _, tag = rest.partition(".")
-    return arch, (tag or None)
+    """``(architecture, tag or None)``: :func:`crossvit_fast.models.parse_model_name` (timm, Hub and IBM spellings)."""
+    from crossvit_fast.models import parse_model_name as parse
+
+    return parse(name)
 
 
 def _to_dict(cfg: Mapping[str, Any]) -> Dict[str, Any]:

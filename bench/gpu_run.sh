@@ -30,6 +30,14 @@
 # Inductor compiles: smoke 4 (layer_norm) + 4 (cls) + 2 (linear blocks) reference-compiled cases and 1 timm model
 # (forward); bench-ln 24 a dtype; bench-cls 12; bench-linear 20; bench-model 1 per compiled provider and pass
 # (~1-2 min each for crossvit_18).
+#
+# Prebuilt Triton cache (optional, saves the GPU's compile minutes). Triton's cache key hashes its own library, which
+# differs per Python version, so build it with Python 3.12 and triton 3.6.0 (the GPU image's), at the path the GPU
+# side unpacks it to (Triton's group index holds absolute paths):
+#   python3.12 tests/sm90_compile.py --set family --cache-dir /tmp/crossvit_fast-triton-cache \
+#       --pack bench/.gpu-carry/triton-cache.tar.xz
+# then name bench/.gpu-carry in the device call's carry. Each phase logs how many kernels it found there and how
+# many it compiled itself (a mismatched key shows as nothing found).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -46,6 +54,17 @@ status=0
 headline=crossvit_18_dagger_240
 
 say() { echo "== $*" | tee -a "$log"; }
+
+prebuilt=bench/.gpu-carry/triton-cache.tar.xz
+tcache=/tmp/crossvit_fast-triton-cache
+kernels_in() { find "$1" -name '__grp__*' 2>/dev/null | wc -l; }
+if [ "$dry" != 1 ]; then
+  if [ -f "$prebuilt" ]; then
+    mkdir -p "$tcache" && tar xJf "$prebuilt" -C "$tcache" && export TRITON_CACHE_DIR=$tcache
+  fi
+  tcache_before=$(kernels_in "${TRITON_CACHE_DIR:-$HOME/.triton/cache}")
+  say "triton cache ${TRITON_CACHE_DIR:-$HOME/.triton/cache}: $tcache_before kernels at the start"
+fi
 
 # step NAME CMD...: run CMD with the time left (minus a margin for packing); SIGINT first so pytest reports.
 step() {
@@ -104,7 +123,10 @@ parallel() {
 case "$phase" in
   smoke)
     [ "$dry" = 1 ] || { nvidia-smi 2>&1 | tee -a "$log"; python -m crossvit_fast info 2>&1 | tee -a "$log"; }
-    tests smoke-tests -m smoke tests
+    # one process per file: their Triton compiles (CPU-bound, serial within a process) run side by side
+    parallel "smoke-cls:-m smoke tests/test_cls_cross_attention.py" "smoke-sa:-m smoke tests/test_self_attention.py" \
+      "smoke-ln:-m smoke tests/test_layer_norm.py" "smoke-linear:-m smoke tests/test_linear.py" \
+      "smoke-models:-m smoke tests/test_model_backends.py tests/test_timm_parity.py"
     [ "$dry" = 1 ] || step check python -m crossvit_fast check "$headline"
     bench bench/bench_cls_cross_attention.py --models "$headline" --batch 256 --dtype bfloat16
     bench bench/bench_self_attention.py --batch 256 --dtype bfloat16 --cases 401:7:32 197:7:64 \
@@ -145,6 +167,7 @@ case "$phase" in
   *) echo "unknown phase $phase (see the header of $0)"; exit 2 ;;
 esac
 
+[ "$dry" = 1 ] || say "triton cache: $(( $(kernels_in "${TRITON_CACHE_DIR:-$HOME/.triton/cache}") - tcache_before )) kernels compiled in this phase"
 say "phase $phase done in $((SECONDS - start))s, status $status"
 if [ -n "$OUT" ] && [ "$dry" != 1 ]; then
   tgz=$(mktemp "${TMPDIR:-/tmp}/gpu_run.XXXXXX") && tar czf "$tgz" -C "$OUT" . \

@@ -176,13 +176,6 @@ def fused_ops_lines() -> List[str]:
 
 
 def cmd_flops(args) -> int:
-    try:
-        from fvcore.nn import flop_count_table
-    except ImportError:
-        raise CLIError(
-            "FLOP counts need fvcore, which is not installed: pip install 'crossvit_fast[flops]' (or pip install fvcore)"
-        ) from None
-
     from crossvit_fast.flops import flops
     from crossvit_fast.models import create_model
 
@@ -198,7 +191,13 @@ def cmd_flops(args) -> int:
         if not ok:
             raise CLIError(f"--backend triton cannot run here: {why}; the counts are the same for every backend: "
                            f"drop --backend")
-    model = create_model(args.model, **kwargs).eval()
+    model = create_model(args.model, **kwargs).eval()  # the arguments' errors first, then the missing dependency
+    try:
+        from fvcore.nn import flop_count_table
+    except ImportError:
+        raise CLIError(
+            "FLOP counts need fvcore, which is not installed: pip install 'crossvit_fast[flops]' (or pip install fvcore)"
+        ) from None
     analysis = flops(model)
     # fvcore labels its column "#flops"; it counts one multiply-add as one: call them what they are.
     print(flop_count_table(analysis, max_depth=args.depth).replace("#flops", "#MACs ", 1))

@@ -81,7 +81,8 @@ N = 128, 64 x 64 from there).
 The candidate tiles (``_TILES_16`` for float16/bfloat16, ``_TILES_32`` for float32) are filtered per call by
 ``early_config_prune``: the dtype's set, minus, for 16-bit 128-wide register tiles, the larger tiles and two
 that spill 8 B (``_SPILL_16_D128``); for float32 register tiles of 64 or more columns only the 8-warp 512-element
-tiles of ``_TILES_32_WIDE`` (the others spill 100-340 B there). Every config the pruner keeps is compiled for
+tiles of ``_TILES_32_WIDE`` (the others spill 100-340 B there), and at 128 columns the one 16 x 16, 8-warp tile of
+``_TILES_32_D128`` (the least spill there: 0 / 248 / 168 B in fwd / dkdv / dq, against 0.6-3.4 KB). Every config the pruner keeps is compiled for
 sm_90 ahead of time by ``tests/sm90_compile.py``
 (CI: ``tests/test_sm90_compile.py``); the measured resources are listed below.
 
@@ -467,6 +468,10 @@ _TILES_32_WIDE = {
     "dq": [(16, 32, 8, 2)],
 }
 # 16-bit tiles that pass the rule above at 128-wide heads but spill 8 B there (sm_90, triton 3.6.0)
+# float32 at head dim 128 (beyond the family): the only tile that neither spills kilobytes nor runs out of registers
+# (sm_90, triton 3.6 / 3.9: fwd 0 B, dkdv 248+248 / 256+256 B, dq 168+168 / 184+184 B; every other 8-, 4- and 16-warp
+# tile tried spills 600-3400 B there)
+_TILES_32_D128 = {"fwd": [(16, 16, 8, 2)], "dkdv": [(16, 16, 8, 2)], "dq": [(16, 16, 8, 2)]}
 _SPILL_16_D128 = {"fwd": {(128, 32, 4, 3)}, "dkdv": {(32, 64, 4, 3)}, "dq": set()}
 _DEFAULTS_16 = {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
 _DEFAULTS_32 = {"fwd": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)}
@@ -488,13 +493,19 @@ def _tile(c: triton.Config) -> Tuple[int, int, int, int]:
 
 
 def _all_tiles(name: str):
-    return _TILES_16[name] + [t for t in _TILES_32[name] if t not in _TILES_16[name]]
+    tiles = _TILES_16[name] + _TILES_32[name] + _TILES_32_D128[name]
+    return list(dict.fromkeys(tiles))
+
+
+def _tiles_32(block_d: int) -> Dict[str, list]:
+    """float32's candidate tiles at a register tile width."""
+    return _TILES_32_D128 if block_d >= 128 else _TILES_32_WIDE if block_d >= 64 else _TILES_32
 
 
 def _defaults(name: str, fp32: bool, block_d: int) -> Tuple[int, int, int, int]:
     if not fp32:
         return _DEFAULTS_16[name]
-    return (_DEFAULTS_32_WIDE if block_d >= 64 else _DEFAULTS_32)[name]
+    return _TILES_32_D128[name][0] if block_d >= 128 else (_DEFAULTS_32_WIDE if block_d >= 64 else _DEFAULTS_32)[name]
 
 
 def fwd_configs():
@@ -513,7 +524,7 @@ def _pruner(name: str):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         fp32 = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee"
         if fp32:
-            allowed = set((_TILES_32_WIDE if block_d >= 64 else _TILES_32)[name])
+            allowed = set(_tiles_32(block_d)[name])
         else:
             allowed = set(_TILES_16[name])
         keep = []

@@ -45,24 +45,36 @@ from typing import Dict, List, Optional, Tuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_SHARED = 232448  # bytes of shared memory an sm_90 block may use (227 KB)
 
-# Spill budget in bytes (spill stores + spill loads, ptxas -v) per (kernel, dtype), the largest over every shape
-# and config of the family, measured with triton 3.6.0 and 3.9.0, plus a small margin. A kernel/dtype that is not
+# Spill budget in bytes (spill stores + spill loads, ptxas -v) per (kernel, dtype, width class), the largest over
+# every shape and config of the family scope, measured with triton 3.6.0 (the GPU machines') and 3.9.0, plus a
+# margin. Width class (:func:`width_class`): ``D<head dim>`` for the self-attention kernels, ``C<next pow2 of the
+# width>`` for the others; one budget per class, so a regression at C = 448 does not hide under C = 768's. A key not
 # listed has a budget of 0. LayerNorm dtypes: "fp32", "fp16", "bf16" (every tensor that dtype) and "amp" (the
-# float32 residual stream with bfloat16 output / gradient, as under bf16 autocast).
-SPILL_BUDGET: Dict[Tuple[str, str], int] = {
-    # CLS cross-attention backward: worst at C = 768 (16 warps, maxnreg 128): 3.6 2784+2848, 3.9 1852+1792 (16-bit);
-    # fp32 3.6 2496+2980, 3.9 3144+3248. At C = 384/448 (8 warps, 255 registers) 16-bit 176+160 / 296+268.
-    ("_bwd_tokens_kernel", "bf16"): 6208,
-    ("_bwd_tokens_kernel", "fp16"): 6208,
-    ("_bwd_tokens_kernel", "fp32"): 7040,
-    ("_fwd_tokens_kernel", "fp32"): 64,  # C = 768, 16 warps: 12+8 (3.6)
-    # self-attention, float32 (FMA dots), head dim 64: the 8-warp 16x32 tile (head dim 32: 8+8 in one 3.9 tile)
-    ("_attn_bwd_dkdv_kernel", "fp32"): 608,  # 244+244 (3.6), 272+272 (3.9)
-    ("_attn_bwd_dq_kernel", "fp32"): 112,  # 20+20 (3.6), 36+36 (3.9)
-    ("_attn_fwd_kernel", "fp32"): 48,  # 0 (3.6), 8+8 (3.9, 32x32 at head dim 32)
-    # the fused block GEMMs (kernels/linear.py): 0 everywhere with 3.6; float32 forward (FMA dots, 64x64x16) 8+8
-    # with 3.9 at K = 224 (the ragged K loop)
-    ("_linear_fwd_kernel", "fp32"): 48,
+# float32 residual stream with bfloat16 output / gradient, as under bf16 autocast). Measured (3.6 / 3.9, st+ld B):
+SPILL_BUDGET: Dict[Tuple[str, str, str], int] = {
+    # CLS cross-attention backward, 16-bit: C = 384/448 at 8 warps, 255 registers: 180+164 / 296+268; C = 768 at 16
+    # warps, maxnreg 128: 2784+2848 / 1852+1792
+    ("_bwd_tokens_kernel", "bf16", "C512"): 640,
+    ("_bwd_tokens_kernel", "fp16", "C512"): 640,
+    ("_bwd_tokens_kernel", "bf16", "C1024"): 6208,
+    ("_bwd_tokens_kernel", "fp16", "C1024"): 6208,
+    # float32: C = 192/224 16+12 / 48+48; C = 384/448 (16 warps) 700+736 / 800+860; C = 768 2496+2980 / 3144+3248
+    ("_bwd_tokens_kernel", "fp32", "C256"): 128,
+    ("_bwd_tokens_kernel", "fp32", "C512"): 1856,
+    ("_bwd_tokens_kernel", "fp32", "C1024"): 7040,
+    ("_fwd_tokens_kernel", "fp32", "C1024"): 64,  # C = 768, 16 warps: 12+8 / 0
+    # self-attention, float32 (FMA dots): head dim 32 fwd 0 / 8+8 (one 32x32 tile); head dim 64 (8-warp 16x32 tile)
+    # dkdv 244+244 / 272+272, dq 20+20 / 36+36; head dim 128 (beyond the family; 16x16 at 8 warps) fwd 0 / 0, dkdv
+    # 248+248 / 256+256, dq 168+168 / 184+184
+    ("_attn_fwd_kernel", "fp32", "D32"): 48,
+    ("_attn_bwd_dkdv_kernel", "fp32", "D64"): 608,
+    ("_attn_bwd_dkdv_kernel", "fp32", "D128"): 576,
+    ("_attn_bwd_dq_kernel", "fp32", "D64"): 112,
+    ("_attn_bwd_dq_kernel", "fp32", "D128"): 416,
+    # the fused block GEMMs (kernels/linear.py): 0 everywhere with 3.6; the float32 forward (FMA dots, 64x64x16)
+    # 8+8 with 3.9 at the narrow widths (ragged K loop)
+    ("_linear_fwd_kernel", "fp32", "C128"): 48,
+    ("_linear_fwd_kernel", "fp32", "C256"): 48,
 }
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -120,6 +132,11 @@ def jobs_for(scope: str) -> List[dict]:
                     if tuple(sorted(j.items())) not in seen:
                         seen.add(tuple(sorted(j.items())))
                         jobs.append(j)
+        widths = sorted({(c, _N[img][i]) for w, img in _MODELS for i, c in enumerate(_WIDTHS[w][:2])})
+        for dt in DTYPES:  # the branch block's GEMMs at every width and token count of the family
+            for C, N in widths:
+                for gemm in ("qkv", "proj", "fc1", "fc2"):
+                    jobs.append(dict(_job("linear", dt, C, 0, N, 256), gemm=gemm))
         for dt in DTYPES:  # the launchers' limits beyond the family
             jobs.append(_job("self_attention", dt, 768, 6, 197, 256))  # head dim 128
             jobs.append(_job("cls_cross_attention", dt, 1024, 8, 196, 256))
@@ -144,9 +161,9 @@ def _group_key(j: dict) -> tuple:
 _W: dict = {}  # worker state
 
 
-def _init_worker(cache_root: str) -> None:
+def _init_worker(cache_root: str, shared: bool = False) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
-    cache = os.path.join(cache_root, f"cache-{os.getpid()}")
+    cache = cache_root if shared else os.path.join(cache_root, f"cache-{os.getpid()}")
     os.makedirs(cache, exist_ok=True)
     os.environ["TRITON_CACHE_DIR"] = cache
     if REPO not in sys.path:
@@ -266,8 +283,8 @@ def _record(fn, ck, log: str) -> None:
         return
     _W["seen"].add(ck.hash)
     name = ck.metadata.name
-    if f"'{name}'" not in log or not _RE_REGS.search(log):
-        log = _ptxas_log(ck.asm["ptx"])
+    if (f"'{name}'" not in log or not _RE_REGS.search(log)) and "ptx" in ck.asm:
+        log = _ptxas_log(ck.asm["ptx"])  # else a hit in a packed cache, which keeps no PTX: no report
     # the log may hold other kernels' entries (a nested compile): take this kernel's section
     i = log.find(f"Compiling entry function '{name}'")
     sec = log[i:] if i >= 0 else log
@@ -282,7 +299,7 @@ def _record(fn, ck, log: str) -> None:
         cfg = {fn.arg_names[k[0]]: v for k, v in consts.items()
                if isinstance(k, tuple) and len(k) == 1 and isinstance(v, (int, bool, str))}
     cfg = {k: v for k, v in cfg.items() if k.isupper() or k.startswith("BLOCK")}
-    ptx = ck.asm["ptx"]
+    ptx = ck.asm["ptx"] if "ptx" in ck.asm else ""
     _W["records"].append({
         **_W["tag"], "kernel": fn.__name__, "hash": ck.hash,
         "config": {**cfg, "warps": ck.metadata.num_warps, "stages": ck.metadata.num_stages},
@@ -384,9 +401,10 @@ def _run_group(jobs: List[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_scope(scope: str, jobs: int = 2, ops: Optional[List[str]] = None) -> dict:
+def run_scope(scope: str, jobs: int = 2, ops: Optional[List[str]] = None, cache_dir: Optional[str] = None) -> dict:
     """Compile a scope (only ``ops`` when given) in ``jobs`` worker processes; returns ``{"records", "errors",
-    "compiles", "cpu_s", ...}``."""
+    "compiles", "cpu_s", ...}``. With ``cache_dir`` every worker compiles into that one Triton cache, which is kept
+    (see :func:`pack_cache`); without, each into a fresh temporary one (cold compiles, removed after)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -397,14 +415,16 @@ def run_scope(scope: str, jobs: int = 2, ops: Optional[List[str]] = None) -> dic
         groups.setdefault(_group_key(j), []).append(j)
     # biggest groups first (self-attention compiles every autotune config)
     order = sorted(groups.values(), key=lambda g: (g[0]["op"] != "self_attention", g[0]["dtype"] == "fp32"))
-    root = tempfile.mkdtemp(prefix="sm90-compile-")
+    root = os.path.abspath(cache_dir) if cache_dir else tempfile.mkdtemp(prefix="sm90-compile-")
+    os.makedirs(root, exist_ok=True)
     t0 = time.time()
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(root,)) as pool:
+                                 initargs=(root, bool(cache_dir))) as pool:
             results = list(pool.map(_run_group, order))
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if not cache_dir:
+            shutil.rmtree(root, ignore_errors=True)
     wall = time.time() - t0
     records, errors, seen = [], [], set()
     for r in results:
@@ -420,12 +440,38 @@ def run_scope(scope: str, jobs: int = 2, ops: Optional[List[str]] = None) -> dic
             "cpu_s": round(sum(r["cpu_s"] for r in results), 1), "wall_s": round(wall, 1), "jobs": jobs}
 
 
+CACHE_KEEP = (".cubin", ".json")  # what a cache hit loads: the binary, its metadata and the group index
+
+
+def pack_cache(cache_dir: str, tar_path: str) -> dict:
+    """Pack a Triton cache for the GPU machine: only what a cache hit reads (cubin, metadata and group JSON; the IR
+    and PTX stay behind), xz-compressed, member paths relative to ``cache_dir``. Triton's group index names its files
+    by absolute path, so the GPU side must unpack it at the same path (``bench/gpu_run.sh`` does)."""
+    import tarfile
+
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(cache_dir) for f in fs if f.endswith(CACHE_KEEP))
+    os.makedirs(os.path.dirname(os.path.abspath(tar_path)), exist_ok=True)
+    with tarfile.open(tar_path, "w:xz") as tar:
+        for f in files:
+            tar.add(f, arcname=os.path.relpath(f, cache_dir))
+    kernels = sum(1 for f in files if os.path.basename(f).startswith("__grp__"))
+    return {"kernels": kernels, "files": len(files), "bytes": os.path.getsize(tar_path)}
+
+
 def _dtype_key(rec: dict) -> str:
     return rec["dtype"]
 
 
-def budget(kernel: str, dtype: str) -> int:
-    return SPILL_BUDGET.get((kernel, dtype), 0)
+def width_class(rec: dict) -> str:
+    """The register tile width a compile was made for: ``D<pow2 head dim>`` for the self-attention kernels,
+    ``C<pow2 width>`` for the others (widths of one class compile alike)."""
+    if rec["op"] == "self_attention":
+        return f"D{1 << max(rec['C'] // rec['H'] - 1, 0).bit_length()}"
+    return f"C{1 << max(rec['C'] - 1, 0).bit_length()}"
+
+
+def budget(kernel: str, dtype: str, width: str) -> int:
+    return SPILL_BUDGET.get((kernel, dtype, width), 0)
 
 
 def problems(result: dict) -> List[str]:
@@ -440,8 +486,9 @@ def problems(result: dict) -> List[str]:
         if r["shared"] > MAX_SHARED:
             out.append(f"SHARED {r['shared']} B > {MAX_SHARED} {where}")
         spill = r["spill_st"] + r["spill_ld"]
-        if spill > budget(r["kernel"], _dtype_key(r)):
-            out.append(f"SPILL {r['spill_st']}+{r['spill_ld']} B > budget {budget(r['kernel'], _dtype_key(r))} "
+        allowed = budget(r["kernel"], _dtype_key(r), width_class(r))
+        if spill > allowed:
+            out.append(f"SPILL {r['spill_st']}+{r['spill_ld']} B > budget {allowed} "
                        f"{where}")
     return out
 
@@ -468,12 +515,12 @@ def table(result: dict) -> str:
 
 
 def summary(result: dict) -> str:
-    """Worst case per (kernel, dtype): registers, spills, stack, shared memory."""
+    """Worst case per (kernel, dtype, width class): registers, spills, stack, shared memory."""
     worst: Dict[tuple, dict] = {}
     for r in result["records"]:
         if r["regs"] is None:
             continue
-        k = (r["kernel"], r["dtype"])
+        k = (r["kernel"], r["dtype"], width_class(r))
         w = worst.setdefault(k, {"n": 0, "regs": 0, "spill": 0, "stack": 0, "shared": 0, "where": ""})
         w["n"] += 1
         w["regs"] = max(w["regs"], r["regs"])
@@ -483,11 +530,13 @@ def summary(result: dict) -> str:
         if s > w["spill"] or not w["where"]:
             w["spill"] = s
             w["where"] = f"C={r['C']} H={r['H']} {_cfg_str(r['config'])}"
-    lines = [f"{'kernel':<24} {'dtype':<5} {'#':>3} {'max regs':>8} {'max spill':>9} {'budget':>6} {'max stack':>9} "
-             f"{'max smem':>8}  worst spill at"]
-    for (k, d), w in sorted(worst.items()):
-        lines.append(f"{k:<24} {d:<5} {w['n']:>3} {w['regs']:>8} {w['spill']:>9} {budget(k, d):>6} {w['stack']:>9} "
-                     f"{w['shared']:>8}  {w['where'] if w['spill'] else ''}")
+    lines = [f"{'kernel':<24} {'dtype':<5} {'width':<5} {'#':>3} {'max regs':>8} {'max spill':>9} {'budget':>6} "
+             f"{'max stack':>9} {'max smem':>8}  worst spill at"]
+    order = sorted(worst, key=lambda k: (k[0], k[1], k[2][0], int(k[2][1:])))
+    for k, d, c in order:
+        w = worst[(k, d, c)]
+        lines.append(f"{k:<24} {d:<5} {c:<5} {w['n']:>3} {w['regs']:>8} {w['spill']:>9} {budget(k, d, c):>6} "
+                     f"{w['stack']:>9} {w['shared']:>8}  {w['where'] if w['spill'] else ''}")
     return "\n".join(lines)
 
 
@@ -500,8 +549,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--table", action="store_true", help="print every compile, not only the summary per kernel")
     ap.add_argument("--ops", nargs="+", choices=("self_attention", "cls_cross_attention", "layer_norm", "linear"),
                     help="only these ops (default all)")
+    ap.add_argument("--cache-dir", help="compile into this Triton cache and keep it (default: a fresh temporary one "
+                                        "per worker, removed after)")
+    ap.add_argument("--pack", metavar="TAR_XZ", help="with --cache-dir: pack what a cache hit needs into this file "
+                                                     "(bench/gpu_run.sh unpacks bench/.gpu-carry/triton-cache.tar.xz)")
     args = ap.parse_args(argv)
-    result = run_scope(args.set, args.jobs, args.ops)
+    if args.pack and not args.cache_dir:
+        ap.error("--pack needs --cache-dir")
+    result = run_scope(args.set, args.jobs, args.ops, args.cache_dir)
     if args.table:
         print(table(result))
         print()
@@ -513,6 +568,10 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{result['wall_s']} s wall on {result['jobs']} workers, triton {result['triton']}")
     for p in bad:
         print(p)
+    if args.pack:
+        packed = pack_cache(args.cache_dir, args.pack)
+        print(f"packed {packed['kernels']} compiled kernels ({packed['files']} files, {packed['bytes'] / 2**20:.1f} MiB)"
+              f" of {args.cache_dir} into {args.pack}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

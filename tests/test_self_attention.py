@@ -355,7 +355,7 @@ def test_tuning_configs_pruned_per_dtype_and_head_dim(name):
             meta = ksa._common_meta(D, torch.float32 if precision == "ieee" else torch.float16, False)
             kept = prune(configs, {}, **meta)
             assert kept, (name, precision, D)
-            tiles = ksa._TILES_32[name] if precision == "ieee" else ksa._TILES_16[name]
+            tiles = ksa._tiles_32(meta["BLOCK_D"])[name] if precision == "ieee" else ksa._TILES_16[name]
             for c in kept:
                 assert ksa._tile(c) in tiles
                 assert c.kwargs["BLOCK_M"] >= 16 and c.kwargs["BLOCK_N"] >= 16
@@ -433,12 +433,13 @@ def test_cuda_strided(layout, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype,D", [(torch.float16, 64), (torch.bfloat16, 32), (torch.float16, 128),
-                                     (torch.float32, 32)], ids=["fp16-d64", "bf16-d32", "fp16-d128", "fp32-d32"])
+                                     (torch.float32, 32), (torch.float32, 128)],
+                         ids=["fp16-d64", "bf16-d32", "fp16-d128", "fp32-d32", "fp32-d128"])
 def test_cuda_every_tuning_config(dtype, D):
     """Whatever the autotuner picks is correct: every tile it may choose for this dtype, run explicitly."""
     from triton.runtime.errors import OutOfResources
 
-    tile_sets = ksa._TILES_32 if dtype == torch.float32 else ksa._TILES_16
+    tile_sets = ksa._tiles_32(ksa._common_meta(D, dtype, False)["BLOCK_D"]) if dtype == torch.float32 else ksa._TILES_16
     tiles = sorted({t for name in ("fwd", "dkdv", "dq") for t in tile_sets[name]})
     B, N, H = 2, 197, 3
     qkv = make_qkv(B, N, H, D, dtype)

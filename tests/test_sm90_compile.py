@@ -49,3 +49,33 @@ def test_sm90_compile(tmp_path):
     )
     print(proc.stdout)
     assert proc.returncode == 0, f"sm_90 compile check failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.mark.skipif(_ptxas() is None, reason=_NO_PTXAS)
+def test_packed_cache_is_hit(tmp_path):
+    """``--cache-dir`` + ``--pack`` (the prebuilt cache bench/gpu_run.sh unpacks on the GPU): unpacked at the path it
+    was built at, a second compile of the same kernels finds every one of them there and compiles nothing."""
+    import tarfile
+
+    cache, tar = tmp_path / "cache", tmp_path / "triton-cache.tar.xz"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, TOOL, "--set", "smoke", "--ops", "layer_norm", "--jobs", "1", "--cache-dir", str(cache)]
+
+    def groups():
+        return sorted(p.name + p.parent.name for p in cache.rglob("__grp__*"))
+
+    first = subprocess.run(cmd + ["--pack", str(tar)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    built = groups()
+    assert built and "packed %d compiled kernels" % len(built) in first.stdout
+    with tarfile.open(tar) as t:
+        assert not [n for n in t.getnames() if not n.endswith((".cubin", ".json"))]
+    import shutil
+
+    shutil.rmtree(cache)
+    with tarfile.open(tar) as t:
+        t.extractall(cache)
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert groups() == built, "kernels were compiled again: the packed cache was not hit"

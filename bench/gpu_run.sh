@@ -27,17 +27,12 @@
 #   ci scope      208 distinct compiles, 200 CPU s (every kernel x dtype x width class)
 #   tests-ops     the family (not measured to completion: about 360 estimated) plus self-attention's autotune sets,
 #                 split over four processes
-# Inductor compiles: smoke 4 (layer_norm) + 4 (cls) + 2 (linear blocks) reference-compiled cases and 1 timm model
-# (forward); bench-ln 24 a dtype; bench-cls 12; bench-linear 20; bench-model 1 per compiled provider and pass
+# Inductor compiles: smoke 1 (timm model, forward; the op benches' compiled providers wait for their phases); bench-ln 24 a dtype; bench-cls 12; bench-linear 20; bench-model 1 per compiled provider and pass
 # (~1-2 min each for crossvit_18).
 #
-# Prebuilt Triton cache (optional, saves the GPU's compile minutes). Triton's cache key hashes its own library, which
-# differs per Python version, so build it with Python 3.12 and triton 3.6.0 (the GPU image's), at the path the GPU
-# side unpacks it to (Triton's group index holds absolute paths):
-#   python3.12 tests/sm90_compile.py --set family --cache-dir /tmp/crossvit_fast-triton-cache \
-#       --pack bench/.gpu-carry/triton-cache.tar.xz
-# then name bench/.gpu-carry in the device call's carry. Each phase logs how many kernels it found there and how
-# many it compiled itself (a mismatched key shows as nothing found).
+# Prebuilt Triton cache (optional, saves the GPU's compile minutes): `bash bench/prebuild_triton_cache.sh` (no GPU;
+# Python 3.12 + triton 3.6.0 as on the GPU image) writes bench/.gpu-carry/triton-cache.tar.xz; name bench/.gpu-carry
+# in the device call's carry. Each phase logs how many kernels it found there and how many it compiled itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -128,12 +123,16 @@ case "$phase" in
       "smoke-ln:-m smoke tests/test_layer_norm.py" "smoke-linear:-m smoke tests/test_linear.py" \
       "smoke-models:-m smoke tests/test_model_backends.py tests/test_timm_parity.py"
     [ "$dry" = 1 ] || step check python -m crossvit_fast check "$headline"
-    bench bench/bench_cls_cross_attention.py --models "$headline" --batch 256 --dtype bfloat16
+    # the headline model first, then the ops' eager providers; Inductor's compiles (tens of seconds each) last
+    bench bench/bench_model.py "$headline" --batch 256 --dtype bfloat16 --providers timm crossvit_fast reference
+    bench bench/bench_cls_cross_attention.py --models "$headline" --batch 256 --dtype bfloat16 \
+      --providers crossvit_fast reference
     bench bench/bench_self_attention.py --batch 256 --dtype bfloat16 --cases 401:7:32 197:7:64 \
       --providers crossvit_fast sdpa-flash sdpa-efficient sdpa-cudnn reference
-    bench bench/bench_layer_norm.py --batch 256 --dtype bfloat16 --nc 401:224 197:448 --residual 1
-    bench bench/bench_linear.py --models "$headline" --batch 256 --what block --passes forward
-    bench bench/bench_model.py "$headline" --batch 256 --dtype bfloat16 --providers timm crossvit_fast reference
+    bench bench/bench_layer_norm.py --batch 256 --dtype bfloat16 --nc 401:224 197:448 --residual 1 \
+      --providers crossvit_fast reference
+    bench bench/bench_linear.py --models "$headline" --batch 256 --what block --passes forward \
+      --providers crossvit_fast reference
     bench bench/bench_model.py "$headline" --batch 256 --dtype bfloat16 --passes forward --providers timm-compiled ;;
   tests-ops)
     parallel "tests-cls:tests/test_cls_cross_attention.py" "tests-sa:tests/test_self_attention.py" \

@@ -287,7 +287,7 @@ def profile(name: str, batch: int, dtype: str, path: str,
             rows.append({"model": name, "pass": pass_, "dtype": dtype, "batch": batch, "provider": provider,
                          "ms_by_kind": {k: round(v, 4) for k, v in time_by_kind(kernels, steps).items()}})
             text.append(f"== {provider} {name} {pass_} batch {batch} {dtype} ({steps} steps) ==")
-            text.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+            text.append(prof.key_averages().table(sort_by="device_time_total", row_limit=30))
             del model, fn
             torch.cuda.empty_cache()
     with open(path, "w") as f:

@@ -128,6 +128,17 @@ def test_many_row_blocks_in_the_interpreter(monkeypatch, tile):
     check(x, w, b, residual=y)
 
 
+def test_int64_offsets(monkeypatch):
+    """The 64-bit offset specialisation (IDX64, taken when a tensor spans 2**31 elements; forced here by lowering the
+    switch-over threshold), forward and backward, strided inputs, the residual add and a 16-bit output."""
+    monkeypatch.setattr(kln, "_INT32_MAX", 0)
+    x = rand((3, 13, 40), torch.float32, "slice", shift=1.0)
+    y = rand((3, 13, 40), torch.float16, "transposed")
+    w, b = torch.randn(40, device=DEV), torch.randn(40, device=DEV)
+    check(x, w, b, residual=y, out_dtype=torch.float16)
+    check(x, w, b)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []),
                          ids=lambda d: str(d).replace("torch.", ""))
 def test_autocast_seam_dtypes(out_dtype):

@@ -157,6 +157,14 @@ def test_every_flag_combination(flags, dtype):
     check(make((2, 5, 24), 20, dtype, flags))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "slice"])
+def test_int64_offsets(monkeypatch, layout):
+    """The 64-bit offset specialisation (IDX64, taken when a tensor spans 2**31 elements or M x max(N, K) does;
+    forced here by lowering the switch-over threshold): every prologue and epilogue, forward and dgrad."""
+    monkeypatch.setattr(kl, "_INT32_MAX", 0)
+    check(make((2, 5, 24), 20, torch.float32, FLAGS, layout=layout))
+
+
 @pytest.mark.parametrize("dtype", LOW_DTYPES[1:], ids=_ids)
 @pytest.mark.parametrize("gemm", ["qkv", "proj", "fc1", "fc2"])
 def test_autocast_dtypes(gemm, dtype):

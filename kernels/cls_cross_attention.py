@@ -120,6 +120,7 @@ import triton.language as tl
 from crossvit_fast.config import CLS_CROSS_ATTENTION_MAX_DIM as MAX_DIM
 from crossvit_fast.config import CLS_CROSS_ATTENTION_MAX_HEAD_DIM as MAX_HEAD_DIM
 from crossvit_fast.config import LN_EPS
+from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
 
 __all__ = [
     "MAX_DIM",
@@ -451,7 +452,7 @@ def _launch(kernel, grid, args, key, num_warps: int, num_stages: int = 2, maxnre
     launch = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
     while True:
         try:
-            kernel[grid](*args, **constexprs, **launch, num_stages=stages)
+            kernel[grid](*args, **constexprs, **launch, num_stages=stages, enable_fp_fusion=FP_FUSION)
             _stages_ok[key] = stages
             return
         except triton.runtime.errors.OutOfResources:

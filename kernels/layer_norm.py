@@ -108,6 +108,7 @@ import triton
 import triton.language as tl
 
 from crossvit_fast.config import LAYER_NORM_MAX_DIM as MAX_DIM
+from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
 
 __all__ = ["layer_norm_fwd", "layer_norm_bwd", "check_layer_norm_inputs", "MAX_DIM", "SUPPORTED_DTYPES"]
 
@@ -368,6 +369,7 @@ def layer_norm_fwd(
             *x3.stride(), *y3.stride(), *r3.stride(), *o3.stride(),
             rows, x3.shape[1], C, float(eps),
             HAS_Y=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, IDX64=idx64, num_warps=warps,
+            enable_fp_fusion=FP_FUSION,
         )
     return out, r, mean, rstd
 
@@ -448,6 +450,6 @@ def layer_norm_bwd(
                 *do3.stride(), *dr3.stride(), *xi3.stride(), *dx3.stride(), *dy3.stride(),
                 rows, xi3.shape[1], C,
                 HAS_DR=dr is not None, HAS_DY=dy is not None, BLOCK_R=block_r, BLOCK_C=block_c, IDX64=idx64,
-                num_warps=warps,
+                num_warps=warps, enable_fp_fusion=FP_FUSION,
             )
     return dx, dy, dwp.sum(0).to(weight.dtype), dbp.sum(0).to(weight.dtype)

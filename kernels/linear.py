@@ -73,6 +73,8 @@ import torch
 import triton
 import triton.language as tl
 
+from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
+
 from .layer_norm import _as3d, _device_of, _span
 
 __all__ = ["linear_fwd", "linear_dgrad", "check_linear_inputs", "SUPPORTED_DTYPES", "CONFIGS", "pick_config",
@@ -434,6 +436,7 @@ def linear_fwd(
             HAS_RES=residual is not None, SAVE=bool(save), EVEN_K=K % bk == 0, IDX64=idx64,
             DOT_PRECISION="ieee" if ct == torch.float32 else "tf32",
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, num_warps=warps, num_stages=stages,
+            enable_fp_fusion=FP_FUSION,
         )
     return out, pre, ahat, mean, rstd
 
@@ -496,6 +499,7 @@ def linear_dgrad(
             GELU=pre is not None, HAS_SCALE=scale is not None, STORE_DZ=bool(store_dz), EVEN_N=N % bk == 0,
             IDX64=idx64, DOT_PRECISION="ieee" if ct == torch.float32 else "tf32",
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, num_warps=warps, num_stages=stages,
+            enable_fp_fusion=FP_FUSION,
         )
     return da, dz
 

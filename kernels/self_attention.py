@@ -133,6 +133,7 @@ import triton
 import triton.language as tl
 
 from crossvit_fast.config import FUSED_DTYPES, SELF_ATTENTION_HEAD_DIMS
+from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
 
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
@@ -583,9 +584,9 @@ def _launch(name: str, grid, args, meta, tune_key: tuple, device: torch.device, 
             bm, bn, w, s = _defaults(name, meta["DOT_PRECISION"] == "ieee", meta["BLOCK_D"])
             config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
     if config is not None:
-        raw[grid](*args, **meta, **config)
+        raw[grid](*args, **meta, **config, enable_fp_fusion=FP_FUSION)
         return
-    tuned[grid](*args, **meta)
+    tuned[grid](*args, **meta, enable_fp_fusion=FP_FUSION)
     best = tuned.best_config
     _chosen[(name,) + tune_key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
 
@@ -768,7 +769,7 @@ def self_attention_bwd(
         _attn_bwd_delta_kernel[(triton.cdiv(N, delta_block) * B * H,)](
             out, dout, delta, *out.stride(), *dout.stride(), N, H,
             HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=delta_block, IDX64=idx64,
-            num_warps=4,
+            num_warps=4, enable_fp_fusion=FP_FUSION,
         )
         _launch("dkdv", grid_dkdv, args, meta, tune_key, qkv.device, config)
         _launch("dq", grid_dq, args, meta, tune_key, qkv.device, config)

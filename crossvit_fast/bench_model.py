@@ -261,6 +261,17 @@ def time_by_kind(kernels: Sequence[Tuple[str, float, float]], steps: int) -> Dic
     return out
 
 
+def device_kernels(events, device_type) -> List[Tuple[str, float, float]]:
+    """``(name, start_us, end_us)`` of the kernels, copies and memsets on the device timeline of a profile.
+
+    Left out: user annotations mirrored onto the device (kineto's ``gpu_user_annotation``: ``record_function``
+    ranges such as ``Optimizer.step#AdamW.step`` or Inductor's ``## Call CompiledFxGraph ... ##``), which carry
+    the device type too but span other kernels: counted, they would add their whole span to ``other`` and hide
+    the launch gaps inside it."""
+    return [(e.name, e.time_range.start, e.time_range.end) for e in events
+            if getattr(e, "device_type", None) == device_type and not getattr(e, "is_user_annotation", False)]
+
+
 def profile_markdown(rows: List[Dict[str, object]]) -> str:
     kinds = ["gemm", "attention", "layer_norm", "elementwise", "copy", "other", "gaps", "span"]
     lines = ["Milliseconds a step by kernel kind (gaps: the GPU idle inside the span, waiting for launches).", "",
@@ -294,8 +305,7 @@ def profile(name: str, batch: int, dtype: str, path: str,
                 for _ in range(steps):
                     fn()
                 torch.cuda.synchronize()
-            kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                       if getattr(e, "device_type", None) == DeviceType.CUDA]
+            kernels = device_kernels(prof.events(), DeviceType.CUDA)
             rows.append({"model": name, "pass": pass_, "dtype": dtype, "batch": batch, "provider": provider,
                          "ms_by_kind": {k: round(v, 4) for k, v in time_by_kind(kernels, steps).items()}})
             text.append(f"== {provider} {name} {pass_} batch {batch} {dtype} ({steps} steps) ==")

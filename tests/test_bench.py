@@ -141,6 +141,25 @@ def test_time_by_kind():
     assert "| m | forward | bfloat16 | 8 | timm | 0.050 | 0.035 | 0.030 | 0.015 | 0.005 | 0.025 | 0.045 | 0.200 |" in table
 
 
+def test_profile_counts_kernels_not_annotations():
+    """A record_function range mirrored onto the GPU timeline (Inductor's compiled-graph call, the optimizer step)
+    has the CUDA device type too; it is not a kernel and must not count as one."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    def ev(name, t0, t1, device_type=DeviceType.CUDA, annotation=False):
+        return NS(name=name, time_range=NS(start=t0, end=t1), device_type=device_type, is_user_annotation=annotation)
+
+    events = [ev("aten::linear", 0.0, 5.0, DeviceType.CPU), ev("sm90_xmma_gemm_bf16", 10.0, 20.0),
+              ev("## Call CompiledFxGraph abc ##", 0.0, 100.0, annotation=True),
+              ev("Optimizer.step#AdamW.step", 50.0, 100.0, annotation=True), ev("triton_poi_fused_add_0", 90.0, 100.0)]
+    kernels = bench_model.device_kernels(events, DeviceType.CUDA)
+    assert [k[0] for k in kernels] == ["sm90_xmma_gemm_bf16", "triton_poi_fused_add_0"]
+    t = bench_model.time_by_kind(kernels, steps=1)
+    assert t["other"] == 0.0 and t["gaps"] == pytest.approx(0.07)
+
+
 def _load_report():
     import importlib.util
 

@@ -169,6 +169,24 @@ def _load_report():
     return mod
 
 
+def test_report_keeps_linear_cases_apart(tmp_path):
+    """qkv and fc1 (N = 3C), proj and fc2 (N = C), and a branch's GEMMs and block: one row each in the table."""
+    report = _load_report()
+    rec = new_record("linear", {"copy_gb_per_s": 3000.0, "bf16_matmul_tflops": 700.0})
+    base = {"model": "crossvit_18_dagger_240", "branch": "L", "batch": 256, "pass": "forward", "dtype": "bfloat16"}
+    for gemm, K, N, ms in (("qkv", 448, 1344, 1.0), ("fc1", 448, 1344, 2.0), ("proj", 448, 448, 3.0),
+                           ("fc2", 1344, 448, 4.0)):
+        case = {"kind": "gemm", **base, "gemm": gemm, "M": 256 * 197, "K": K, "N": N, "T": 197}
+        rec["rows"] += [timed_row(case, "crossvit_fast", [ms]), timed_row(case, "cublas", [ms / 2])]
+    block = {"kind": "block", **base, "T": 197, "C": 448, "heads": 7, "mlp_ratio": 3.0}
+    rec["rows"].append(timed_row(block, "crossvit_fast", [5.0]))
+    write_record(rec, str(tmp_path))
+    text = report.summary(report.load_records(str(tmp_path)), str(tmp_path))
+    rows = [line for line in text.splitlines() if line.startswith("| gemm |") or line.startswith("| block |")]
+    assert len(rows) == 5, text
+    assert sorted(float(r.split("|")[-3]) for r in rows) == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
 def test_readme_results_come_from_the_committed_records():
     report = _load_report()
     with open(os.path.join(ROOT, "README.md")) as f:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from crossvit_fast.bench_utils import (
+    EagerFallbackError,
     assert_compiled,
     compile_fresh,
     do_bench_samples,
@@ -383,6 +384,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"  {label:24s} out of memory")
                 torch.cuda.empty_cache()
                 continue
+            except EagerFallbackError:
+                raise
+            except Exception as e:  # one provider's failure (a capture, a compile) does not cost the other cases
+                import traceback
+
+                traceback.print_exc()
+                msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                print(f"  {label:24s} FAILED: {msg}", flush=True)
+                record.setdefault("failures", []).append({"model": m, "batch": b, "dtype": d, "pass": p,
+                                                          "provider": provider, "graphs": graphs, "error": msg})
+                write_record(record, args.out_dir)
+                torch.cuda.empty_cache()
+                continue
             if row is None:
                 print(f"  {label:24s} not available here")
                 continue
@@ -403,4 +417,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(profile_markdown(record["profile"]))
     print(f"record: {path}")
     print(markdown(record))
+    if record.get("failures"):
+        print(f"{len(record['failures'])} case(s) failed: {record['failures']}")
+        return 1
     return 0

@@ -141,6 +141,28 @@ def test_time_by_kind():
     assert "| m | forward | bfloat16 | 8 | timm | 0.050 | 0.035 | 0.030 | 0.015 | 0.005 | 0.025 | 0.045 | 0.200 |" in table
 
 
+def test_model_bench_goes_on_after_a_failed_case(tmp_path, monkeypatch, capsys):
+    """A provider that fails (a capture, a compile) is reported and recorded; the other cases still run."""
+    def fake_case(name, batch, dtype, pass_, provider, gmacs, bf16_tflops, rep_ms, graphs="none"):
+        if provider == "crossvit_fast" and graphs == "runner":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        settings = {"model": name, "batch": batch, "dtype": dtype, "pass": pass_, "img_size": 240, "graphs": graphs}
+        return timed_row(settings, provider, [1.0], images_per_s=batch / 1e-3, tflops=1.0, peak_mem_mb=1.0, mfu=0.1)
+
+    monkeypatch.setattr(bench_model, "require_cuda", lambda name: None)
+    monkeypatch.setattr(bench_model, "measure_ceilings", lambda: {"copy_gb_per_s": 1.0, "bf16_matmul_tflops": 1.0})
+    monkeypatch.setattr(bench_model, "run_case", fake_case)
+    rc = bench_model.main(["crossvit_9_240", "--batch", "1", "--dtype", "bfloat16", "--passes", "forward",
+                           "--providers", "timm", "crossvit_fast", "--graphs", "none", "runner",
+                           "--out-dir", str(tmp_path), "--no-plot"])
+    assert rc == 1 and "FAILED: RuntimeError: operation not permitted" in capsys.readouterr().out
+    [path] = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    with open(tmp_path / path) as f:
+        data = json.load(f)
+    assert data["complete"] and len(data["rows"]) == 3
+    assert data["failures"][0]["provider"] == "crossvit_fast" and data["failures"][0]["graphs"] == "runner"
+
+
 def test_profile_counts_kernels_not_annotations():
     """A record_function range mirrored onto the GPU timeline (Inductor's compiled-graph call, the optimizer step)
     has the CUDA device type too; it is not a kernel and must not count as one."""

@@ -156,6 +156,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ms", type=float, default=25)
     p.add_argument("--rep-ms", type=float, default=100)
     p.add_argument("--out-dir", default=None, help="where the JSON record goes (default bench/results/)")
+    p.add_argument("--no-plot", action="store_true", help="accepted for symmetry with the other benches (no plot)")
     args = p.parse_args(argv)
     args.nc = [tuple(int(v) for v in s.split(":")) for s in args.nc]
     return args

@@ -98,8 +98,8 @@ tests() {
 # bench SCRIPT ARGS...: a benchmark writing its record into $res as it goes.
 bench() {
   local script=$1; shift
-  if [ "$dry" = 1 ]; then
-    step "$(basename "$script" .py)" python "$script" --dry-run "$@"
+  if [ "$dry" = 1 ]; then  # the real run's arguments too, so that a flag a script lacks fails here, not on the GPU
+    step "$(basename "$script" .py)" python "$script" --dry-run --out-dir "$res" --no-plot "$@"
   else
     step "$(basename "$script" .py)" python "$script" --out-dir "$res" --no-plot "$@"
   fi

@@ -89,7 +89,10 @@ def model_table(rec: Dict[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_SHAPE_KEYS = ("model", "direction", "batch", "dtype", "pass", "N", "C", "heads", "head_dim", "residual", "graphs")
+_SHAPE_KEYS = ("kind", "model", "branch", "gemm", "direction", "batch", "dtype", "pass", "M", "K", "N", "T", "C", "heads",
+               "head_dim", "residual", "graphs")
+"""A case's identity in an op table: every setting a row may carry (``linear``'s qkv and fc1 GEMMs share N, as do
+its proj and fc2: without ``gemm`` and ``K`` their times would overwrite each other)."""
 
 
 def op_table(rec: Dict[str, object]) -> str:

@@ -6,8 +6,13 @@ replays it: each call copies the new input into the captured input buffer and la
 
 What the capture needs, and what the runner does for it:
 
-* no compilation or autotuning inside the capture: the runner runs the model ``warmup`` times on a side stream
-  first (Triton compiles, the self-attention autotuner picks its configs; during capture it never tunes);
+* no compilation, module loading or autotuning inside the capture: the runner runs the model ``warmup`` times on a
+  side stream first (Triton compiles, the self-attention autotuner picks its configs; during capture it never
+  tunes), then once more with the tuned configs pinned (:func:`tuned_configs_pinned`). That last run matters: while
+  capturing, the self-attention launchers launch the remembered config directly, and Triton keys its in-memory
+  kernel cache by the launch options, which differ from the autotuner's (no ``num_ctas``); without the pinned run
+  the capture's launch would miss the cache and load the module (``cuModuleLoadData``) inside the capture, which
+  CUDA refuses ("operation not permitted when stream is capturing");
 * inference only (``torch.no_grad``; the model should be in eval mode, and the runner refuses a model in training
   mode, whose dropout would be frozen into the graph);
 * autocast without its weight-cast cache (``cache_enabled=False``), so the casts are captured too.
@@ -17,11 +22,40 @@ The output is the graph's own buffer, overwritten by the next call: clone it to 
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["CUDAGraphRunner"]
+__all__ = ["CUDAGraphRunner", "tuned_configs_pinned", "warm_up"]
+
+
+@contextlib.contextmanager
+def tuned_configs_pinned() -> Iterator[None]:
+    """Launch the self-attention kernels with the configs already tuned (or the defaults), never autotuning: the
+    launches a CUDA-graph capture makes. Run a step under it before capturing (``CUDAGraphRunner`` does; for
+    ``torch.compile(mode="reduce-overhead")`` run every call under it, after one autotuned eager step), so that the
+    kernels the capture launches are compiled and loaded outside it."""
+    try:
+        from crossvit_fast.kernels import self_attention as sa
+    except ImportError:  # no triton: nothing is autotuned
+        yield
+        return
+    old = sa.AUTOTUNE
+    sa.AUTOTUNE = False
+    try:
+        yield
+    finally:
+        sa.AUTOTUNE = old
+
+
+def warm_up(forward: Callable[[], object], warmup: int) -> None:
+    """``warmup`` steps as they come (compiles, autotunes), then one with the tuned configs pinned (what a capture
+    launches)."""
+    for _ in range(warmup):
+        forward()
+    with tuned_configs_pinned():
+        forward()
 
 
 class CUDAGraphRunner:
@@ -54,8 +88,7 @@ class CUDAGraphRunner:
         side = torch.cuda.Stream(device=example.device)
         side.wait_stream(torch.cuda.current_stream(example.device))
         with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._forward()
+            warm_up(self._forward, warmup)
         torch.cuda.current_stream(example.device).wait_stream(side)
         torch.cuda.synchronize(example.device)
         self.graph = torch.cuda.CUDAGraph()

@@ -141,6 +141,47 @@ def test_time_by_kind():
     assert "| m | forward | bfloat16 | 8 | timm | 0.050 | 0.035 | 0.030 | 0.015 | 0.005 | 0.025 | 0.045 | 0.200 |" in table
 
 
+def test_model_bench_goes_on_after_a_failed_case(tmp_path, monkeypatch, capsys):
+    """A provider that fails (a capture, a compile) is reported and recorded; the other cases still run."""
+    def fake_case(name, batch, dtype, pass_, provider, gmacs, bf16_tflops, rep_ms, graphs="none"):
+        if provider == "crossvit_fast" and graphs == "runner":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        settings = {"model": name, "batch": batch, "dtype": dtype, "pass": pass_, "img_size": 240, "graphs": graphs}
+        return timed_row(settings, provider, [1.0], images_per_s=batch / 1e-3, tflops=1.0, peak_mem_mb=1.0, mfu=0.1)
+
+    monkeypatch.setattr(bench_model, "require_cuda", lambda name: None)
+    monkeypatch.setattr(bench_model, "measure_ceilings", lambda: {"copy_gb_per_s": 1.0, "bf16_matmul_tflops": 1.0})
+    monkeypatch.setattr(bench_model, "run_case", fake_case)
+    rc = bench_model.main(["crossvit_9_240", "--batch", "1", "--dtype", "bfloat16", "--passes", "forward",
+                           "--providers", "timm", "crossvit_fast", "--graphs", "none", "runner",
+                           "--out-dir", str(tmp_path), "--no-plot"])
+    assert rc == 1 and "FAILED: RuntimeError: operation not permitted" in capsys.readouterr().out
+    [path] = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    with open(tmp_path / path) as f:
+        data = json.load(f)
+    assert data["complete"] and len(data["rows"]) == 3
+    assert data["failures"][0]["provider"] == "crossvit_fast" and data["failures"][0]["graphs"] == "runner"
+
+
+def test_profile_counts_kernels_not_annotations():
+    """A record_function range mirrored onto the GPU timeline (Inductor's compiled-graph call, the optimizer step)
+    has the CUDA device type too; it is not a kernel and must not count as one."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    def ev(name, t0, t1, device_type=DeviceType.CUDA, annotation=False):
+        return NS(name=name, time_range=NS(start=t0, end=t1), device_type=device_type, is_user_annotation=annotation)
+
+    events = [ev("aten::linear", 0.0, 5.0, DeviceType.CPU), ev("sm90_xmma_gemm_bf16", 10.0, 20.0),
+              ev("## Call CompiledFxGraph abc ##", 0.0, 100.0, annotation=True),
+              ev("Optimizer.step#AdamW.step", 50.0, 100.0, annotation=True), ev("triton_poi_fused_add_0", 90.0, 100.0)]
+    kernels = bench_model.device_kernels(events, DeviceType.CUDA)
+    assert [k[0] for k in kernels] == ["sm90_xmma_gemm_bf16", "triton_poi_fused_add_0"]
+    t = bench_model.time_by_kind(kernels, steps=1)
+    assert t["other"] == 0.0 and t["gaps"] == pytest.approx(0.07)
+
+
 def _load_report():
     import importlib.util
 
@@ -148,6 +189,24 @@ def _load_report():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_report_keeps_linear_cases_apart(tmp_path):
+    """qkv and fc1 (N = 3C), proj and fc2 (N = C), and a branch's GEMMs and block: one row each in the table."""
+    report = _load_report()
+    rec = new_record("linear", {"copy_gb_per_s": 3000.0, "bf16_matmul_tflops": 700.0})
+    base = {"model": "crossvit_18_dagger_240", "branch": "L", "batch": 256, "pass": "forward", "dtype": "bfloat16"}
+    for gemm, K, N, ms in (("qkv", 448, 1344, 1.0), ("fc1", 448, 1344, 2.0), ("proj", 448, 448, 3.0),
+                           ("fc2", 1344, 448, 4.0)):
+        case = {"kind": "gemm", **base, "gemm": gemm, "M": 256 * 197, "K": K, "N": N, "T": 197}
+        rec["rows"] += [timed_row(case, "crossvit_fast", [ms]), timed_row(case, "cublas", [ms / 2])]
+    block = {"kind": "block", **base, "T": 197, "C": 448, "heads": 7, "mlp_ratio": 3.0}
+    rec["rows"].append(timed_row(block, "crossvit_fast", [5.0]))
+    write_record(rec, str(tmp_path))
+    text = report.summary(report.load_records(str(tmp_path)), str(tmp_path))
+    rows = [line for line in text.splitlines() if line.startswith("| gemm |") or line.startswith("| block |")]
+    assert len(rows) == 5, text
+    assert sorted(float(r.split("|")[-3]) for r in rows) == [1.0, 2.0, 3.0, 4.0, 5.0]
 
 
 def test_readme_results_come_from_the_committed_records():

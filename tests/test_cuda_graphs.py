@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import crossvit_fast
-from crossvit_fast.graphs import CUDAGraphRunner
+from crossvit_fast.graphs import CUDAGraphRunner, tuned_configs_pinned, warm_up
 from crossvit_fast.testing import assert_within_rule, fill_like_fixtures_
 
 CUDA = torch.cuda.is_available()
@@ -20,6 +20,22 @@ def test_needs_cuda():
     model = crossvit_fast.create_model("crossvit_tiny_240", backend="reference").eval()
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         CUDAGraphRunner(model, torch.randn(1, 3, 240, 240))
+
+
+def test_warm_up_ends_with_the_launches_a_capture_makes():
+    """The last warm-up step runs with autotuning off (the tuned configs pinned), as the capture's launches: Triton's
+    in-memory kernel cache is keyed by the launch options, so an autotuned launch does not load the kernel that a
+    pinned launch uses, and a kernel loaded inside a capture fails it."""
+    from crossvit_fast.kernels import self_attention as sa
+
+    before = sa.AUTOTUNE
+    seen = []
+    warm_up(lambda: seen.append(sa.AUTOTUNE), 2)
+    assert seen == [before, before, False] and sa.AUTOTUNE == before
+    with pytest.raises(KeyError):
+        with tuned_configs_pinned():
+            raise KeyError("restored on errors too")
+    assert sa.AUTOTUNE == before
 
 
 def _models(backend="triton"):
@@ -56,9 +72,9 @@ def test_runner_matches_eager(batch, autocast_dtype):
 def test_reduce_overhead_compile_matches_eager():
     ref64, ref, fused = _models()
     compiled = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
-    for _ in range(3):  # warm-up, record, replay
+    for _ in range(3):  # warm-up, record, replay; pinned: the warm-up loads the kernels the recording launches
         x = torch.randn(8, 3, 240, 240, device="cuda")
-        with torch.no_grad():
+        with torch.no_grad(), tuned_configs_pinned():
             got = compiled(x).clone()
     assert_within_rule(got, _eager(ref64, x.double(), None), _eager(ref, x, None), what="reduce-overhead logits")
 

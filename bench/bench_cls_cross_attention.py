@@ -48,15 +48,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
     DTYPES,
-    EagerFallbackError,
-    assert_compiled,
     compile_fresh,
-    do_bench_samples,
     measure_ceilings,
     median,
     new_record,
     pyplot,
     require_cuda,
+    time_provider,
     timed_row,
     write_record,
 )
@@ -147,25 +145,10 @@ def run_case(case: Dict[str, object], providers, warmup_ms: float, rep_ms: float
             def call(f=f):
                 with torch.no_grad():
                     return f(cls, tokens, *params, H)
-        try:
-            if provider.endswith("-compiled"):
-                assert_compiled(call, f"{provider} {case}")
-            else:
-                call()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            call()
-            torch.cuda.synchronize()
-            peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-            samples = do_bench_samples(call, warmup_ms=warmup_ms, rep_ms=rep_ms)
-        except EagerFallbackError:
-            raise
-        except Exception as e:  # a provider that cannot run this case (OOM, compile failure) gets no row
-            msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-            print(f"  {provider:20s} skipped: {msg}", flush=True)
-            torch.cuda.empty_cache()
+        timed = time_provider(call, provider, str(case), warmup_ms, rep_ms)
+        if timed is None:
             continue
+        samples, peak_mb = timed
         ms = median(samples)
         gbs = nbytes / (ms * 1e-3) / 1e9
         row = timed_row(case, provider, samples, gb_per_s=round(gbs, 1), frac_of_copy=round(gbs / copy_gbs, 3),

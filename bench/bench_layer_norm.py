@@ -39,13 +39,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
     DTYPES,
-    assert_compiled,
     compile_fresh,
-    do_bench_samples,
     measure_ceilings,
     median,
     new_record,
     require_cuda,
+    time_provider,
     timed_row,
     write_record,
 )
@@ -124,17 +123,10 @@ def run_case(case: Dict[str, object], providers, warmup_ms: float, rep_ms: float
             def call(f=f):
                 with torch.no_grad():
                     return f(x, y, w, b, dtype)
-        if provider.endswith("-compiled"):
-            assert_compiled(call, f"{provider} {case}")
-        else:
-            call()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        call()
-        torch.cuda.synchronize()
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-        samples = do_bench_samples(call, warmup_ms=warmup_ms, rep_ms=rep_ms)
+        timed = time_provider(call, provider, str(case), warmup_ms, rep_ms)
+        if timed is None:
+            continue
+        samples, peak_mb = timed
         ms = median(samples)
         row = timed_row(case, provider, samples, gb_per_s=round(nbytes / (ms * 1e-3) / 1e9, 1),
                         peak_mem_mb=round(peak_mb, 1))

@@ -45,13 +45,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
-    assert_compiled,
     compile_fresh,
-    do_bench_samples,
     measure_ceilings,
     median,
     new_record,
     require_cuda,
+    time_provider,
     timed_row,
     write_record,
 )
@@ -135,22 +134,6 @@ def gemm_provider(provider: str) -> Callable:
     raise ValueError(provider)
 
 
-def _time(call, warmup_ms, rep_ms, compiled_as=None):
-    """Samples and peak memory of ``call``; ``compiled_as`` names a compiled provider, whose warm-up must show that
-    dynamo compiled it (``assert_compiled``)."""
-    if compiled_as:
-        assert_compiled(call, compiled_as)
-    else:
-        call()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    call()
-    torch.cuda.synchronize()
-    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return do_bench_samples(call, warmup_ms=warmup_ms, rep_ms=rep_ms), peak_mb
-
-
 def run_gemm(case, providers, warmup_ms, rep_ms):
     B, T, K, N = case["batch"], case["T"], case["K"], case["N"]
     flags = gemm_dims(case["gemm"], 1, 1)[2]
@@ -182,8 +165,10 @@ def run_gemm(case, providers, warmup_ms, rep_ms):
             def call(f=f, xin=xin):
                 with torch.no_grad():
                     return f(xin, w, b, lw, lb, scale, r, gelu)
-        samples, peak_mb = _time(call, warmup_ms, rep_ms,
-                                 f"{provider} {case}" if provider.endswith("-compiled") else None)
+        timed = time_provider(call, provider, str(case), warmup_ms, rep_ms)
+        if timed is None:
+            continue
+        samples, peak_mb = timed
         ms = median(samples)
         row = timed_row(case, provider, samples, tflops=round(flops / (ms * 1e-3) / 1e12, 1),
                         peak_mem_mb=round(peak_mb, 1))
@@ -224,8 +209,10 @@ def run_block(case, providers, warmup_ms, rep_ms):
             def call(m=m):
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                     return m(x)
-        samples, peak_mb = _time(call, warmup_ms, rep_ms,
-                                 f"{provider} {case}" if provider.endswith("-compiled") else None)
+        timed = time_provider(call, provider, str(case), warmup_ms, rep_ms)
+        if timed is None:
+            continue
+        samples, peak_mb = timed
         ms = median(samples)
         row = timed_row(case, provider, samples, peak_mem_mb=round(peak_mb, 1))
         rows.append(row)

@@ -14,6 +14,7 @@ from crossvit_fast.bench_utils import (  # noqa: F401
     record_path,
     pyplot,
     require_cuda,
+    time_provider,
     timed_row,
     write_record,
 )

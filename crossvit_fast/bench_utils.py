@@ -22,7 +22,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -160,6 +160,34 @@ def new_record(benchmark: str, ceilings: Dict[str, float]) -> Dict[str, object]:
         "complete": False,
         "rows": [],
     }
+
+
+def time_provider(call: Callable[[], object], provider: str, what: str, warmup_ms: float,
+                  rep_ms: float) -> Optional[Tuple[List[float], float]]:
+    """``(samples_ms, peak_mb)`` of one provider's ``call``, or None where it cannot run the case (out of memory, a
+    compile or launch failure: printed, no row, the benchmark goes on to the next provider). A ``*-compiled``
+    provider's warm-up must show that dynamo compiled it (:func:`assert_compiled`); an
+    :class:`EagerFallbackError` ends the run, as a timed eager baseline would be a wrong record. ``peak_mb`` is the
+    memory one call allocates beyond what was allocated before it."""
+    try:
+        if provider.endswith("-compiled"):
+            assert_compiled(call, f"{provider} {what}")
+        else:
+            call()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return do_bench_samples(call, warmup_ms=warmup_ms, rep_ms=rep_ms), peak_mb
+    except EagerFallbackError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        print(f"  {provider:20s} skipped ({type(e).__name__}): {msg}", flush=True)
+        torch.cuda.empty_cache()
+        return None
 
 
 def timed_row(settings: Dict[str, object], provider: str, samples_ms: Sequence[float], **extra) -> Dict[str, object]:

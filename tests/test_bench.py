@@ -251,3 +251,22 @@ def test_report_tables(tmp_path):
     readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\nrest\n")
     report.rewrite_readme(text, str(readme))
     assert readme.read_text() == f"intro\n{report.BEGIN}\n{text.rstrip()}\n{report.END}\nrest\n"
+
+
+def test_time_provider_skips_a_failing_provider(capsys):
+    """A provider that cannot run a case (a compile or launch error, OOM) gets no row and the benchmark goes on; an
+    eager fallback of a compiled provider still ends the run (its timing would be a wrong baseline)."""
+    from crossvit_fast.bench_utils import EagerFallbackError, time_provider
+
+    def broken():
+        raise RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory\nmore")
+
+    assert time_provider(broken, "crossvit_fast", "case", 1, 1) is None
+    out = capsys.readouterr().out
+    assert "crossvit_fast" in out and "skipped (RuntimeError)" in out and "shared memory" in out and "more" not in out
+
+    def falls_back():
+        raise EagerFallbackError("recompiled")
+
+    with pytest.raises(EagerFallbackError):
+        time_provider(falls_back, "reference", "case", 1, 1)

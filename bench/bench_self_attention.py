@@ -42,12 +42,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
     DTYPES,
-    do_bench_samples,
     measure_ceilings,
     median,
     new_record,
     pyplot,
     require_cuda,
+    time_provider,
     timed_row,
     write_record,
 )
@@ -132,20 +132,10 @@ def run_case(case: Dict[str, object], providers, warmup_ms: float, rep_ms: float
             def call(f=f):
                 with torch.no_grad():
                     return f(qkv, H)
-        try:
-            call()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            call()
-            torch.cuda.synchronize()
-            peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-            samples = do_bench_samples(call, warmup_ms=warmup_ms, rep_ms=rep_ms)
-        except (RuntimeError, torch.OutOfMemoryError) as e:  # backend refuses the shape, or OOM: no row
-            msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-            print(f"  {provider:15s} skipped: {msg}", flush=True)
-            torch.cuda.empty_cache()
+        timed = time_provider(call, provider, str(case), warmup_ms, rep_ms)  # a refused shape or OOM: no row
+        if timed is None:
             continue
+        samples, peak_mb = timed
         ms = median(samples)
         row = timed_row(case, provider, samples, tflops=round(flops / (ms * 1e-3) / 1e12, 2),
                         peak_mem_mb=round(peak_mb, 1))

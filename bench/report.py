@@ -134,37 +134,14 @@ def summary(records: List[Dict[str, object]], folder: str = RESULTS) -> str:
 
 
 def plot(records: List[Dict[str, object]], path: str) -> Optional[str]:
+    """The model benchmark's own plot (``crossvit_fast.bench_model.plot``) of the newest model record."""
     recs = newest(records, "model")
     if not recs:
         return None
-    try:
-        import matplotlib
+    sys.path.insert(0, os.path.dirname(HERE))
+    from crossvit_fast.bench_model import plot as model_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return None
-    rec = recs[0]
-    rows = [r for r in rec["rows"] if r.get("graphs", "none") == "none"]
-    keys = sorted({(r["model"], r["pass"], r["dtype"], r["batch"]) for r in rows})
-    provs = [p for p in MODEL_PROVIDERS if any(r["provider"] == p for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(keys)), 4.5))
-    width = 0.8 / max(len(provs), 1)
-    for j, p in enumerate(provs):
-        vals = [next((r["images_per_s"] for r in rows if r["provider"] == p
-                      and (r["model"], r["pass"], r["dtype"], r["batch"]) == k), 0) for k in keys]
-        ax.bar([i + j * width for i in range(len(keys))], vals, width, label=p)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
-    ax.set_xticklabels([f"{m.replace('crossvit_', '')}\n{p} {d}\nbatch {b}" for m, p, d, b in keys], fontsize=7)
-    ax.set_ylabel("images/s")
-    ax.set_title(f"CrossViT, {rec['device']} (torch {rec['torch']}, triton {rec['triton']}, {rec['created'][:10]})",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return model_plot(recs[0], path)
 
 
 def rewrite_readme(text: str, readme: str = README) -> None:

@@ -270,3 +270,18 @@ def test_time_provider_skips_a_failing_provider(capsys):
 
     with pytest.raises(EagerFallbackError):
         time_provider(falls_back, "reference", "case", 1, 1)
+
+
+def test_readme_plot_is_the_model_benchmarks_plot(tmp_path):
+    """bench/report.py --plot draws the newest model record with bench_model.plot, CUDA-graph rows left out."""
+    pytest.importorskip("matplotlib")
+    report = _load_report()
+    rows = [{"model": "crossvit_9_240", "pass": "forward", "dtype": "bfloat16", "batch": 256, "provider": p,
+             "graphs": g, "images_per_s": v, "median_ms": 1.0, "samples_ms": [1.0]}
+            for p, v in (("timm", 1000.0), ("crossvit_fast", 1500.0)) for g in ("none", "runner")]
+    rec = {"benchmark": "model", "device": "GPU", "torch": "2.11", "triton": "3.6.0", "commit": "abc",
+           "created": "2026-11-23T00:00:00+00:00", "ceilings": {}, "rows": rows, "_path": "model.json"}
+    path = report.plot([rec], str(tmp_path / "model.png"))
+    assert path and os.path.getsize(path) > 0
+    assert bench_model.plot({**rec, "rows": [r for r in rows if r["graphs"] == "runner"]}, str(tmp_path / "x.png")) \
+        is None

@@ -19,6 +19,23 @@ DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+class _NoLaunch:
+    """Stands in for a kernel (``kernel[grid](...)``) or a launcher (``launch(...)``): using it fails the test."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("a kernel was launched for bad input")
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("a kernel was launched for bad input")
+
+
+def forbid_launches(monkeypatch, module, *names):
+    """Replace ``module``'s kernels or launchers ``names`` so that a launch fails the test: bad input must raise
+    before any launch."""
+    for name in names:
+        monkeypatch.setattr(module, name, _NoLaunch())
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -23,7 +23,7 @@ from crossvit_fast.reference import cls_cross_attention_ref  # noqa: E402
 from crossvit_fast.testing import assert_within_rule, poison_  # noqa: E402
 from crossvit_fast.ops import cls_cross_attention as ops  # noqa: E402
 from crossvit_fast.kernels import cls_cross_attention as K  # noqa: E402
-from conftest import requires_cuda  # noqa: E402
+from conftest import forbid_launches, requires_cuda  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -349,10 +349,7 @@ BAD = _bad_variants()
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("a kernel was launched for bad inputs")
-
-    monkeypatch.setattr(K, "_launch", boom)
+    forbid_launches(monkeypatch, K, "_launch")
 
 
 @pytest.mark.parametrize("name", list(BAD))

@@ -16,6 +16,7 @@ from crossvit_fast.testing import assert_within_rule, default_atol, poison_
 
 ksa = pytest.importorskip("crossvit_fast.kernels.self_attention", reason="triton is not installed")
 from crossvit_fast.ops.self_attention import self_attention  # noqa: E402
+from conftest import forbid_launches  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -240,15 +241,7 @@ def test_ops_registered_and_import_is_lazy():
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    class _Boom:
-        def __getitem__(self, grid):
-            raise AssertionError("a kernel was launched for bad input")
-
-    def boom(*args, **kwargs):
-        raise AssertionError("a kernel was launched for bad input")
-
-    monkeypatch.setattr(ksa, "_launch", boom)
-    monkeypatch.setattr(ksa, "_attn_bwd_delta_kernel", _Boom())
+    forbid_launches(monkeypatch, ksa, "_launch", "_attn_bwd_delta_kernel")
 
 
 def _good(dtype=torch.float32, B=2, N=5, H=2, D=16):

@@ -11,7 +11,8 @@ once to bf16 outside the timed region: the op takes it in the compute dtype):
 
 Providers (GEMMs):
 
-* ``crossvit_fast``: the op, one kernel (forward) / its backward;
+* ``crossvit_fast``: the op, one kernel (forward) / its backward; autotuned (its first call times every candidate
+  tile, outside the timed region); the row's ``tiles`` names the tile picked for the forward / dgrad GEMM;
 * ``reference``: eager PyTorch, ``F.layer_norm`` (float32) ``.to(bf16)``, ``F.linear``, ``F.gelu``,
   ``* scale``, ``+ x``: timm's ops under autocast;
 * ``reference-compiled``: the same function under ``torch.compile`` (Inductor fuses the elementwise ops, the GEMM
@@ -46,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
     compile_fresh,
+    gemm_tiles,
     measure_ceilings,
     median,
     new_record,
@@ -165,6 +167,7 @@ def run_gemm(case, providers, warmup_ms, rep_ms):
             def call(f=f, xin=xin):
                 with torch.no_grad():
                     return f(xin, w, b, lw, lb, scale, r, gelu)
+        before = gemm_tiles()
         timed = time_provider(call, provider, str(case), warmup_ms, rep_ms)
         if timed is None:
             continue
@@ -172,8 +175,12 @@ def run_gemm(case, providers, warmup_ms, rep_ms):
         ms = median(samples)
         row = timed_row(case, provider, samples, tflops=round(flops / (ms * 1e-3) / 1e12, 1),
                         peak_mem_mb=round(peak_mb, 1))
+        tiles = {t["kernel"]: t["tile"] for t in gemm_tiles() if t not in before}  # "fwd" / "dgrad" -> the pick
+        if tiles:
+            row["tiles"] = tiles
         rows.append(row)
-        print(f"  {provider:20s} {ms:9.4f} ms  {row['tflops']:7.1f} TFLOP/s  peak +{peak_mb:8.1f} MB", flush=True)
+        print(f"  {provider:20s} {ms:9.4f} ms  {row['tflops']:7.1f} TFLOP/s  peak +{peak_mb:8.1f} MB"
+              f"{'  tiles ' + str(tiles) if tiles else ''}", flush=True)
     base = {r["provider"]: r["median_ms"] for r in rows}
     if "crossvit_fast" in base and "cublas" in base:
         print(f"  crossvit_fast / cublas = {base['crossvit_fast'] / base['cublas']:.2f} (target <= 1.1)")

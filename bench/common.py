@@ -8,6 +8,7 @@ from crossvit_fast.bench_utils import (  # noqa: F401
     assert_compiled,
     compile_fresh,
     do_bench_samples,
+    gemm_tiles,
     measure_ceilings,
     median,
     new_record,

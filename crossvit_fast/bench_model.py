@@ -31,6 +31,7 @@ from crossvit_fast.bench_utils import (
     assert_compiled,
     compile_fresh,
     do_bench_samples,
+    gemm_tiles,
     measure_ceilings,
     median,
     new_record,
@@ -405,6 +406,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"  {label:24s} not available here")
                 continue
             record["rows"].append(row)
+            record["gemm_tiles"] = gemm_tiles()  # the block-GEMM autotuner's picks so far
             write_record(record, args.out_dir)  # a partial record survives a time limit
             print(f"  {label:24s} {row['median_ms']:9.2f} ms  {row['images_per_s']:9.1f} img/s  "
                   f"MFU {100 * row['mfu']:5.1f}%  peak {row['peak_mem_mb']:8.0f} MB", flush=True)

@@ -190,6 +190,26 @@ def time_provider(call: Callable[[], object], provider: str, what: str, warmup_m
         return None
 
 
+_GEMM_FLAGS = {"fwd": ("ln", "bias", "gelu", "scale", "res", "save"), "dgrad": ("gelu", "scale", "store_dz")}
+
+
+def gemm_tiles() -> List[Dict[str, object]]:
+    """What the block-GEMM autotuner picked so far in this process, one dict per key (kernel, the power-of-two row
+    bucket, N, K, the fused parts, the compute dtype, the tile); [] without triton. Benchmarks put it in their
+    records: which tile wins where is what the next tile list is pruned from."""
+    try:
+        from crossvit_fast.kernels import linear as kl
+    except ImportError:
+        return []
+    out = []
+    for key, cfg in kl.tuned_configs().items():
+        kind, rows, n, k, flags, ins = key[:6]
+        out.append({"kernel": kind, "rows_bucket": rows, "N": n, "K": k,
+                    "parts": [f for f, on in zip(_GEMM_FLAGS[kind], flags) if on],
+                    "dtype": str(ins[1][0]).replace("torch.", ""), "tile": kl.config_name(cfg)})
+    return out
+
+
 def timed_row(settings: Dict[str, object], provider: str, samples_ms: Sequence[float], **extra) -> Dict[str, object]:
     row = dict(settings)
     row["provider"] = provider

@@ -101,7 +101,7 @@ def cmd_list(args) -> int:
 def cmd_info(args) -> int:
     import crossvit_fast
     from crossvit_fast.backend import FUSED_OPS, GPU_VERIFIED_OPS, backend_request, resolve_backend, triton_status
-    from crossvit_fast.config import ENV_BACKEND
+    from crossvit_fast.config import ENV_AUTOTUNE, ENV_BACKEND, autotune_from_env
 
     print(f"crossvit_fast {crossvit_fast.__version__}")
     print(f"python        {platform.python_version()} ({platform.machine()})")
@@ -122,6 +122,9 @@ def cmd_info(args) -> int:
     except ValueError as e:
         asked = None
         print(f"default backend asked for: none valid: {e}; modules built without backend= will raise until it is fixed")
+    tune = "on" if autotune_from_env() else "off (fixed default tiles)"
+    print(f"autotuning: {tune} ({ENV_AUTOTUNE}={os.environ.get(ENV_AUTOTUNE, '')!r}; CUDA only: the self-attention "
+          "and block-GEMM tiles, timed on the first call of each shape)")
     print("backends:")
     print("  reference    can run (plain PyTorch: the explicit math, the tests' oracle)")
     print("  torch        can run (what timm runs: SDPA, PyTorch's LayerNorm)")

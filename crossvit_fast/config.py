@@ -11,6 +11,17 @@ the default stays that of an explicit True)."""
 ENV_BACKEND = "CROSSVIT_FAST_BACKEND"
 """Environment variable that sets the default backend ("reference", "triton" or "auto")."""
 
+ENV_AUTOTUNE = "CROSSVIT_FAST_AUTOTUNE"
+"""Environment variable: ``0`` turns the kernels' autotuning off (each launch takes the config already tuned for its
+key, else the fixed default); read once, when a kernel module is imported (its ``AUTOTUNE`` attribute)."""
+
+
+def autotune_from_env() -> bool:
+    """``CROSSVIT_FAST_AUTOTUNE`` unset or anything but 0 / false: autotune (CUDA only)."""
+    import os
+
+    return os.environ.get(ENV_AUTOTUNE, "1").strip().lower() not in ("0", "false", "")
+
 # Limits of the fused kernels: their launchers refuse anything else, and the modules consult them when they choose
 # a backend (an "auto" module outside them takes the "torch" path, what timm runs; an explicit "triton" one raises).
 FUSED_DTYPES = ("float16", "bfloat16", "float32")

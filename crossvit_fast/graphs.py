@@ -7,8 +7,8 @@ replays it: each call copies the new input into the captured input buffer and la
 What the capture needs, and what the runner does for it:
 
 * no compilation, module loading or autotuning inside the capture: the runner runs the model ``warmup`` times on a
-  side stream first (Triton compiles, the self-attention autotuner picks its configs; during capture it never
-  tunes), then once more with the tuned configs pinned (:func:`tuned_configs_pinned`). That last run matters: while
+  side stream first (Triton compiles, the self-attention and GEMM autotuners pick their configs; during capture
+  they never tune), then once more with the tuned configs pinned (:func:`tuned_configs_pinned`). That last run matters: while
   capturing, the self-attention launchers launch the remembered config directly, and Triton keys its in-memory
   kernel cache by the launch options, which differ from the autotuner's (no ``num_ctas``); without the pinned run
   the capture's launch would miss the cache and load the module (``cuModuleLoadData``) inside the capture, which
@@ -32,21 +32,24 @@ __all__ = ["CUDAGraphRunner", "tuned_configs_pinned", "warm_up"]
 
 @contextlib.contextmanager
 def tuned_configs_pinned() -> Iterator[None]:
-    """Launch the self-attention kernels with the configs already tuned (or the defaults), never autotuning: the
-    launches a CUDA-graph capture makes. Run a step under it before capturing (``CUDAGraphRunner`` does; for
+    """Launch the autotuned kernels (self-attention, the block GEMMs) with the configs already tuned (or the
+    defaults), never autotuning: the launches a CUDA-graph capture makes. Run a step under it before capturing (``CUDAGraphRunner`` does; for
     ``torch.compile(mode="reduce-overhead")`` run every call under it, after one autotuned eager step), so that the
     kernels the capture launches are compiled and loaded outside it."""
     try:
-        from crossvit_fast.kernels import self_attention as sa
+        from crossvit_fast.kernels import linear, self_attention
     except ImportError:  # no triton: nothing is autotuned
         yield
         return
-    old = sa.AUTOTUNE
-    sa.AUTOTUNE = False
+    mods = (self_attention, linear)
+    old = [m.AUTOTUNE for m in mods]
+    for m in mods:
+        m.AUTOTUNE = False
     try:
         yield
     finally:
-        sa.AUTOTUNE = old
+        for m, v in zip(mods, old):
+            m.AUTOTUNE = v
 
 
 def warm_up(forward: Callable[[], object], warmup: int) -> None:

@@ -50,18 +50,30 @@ Limits
   Triton's CPU interpreter computes garbage for bfloat16 dots and truncates bfloat16 stores: refused there.
 * Offsets are 32-bit unless a tensor spans 2**31 elements or more (then the 64-bit specialisation IDX64).
 
-Ahead-of-time compile for sm_90 (triton 3.6.0, the GPU machines' version; sm_90a ptxas -v through the fake
-driver of /work/shared/tools/sm90/fakedrv.py): every case of ``aot_cases()``, i.e. every config in ``CONFIGS`` the
-launcher can pick x the flag sets of qkv / proj / fc1 / fc2 (fc2 compiles to the same specialisation as proj) x
-inference and training (SAVE) x float16 / bfloat16 / float32, at K, N of every width of the family (96 ... 768 and
-3x) with the batch-256 row counts. All compile; every 16-bit dot lowers to Hopper's warp-group MMA (``wgmma`` in the
-PTX, forward and dgrad); no spills (0 bytes spill stores / loads, no ``ld.local``); shared memory at most 132,096
-bytes (H100 limit 232,448); the most registers 253 (dgrad with GELU', 4 and 8 warps). float32 (``ieee``) dots are
-FMA loops (no wgmma, by design); the float32 tile was shrunk to BLOCK_K = 16 after BLOCK_K = 32 spilled 4 bytes in
-the dgrad. Distinct specialisations (widths with the same divisibility give identical binaries) are in
-``AOT_SM90`` below (float16 within 2 registers of bfloat16, same shared memory).
+Tuning
+------
+On CUDA each launch goes through a small autotuner of its own (not ``triton.autotune``: the K-loop's evenness
+``EVEN_K`` depends on the tile): the first launch with a new key -- kernel, ``next_power_of_2(M)``, N, K, the fused
+parts, every tensor's dtype, whether each input is row-contiguous, the device -- times every tile of
+``TUNE_CONFIGS`` for the compute dtype (``triton.testing.do_bench``, median, a short budget), keeps the fastest in
+``_chosen`` and launches it once more, so the result is the winner's. A tile that cannot launch (out of resources)
+is skipped. No tuning (the tile tuned before for the key, else :func:`pick_config`'s default): ``AUTOTUNE`` False
+(``CROSSVIT_FAST_AUTOTUNE=0``), during CUDA-graph capture, an explicit ``config=``, and when an output shares memory
+with an input (``out=`` the residual: the timed launches would add the branch again and again). float32 has one
+tile (nothing to tune). The interpreter runs one large tile. :func:`tuned_configs` lists the picks (the GEMM
+benchmark records them per row).
 
-Not yet timed on a GPU: the configs and the choice in ``_pick`` are a first guess, not tuned.
+Ahead-of-time compile for sm_90 (triton 3.6.0, the GPU machines' version; sm_90a ptxas -v through the stand-in
+driver of ``tests/sm90_compile.py``): every case of ``aot_cases()``, i.e. every tile the autotuner may time x the
+flag sets of qkv / proj / fc1 / fc2 (fc2 compiles to the same specialisation as proj) x inference and training
+(SAVE) x float16 / bfloat16 / float32, at K, N of the family's widths; CI compiles the ``ci`` scope (C = 224 and
+448, batch 256) under every change. All compile; every 16-bit dot lowers to Hopper's warp-group MMA (``wgmma`` in
+the PTX, forward and dgrad); no tile of ``TUNE_CONFIGS`` spills (0 bytes spill stores / loads); shared memory and
+registers per tile in ``AOT_SM90`` below. float32 (``ieee``) dots are FMA loops (no wgmma, by design); the float32
+tile was shrunk to BLOCK_K = 16 after BLOCK_K = 32 spilled 4 bytes in the dgrad.
+
+Not yet timed on a GPU: which tiles win (the GEMM benchmark's ``tiles`` field will say), and whether the LayerNorm
+prologue's second read of the row block keeps up with cuBLAS on a ready input.
 """
 
 from __future__ import annotations
@@ -72,13 +84,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
+from crossvit_fast.config import autotune_from_env
 
 from .layer_norm import _as3d, _device_of, _span
 
-__all__ = ["linear_fwd", "linear_dgrad", "check_linear_inputs", "SUPPORTED_DTYPES", "CONFIGS", "pick_config",
-           "aot_cases"]
+__all__ = ["linear_fwd", "linear_dgrad", "check_linear_inputs", "SUPPORTED_DTYPES", "AUTOTUNE", "CONFIGS",
+           "TUNE_CONFIGS", "pick_config", "tune_configs", "tuned_configs", "config_name", "aot_cases"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
@@ -87,12 +101,35 @@ COMPILE_ONLY = False
 kernels through these launchers (nothing is launched)."""
 _INT32_MAX = 2**31 - 1
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): every tile the launcher may pick on a GPU. For dgrad BLOCK_N
-# counts output columns (of K) and BLOCK_K the reduction over N, the same roles.
-CONFIGS: Dict[str, Tuple[int, int, int, int, int]] = {
+AUTOTUNE = autotune_from_env()
+"""Module switch (CUDA only): False never autotunes; a launch takes the config already tuned for its key, if any,
+else the fixed default of :func:`pick_config`."""
+
+Config = Tuple[int, int, int, int, int]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). For dgrad BLOCK_N counts output columns (of K) and BLOCK_K the
+# reduction over N, the same roles. CONFIGS: the fixed defaults (no tuning); TUNE_CONFIGS: every tile the autotuner
+# times, per compute-dtype class (the defaults among them).
+CONFIGS: Dict[str, Config] = {
     "16bit-large": (128, 128, 64, 8, 3),
     "16bit-small": (64, 128, 64, 4, 3),
     "fp32": (64, 64, 16, 4, 2),
+}
+TUNE_CONFIGS: Dict[str, List[Config]] = {
+    # none spills on sm_90 (triton 3.6 and 3.9, every flag set; see AOT_SM90). Tried and left out for spilling
+    # with 3.6: 128x128x64 at 4 warps (fwd 8-490 B, dgrad ~1.2 KB), 128x256x64 and 256x128x64 at 8 warps (fwd
+    # 16-270 B, dgrad 0.16-1.3 KB), 128x64x64/w4/s4 (dgrad ~0.9 KB), 128x128x128/w8/s2 (dgrad ~1 KB at K = 224);
+    # with 3.9: 64x256x64/w8/s3 (dgrad 16-24 B at K = 224; 255 registers, no spill, with 3.6)
+    "16bit": [
+        (128, 128, 64, 8, 3),
+        (64, 128, 64, 4, 3),
+        (128, 128, 64, 8, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 8, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 8, 4),
+    ],
+    "fp32": [(64, 64, 16, 4, 2)],
 }
 GROUP_M = 8
 # The interpreter's cost is per program: large tiles. Tests shrink it to walk several tiles and ragged edges.
@@ -296,6 +333,87 @@ def pick_config(M: int, N: int, dtype: torch.dtype, sms: int = _SM_COUNT_DEFAULT
     return big if tiles >= 2 * sms else CONFIGS["16bit-small"]
 
 
+def tune_configs(dtype: torch.dtype) -> List[Config]:
+    """Every tile the autotuner times for compute dtype ``dtype``."""
+    return TUNE_CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
+
+
+_chosen: Dict[tuple, Config] = {}
+"""Tuning key (see :func:`_tune_key`) -> the config the autotuner picked: later launches with that key, and every
+launch during CUDA-graph capture, take it without timing."""
+
+
+def tuned_configs() -> Dict[tuple, Config]:
+    """A copy of what the autotuner picked so far (key -> config), e.g. for a benchmark record."""
+    return dict(_chosen)
+
+
+def config_name(config: Config) -> str:
+    bm, bn, bk, w, s = config
+    return f"{bm}x{bn}x{bk}/w{w}/s{s}"
+
+
+def _tune_key(kind: str, M: int, N: int, K: int, flags, ins, outs) -> tuple:
+    """(kernel, M bucket, N, K, flags, the inputs' dtypes and whether each is row-contiguous, the outputs' dtypes,
+    device): a new batch size in the same power-of-two bucket of rows reuses the tuned config."""
+    return (kind, triton.next_power_of_2(M), N, K, tuple(flags), tuple((t.dtype, t.stride(-1) == 1) for t in ins),
+            tuple(t.dtype for t in outs), ins[0].device.index)
+
+
+def _bench_ms(fn) -> float:
+    """Median time of ``fn`` in ms (device events). A short budget (the model's GEMMs take 5 us - 1 ms; at the
+    short end each timed launch costs more CPU than GPU time): tens of samples of a large GEMM are enough to rank
+    tiles, and a model tunes a few dozen keys at start-up."""
+    return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median")
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _shares_storage(outs, ins) -> bool:
+    ptrs = {t.untyped_storage().data_ptr() for t in ins if t is not None}
+    return any(t.untyped_storage().data_ptr() in ptrs for t in outs if t is not None)
+
+
+def _launch_with_tuning(launch, key: tuple, default: Config, candidates: List[Config], device: torch.device,
+                        may_tune: bool) -> Config:
+    """Launch once, with: the config tuned for ``key`` if any; else, when tuning is allowed (``AUTOTUNE``, CUDA,
+    not capturing, ``may_tune``: no output shares memory with an input, so repeated launches give one result), the
+    fastest candidate, timed now and remembered (a candidate that cannot launch, e.g. out of shared memory, is
+    skipped; the result is that of one more launch with the winner); else ``default``. Returns the config used."""
+    chosen = _chosen.get(key)
+    if chosen is None and AUTOTUNE and may_tune and len(candidates) > 1 and not _capturing(device):
+        times = {}
+        for c in candidates:
+            try:
+                times[c] = _bench_ms(lambda c=c: launch(c))
+            except OutOfResources:
+                continue
+        if times:
+            chosen = min(times, key=times.get)
+            _chosen[key] = chosen
+    config = chosen or default
+    launch(config)
+    return config
+
+
+def _launch(launch, key: tuple, M: int, n_cols: int, ct: torch.dtype, ref: torch.Tensor, may_tune: bool,
+            config: Optional[Config]) -> None:
+    """The launch of a kernel ``launch(config)``: explicit ``config``; the interpreter's tile; compile-only (the
+    sm_90 tool): every candidate; else :func:`_launch_with_tuning`."""
+    if config is not None:
+        launch(config)
+    elif _INTERPRETED:
+        launch(_INTERPRETER_CONFIG)
+    elif COMPILE_ONLY:
+        for c in tune_configs(ct) if AUTOTUNE else [pick_config(M, n_cols, ct, _sm_count(ref))]:
+            launch(c)
+    else:
+        _launch_with_tuning(launch, key, pick_config(M, n_cols, ct, _sm_count(ref)), tune_configs(ct), ref.device,
+                            may_tune)
+
+
 def _check_tensor(name: str, t, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"linear: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -421,11 +539,12 @@ def linear_fwd(
     rpg = max(M // lead, 1)
     scale_flat = scale.reshape(-1) if scale is not None else None
     idx64 = max(_span(t) for t in (x3, o3, r3, weight)) > _INT32_MAX or M * max(N, K) > _INT32_MAX
-    bm, bn, bk, warps, stages = config or pick_config(M, N, ct, _sm_count(x))
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     dummy = out
-    with _device_of(x):
-        _linear_fwd_kernel[grid](
+    flags = (has_ln, bias is not None, bool(gelu), scale is not None, residual is not None, bool(save))
+
+    def launch(cfg: Config) -> None:
+        bm, bn, bk, warps, stages = cfg
+        _linear_fwd_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
             x3, weight, bias if bias is not None else dummy, ln_weight if has_ln else dummy,
             ln_bias if has_ln else dummy, scale_flat if scale is not None else dummy, r3, o3,
             pre if pre is not None else dummy, ahat if ahat is not None else dummy,
@@ -438,6 +557,11 @@ def linear_fwd(
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, num_warps=warps, num_stages=stages,
             enable_fp_fusion=FP_FUSION,
         )
+
+    key = _tune_key("fwd", M, N, K, flags, [x3, weight] + ([r3] if residual is not None else []), [o3])
+    with _device_of(x):
+        _launch(launch, key, M, N, ct, x, not _shares_storage([out], [x, weight, bias, ln_weight, ln_bias, scale,
+                                                                      residual]), config)
     return out, pre, ahat, mean, rstd
 
 
@@ -488,10 +612,10 @@ def linear_dgrad(
     d3, a3 = _as3d(dout), _as3d(da)
     lead = dout.shape[0] if dout.dim() >= 2 else 1
     idx64 = max(_span(t) for t in (d3, a3, weight)) > _INT32_MAX or M * max(N, K) > _INT32_MAX
-    bm, bn, bk, warps, stages = config or pick_config(M, K, ct, _sm_count(dout))
-    grid = (triton.cdiv(M, bm) * triton.cdiv(K, bn),)
-    with _device_of(dout):
-        _linear_dgrad_kernel[grid](
+
+    def launch(cfg: Config) -> None:
+        bm, bn, bk, warps, stages = cfg
+        _linear_dgrad_kernel[(triton.cdiv(M, bm) * triton.cdiv(K, bn),)](
             d3, pre if pre is not None else d3, scale.reshape(-1) if scale is not None else d3, weight, a3,
             dz if dz is not None else a3,
             M, N, K, d3.shape[1], max(M // lead, 1),
@@ -501,6 +625,11 @@ def linear_dgrad(
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, num_warps=warps, num_stages=stages,
             enable_fp_fusion=FP_FUSION,
         )
+
+    key = _tune_key("dgrad", M, N, K, (pre is not None, scale is not None, bool(store_dz)),
+                    [d3, weight] + ([pre] if pre is not None else []), [a3])
+    with _device_of(dout):
+        _launch(launch, key, M, K, ct, dout, not _shares_storage([da], [dout, pre, scale, weight]), config)
     return da, dz
 
 
@@ -520,16 +649,16 @@ AOT_WIDTHS = (96, 128, 192, 224, 384, 448, 768)
 
 
 def aot_cases() -> List[Dict[str, object]]:
-    """Every (kernel, flags, K, N, dtype, config) the launchers can compile for the family: a list of dicts with
-    ``kernel`` ("fwd" / "dgrad"), ``name``, ``K``, ``N``, ``dtype``, ``config`` and the flag keywords. An sm_90 tool
+    """Every (kernel, flags, K, N, dtype, config) the launchers can compile for the family (every tile the autotuner
+    may time): a list of dicts with ``kernel`` ("fwd" / "dgrad"), ``name``, ``K``, ``N``, ``dtype``, ``config`` (a
+    :data:`Config` tuple) and the flag keywords. An sm_90 tool
     builds CPU tensors of these shapes and calls ``linear_fwd`` / ``linear_dgrad`` (or the kernels' ``warmup``)."""
     out = []
     for C in AOT_WIDTHS:
         for name, kin, nout, flags in _BLOCK_GEMMS:
             K, N = kin * C, nout * C
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                names = ["fp32"] if dtype == torch.float32 else ["16bit-large", "16bit-small"]
-                for cfg in names:
+                for cfg in tune_configs(dtype):
                     for save in (False, True):
                         out.append(dict(kernel="fwd", name=name, K=K, N=N, dtype=dtype, config=cfg, save=save,
                                         **flags))
@@ -539,52 +668,63 @@ def aot_cases() -> List[Dict[str, object]]:
 
 
 AOT_SM90 = """
-sm_90a, triton 3.6.0, ptxas -v (K loop "even": K (dgrad: N) a multiple of BLOCK_K, else the masked "ragged" loop;
-mode "save": the training forward that also writes z / a / the row statistics)
-kernel gemm flags           K loop dtype tile             mode  regs spill   smem wgmma
-fwd    qkv  ln,bias         ragged bf16  128x128x64/w8/s3 infer  220   0/0 132096     4
-fwd    qkv  ln,bias         ragged bf16  128x128x64/w8/s3 save   240   0/0 132096     4
-fwd    qkv  ln,bias         ragged bf16  64x128x64/w4/s3  infer  238   0/0  91136     4
-fwd    qkv  ln,bias         ragged bf16  64x128x64/w4/s3  save   236   0/0  91136     4
-fwd    proj bias,scale,res  ragged bf16  128x128x64/w8/s3 infer  216   0/0  98304     4
-fwd    proj bias,scale,res  ragged bf16  128x128x64/w8/s3 save   216   0/0  98304     4
-fwd    proj bias,scale,res  ragged bf16  64x128x64/w4/s3  infer  188   0/0  73728     4
-fwd    proj bias,scale,res  ragged bf16  64x128x64/w4/s3  save   188   0/0  73728     4
-fwd    fc1  ln,bias,gelu    ragged bf16  128x128x64/w8/s3 infer  216   0/0 132096     4
-fwd    fc1  ln,bias,gelu    ragged bf16  128x128x64/w8/s3 save   234   0/0 132096     4
-fwd    fc1  ln,bias,gelu    ragged bf16  64x128x64/w4/s3  infer  236   0/0  91136     4
-fwd    fc1  ln,bias,gelu    ragged bf16  64x128x64/w4/s3  save   234   0/0  91136     4
-fwd    qkv  ln,bias         even   bf16  128x128x64/w8/s3 infer  220   0/0 132096     4
-fwd    qkv  ln,bias         even   bf16  128x128x64/w8/s3 save   240   0/0 132096     4
-fwd    qkv  ln,bias         even   bf16  64x128x64/w4/s3  infer  234   0/0  91136     4
-fwd    qkv  ln,bias         even   bf16  64x128x64/w4/s3  save   236   0/0  91136     4
-fwd    proj bias,scale,res  even   bf16  128x128x64/w8/s3 infer  216   0/0  98304     4
-fwd    proj bias,scale,res  even   bf16  128x128x64/w8/s3 save   216   0/0  98304     4
-fwd    proj bias,scale,res  even   bf16  64x128x64/w4/s3  infer  188   0/0  73728     4
-fwd    proj bias,scale,res  even   bf16  64x128x64/w4/s3  save   188   0/0  73728     4
-fwd    fc1  ln,bias,gelu    even   bf16  128x128x64/w8/s3 infer  222   0/0 132096     4
-fwd    fc1  ln,bias,gelu    even   bf16  128x128x64/w8/s3 save   234   0/0 132096     4
-fwd    fc1  ln,bias,gelu    even   bf16  64x128x64/w4/s3  infer  238   0/0  91136     4
-fwd    fc1  ln,bias,gelu    even   bf16  64x128x64/w4/s3  save   232   0/0  91136     4
-dgrad  qkv  -               ragged bf16  128x128x64/w8/s3 -      128   0/0  81920     4
-dgrad  qkv  -               ragged bf16  64x128x64/w4/s3  -      140   0/0  65536     4
-dgrad  proj scale           ragged bf16  128x128x64/w8/s3 -      181   0/0 114688     4
-dgrad  proj scale           ragged bf16  64x128x64/w4/s3  -      186   0/0  81920     4
-dgrad  fc1  gelu            ragged bf16  128x128x64/w8/s3 -      253   0/0 114688     4
-dgrad  fc1  gelu            ragged bf16  64x128x64/w4/s3  -      253   0/0  81920     4
-dgrad  qkv  -               even   bf16  128x128x64/w8/s3 -      128   0/0  81920     4
-dgrad  qkv  -               even   bf16  64x128x64/w4/s3  -      128   0/0  65536     4
-dgrad  proj scale           even   bf16  128x128x64/w8/s3 -      175   0/0 114688     4
-dgrad  proj scale           even   bf16  64x128x64/w4/s3  -      176   0/0  81920     4
-dgrad  fc1  gelu            even   bf16  128x128x64/w8/s3 -      248   0/0 114688     4
-dgrad  fc1  gelu            even   bf16  64x128x64/w4/s3  -      250   0/0  81920     4
-fwd    qkv  ln,bias         even   fp32  64x64x16/w4/s2   infer  128   0/0  12416     0
-fwd    qkv  ln,bias         even   fp32  64x64x16/w4/s2   save   168   0/0  12416     0
-fwd    proj bias,scale,res  even   fp32  64x64x16/w4/s2   infer  128   0/0   8192     0
-fwd    proj bias,scale,res  even   fp32  64x64x16/w4/s2   save   128   0/0   8192     0
-fwd    fc1  ln,bias,gelu    even   fp32  64x64x16/w4/s2   infer  128   0/0  12416     0
-fwd    fc1  ln,bias,gelu    even   fp32  64x64x16/w4/s2   save   168   0/0  12416     0
-dgrad  qkv  -               even   fp32  64x64x16/w4/s2   -      128   0/0   8192     0
-dgrad  proj scale           even   fp32  64x64x16/w4/s2   -      165   0/0  12288     0
-dgrad  fc1  gelu            even   fp32  64x64x16/w4/s2   -      165   0/0  16384     0
+sm_90a, triton 3.6.0, ptxas -v, the ci scope (C = 224 and 448, batch 256: ragged and even K loops): per kernel, GEMM,
+dtype and tile, the register range over inference / training (SAVE) and the two K loops, spill bytes (stores + loads,
+worst), shared memory in bytes (worst; H100 limit 232,448) and wgmma instructions in the PTX (fewest). float16 is
+within a few registers of bfloat16, same shared memory. fc2 compiles to proj's specialisation.
+kernel gemm flags           dtype tile              regs     spill   smem wgmma
+fwd    qkv  ln,bias         bf16  128x128x32/w8/s4  128-132     0   65920   2
+fwd    qkv  ln,bias         bf16  128x128x64/w8/s3  164-172     0   98816   4
+fwd    qkv  ln,bias         bf16  128x128x64/w8/s4  164-172     0  131840   4
+fwd    qkv  ln,bias         bf16  128x64x64/w8/s4   128-145     0   99072   4
+fwd    qkv  ln,bias         bf16  64x128x32/w4/s4   128-150     0   49536   2
+fwd    qkv  ln,bias         bf16  64x128x64/w4/s3   173-180     0   74240   4
+fwd    qkv  ln,bias         bf16  64x128x64/w4/s4   173-181     0   99072   4
+fwd    qkv  ln,bias         bf16  64x64x64/w4/s4    134-149     0   66304   4
+fwd    proj bias,scale,res  bf16  128x128x32/w8/s4      128     0   65536   2
+fwd    proj bias,scale,res  bf16  128x128x64/w8/s3      127     0   98304   4
+fwd    proj bias,scale,res  bf16  128x128x64/w8/s4      127     0  131072   4
+fwd    proj bias,scale,res  bf16  128x64x64/w8/s4        76     0   98304   4
+fwd    proj bias,scale,res  bf16  64x128x32/w4/s4       140     0   49152   2
+fwd    proj bias,scale,res  bf16  64x128x64/w4/s3       139     0   73728   4
+fwd    proj bias,scale,res  bf16  64x128x64/w4/s4       139     0   98304   4
+fwd    proj bias,scale,res  bf16  64x64x64/w4/s4         80     0   65536   4
+fwd    fc1  ln,bias,gelu    bf16  128x128x32/w8/s4  141-172     0   65920   2
+fwd    fc1  ln,bias,gelu    bf16  128x128x64/w8/s3  164-172     0   98816   4
+fwd    fc1  ln,bias,gelu    bf16  128x128x64/w8/s4  164-172     0  131840   4
+fwd    fc1  ln,bias,gelu    bf16  128x64x64/w8/s4   128-148     0   99072   4
+fwd    fc1  ln,bias,gelu    bf16  64x128x32/w4/s4   148-164     0   49536   2
+fwd    fc1  ln,bias,gelu    bf16  64x128x64/w4/s3   173-180     0   74240   4
+fwd    fc1  ln,bias,gelu    bf16  64x128x64/w4/s4   173-181     0   99072   4
+fwd    fc1  ln,bias,gelu    bf16  64x64x64/w4/s4    134-149     0   66304   4
+fwd    qkv  ln,bias         fp32  64x64x16/w4/s2    128-168     0   12416   0
+fwd    proj bias,scale,res  fp32  64x64x16/w4/s2        128     0    8192   0
+fwd    fc1  ln,bias,gelu    fp32  64x64x16/w4/s2    128-168     0   12416   0
+dgrad  qkv  -               bf16  128x128x32/w8/s4      111     0   57344   2
+dgrad  qkv  -               bf16  128x128x64/w8/s3      128     0   81920   4
+dgrad  qkv  -               bf16  128x128x64/w8/s4  123-126     0  114688   4
+dgrad  qkv  -               bf16  128x64x64/w8/s4   100-107     0   81920   4
+dgrad  qkv  -               bf16  64x128x32/w4/s4       122     0   45056   2
+dgrad  qkv  -               bf16  64x128x64/w4/s3   128-130     0   65536   4
+dgrad  qkv  -               bf16  64x128x64/w4/s4   128-144     0   90112   4
+dgrad  qkv  -               bf16  64x64x64/w4/s4      94-96     0   57344   4
+dgrad  proj scale           bf16  128x128x32/w8/s4      117     0   57344   2
+dgrad  proj scale           bf16  128x128x64/w8/s3  151-160     0   81920   4
+dgrad  proj scale           bf16  128x128x64/w8/s4  153-158     0  114688   4
+dgrad  proj scale           bf16  128x64x64/w8/s4   114-120     0   81920   4
+dgrad  proj scale           bf16  64x128x32/w4/s4       123     0   45056   2
+dgrad  proj scale           bf16  64x128x64/w4/s3   154-163     0   65536   4
+dgrad  proj scale           bf16  64x128x64/w4/s4   160-164     0   90112   4
+dgrad  proj scale           bf16  64x64x64/w4/s4    108-116     0   57344   4
+dgrad  fc1  gelu            bf16  128x128x32/w8/s4      161     0   81920   2
+dgrad  fc1  gelu            bf16  128x128x64/w8/s3  247-248     0  114688   4
+dgrad  fc1  gelu            bf16  128x128x64/w8/s4      248     0  163840   4
+dgrad  fc1  gelu            bf16  128x64x64/w8/s4   217-221     0  131072   4
+dgrad  fc1  gelu            bf16  64x128x32/w4/s4       164     0   57344   2
+dgrad  fc1  gelu            bf16  64x128x64/w4/s3   250-253     0   81920   4
+dgrad  fc1  gelu            bf16  64x128x64/w4/s4   252-253     0  114688   4
+dgrad  fc1  gelu            bf16  64x64x64/w4/s4    218-226     0   81920   4
+dgrad  qkv  -               fp32  64x64x16/w4/s2        128     0    8192   0
+dgrad  proj scale           fp32  64x64x16/w4/s2        165     0   12288   0
+dgrad  fc1  gelu            fp32  64x64x16/w4/s2        165     0   16384   0
 """

@@ -125,14 +125,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from crossvit_fast.config import FUSED_DTYPES, SELF_ATTENTION_HEAD_DIMS
+from crossvit_fast.config import FUSED_DTYPES, SELF_ATTENTION_HEAD_DIMS, autotune_from_env
 from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
 
 __all__ = [
@@ -149,7 +148,7 @@ __all__ = [
 SUPPORTED_HEAD_DIMS = SELF_ATTENTION_HEAD_DIMS
 SUPPORTED_DTYPES = tuple(getattr(torch, n) for n in FUSED_DTYPES)
 
-AUTOTUNE = os.environ.get("CROSSVIT_FAST_AUTOTUNE", "1").strip() not in ("0", "false", "False", "")
+AUTOTUNE = autotune_from_env()
 """Module switch (CUDA only): False never autotunes; a launch takes the config already tuned for its key, if any,
 else the fixed default."""
 

@@ -249,6 +249,7 @@ def _init_worker(cache_root: str, shared: bool = False) -> None:
     for mod in (cls_cross_attention, layer_norm, linear, self_attention):
         mod.COMPILE_ONLY = True
     self_attention.AUTOTUNE = True
+    linear.AUTOTUNE = True  # compile every tile the GEMM autotuner may time
     _W.update(torch=torch, triton=triton, seen=set(), records=[], tag=None,
               mods={"cls_cross_attention": cls_cross_attention, "layer_norm": layer_norm,
                     "self_attention": self_attention, "linear": linear})
@@ -495,7 +496,7 @@ def problems(result: dict) -> List[str]:
 
 def _cfg_str(cfg: dict) -> str:
     short = {"BLOCK_M": "M", "BLOCK_N": "N", "BLOCK_T": "T", "BLOCK_C": "C", "BLOCK_H": "H", "BLOCK_R": "R",
-             "BLOCK_D": "D", "warps": "w", "stages": "s"}
+             "BLOCK_D": "D", "BLOCK_K": "K", "warps": "w", "stages": "s"}
     keep = [f"{short[k]}{v}" for k, v in cfg.items() if k in short]
     return " ".join(keep)
 

@@ -13,6 +13,7 @@ from crossvit_fast.bench_utils import (
     EagerFallbackError,
     assert_compiled,
     compile_fresh,
+    gemm_tiles,
     new_record,
     record_path,
     timed_row,
@@ -285,3 +286,20 @@ def test_readme_plot_is_the_model_benchmarks_plot(tmp_path):
     assert path and os.path.getsize(path) > 0
     assert bench_model.plot({**rec, "rows": [r for r in rows if r["graphs"] == "runner"]}, str(tmp_path / "x.png")) \
         is None
+
+
+def test_gemm_tiles_names_the_autotuners_picks(monkeypatch):
+    kl = pytest.importorskip("crossvit_fast.kernels.linear", reason="triton is not installed")
+    x = torch.randn(2, 5, 16)
+    w = torch.randn(48, 16, dtype=torch.float16)
+    o = torch.empty(2, 5, 48, dtype=torch.float16)
+    fwd = kl._tune_key("fwd", 10, 48, 16, (True, True, False, False, False, True), [x, w], [o])
+    dgrad = kl._tune_key("dgrad", 10, 48, 16, (True, False, True), [o, w], [x])
+    monkeypatch.setattr(kl, "_chosen", {fwd: (128, 128, 64, 8, 3), dgrad: (64, 64, 64, 4, 4)})
+    assert gemm_tiles() == [
+        {"kernel": "fwd", "rows_bucket": 16, "N": 48, "K": 16, "parts": ["ln", "bias", "save"], "dtype": "float16",
+         "tile": "128x128x64/w8/s3"},
+        {"kernel": "dgrad", "rows_bucket": 16, "N": 48, "K": 16, "parts": ["gelu", "store_dz"], "dtype": "float16",
+         "tile": "64x64x64/w4/s4"},
+    ]
+    json.dumps(gemm_tiles())

@@ -20,6 +20,16 @@ def test_info(capsys):
     assert "torch" in out and "reference    can run" in out and "triton" in out and "auto" in out
 
 
+@pytest.mark.parametrize("env,want", [(None, "autotuning: on"), ("0", "autotuning: off")])
+def test_info_says_whether_kernels_autotune(capsys, monkeypatch, env, want):
+    if env is None:
+        monkeypatch.delenv("CROSSVIT_FAST_AUTOTUNE", raising=False)
+    else:
+        monkeypatch.setenv("CROSSVIT_FAST_AUTOTUNE", env)
+    assert main(["info"]) == 0
+    assert want in capsys.readouterr().out
+
+
 def test_flops(capsys):
     pytest.importorskip("fvcore")
     assert main(["flops", "crossvit_9_240", "--depth", "1"]) == 0

@@ -26,16 +26,17 @@ def test_warm_up_ends_with_the_launches_a_capture_makes():
     """The last warm-up step runs with autotuning off (the tuned configs pinned), as the capture's launches: Triton's
     in-memory kernel cache is keyed by the launch options, so an autotuned launch does not load the kernel that a
     pinned launch uses, and a kernel loaded inside a capture fails it."""
+    from crossvit_fast.kernels import linear as kl
     from crossvit_fast.kernels import self_attention as sa
 
-    before = sa.AUTOTUNE
+    before = (sa.AUTOTUNE, kl.AUTOTUNE)
     seen = []
-    warm_up(lambda: seen.append(sa.AUTOTUNE), 2)
-    assert seen == [before, before, False] and sa.AUTOTUNE == before
+    warm_up(lambda: seen.append((sa.AUTOTUNE, kl.AUTOTUNE)), 2)
+    assert seen == [before, before, (False, False)] and (sa.AUTOTUNE, kl.AUTOTUNE) == before
     with pytest.raises(KeyError):
         with tuned_configs_pinned():
             raise KeyError("restored on errors too")
-    assert sa.AUTOTUNE == before
+    assert (sa.AUTOTUNE, kl.AUTOTUNE) == before
 
 
 def _models(backend="triton"):

@@ -37,6 +37,13 @@ def _ids(d):
     return str(d).replace("torch.", "")
 
 
+@pytest.fixture(autouse=True)
+def _fixed_configs(monkeypatch):
+    """On CUDA, the default tiles instead of autotuning (tuning every case would dominate the test time, and the
+    op-vs-launcher comparisons expect one tile per shape); the tests of the tuned path switch it back on."""
+    monkeypatch.setattr(kl, "AUTOTUNE", False)
+
+
 def rand(shape, dtype, layout="contiguous", scale=1.0, shift=0.0):
     """Random 3-D ``shape`` in a memory layout (a view of its storage)."""
     B, T, C = shape
@@ -618,3 +625,145 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(got, out, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Autotuning (the choice on CPU with a stand-in timer; the real one on CUDA)
+# ------------------------------------------------------------------------------------------------------------
+
+CANDS = [(64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]
+
+
+@pytest.fixture
+def fake_tuner(monkeypatch):
+    """``_launch_with_tuning`` outside CUDA: a stand-in timer (ms per config) and a record of the launches."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(kl, "AUTOTUNE", True)
+    monkeypatch.setattr(kl, "_chosen", {})
+    monkeypatch.setattr(kl, "_capturing", lambda device: False)
+    ms = {CANDS[0]: 0.30, CANDS[1]: 0.20, CANDS[2]: 0.10}
+    launches, timed = [], []
+
+    def bench(fn):
+        timed.append(len(launches))
+        fn()
+        cfg = launches[-1]
+        if cfg == CANDS[2] and "oor" in timed_flags:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return ms[cfg]
+
+    timed_flags = set()
+    monkeypatch.setattr(kl, "_bench_ms", bench)
+    return launches, timed, timed_flags
+
+
+def _tune(launches, key=("k",), may_tune=True):
+    return kl._launch_with_tuning(launches.append, key, CANDS[0], CANDS, torch.device("cpu"), may_tune)
+
+
+def test_tuner_takes_the_fastest_remembers_it_and_ends_with_its_launch(fake_tuner):
+    launches, timed, _ = fake_tuner
+    assert _tune(launches) == CANDS[2]
+    assert launches == CANDS + [CANDS[2]] and len(timed) == 3  # each timed once, then the winner's own launch
+    assert kl.tuned_configs() == {("k",): CANDS[2]}
+    launches.clear()
+    assert _tune(launches) == CANDS[2] and launches == [CANDS[2]] and len(timed) == 3  # remembered: no timing
+    assert _tune(launches, key=("other",)) == CANDS[2] and len(timed) == 6  # another key is timed afresh
+
+
+def test_tuner_skips_a_config_out_of_resources(fake_tuner):
+    launches, _, flags = fake_tuner
+    flags.add("oor")
+    assert _tune(launches) == CANDS[1]
+    assert launches[-1] == CANDS[1]
+
+
+@pytest.mark.parametrize("why", ["autotune-off", "capturing", "output-aliases-input"])
+def test_tuner_uses_the_default_or_the_tuned_config_without_timing(fake_tuner, monkeypatch, why):
+    launches, timed, _ = fake_tuner
+    if why == "autotune-off":
+        monkeypatch.setattr(kl, "AUTOTUNE", False)
+    if why == "capturing":
+        monkeypatch.setattr(kl, "_capturing", lambda device: True)
+    may = why != "output-aliases-input"
+    assert _tune(launches, may_tune=may) == CANDS[0] and launches == [CANDS[0]] and not timed
+    kl._chosen[("k",)] = CANDS[1]  # tuned before (e.g. the warm-up of a CUDA-graph capture)
+    assert _tune(launches, may_tune=may) == CANDS[1] and launches[-1] == CANDS[1] and not timed
+
+
+def test_tune_key_buckets_rows_and_names_shapes_flags_dtypes_layouts():
+    x = torch.randn(2, 7, 16)
+    w = torch.randn(32, 16, dtype=torch.float16)
+    o = torch.empty(2, 7, 32, dtype=torch.float16)
+
+    def key(M, N=32, K=16, flags=(True,), xs=x):
+        return kl._tune_key("fwd", M, N, K, flags, [xs, w], [o])
+
+    assert key(100) == key(128) != key(129)
+    assert key(100) != key(100, N=48) and key(100) != key(100, K=8) and key(100) != key(100, flags=(False,))
+    assert key(100) != key(100, xs=x.half()) and key(100) != key(100, xs=x.transpose(0, 2))
+
+
+def test_shares_storage():
+    a = torch.randn(4, 8)
+    assert kl._shares_storage([a], [torch.randn(4, 8), a]) and kl._shares_storage([a[:, 2:]], [a])
+    assert not kl._shares_storage([a], [a.clone(), None])
+
+
+def test_every_default_tile_is_a_tuning_candidate_and_compiled_ahead_of_time():
+    for name, cfg in kl.CONFIGS.items():
+        assert cfg in kl.TUNE_CONFIGS["fp32" if name == "fp32" else "16bit"], name
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        cands = kl.tune_configs(dtype)
+        assert len(set(cands)) == len(cands)
+        compiled = {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype}
+        assert compiled == set(cands)
+    assert kl.config_name((128, 64, 32, 4, 3)) == "128x64x32/w4/s3"
+
+
+@requires_cuda
+@pytest.mark.parametrize("gemm", ["qkv", "fc2"])
+def test_cuda_autotuned(monkeypatch, gemm):
+    """Tuned forward and backward: under the rule; each key timed once and remembered (a second call times nothing);
+    the op's result is the chosen tile's."""
+    monkeypatch.setattr(kl, "AUTOTUNE", True)
+    monkeypatch.setattr(kl, "_chosen", {})
+    flags = {"qkv": ("ln", "bias"), "fc2": ("bias", "scale", "res")}[gemm]
+    K, N = (224, 672) if gemm == "qkv" else (672, 224)
+    args = make((4, 401, K), N, torch.bfloat16, flags, x_dtype=torch.float32 if "ln" in flags else torch.bfloat16,
+                res_dtype=torch.float32)
+    dout = torch.randn(4, 401, N, device=DEV).to(kl.default_out_dtype(torch.bfloat16, args.get("residual")))
+    out, grads = run_op(args, dout)
+    o64, g64 = reference(args, dout)
+    olow, glow = reference(args, dout, dtype64=False)
+    assert_within_rule(out, o64, olow, what="out")
+    assert_within_rule(grads["x"], g64["x"], glow["x"].to(grads["x"].dtype), what="dx")
+    tuned = kl.tuned_configs()
+    assert {k[0] for k in tuned} == {"fwd", "dgrad"}
+    assert all(c in kl.tune_configs(torch.bfloat16) for c in tuned.values())
+    calls = []
+    monkeypatch.setattr(kl, "_bench_ms", lambda fn: calls.append(1) or 1.0)
+    out2, _ = run_op(args, dout)
+    assert not calls and kl.tuned_configs() == tuned
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    fwd = next(c for k, c in tuned.items() if k[0] == "fwd")
+    want, *_ = kl.linear_fwd(save=True, config=fwd, **args)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@requires_cuda
+def test_cuda_autotune_never_reruns_into_an_aliased_output(monkeypatch):
+    """``out=`` the residual (in place): timing would add the branch several times, so that launch is not tuned."""
+    monkeypatch.setattr(kl, "AUTOTUNE", True)
+    monkeypatch.setattr(kl, "_chosen", {})
+    args = make((2, 197, 448), 448, torch.bfloat16, ("bias", "res"), res_dtype=torch.bfloat16)
+    kl.linear_fwd(**args)
+    assert kl.tuned_configs()  # a launch into a fresh output is tuned
+    kl._chosen.clear()
+    default = kl.pick_config(2 * 197, 448, torch.bfloat16, kl._sm_count(args["x"]))
+    want, *_ = kl.linear_fwd(**args, config=default)
+    res = args["residual"].clone()
+    got, *_ = kl.linear_fwd(**dict(args, residual=res), out=res)
+    assert got is res and not kl.tuned_configs()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -24,7 +24,8 @@
 # machines' version; CPU seconds of cold compiles on this project's 2-core machines, ptxas included):
 #   smoke scope   100 distinct compiles, 87 CPU s (the three ops at the headline shapes, bf16 and fp32, fwd + bwd);
 #                 the smoke tests add fp16 (about 50 more) and the linear GEMMs (4 flag sets x 2 widths, bf16)
-#   ci scope      208 distinct compiles, 200 CPU s (every kernel x dtype x width class)
+#   ci scope      469 distinct compiles, 540 CPU s with triton 3.9 (every kernel x dtype x width class, the GEMMs'
+#                 8 autotuned tiles each)
 #   tests-ops     the family (not measured to completion: about 360 estimated) plus self-attention's autotune sets,
 #                 split over four processes
 # Inductor compiles: smoke 1 (timm model, forward; the op benches' compiled providers wait for their phases); bench-ln 24 a dtype; bench-cls 12; bench-linear 20; bench-model 1 per compiled provider and pass
@@ -32,7 +33,8 @@
 #
 # Prebuilt Triton cache (optional, saves the GPU's compile minutes): `bash bench/prebuild_triton_cache.sh` (no GPU;
 # Python 3.12 + triton 3.6.0 as on the GPU image) writes bench/.gpu-carry/triton-cache.tar.xz; name bench/.gpu-carry
-# in the device call's carry. Each phase logs how many kernels it found there and how many it compiled itself.
+# in the device call's carry. Each phase logs how many kernels it found there and how many it compiled itself; smoke
+# (and any phase that finds no cache) first precompiles the family on all cores (see precompile below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -115,12 +117,30 @@ parallel() {
   for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 }
 
+# precompile: the family's kernels (every tile the autotuners may time, tests/sm90_compile.py --set family) into the
+# Triton cache on all cores at once, before anything launches. With a carried cache that hits: lookups only (seconds);
+# without one, or if it misses (another triton build): the compiles the tests and benches would otherwise make one at
+# a time, in-process, each autotuned key compiling its 8 GEMM tiles serially. Always in smoke (its log line says
+# whether the carried cache hit); in the other phases when the cache holds fewer than 100 kernels, or PRECOMPILE=1.
+precompile() {
+  export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$tcache}
+  mkdir -p "$TRITON_CACHE_DIR"
+  local before
+  before=$(kernels_in "$TRITON_CACHE_DIR")
+  step precompile timeout --signal=INT "${PRECOMPILE_S:-240}" \
+    python tests/sm90_compile.py --set family --jobs "$(nproc)" --cache-dir "$TRITON_CACHE_DIR"
+  say "precompile: $(( $(kernels_in "$TRITON_CACHE_DIR") - before )) kernels compiled, $before were in the cache"
+}
+if [ "$dry" != 1 ] && { [ "$phase" = smoke ] || [ "${PRECOMPILE:-0}" = 1 ] || [ "$tcache_before" -lt 100 ]; }; then
+  precompile
+fi
+
 case "$phase" in
   smoke)
     [ "$dry" = 1 ] || { nvidia-smi 2>&1 | tee -a "$log"; python -m crossvit_fast info 2>&1 | tee -a "$log"; }
     # one process per file: their Triton compiles (CPU-bound, serial within a process) run side by side
     parallel "smoke-cls:-m smoke tests/test_cls_cross_attention.py" "smoke-sa:-m smoke tests/test_self_attention.py" \
-      "smoke-ln:-m smoke tests/test_layer_norm.py" "smoke-linear:-m smoke tests/test_linear.py" \
+      "smoke-ln:-m smoke tests/test_layer_norm.py" "smoke-linear:-m smoke tests/test_linear.py tests/test_block.py" \
       "smoke-models:-m smoke tests/test_model_backends.py tests/test_timm_parity.py"
     [ "$dry" = 1 ] || step check python -m crossvit_fast check "$headline"
     # the headline model first, then the ops' eager providers; Inductor's compiles (tens of seconds each) last
@@ -136,7 +156,7 @@ case "$phase" in
     bench bench/bench_model.py "$headline" --batch 256 --dtype bfloat16 --passes forward --providers timm-compiled ;;
   tests-ops)
     parallel "tests-cls:tests/test_cls_cross_attention.py" "tests-sa:tests/test_self_attention.py" \
-      "tests-ln:tests/test_layer_norm.py" "tests-linear:tests/test_linear.py" ;;
+      "tests-ln:tests/test_layer_norm.py" "tests-linear:tests/test_linear.py tests/test_block.py" ;;
   tests-models)
     parallel "tests-model-backends:tests/test_model_backends.py" "tests-timm:tests/test_timm_parity.py" \
       "tests-rest:tests/test_convert.py tests/test_models.py tests/test_cli.py tests/test_training.py tests/test_backend.py" ;;

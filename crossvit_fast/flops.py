@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 __all__ = ["flops", "OP_HANDLES", "sdpa_flop_jit", "self_attention_flop_jit", "cls_cross_attention_flop_jit",
-           "layer_norm_flop_jit", "linear_flop_jit"]
+           "layer_norm_flop_jit", "linear_flop_jit", "block_half_flop_jit"]
 
 
 def _shape(v: Any) -> Optional[List[int]]:
@@ -72,12 +72,25 @@ def linear_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return M * N * K + ln
 
 
+def block_half_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
+    """``crossvit_fast::block_half`` on x (B, N, C), w1 (N1, C), w2 (C, K2): its two Linears and LayerNorm as
+    :func:`linear_flop_jit` counts them, plus the self-attention's ``2 B N^2 K2`` for the attention half (K2 =
+    N1 / 3; the MLP half has K2 = N1)."""
+    B, N, C = _shape(inputs[0])
+    N1, _ = _shape(inputs[4])
+    _, K2 = _shape(inputs[6])
+    M = B * N
+    attn = 2 * B * N * N * K2 if K2 != N1 else 0
+    return 5 * M * C + M * N1 * C + attn + M * C * K2
+
+
 OP_HANDLES: Dict[str, Callable[[List[Any], List[Any]], int]] = {
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
     "crossvit_fast::self_attention": self_attention_flop_jit,
     "crossvit_fast::cls_cross_attention": cls_cross_attention_flop_jit,
     "crossvit_fast::layer_norm": layer_norm_flop_jit,
     "crossvit_fast::linear": linear_flop_jit,
+    "crossvit_fast::block_half": block_half_flop_jit,
 }
 """fvcore handles by traced op name; each fused op's handle counts what its reference computation counts."""
 

@@ -403,8 +403,9 @@ class Block(_BackendMixin, nn.Module):
     @torch.jit.unused
     def _forward_fused_linear(self, x: torch.Tensor) -> torch.Tensor:
         """The five-kernel block: qkv (LN1 prologue, bias), self-attention, proj (bias, drop-path, residual),
-        fc1 (LN2 prologue, bias, GELU), fc2 (bias, drop-path, residual)."""
-        from crossvit_fast.ops.linear import linear
+        fc1 (LN2 prologue, bias, GELU), fc2 (bias, drop-path, residual); each half one ``block_half`` op, whose
+        backward adds the residual's gradient inside the LayerNorm backward kernel (no separate add pass)."""
+        from crossvit_fast.ops.block import block_half
 
         a, mlp, n1, n2 = self.attn, self.mlp, self.norm1, self.norm2
         dt = _autocast_dtype(x) or x.dtype  # compute dtype: the autocast one, as timm's Linears under autocast
@@ -412,17 +413,19 @@ class Block(_BackendMixin, nn.Module):
         def weight(lin: nn.Linear) -> torch.Tensor:
             return lin.weight if lin.weight.dtype == dt else lin.weight.to(dt)  # autocast's per-call cast
 
-        qkv = linear(x, weight(a.qkv), a.qkv.bias, n1.weight, n1.bias, n1.eps)  # (B, N, 3C) in dt
         if getattr(a, "backend", "reference") == "triton":
-            from crossvit_fast.ops.self_attention import self_attention
+            x = block_half(x, n1.weight, n1.bias, weight(a.qkv), a.qkv.bias, weight(a.proj), a.proj.bias, eps=n1.eps,
+                           scale=self._drop_path_scale(self.drop_path1, x, dt), num_heads=a.num_heads,
+                           attn_scale=a.scale)
+        else:  # the attention's explicit math between the two GEMMs
+            from crossvit_fast.ops.linear import linear
 
-            o = self_attention(qkv, a.num_heads, a.scale)
-        else:
+            qkv = linear(x, weight(a.qkv), a.qkv.bias, n1.weight, n1.bias, n1.eps)  # (B, N, 3C) in dt
             o = self_attention_ref(qkv, a.num_heads, a.scale)  # (B, N, C)
-        x = linear(o, weight(a.proj), a.proj.bias, scale=self._drop_path_scale(self.drop_path1, x, dt), residual=x)
-        h = linear(x, weight(mlp.fc1), mlp.fc1.bias, n2.weight, n2.bias, n2.eps, gelu=True)  # (B, N, hidden)
-        return linear(h, weight(mlp.fc2), mlp.fc2.bias, scale=self._drop_path_scale(self.drop_path2, x, dt),
-                      residual=x)
+            x = linear(o, weight(a.proj), a.proj.bias, scale=self._drop_path_scale(self.drop_path1, x, dt),
+                       residual=x)
+        return block_half(x, n2.weight, n2.bias, weight(mlp.fc1), mlp.fc1.bias, weight(mlp.fc2), mlp.fc2.bias,
+                          eps=n2.eps, scale=self._drop_path_scale(self.drop_path2, x, dt))
 
 
 # (kernel, stride, padding) of the dagger models' three convolutions ("3 Conv."), per patch size.

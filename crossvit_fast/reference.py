@@ -26,6 +26,7 @@ __all__ = [
     "self_attention_ref",
     "cls_cross_attention_ref",
     "linear_ref",
+    "block_half_ref",
 ]
 
 
@@ -191,3 +192,24 @@ def linear_ref(
     if residual is not None:
         y = residual + y
     return y.to(out_dtype) if out_dtype is not None else y
+
+
+def block_half_ref(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    eps: float = LN_EPS,
+    scale: Optional[torch.Tensor] = None,
+    num_heads: int = 0,
+    attn_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """One residual half of a branch block as timm computes it: ``x + drop_path(fc2(GELU(fc1(norm(x)))))``
+    (``num_heads=0``) or ``x + drop_path(proj(attn(qkv(norm(x)))))``; the GEMMs as :func:`linear_ref` (w1's dtype
+    is the compute dtype)."""
+    y1 = linear_ref(x, w1, b1, ln_weight, ln_bias, eps, gelu=num_heads == 0)
+    mid = self_attention_ref(y1, num_heads, attn_scale) if num_heads else y1
+    return linear_ref(mid, w2, b2, scale=scale, residual=x)

@@ -127,6 +127,19 @@ def _linear_fake(x, weight, bias, ln_weight, ln_bias, eps, gelu, scale, residual
     return out, pre, ahat, mean, torch.empty_like(mean)
 
 
+def dgrad(dout: Tensor, weight: Tensor, pre: Optional[Tensor], scale: Optional[Tensor],
+          da_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """``(da, dz)`` of one GEMM's backward (the ``linear_dgrad`` kernel), ``dz`` as an ``(M, N)`` tensor in the
+    compute dtype for ``dW = dz^T a``: when it is ``dout`` itself (no GELU, no scale, ``dout`` already in the compute
+    dtype and laid out as ``(M, N)``) the kernel writes no copy."""
+    N = weight.shape[0]
+    M = dout.numel() // N
+    dout2 = dout.reshape(M, N) if dout.dtype == weight.dtype else None
+    store_dz = pre is not None or scale is not None or dout2 is None or not dout2.is_contiguous()
+    da, dz = _kernels().linear_dgrad(dout, weight, pre, scale, da_dtype, store_dz)
+    return da, dz if dz is not None else dout2
+
+
 @torch.library.custom_op(BACKWARD_OP_NAME, mutates_args=())
 def _linear_backward(
     dout: Tensor,
@@ -139,18 +152,11 @@ def _linear_backward(
     rstd: Optional[Tensor],
     scale: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    k = _kernels()
     ct = weight.dtype
     N, K = weight.shape
     M = x.numel() // K
     has_ln = ln_weight is not None
-    # dz must exist as an (M, N) tensor for dW; when it is dout itself (no GELU, no scale, dout already in ct and
-    # laid out as (M, N)) the kernel does not write a copy.
-    dout2 = dout.reshape(M, N) if dout.dtype == ct else None
-    store_dz = pre is not None or scale is not None or dout2 is None or not dout2.is_contiguous()
-    da, dz = k.linear_dgrad(dout, weight, pre, scale, torch.float32 if has_ln else x.dtype, store_dz)
-    if dz is None:
-        dz = dout2
+    da, dz = dgrad(dout, weight, pre, scale, torch.float32 if has_ln else x.dtype)
     if has_ln:
         a = ahat
         dx, _, dlw, dlb = _ln_kernels().layer_norm_bwd(da, None, x, ln_weight, mean.reshape(x.shape[:-1]),

@@ -190,7 +190,7 @@ def time_provider(call: Callable[[], object], provider: str, what: str, warmup_m
         return None
 
 
-_GEMM_FLAGS = {"fwd": ("ln", "bias", "gelu", "scale", "res", "save"), "dgrad": ("gelu", "scale", "store_dz")}
+_GEMM_FLAGS = {"fwd": ("ln", "bias", "gelu", "scale", "res", "save"), "dgrad": ("gelu", "scale", "store_dz", "db")}
 
 
 def gemm_tiles() -> List[Dict[str, object]]:

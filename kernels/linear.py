@@ -20,9 +20,10 @@ Backward (``linear_dgrad``), with ``g = dout * scale * GELU'(z)`` (``z`` saved b
 
     dz = g.to(ct)         (written once: the reference writes it too, as GELU's / the cast's gradient)
     da = dz @ weight      (the GELU derivative and the scale are applied in this GEMM's prologue)
+    db = sum_rows(dz)     (float32 column sums of the rounded dz, one row per row tile, summed by the launcher)
 
-and the op (crossvit_fast/ops/linear.py) finishes with ``dW = dz^T a`` and ``db = sum_rows(dz)`` (torch matmul /
-sum, deterministic) and the LayerNorm backward (the ``layer_norm`` op's kernel) on ``da``.
+and the op (crossvit_fast/ops/linear.py) finishes with ``dW = dz^T a`` (torch matmul) and the LayerNorm backward
+(the ``layer_norm`` op's kernel) on ``da``.
 
 Algorithm
 ---------
@@ -37,8 +38,9 @@ When the backward will be needed the forward also writes ``z`` (GELU only), the 
 the first column tile.
 
 The dgrad kernel is the same GEMM over N: each program's prologue loads ``dout`` (and ``z``) chunks, applies the
-scale and GELU' in float32, rounds to ``ct``, and the programs of the first K-column tile store ``dz``.
-Deterministic: no atomics, no split-K.
+scale and GELU' in float32, rounds to ``ct``, and the programs of the first K-column tile store ``dz`` and, for the
+bias gradient, each chunk's column sums (one (BLOCK_K,) row of a ``(cdiv(M, BLOCK_M), N)`` float32 buffer per row
+tile; the launcher sums its rows). Deterministic: no atomics, no split-K.
 
 Limits
 ------
@@ -240,12 +242,12 @@ def _linear_fwd_kernel(
 
 @triton.jit
 def _linear_dgrad_kernel(
-    DOut, Pre, Scale, W, DA, DZ,  # Pre / Scale unused without GELU / HAS_SCALE
+    DOut, Pre, Scale, W, DA, DZ, DB,  # Pre / Scale / DB unused without GELU / HAS_SCALE / HAS_DB
     M, N, K, T, RPG,
     sd0, sd1, sdn,  # dout strides, (B, T, N)
     swn, swk,  # weight strides, (N, K)
     sa0, sa1, sak,  # da strides, (B, T, K)
-    GELU: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_DZ: tl.constexpr,
+    GELU: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_DZ: tl.constexpr, HAS_DB: tl.constexpr,
     EVEN_N: tl.constexpr, IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -278,6 +280,8 @@ def _linear_dgrad_kernel(
     if STORE_DZ:
         dz_ptrs = DZ + rows[:, None] * N + ns[None, :]
         dz_rows = (rmask & first_col_tile)[:, None]
+    if HAS_DB:  # (BLOCK_K,): this row tile's column sums of dz, row pid_m of the (num_m, N) partials, along N
+        db_ptrs = DB + (pid_m.to(tl.int64) if IDX64 else pid_m) * N + ns
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_K):
@@ -300,6 +304,10 @@ def _linear_dgrad_kernel(
         if STORE_DZ:
             tl.store(dz_ptrs, dz, mask=dz_rows & nmask[None, :])
             dz_ptrs += BLOCK_K
+        if HAS_DB:
+            if pid_k == 0:  # the bias gradient's partial sums, from the rounded dz (what dW multiplies)
+                tl.store(db_ptrs, tl.sum(dz.to(tl.float32), axis=0), mask=nmask)
+            db_ptrs += BLOCK_K
         acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
         d_ptrs += BLOCK_K * sdn
         w_ptrs += BLOCK_K * swn
@@ -572,14 +580,17 @@ def linear_dgrad(
     scale: Optional[torch.Tensor] = None,
     da_dtype: Optional[torch.dtype] = None,
     store_dz: bool = True,
+    bias_grad: bool = False,
     *,
     da: Optional[torch.Tensor] = None,
     config: Optional[Tuple[int, int, int, int, int]] = None,
 ):
-    """Backward of the GEMM: ``(da, dz)`` with ``dz = (dout * scale * GELU'(pre)).to(weight.dtype)`` (``(M, N)``
-    contiguous, None without ``store_dz``) and ``da = dz @ weight`` (shape ``dout.shape[:-1] + (K,)``, in
-    ``da_dtype``, default the compute dtype; ``da=`` takes a preallocated tensor of any strides). ``pre`` is the
-    forward's saved ``z`` (GELU) or None; ``scale`` the forward's per-group scale or None."""
+    """Backward of the GEMM: ``(da, dz, db)`` with ``dz = (dout * scale * GELU'(pre)).to(weight.dtype)``
+    (``(M, N)`` contiguous, None without ``store_dz``), ``da = dz @ weight`` (shape ``dout.shape[:-1] + (K,)``, in
+    ``da_dtype``, default the compute dtype; ``da=`` takes a preallocated tensor of any strides) and, with
+    ``bias_grad``, the bias gradient ``db = sum over rows of dz`` (float32 ``(N,)``: per-row-tile partial sums
+    written by the kernel, summed here; deterministic), else None. ``pre`` is the forward's saved ``z`` (GELU) or
+    None; ``scale`` the forward's per-group scale or None."""
     _check_tensor("dout", dout, None)
     _check_tensor("weight", weight, dout.device)
     if weight.dim() != 2 or dout.dim() < 1 or dout.shape[-1] != weight.shape[0]:
@@ -608,29 +619,33 @@ def linear_dgrad(
         raise ValueError(f"linear backward: da must be a {da_dtype or ct} tensor of shape {a_shape}")
     dz = torch.empty((M, N), dtype=ct, device=dout.device) if store_dz else None
     if M == 0:
-        return da, dz
+        return da, dz, torch.zeros((N,), dtype=torch.float32, device=dout.device) if bias_grad else None
     d3, a3 = _as3d(dout), _as3d(da)
+    partials = []  # the launched config's (cdiv(M, BLOCK_M), N) float32 partial sums (the last launch's)
     lead = dout.shape[0] if dout.dim() >= 2 else 1
     idx64 = max(_span(t) for t in (d3, a3, weight)) > _INT32_MAX or M * max(N, K) > _INT32_MAX
 
     def launch(cfg: Config) -> None:
         bm, bn, bk, warps, stages = cfg
+        if bias_grad:
+            partials[:] = [torch.empty((triton.cdiv(M, bm), N), dtype=torch.float32, device=dout.device)]
         _linear_dgrad_kernel[(triton.cdiv(M, bm) * triton.cdiv(K, bn),)](
             d3, pre if pre is not None else d3, scale.reshape(-1) if scale is not None else d3, weight, a3,
-            dz if dz is not None else a3,
+            dz if dz is not None else a3, partials[0] if bias_grad else a3,
             M, N, K, d3.shape[1], max(M // lead, 1),
             *d3.stride(), *weight.stride(), *a3.stride(),
-            GELU=pre is not None, HAS_SCALE=scale is not None, STORE_DZ=bool(store_dz), EVEN_N=N % bk == 0,
+            GELU=pre is not None, HAS_SCALE=scale is not None, STORE_DZ=bool(store_dz), HAS_DB=bool(bias_grad),
+            EVEN_N=N % bk == 0,
             IDX64=idx64, DOT_PRECISION="ieee" if ct == torch.float32 else "tf32",
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, num_warps=warps, num_stages=stages,
             enable_fp_fusion=FP_FUSION,
         )
 
-    key = _tune_key("dgrad", M, N, K, (pre is not None, scale is not None, bool(store_dz)),
+    key = _tune_key("dgrad", M, N, K, (pre is not None, scale is not None, bool(store_dz), bool(bias_grad)),
                     [d3, weight] + ([pre] if pre is not None else []), [a3])
     with _device_of(dout):
         _launch(launch, key, M, K, ct, dout, not _shares_storage([da], [dout, pre, scale, weight]), config)
-    return da, dz
+    return da, dz, partials[0].sum(0) if bias_grad else None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ Why one op: the backward. ``x`` feeds two uses, the LayerNorm and the residual; 
 gradients with an extra elementwise pass over the residual stream (the float32 ``(B, N, C)`` gradient read twice
 and written once, twice per block). Here the LayerNorm backward kernel takes the residual's gradient (``dout``) as
 its ``dr`` input and adds it while it writes ``dx``: that pass is gone. The rest is the ``linear`` op's backward:
-``linear_dgrad`` for each GEMM (drop-path scale and GELU' in its prologue), ``dW = dz^T a`` and ``db = sum(dz)``
-with torch, the ``self_attention`` backward kernels in between for the attention half.
+``linear_dgrad`` for each GEMM (drop-path scale and GELU' in its prologue, the bias gradient's partial sums as it
+goes), ``dW = dz^T a`` with torch, the ``self_attention`` backward kernels in between for the attention half.
 
 Ops (``torch.ops.crossvit_fast``), each with a fake implementation:
 
@@ -153,18 +153,16 @@ def _block_half_backward(
     M, N1, K2 = B * N, w1.shape[0], w2.shape[1]
     ct = w1.dtype
     mid = o if num_heads else y1  # the second GEMM's input, (B, N, K2)
-    dmid, dz2 = dgrad(dout, w2, None, scale, ct)
+    dmid, dz2, db2 = dgrad(dout, w2, None, scale, ct)
     dw2 = torch.mm(dz2.t(), mid.reshape(M, K2)) if M > 0 else w2.new_zeros(w2.shape)
-    db2 = dz2.sum(0, dtype=torch.float32)
     if num_heads:
         from crossvit_fast.kernels.self_attention import self_attention_bwd
 
         dy1 = self_attention_bwd(dmid, y1, o, lse, num_heads, attn_scale)  # (B, N, N1)
-        da, dz1 = dgrad(dy1, w1, None, None, torch.float32)
+        da, dz1, db1 = dgrad(dy1, w1, None, None, torch.float32)
     else:
-        da, dz1 = dgrad(dmid, w1, pre, None, torch.float32)  # GELU' in the dgrad prologue
+        da, dz1, db1 = dgrad(dmid, w1, pre, None, torch.float32)  # GELU' in the dgrad prologue
     dw1 = torch.mm(dz1.t(), ahat) if M > 0 else w1.new_zeros(w1.shape)
-    db1 = dz1.sum(0, dtype=torch.float32)
     # dx = dout (the residual's gradient) + the LayerNorm's backward, one kernel (its dr input)
     dx, _, dlw, dlb = _ln_kernels().layer_norm_bwd(da, dout, x, ln_weight, mean.reshape(B, N), rstd.reshape(B, N),
                                                    x.dtype)

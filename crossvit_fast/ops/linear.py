@@ -17,9 +17,9 @@ Ops (``torch.ops.crossvit_fast``), each with a fake implementation:
   Tensor? mean, Tensor? rstd, Tensor? scale) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dln_weight,
   Tensor dln_bias)``: ``dbias`` float32 ``(N,)``; ``dln_*`` empty without a LayerNorm.
 
-The backward: one Triton GEMM ``da = dz @ W`` whose prologue forms ``dz = (dout * scale * GELU'(z)).to(ct)`` and
-writes it (the reference writes that gradient too); ``dW = dz^T a`` and ``db = sum(dz)`` with torch (cuBLAS; no
-atomics, deterministic); the LayerNorm backward by the ``layer_norm`` op's kernel. The residual's gradient is
+The backward: one Triton GEMM ``da = dz @ W`` whose prologue forms ``dz = (dout * scale * GELU'(z)).to(ct)``, writes
+it (the reference writes that gradient too) and its per-row-tile column sums (``db``, summed by torch: no second
+read of dz); ``dW = dz^T a`` with torch (cuBLAS); no atomics, deterministic; the LayerNorm backward by the ``layer_norm`` op's kernel. The residual's gradient is
 ``dout`` itself. The drop-path scale is not differentiable (a random mask).
 
 Use :func:`linear`.
@@ -128,16 +128,17 @@ def _linear_fake(x, weight, bias, ln_weight, ln_bias, eps, gelu, scale, residual
 
 
 def dgrad(dout: Tensor, weight: Tensor, pre: Optional[Tensor], scale: Optional[Tensor],
-          da_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """``(da, dz)`` of one GEMM's backward (the ``linear_dgrad`` kernel), ``dz`` as an ``(M, N)`` tensor in the
-    compute dtype for ``dW = dz^T a``: when it is ``dout`` itself (no GELU, no scale, ``dout`` already in the compute
-    dtype and laid out as ``(M, N)``) the kernel writes no copy."""
+          da_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(da, dz, db)`` of one GEMM's backward (the ``linear_dgrad`` kernel): ``dz`` as an ``(M, N)`` tensor in the
+    compute dtype for ``dW = dz^T a`` (when it is ``dout`` itself -- no GELU, no scale, ``dout`` already in the
+    compute dtype and laid out as ``(M, N)`` -- the kernel writes no copy) and the bias gradient ``db`` (float32
+    ``(N,)``, summed from the kernel's per-row-tile partial sums: no second pass over dz)."""
     N = weight.shape[0]
     M = dout.numel() // N
     dout2 = dout.reshape(M, N) if dout.dtype == weight.dtype else None
     store_dz = pre is not None or scale is not None or dout2 is None or not dout2.is_contiguous()
-    da, dz = _kernels().linear_dgrad(dout, weight, pre, scale, da_dtype, store_dz)
-    return da, dz if dz is not None else dout2
+    da, dz, db = _kernels().linear_dgrad(dout, weight, pre, scale, da_dtype, store_dz, bias_grad=True)
+    return da, dz if dz is not None else dout2, db
 
 
 @torch.library.custom_op(BACKWARD_OP_NAME, mutates_args=())
@@ -156,7 +157,7 @@ def _linear_backward(
     N, K = weight.shape
     M = x.numel() // K
     has_ln = ln_weight is not None
-    da, dz = dgrad(dout, weight, pre, scale, torch.float32 if has_ln else x.dtype)
+    da, dz, dbias = dgrad(dout, weight, pre, scale, torch.float32 if has_ln else x.dtype)
     if has_ln:
         a = ahat
         dx, _, dlw, dlb = _ln_kernels().layer_norm_bwd(da, None, x, ln_weight, mean.reshape(x.shape[:-1]),
@@ -166,7 +167,6 @@ def _linear_backward(
         dx = da
         dlw, dlb = x.new_empty((0,)), x.new_empty((0,))
     dweight = torch.mm(dz.t(), a) if M > 0 else weight.new_zeros(weight.shape)
-    dbias = dz.sum(0, dtype=torch.float32)
     return dx, dweight, dbias, dlw, dlb
 
 

@@ -76,7 +76,8 @@ TORCH_PATH: dict = {
 GPU_VERIFIED_OPS: set = set()
 """Fused ops whose CUDA parity tests have passed on a GPU from this repository (with a committed benchmark record).
 ``"auto"`` takes only these: a kernel tested in Triton's CPU interpreter alone runs when asked for explicitly
-(``backend="triton"``), never by default."""
+(``backend="triton"``), never by default. ``"linear"`` is the whole fused-GEMM block path: its CUDA tests are
+tests/test_linear.py and tests/test_block.py (the ``block_half`` op the Block runs)."""
 
 _context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("crossvit_fast_backend", default=None)
 _warned: set = set()

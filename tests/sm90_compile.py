@@ -375,6 +375,11 @@ def _drive(j: dict) -> None:
         dout = _tensor((B, N, C), dt)
         m.layer_norm_bwd(dout, None, x, w, mean, mean, xd, None)
         m.layer_norm_bwd(dout, _tensor((B, N, C), xd), x, w, mean, mean, xd, dt)
+        # after the block GEMMs' LayerNorm prologue: a float32 da from the dgrad GEMM; the linear op alone, and
+        # block_half, which adds the residual's gradient (in the stream's dtype) in the same kernel
+        da = _tensor((B, N, C), torch.float32)
+        m.layer_norm_bwd(da, None, x, w, mean, mean, xd, None)
+        m.layer_norm_bwd(da, _tensor((B, N, C), xd), x, w, mean, mean, xd, None)
     else:  # pragma: no cover
         raise ValueError(op)
 

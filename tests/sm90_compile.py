@@ -71,10 +71,15 @@ SPILL_BUDGET: Dict[Tuple[str, str, str], int] = {
     ("_attn_bwd_dkdv_kernel", "fp32", "D128"): 576,
     ("_attn_bwd_dq_kernel", "fp32", "D64"): 112,
     ("_attn_bwd_dq_kernel", "fp32", "D128"): 416,
-    # the fused block GEMMs (kernels/linear.py): 0 everywhere with 3.6; the float32 forward (FMA dots, 64x64x16)
-    # 8+8 with 3.9 at the narrow widths (ragged K loop)
+    # the fused block GEMMs (kernels/linear.py): with 3.6 (the GPU machines') 0 everywhere but the float32 dgrad
+    # (4+4 with the bias gradient's sums); with 3.9 the float32 forward (FMA dots, 64x64x16) 8+8 at the narrow
+    # widths (ragged K loop), the float32 dgrad 8+8, and the bfloat16 dgrad with the bias sums 16+8 to 44+32 on
+    # 7 of its 8 tiles x flag sets (float16: 0)
     ("_linear_fwd_kernel", "fp32", "C128"): 48,
     ("_linear_fwd_kernel", "fp32", "C256"): 48,
+    ("_linear_dgrad_kernel", "fp32", "C256"): 24,
+    ("_linear_dgrad_kernel", "bf16", "C256"): 96,
+    ("_linear_dgrad_kernel", "bf16", "C512"): 96,
 }
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -111,7 +116,7 @@ def jobs_for(scope: str) -> List[dict]:
         for dt in DTYPES + ("amp",):
             for C, N in ((96, 401), (224, 401), (448, 197), (768, 197)):
                 jobs.append(_job("layer_norm", dt, C, 0, N, 256))
-        for dt in DTYPES:  # the branch block's GEMMs: K ragged (224) and a multiple of the K tile (448)
+        for dt in DTYPES + ("amp",):  # the branch block's GEMMs: K ragged (224) and a multiple of the K tile (448)
             for C, N in ((224, 401), (448, 197)):
                 for gemm in ("qkv", "proj", "fc1", "fc2"):
                     jobs.append(dict(_job("linear", dt, C, 0, N, 256), gemm=gemm))
@@ -133,7 +138,7 @@ def jobs_for(scope: str) -> List[dict]:
                         seen.add(tuple(sorted(j.items())))
                         jobs.append(j)
         widths = sorted({(c, _N[img][i]) for w, img in _MODELS for i, c in enumerate(_WIDTHS[w][:2])})
-        for dt in DTYPES:  # the branch block's GEMMs at every width and token count of the family
+        for dt in DTYPES + ("amp",):  # the branch block's GEMMs at every width and token count of the family
             for C, N in widths:
                 for gemm in ("qkv", "proj", "fc1", "fc2"):
                     jobs.append(dict(_job("linear", dt, C, 0, N, 256), gemm=gemm))
@@ -346,19 +351,26 @@ def _drive(j: dict) -> None:
         m = mods[op]
         kin, nout, flags = {g[0]: g[1:] for g in m._BLOCK_GEMMS}[j["gemm"]]
         K, NO = kin * C, nout * C
+        # as the Block calls them: "amp" is bfloat16 autocast (a float32 residual stream, LayerNorm parameters and
+        # biases; the weights cast to bfloat16), otherwise everything in one dtype. qkv / fc1 read the stream,
+        # proj / fc2 the previous kernel's output (compute dtype) and add the stream.
+        sd = torch.float32 if j["dtype"] == "amp" else dt
         w = torch.zeros((NO, K), dtype=dt)
-        bias = torch.zeros((NO,), dtype=dt)
-        lnw = torch.zeros((K,), dtype=dt) if flags.get("ln") else None
+        bias = torch.zeros((NO,), dtype=sd)
+        lnw = torch.zeros((K,), dtype=sd) if flags.get("ln") else None
         scale = torch.zeros((B,), dtype=dt) if flags.get("scale") else None
-        res = _tensor((B, N, NO), dt) if flags.get("res") else None
-        x = _tensor((B, N, K), dt)
+        res = _tensor((B, N, NO), sd) if flags.get("res") else None
+        x = _tensor((B, N, K), sd if flags.get("ln") else dt)
         gelu = bool(flags.get("gelu"))
         _W["tag"]["pass"] = "fwd"
         for save in (False, True):  # inference, and the training forward that saves for the backward
             m.linear_fwd(x, w, bias, lnw, lnw, 1e-6, gelu, scale, res, None, save)
         _W["tag"]["pass"] = "bwd"
         pre = _tensor((B * N, NO), dt) if gelu else None
-        m.linear_dgrad(_tensor((B, N, NO), dt), w, pre, scale)
+        dout = _tensor((B, N, NO), torch.promote_types(sd, dt) if res is not None else dt)
+        from crossvit_fast.ops.linear import dgrad  # the op's call: its dz / da dtypes and the bias gradient
+
+        dgrad(dout, w, pre, scale, torch.float32 if lnw is not None else x.dtype)
     elif op == "layer_norm":
         m = mods[op]
         amp = j["dtype"] == "amp"

@@ -768,3 +768,28 @@ def test_cuda_autotune_never_reruns_into_an_aliased_output(monkeypatch):
     got, *_ = kl.linear_fwd(**dict(args, residual=res), out=res)
     assert got is res and not kl.tuned_configs()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("gelu_scale", [(False, False), (True, True)], ids=["dz-is-dout", "gelu+scale"])
+@pytest.mark.parametrize("M_shape", [(3, 13), (1, 1), (2, 40)], ids=lambda s: "x".join(map(str, s)))
+def test_dgrad_bias_gradient_from_partial_sums(gelu_scale, M_shape):
+    """The dgrad kernel's per-row-tile column sums of dz, summed by the launcher: the bias gradient, without a
+    second pass over dz (several row tiles, ragged edges, one row)."""
+    gelu, with_scale = gelu_scale
+    B, T = M_shape
+    N, K = 37, 24
+    dtype = torch.float32
+    dout = torch.randn(B, T, N, device=DEV, dtype=dtype)
+    w = torch.randn(N, K, device=DEV, dtype=dtype)
+    pre = torch.randn(B * T, N, device=DEV, dtype=dtype) if gelu else None
+    scale = torch.rand(B, device=DEV, dtype=dtype) if with_scale else None
+    da, dz, db = kl.linear_dgrad(dout, w, pre, scale, None, True, True, config=SMALL_TILES)
+    torch.testing.assert_close(db, dz.double().sum(0).float(), rtol=1e-5, atol=1e-5)
+    da2, dz2, none = kl.linear_dgrad(dout, w, pre, scale, None, True, False, config=SMALL_TILES)
+    assert none is None and torch.equal(da, da2) and torch.equal(dz, dz2)
+    if not gelu and not with_scale:  # dz not stored (it is dout): the sums still come from the kernel
+        _, nodz, db3 = kl.linear_dgrad(dout, w, None, None, None, False, True, config=SMALL_TILES)
+        assert nodz is None
+        torch.testing.assert_close(db3, dout.double().sum((0, 1)).float(), rtol=1e-5, atol=1e-5)
+    empty = kl.linear_dgrad(dout[:0], w, None, None, None, True, True)[2]
+    assert empty.shape == (N,) and not empty.any()

@@ -77,6 +77,7 @@ SPILL_BUDGET: Dict[Tuple[str, str, str], int] = {
     # 7 of its 8 tiles x flag sets (float16: 0)
     ("_linear_fwd_kernel", "fp32", "C128"): 48,
     ("_linear_fwd_kernel", "fp32", "C256"): 48,
+    ("_linear_dgrad_kernel", "fp32", "C128"): 24,  # C = 96 (family scope)
     ("_linear_dgrad_kernel", "fp32", "C256"): 24,
     ("_linear_dgrad_kernel", "bf16", "C256"): 96,
     ("_linear_dgrad_kernel", "bf16", "C512"): 96,

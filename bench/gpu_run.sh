@@ -26,8 +26,9 @@
 #                 the smoke tests add fp16 (about 50 more) and the linear GEMMs (4 flag sets x 2 widths, bf16)
 #   ci scope      469 distinct compiles, 540 CPU s with triton 3.9 (every kernel x dtype x width class, the GEMMs'
 #                 8 autotuned tiles each)
-#   tests-ops     the family (not measured to completion: about 360 estimated) plus self-attention's autotune sets,
-#                 split over four processes
+#   family scope  765 distinct compiles, 740 CPU s with triton 3.6.0 / Python 3.12 (every op, width, dtype and
+#                 autotune candidate of the family: what precompile builds on all cores, and the prebuilt cache holds)
+#   tests-ops     the family plus the tests' odd shapes, split over four processes
 # Inductor compiles: smoke 1 (timm model, forward; the op benches' compiled providers wait for their phases); bench-ln 24 a dtype; bench-cls 12; bench-linear 20; bench-model 1 per compiled provider and pass
 # (~1-2 min each for crossvit_18).
 #

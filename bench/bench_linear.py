@@ -271,6 +271,7 @@ def main(argv=None) -> int:
             record["rows"].extend(run_gemm(c, gp, args.warmup_ms, args.rep_ms))
         else:
             record["rows"].extend(run_block(c, bp, args.warmup_ms, args.rep_ms))
+        record["gemm_tiles"] = gemm_tiles()  # every pick so far (a row's tiles name only those its case tuned)
         write_record(record, args.out_dir)  # a partial record survives a time limit
     path = write_record(record, args.out_dir, complete=True)
     print(f"wrote {path}")

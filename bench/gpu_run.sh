@@ -57,11 +57,14 @@ prebuilt=bench/.gpu-carry/triton-cache.tar.xz
 tcache=/tmp/crossvit_fast-triton-cache
 kernels_in() { find "$1" -name '__grp__*' 2>/dev/null | wc -l; }
 if [ "$dry" != 1 ]; then
+  export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$tcache}  # the prebuilt cache's path (Triton's index is absolute)
+  mkdir -p "$TRITON_CACHE_DIR"
   if [ -f "$prebuilt" ]; then
-    mkdir -p "$tcache" && tar xJf "$prebuilt" -C "$tcache" && export TRITON_CACHE_DIR=$tcache
+    if [ "$TRITON_CACHE_DIR" = "$tcache" ]; then tar xJf "$prebuilt" -C "$tcache"
+    else say "prebuilt cache not used: TRITON_CACHE_DIR is $TRITON_CACHE_DIR, not $tcache"; fi
   fi
-  tcache_before=$(kernels_in "${TRITON_CACHE_DIR:-$HOME/.triton/cache}")
-  say "triton cache ${TRITON_CACHE_DIR:-$HOME/.triton/cache}: $tcache_before kernels at the start"
+  tcache_before=$(kernels_in "$TRITON_CACHE_DIR")
+  say "triton cache $TRITON_CACHE_DIR: $tcache_before kernels at the start"
 fi
 
 # step NAME CMD...: run CMD with the time left (minus a margin for packing); SIGINT first so pytest reports.
@@ -123,13 +126,12 @@ parallel() {
 # without one, or if it misses (another triton build): the compiles the tests and benches would otherwise make one at
 # a time, in-process, each autotuned key compiling its 8 GEMM tiles serially. Always in smoke (its log line says
 # whether the carried cache hit); in the other phases when the cache holds fewer than 100 kernels, or PRECOMPILE=1.
-precompile() {
-  export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$tcache}
-  mkdir -p "$TRITON_CACHE_DIR"
-  local before
+precompile() {  # a speed-up only: its exit status (e.g. 124 when cut at PRECOMPILE_S) does not fail the phase
+  local before st=$status
   before=$(kernels_in "$TRITON_CACHE_DIR")
-  step precompile timeout --signal=INT "${PRECOMPILE_S:-240}" \
+  step precompile timeout --signal=INT --kill-after=15 "${PRECOMPILE_S:-240}" \
     python tests/sm90_compile.py --set family --jobs "$(nproc)" --cache-dir "$TRITON_CACHE_DIR"
+  status=$st
   say "precompile: $(( $(kernels_in "$TRITON_CACHE_DIR") - before )) kernels compiled, $before were in the cache"
 }
 if [ "$dry" != 1 ] && { [ "$phase" = smoke ] || [ "${PRECOMPILE:-0}" = 1 ] || [ "$tcache_before" -lt 100 ]; }; then
@@ -187,7 +189,7 @@ case "$phase" in
   *) echo "unknown phase $phase (see the header of $0)"; exit 2 ;;
 esac
 
-[ "$dry" = 1 ] || say "triton cache: $(( $(kernels_in "${TRITON_CACHE_DIR:-$HOME/.triton/cache}") - tcache_before )) kernels compiled in this phase"
+[ "$dry" = 1 ] || say "triton cache: $(( $(kernels_in "$TRITON_CACHE_DIR") - tcache_before )) kernels compiled in this phase"
 say "phase $phase done in $((SECONDS - start))s, status $status"
 if [ -n "$OUT" ] && [ "$dry" != 1 ]; then
   tgz=$(mktemp "${TMPDIR:-/tmp}/gpu_run.XXXXXX") && tar czf "$tgz" -C "$OUT" . \

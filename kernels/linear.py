@@ -387,20 +387,33 @@ def _shares_storage(outs, ins) -> bool:
     return any(t.untyped_storage().data_ptr() in ptrs for t in outs if t is not None)
 
 
+def _skippable():
+    """What a candidate may raise that makes the tuner skip it (as triton.autotune does): out of shared memory /
+    registers at launch, a ptxas or compile-time-assert failure."""
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import PTXASError
+
+    return (OutOfResources, PTXASError, CompileTimeAssertionFailure)
+
+
 def _launch_with_tuning(launch, key: tuple, default: Config, candidates: List[Config], device: torch.device,
-                        may_tune: bool) -> Config:
+                        may_tune) -> Config:
     """Launch once, with: the config tuned for ``key`` if any; else, when tuning is allowed (``AUTOTUNE``, CUDA,
-    not capturing, ``may_tune``: no output shares memory with an input, so repeated launches give one result), the
-    fastest candidate, timed now and remembered (a candidate that cannot launch, e.g. out of shared memory, is
-    skipped; the result is that of one more launch with the winner); else ``default``. Returns the config used."""
+    not capturing, ``may_tune()``: no output shares memory with an input, so repeated launches give one result),
+    the fastest candidate, timed now and remembered (a candidate that cannot compile or launch is skipped; out of
+    memory for the timing's L2-flush buffer skips the tuning; the result is that of one more launch with the
+    winner); else ``default``. Returns the config used."""
     chosen = _chosen.get(key)
-    if chosen is None and AUTOTUNE and may_tune and len(candidates) > 1 and not _capturing(device):
+    if chosen is None and AUTOTUNE and len(candidates) > 1 and not _capturing(device) and may_tune():
         times = {}
-        for c in candidates:
-            try:
-                times[c] = _bench_ms(lambda c=c: launch(c))
-            except OutOfResources:
-                continue
+        try:
+            for c in candidates:
+                try:
+                    times[c] = _bench_ms(lambda c=c: launch(c))
+                except _skippable():
+                    continue
+        except torch.cuda.OutOfMemoryError:
+            times = {}
         if times:
             chosen = min(times, key=times.get)
             _chosen[key] = chosen
@@ -409,10 +422,11 @@ def _launch_with_tuning(launch, key: tuple, default: Config, candidates: List[Co
     return config
 
 
-def _launch(launch, key: tuple, M: int, n_cols: int, ct: torch.dtype, ref: torch.Tensor, may_tune: bool,
+def _launch(launch, key_of, M: int, n_cols: int, ct: torch.dtype, ref: torch.Tensor, may_tune,
             config: Optional[Config]) -> None:
     """The launch of a kernel ``launch(config)``: explicit ``config``; the interpreter's tile; compile-only (the
-    sm_90 tool): every candidate; else :func:`_launch_with_tuning`."""
+    sm_90 tool): every candidate; else :func:`_launch_with_tuning`. ``key_of()`` / ``may_tune()`` are only
+    evaluated on that last path (a few microseconds of CPU a launch saved elsewhere)."""
     if config is not None:
         launch(config)
     elif _INTERPRETED:
@@ -421,8 +435,8 @@ def _launch(launch, key: tuple, M: int, n_cols: int, ct: torch.dtype, ref: torch
         for c in tune_configs(ct) if AUTOTUNE else [pick_config(M, n_cols, ct, _sm_count(ref))]:
             launch(c)
     else:
-        _launch_with_tuning(launch, key, pick_config(M, n_cols, ct, _sm_count(ref)), tune_configs(ct), ref.device,
-                            may_tune)
+        _launch_with_tuning(launch, key_of(), pick_config(M, n_cols, ct, _sm_count(ref)), tune_configs(ct),
+                            ref.device, may_tune)
 
 
 def _check_tensor(name: str, t, device) -> None:
@@ -569,10 +583,14 @@ def linear_fwd(
             enable_fp_fusion=FP_FUSION,
         )
 
-    key = _tune_key("fwd", M, N, K, flags, [x3, weight] + ([r3] if residual is not None else []), [o3])
+    def key_of() -> tuple:
+        return _tune_key("fwd", M, N, K, flags, [x3, weight] + ([r3] if residual is not None else []), [o3])
+
+    def may_tune() -> bool:
+        return not _shares_storage([out], [x, weight, bias, ln_weight, ln_bias, scale, residual])
+
     with _device_of(x):
-        _launch(launch, key, M, N, ct, x, not _shares_storage([out], [x, weight, bias, ln_weight, ln_bias, scale,
-                                                                      residual]), config)
+        _launch(launch, key_of, M, N, ct, x, may_tune, config)
     return out, pre, ahat, mean, rstd
 
 
@@ -600,6 +618,8 @@ def linear_dgrad(
         raise ValueError(f"linear backward: dout has shape {tuple(dout.shape)} and weight {tuple(weight.shape)}; "
                          f"expected dout (..., N) and weight (N, K)")
     N, K = weight.shape
+    if N < 1 or K < 1:
+        raise ValueError(f"linear backward: weight has shape {tuple(weight.shape)}; expected (N, K) with N, K >= 1")
     M = dout.numel() // N
     if pre is not None:
         _check_tensor("pre", pre, dout.device)
@@ -644,10 +664,13 @@ def linear_dgrad(
             enable_fp_fusion=FP_FUSION,
         )
 
-    key = _tune_key("dgrad", M, N, K, (pre is not None, scale is not None, bool(store_dz), bool(bias_grad)),
-                    [d3, weight] + ([pre] if pre is not None else []), [a3])
+    def key_of() -> tuple:
+        return _tune_key("dgrad", M, N, K, (pre is not None, scale is not None, bool(store_dz), bool(bias_grad)),
+                         [d3, weight] + ([pre] if pre is not None else []), [a3])
+
     with _device_of(dout):
-        _launch(launch, key, M, K, ct, dout, not _shares_storage([da], [dout, pre, scale, weight]), config)
+        _launch(launch, key_of, M, K, ct, dout, lambda: not _shares_storage([da], [dout, pre, scale, weight]),
+                config)
     return da, dz, partials[0].sum(0) if bias_grad else None
 
 

@@ -389,6 +389,8 @@ def test_bad_inputs(no_launch):
         kl.linear_dgrad(torch.randn(2, 5, 7, device=DEV), w)
     with pytest.raises(ValueError, match="pre must be"):
         kl.linear_dgrad(torch.randn(2, 5, 8, device=DEV), w, pre=torch.randn(10, 7, device=DEV))
+    with pytest.raises(ValueError, match=r"weight has shape \(8, 0\); expected \(N, K\) with N, K >= 1"):
+        kl.linear_dgrad(torch.randn(2, 5, 8, device=DEV), torch.randn(8, 0, device=DEV), bias_grad=True)
 
 
 def test_cpu_tensor_refused_without_interpreter(no_launch, monkeypatch):
@@ -652,6 +654,12 @@ def fake_tuner(monkeypatch):
         cfg = launches[-1]
         if cfg == CANDS[2] and "oor" in timed_flags:
             raise OutOfResources(300000, 232448, "shared memory")
+        if cfg == CANDS[1] and "ptxas" in timed_flags:
+            from triton.runtime.errors import PTXASError
+
+            raise PTXASError("ptxas failed")
+        if "oom" in timed_flags:
+            raise torch.cuda.OutOfMemoryError("no room for the L2-flush buffer")
         return ms[cfg]
 
     timed_flags = set()
@@ -660,7 +668,7 @@ def fake_tuner(monkeypatch):
 
 
 def _tune(launches, key=("k",), may_tune=True):
-    return kl._launch_with_tuning(launches.append, key, CANDS[0], CANDS, torch.device("cpu"), may_tune)
+    return kl._launch_with_tuning(launches.append, key, CANDS[0], CANDS, torch.device("cpu"), lambda: may_tune)
 
 
 def test_tuner_takes_the_fastest_remembers_it_and_ends_with_its_launch(fake_tuner):
@@ -678,6 +686,14 @@ def test_tuner_skips_a_config_out_of_resources(fake_tuner):
     flags.add("oor")
     assert _tune(launches) == CANDS[1]
     assert launches[-1] == CANDS[1]
+    flags.add("ptxas")  # a candidate ptxas rejects is skipped too
+    assert _tune(launches, key=("k2",)) == CANDS[0]
+
+
+def test_tuner_out_of_memory_takes_the_default_untuned(fake_tuner):
+    launches, _, flags = fake_tuner
+    flags.add("oom")
+    assert _tune(launches) == CANDS[0] and launches[-1] == CANDS[0] and not kl.tuned_configs()
 
 
 @pytest.mark.parametrize("why", ["autotune-off", "capturing", "output-aliases-input"])

@@ -159,7 +159,9 @@ case "$phase" in
     bench bench/bench_model.py "$headline" --batch 256 --dtype bfloat16 --passes forward --providers timm-compiled ;;
   tests-ops)
     parallel "tests-cls:tests/test_cls_cross_attention.py" "tests-sa:tests/test_self_attention.py" \
-      "tests-ln:tests/test_layer_norm.py" "tests-linear:tests/test_linear.py tests/test_block.py" ;;
+      "tests-ln:tests/test_layer_norm.py" "tests-linear:tests/test_linear.py tests/test_block.py"
+    # which ops passed every CUDA test here, and the GPU_VERIFIED_OPS entry for this architecture (not a failure)
+    [ "$dry" = 1 ] || python bench/verified_ops.py "$logdir"/junit-tests-{cls,sa,ln,linear}.xml 2>&1 | tee -a "$log" ;;
   tests-models)
     parallel "tests-model-backends:tests/test_model_backends.py" "tests-timm:tests/test_timm_parity.py" \
       "tests-rest:tests/test_convert.py tests/test_models.py tests/test_cli.py tests/test_training.py tests/test_backend.py" ;;

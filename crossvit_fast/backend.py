@@ -13,8 +13,9 @@ self-attention through ``F.scaled_dot_product_attention``, PyTorch's LayerNorm, 
 attention as timm writes it (explicit matmuls: timm's ``CrossAttention`` does not call SDPA). ``"triton"`` is the
 fused kernels: asking for it where it cannot run raises :class:`BackendUnavailableError` saying why. ``"auto"``
 takes the fused path only where it can run at full speed (a CUDA device, triton installed, a kernel for the op that
-has passed its parity tests on a GPU: ``GPU_VERIFIED_OPS``) and ``"torch"`` otherwise, so a model is never slower
-than timm's. Triton's CPU interpreter (``TRITON_INTERPRET=1``) counts as "can run" for an explicit ``"triton"``
+has passed its parity tests on a GPU of the device's architecture: ``GPU_VERIFIED_OPS``) and ``"torch"`` otherwise,
+so a model is never slower than timm's: a kernel verified on an H100 (``sm_90``) is not taken by default on an A100
+(``sm_80``, less shared memory per block, other tiles) or a ROCm device. Triton's CPU interpreter (``TRITON_INTERPRET=1``) counts as "can run" for an explicit ``"triton"``
 only: it is for tests.
 
 Nothing here imports triton.
@@ -27,7 +28,7 @@ import contextvars
 import importlib.util
 import os
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -38,6 +39,9 @@ __all__ = [
     "RESOLVED_BACKENDS",
     "FUSED_OPS",
     "GPU_VERIFIED_OPS",
+    "device_arch",
+    "verified_on",
+    "verified_archs",
     "BackendUnavailableError",
     "use_backend",
     "get_backend",
@@ -73,11 +77,55 @@ TORCH_PATH: dict = {
 }
 """What each op runs on the ``"torch"`` backend (where it does not run fused): what timm runs."""
 
-GPU_VERIFIED_OPS: set = set()
-"""Fused ops whose CUDA parity tests have passed on a GPU from this repository (with a committed benchmark record).
-``"auto"`` takes only these: a kernel tested in Triton's CPU interpreter alone runs when asked for explicitly
-(``backend="triton"``), never by default. ``"linear"`` is the whole fused-GEMM block path: its CUDA tests are
-tests/test_linear.py and tests/test_block.py (the ``block_half`` op the Block runs)."""
+GPU_VERIFIED_OPS: Dict[str, FrozenSet[str]] = {}
+"""Fused op -> the GPU architectures (:func:`device_arch` names: ``"sm_90"`` for H100 / H200) on which its CUDA
+parity tests have passed from this repository (with a committed benchmark record). ``"auto"`` takes an op's kernel
+only on a device of one of these architectures: a kernel tested in Triton's CPU interpreter alone, or on another
+architecture, runs when asked for explicitly (``backend="triton"``), never by default. ``"linear"`` is the whole
+fused-GEMM block path: its CUDA tests are tests/test_linear.py and tests/test_block.py (the ``block_half`` op the
+Block runs)."""
+
+_archs: Dict[int, Optional[str]] = {}
+
+
+def device_arch(device=None) -> Optional[str]:
+    """The architecture of a CUDA device, as :data:`GPU_VERIFIED_OPS` names it: ``"sm_90"`` for NVIDIA compute
+    capability 9.0, the ROCm architecture (``"gfx942"``) on a ROCm build; None for a non-CUDA device or without
+    CUDA. ``device``: a ``torch.device``, an index, or None (the current CUDA device)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return None
+        index = torch.cuda.current_device()
+    elif isinstance(device, int):
+        index = device
+    else:
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
+        if device.type != "cuda":
+            return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _archs:
+        props = torch.cuda.get_device_properties(index)
+        if torch.version.hip is not None:
+            _archs[index] = str(getattr(props, "gcnArchName", "rocm")).split(":")[0]
+        else:
+            _archs[index] = f"sm_{props.major}{props.minor}"
+    return _archs[index]
+
+
+def verified_on(op: Optional[str], arch: Optional[str]) -> bool:
+    """Whether ``op``'s kernel (any op's, when None) has passed its CUDA parity tests on ``arch``."""
+    if arch is None:
+        return False
+    if op is None:
+        return any(arch in archs for archs in GPU_VERIFIED_OPS.values())
+    return arch in GPU_VERIFIED_OPS.get(op, ())
+
+
+def verified_archs(op: str) -> str:
+    """The architectures ``op`` is verified on, for messages: ``"sm_90"``, or ``"none yet"``."""
+    return ", ".join(sorted(GPU_VERIFIED_OPS.get(op, ()))) or "none yet"
+
 
 _context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("crossvit_fast_backend", default=None)
 _warned: set = set()
@@ -172,8 +220,7 @@ def resolve_backend(requested: Optional[str] = None, op: Optional[str] = None) -
             )
         return "triton"
     ok, _ = triton_status(op, allow_interpreter=False)
-    verified = op in GPU_VERIFIED_OPS if op is not None else bool(GPU_VERIFIED_OPS)
-    return "triton" if ok and verified else "torch"
+    return "triton" if ok and verified_on(op, device_arch()) else "torch"
 
 
 def op_backends(model: torch.nn.Module) -> Dict[str, Dict[str, int]]:

@@ -100,7 +100,15 @@ def cmd_list(args) -> int:
 
 def cmd_info(args) -> int:
     import crossvit_fast
-    from crossvit_fast.backend import FUSED_OPS, GPU_VERIFIED_OPS, backend_request, resolve_backend, triton_status
+    from crossvit_fast.backend import (
+        FUSED_OPS,
+        backend_request,
+        device_arch,
+        resolve_backend,
+        triton_status,
+        verified_archs,
+        verified_on,
+    )
     from crossvit_fast.config import ENV_AUTOTUNE, ENV_BACKEND, autotune_from_env
 
     print(f"crossvit_fast {crossvit_fast.__version__}")
@@ -110,8 +118,7 @@ def cmd_info(args) -> int:
         print(f"{pkg:<13} {_version(pkg)}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
-            cap = torch.cuda.get_device_capability(i)
-            print(f"cuda:{i}        {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]})")
+            print(f"cuda:{i}        {torch.cuda.get_device_name(i)} ({device_arch(i)})")
     else:
         build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
         print(f"devices       cpu only (torch.cuda.is_available() is False; {build})")
@@ -142,8 +149,10 @@ def cmd_info(args) -> int:
     for op in FUSED_OPS:
         took = resolve_backend("auto", op=op)
         note = ""
-        if took != "triton" and op not in GPU_VERIFIED_OPS and triton_status(op)[0]:
-            note = " (its kernel is not yet verified on a GPU: ask for 'triton' to run it)"
+        arch = device_arch()
+        if took != "triton" and not verified_on(op, arch) and triton_status(op)[0]:
+            note = (f" (its kernel has not passed its parity tests on {arch or 'this device'}; verified on: "
+                    f"{verified_archs(op)}; ask for 'triton' to run it)")
         elif took != "triton" and not ok_any:
             note = " (the fused kernels cannot run here: see triton above)"
         print(f"  auto         takes {took} here for {op}{note}")

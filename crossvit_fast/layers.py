@@ -18,7 +18,16 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from crossvit_fast.backend import BackendUnavailableError, fused_runs_on, get_backend, resolve_backend, warn_once
+from crossvit_fast.backend import (
+    BackendUnavailableError,
+    device_arch,
+    fused_runs_on,
+    get_backend,
+    resolve_backend,
+    verified_archs,
+    verified_on,
+    warn_once,
+)
 from crossvit_fast.config import (
     CLS_CROSS_ATTENTION_MAX_DIM,
     CLS_CROSS_ATTENTION_MAX_HEAD_DIM,
@@ -152,12 +161,32 @@ class _BackendMixin:
         elif not fused_runs_on(x):
             problem = f"a tensor on {x.device} (the fused kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU ones)"
         if not problem:
-            return True
+            return self._verified_here(self.op_name, x, name)
         if self.backend_requested == "triton":
             raise ValueError(f"{name} was built with backend='triton' but got {problem}")
         warn_once(
             f"{self.op_name}-{dtype}-{x.device.type}",
             f"crossvit_fast: backend 'auto' chose the fused {self.op_name} kernel for {name}, but it got {problem}; "
+            f"using the torch path (what timm runs) for such calls",
+        )
+        return False
+
+    @torch.jit.unused
+    def _verified_here(self, op, x, name):
+        # type: (str, torch.Tensor, str) -> bool
+        """Explicit "triton": always. "auto": whether ``op``'s kernel has passed its parity tests on the
+        architecture of ``x``'s device (a model built where it had may run on another GPU); if not, warn once and
+        take the torch path."""
+        if self.backend_requested == "triton":
+            return True
+        arch = device_arch(x.device)
+        if verified_on(op, arch):
+            return True
+        problem = (f"a tensor on {x.device} ({arch or 'not a CUDA device'}), an architecture the {op} kernel has "
+                   f"not passed its parity tests on (verified on: {verified_archs(op)})")
+        warn_once(
+            f"{op}: {problem}",
+            f"crossvit_fast: backend 'auto' chose the fused {op} kernel for {name}, but it got {problem}; "
             f"using the torch path (what timm runs) for such calls",
         )
         return False
@@ -355,7 +384,8 @@ class Block(_BackendMixin, nn.Module):
         return any(isinstance(m, nn.Dropout) and m.p > 0.0 for m in mods)
 
     @torch.jit.unused
-    def _use_fused_linear(self) -> bool:
+    def _use_fused_linear(self, x):
+        # type: (torch.Tensor) -> bool
         if getattr(self, "linear_backend", "torch") != "triton":
             return False
         if self._dropout_modules_active():
@@ -365,11 +395,11 @@ class Block(_BackendMixin, nn.Module):
                 "(op 'linear') do not implement; using the reference path for those calls",
             )
             return False
-        return True
+        return self._verified_here("linear", x, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._use_fused(x):
-            if self._use_fused_linear():
+            if self._use_fused_linear(x):
                 return self._forward_fused_linear(x)
             return self._forward_fused(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
@@ -413,15 +443,17 @@ class Block(_BackendMixin, nn.Module):
         def weight(lin: nn.Linear) -> torch.Tensor:
             return lin.weight if lin.weight.dtype == dt else lin.weight.to(dt)  # autocast's per-call cast
 
-        if getattr(a, "backend", "reference") == "triton":
+        attn_backend = getattr(a, "backend", "reference")
+        if attn_backend == "triton" and a._use_fused(x):  # x: the device and (autocast) dtype qkv will have
             x = block_half(x, n1.weight, n1.bias, weight(a.qkv), a.qkv.bias, weight(a.proj), a.proj.bias, eps=n1.eps,
                            scale=self._drop_path_scale(self.drop_path1, x, dt), num_heads=a.num_heads,
                            attn_scale=a.scale)
-        else:  # the attention's explicit math between the two GEMMs
+        else:  # the attention module's unfused path between the two GEMMs: SDPA ("torch"), or the explicit math
             from crossvit_fast.ops.linear import linear
 
             qkv = linear(x, weight(a.qkv), a.qkv.bias, n1.weight, n1.bias, n1.eps)  # (B, N, 3C) in dt
-            o = self_attention_ref(qkv, a.num_heads, a.scale)  # (B, N, C)
+            attend = self_attention_ref if attn_backend == "reference" else self_attention_sdpa
+            o = attend(qkv, a.num_heads, a.scale)  # (B, N, C)
             x = linear(o, weight(a.proj), a.proj.bias, scale=self._drop_path_scale(self.drop_path1, x, dt),
                        residual=x)
         return block_half(x, n2.weight, n2.bias, weight(mlp.fc1), mlp.fc1.bias, weight(mlp.fc2), mlp.fc2.bias,

@@ -120,9 +120,80 @@ def test_import_needs_no_triton_and_imports_none():
 def test_auto_takes_only_gpu_verified_kernels(no_interpreter, monkeypatch):
     monkeypatch.setattr(B.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(B.torch.cuda, "get_device_name", lambda *a: "a CUDA device")
-    monkeypatch.setattr(B, "GPU_VERIFIED_OPS", set())
+    monkeypatch.setattr(B, "device_arch", lambda device=None: "sm_90")
+    monkeypatch.setattr(B, "GPU_VERIFIED_OPS", {})
     assert B.resolve_backend("auto", op="self_attention") == "torch"
     assert B.resolve_backend("triton", op="self_attention") == "triton"
-    monkeypatch.setattr(B, "GPU_VERIFIED_OPS", {"self_attention"})
+    monkeypatch.setattr(B, "GPU_VERIFIED_OPS", {"self_attention": frozenset({"sm_90"})})
     assert B.resolve_backend("auto", op="self_attention") == "triton"
     assert B.resolve_backend("auto", op="cls_cross_attention") == "torch"
+    # verified on another architecture only: "auto" does not take it here; an explicit "triton" still does
+    monkeypatch.setattr(B, "device_arch", lambda device=None: "sm_80")
+    assert B.resolve_backend("auto", op="self_attention") == "torch"
+    assert B.resolve_backend("triton", op="self_attention") == "triton"
+    assert not B.verified_on(None, "sm_80") and B.verified_on(None, "sm_90") and not B.verified_on("self_attention", None)
+    assert B.verified_archs("self_attention") == "sm_90" and B.verified_archs("linear") == "none yet"
+
+
+def test_device_arch(monkeypatch):
+    assert B.device_arch(torch.device("cpu")) is None and B.device_arch("meta") is None
+    if not torch.cuda.is_available():
+        assert B.device_arch() is None
+    monkeypatch.setattr(B, "_archs", {})
+
+    class Props:
+        major, minor, gcnArchName = 9, 0, "gfx942:sramecc+:xnack-"
+
+    monkeypatch.setattr(B.torch.cuda, "get_device_properties", lambda i: Props)
+    monkeypatch.setattr(B.torch.version, "hip", None)
+    assert B.device_arch(torch.device("cuda", 3)) == "sm_90" and B.device_arch(3) == "sm_90"
+    monkeypatch.setattr(B, "_archs", {})
+    monkeypatch.setattr(B.torch.version, "hip", "6.2")  # a ROCm build: named by its own architecture, never sm_*
+    assert B.device_arch(torch.device("cuda", 3)) == "gfx942"
+
+
+def test_auto_module_on_an_unverified_architecture_takes_the_torch_path(monkeypatch):
+    """A model built where its kernels were verified ("auto" took them) meets a GPU of another architecture: those
+    calls take the torch path with one warning; an explicit "triton" still runs the kernel."""
+    import crossvit_fast.layers as L
+    from crossvit_fast.layers import Block
+
+    if not B.interpreter_enabled():
+        pytest.skip("runs the fused path on CPU tensors in Triton's interpreter")
+    monkeypatch.setattr(B, "_warned", set())
+    calls = []
+    monkeypatch.setattr(L, "device_arch", lambda device: calls.append(device) or "sm_80")
+    monkeypatch.setattr(B, "GPU_VERIFIED_OPS", {op: frozenset({"sm_90"}) for op in B.FUSED_OPS})
+    attn = Attention(16, 2, qkv_bias=True, backend="reference").eval()
+    attn.backend, attn.backend_requested = "triton", "auto"  # as "auto" resolves on an H100
+    x = torch.randn(2, 5, 16)
+    with pytest.warns(RuntimeWarning, match=r"sm_80\), an architecture the self_attention kernel has not passed"):
+        assert not attn._use_fused(attn.qkv(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not attn._use_fused(attn.qkv(x))  # warned once only
+    monkeypatch.setattr(L, "device_arch", lambda device: "sm_90")
+    assert attn._use_fused(attn.qkv(x))
+    monkeypatch.setattr(L, "device_arch", lambda device: "sm_80")
+    attn.backend_requested = "triton"
+    assert attn._use_fused(attn.qkv(x))  # explicit: the user's choice, no architecture check
+
+    # a Block: its LayerNorm seam and its GEMMs ("linear") are checked each for its own op
+    blk = Block(16, 2, backend="reference").eval()
+    for m in (blk, blk.attn):
+        m.backend, m.backend_requested = "triton", "auto"
+    blk.linear_backend = "triton"
+    monkeypatch.setattr(B, "GPU_VERIFIED_OPS", {"layer_norm": frozenset({"sm_80"})})
+    with pytest.warns(RuntimeWarning, match="the linear kernel has not passed"):
+        assert blk._use_fused(x) and not blk._use_fused_linear(x)
+    monkeypatch.setattr(B, "GPU_VERIFIED_OPS", {"layer_norm": frozenset({"sm_80"}), "linear": frozenset({"sm_80"})})
+    assert blk._use_fused_linear(x)
+    ref = Block(16, 2, backend="reference").eval()
+    ref.load_state_dict(blk.state_dict())
+    # GEMMs fused, self-attention not verified here: the attention between them is the torch path (SDPA), not the
+    # explicit math, and the block computes what timm's does
+    seen = []
+    monkeypatch.setattr(L, "self_attention_sdpa", lambda *a, **k: seen.append(1) or L.self_attention_ref(*a, **k))
+    with pytest.warns(RuntimeWarning, match="the self_attention kernel has not passed"):
+        torch.testing.assert_close(blk(x), ref(x))
+    assert seen == [1]

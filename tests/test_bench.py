@@ -303,3 +303,27 @@ def test_gemm_tiles_names_the_autotuners_picks(monkeypatch):
          "tile": "64x64x64/w4/s4"},
     ]
     json.dumps(gemm_tiles())
+
+
+def test_verified_ops_reads_the_junit_reports(tmp_path):
+    """bench/verified_ops.py: an op is verified when each of its test files reported, none failed, some passed."""
+    def report(name, cases):
+        body = "".join(f'<testcase classname="tests.{name}" name="t{i}">{kind}</testcase>' for i, kind in enumerate(cases))
+        path = tmp_path / f"junit-{name}.xml"
+        path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
+        return str(path)
+
+    ok, skip, fail, err = "", '<skipped message="x"/>', '<failure message="x"/>', '<error message="x"/>'
+    paths = [report("test_cls_cross_attention", [ok, ok, skip]), report("test_self_attention", [ok, fail]),
+             report("test_layer_norm", [skip]), report("test_linear", [ok]), report("test_block", [ok, err])]
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "verified_ops.py")
+    r = subprocess.run([sys.executable, script, *paths, "--arch", "sm_90"], capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines()}
+    assert "verified on sm_90" in lines["cls_cross_attention"] and "2 passed / 0 failed / 1 skipped" in lines["cls_cross_attention"]
+    assert "NOT verified: 1 failed in test_self_attention.py" in lines["self_attention"]
+    assert "NOT verified: nothing passed in test_layer_norm.py" in lines["layer_norm"]
+    assert "NOT verified: 1 failed in test_block.py" in lines["linear"]
+    assert r.stdout.strip().endswith('GPU_VERIFIED_OPS entry for sm_90: {"cls_cross_attention": frozenset({"sm_90"})}')
+    r = subprocess.run([sys.executable, script, paths[3], "--arch", "sm_90"], capture_output=True, text=True)
+    assert "NOT verified: no report of test_block.py" in r.stdout

@@ -1,0 +1,91 @@
+"""Which fused ops passed their CUDA parity tests, from the junit reports of ``bash bench/gpu_run.sh tests-ops``.
+
+    python bench/verified_ops.py junit-tests-cls.xml junit-tests-sa.xml junit-tests-ln.xml junit-tests-linear.xml
+
+An op counts as verified when every test file of the op (``OP_TEST_FILES``) is in the reports, none of its tests
+failed or errored, and some passed. Run on the GPU machine (gpu_run.sh does, after tests-ops) it names the device's
+architecture (``crossvit_fast.backend.device_arch``); elsewhere give it with ``--arch``. It prints a per-op summary
+and the ``GPU_VERIFIED_OPS`` entry to paste into ``crossvit_fast/backend.py`` (a person decides: the entry also wants
+the op's benchmark record committed). Exit status 0 when every op verified, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import xml.etree.ElementTree as ET
+from typing import Dict, List
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+OP_TEST_FILES: Dict[str, List[str]] = {
+    "cls_cross_attention": ["test_cls_cross_attention"],
+    "self_attention": ["test_self_attention"],
+    "layer_norm": ["test_layer_norm"],
+    "linear": ["test_linear", "test_block"],
+}
+
+
+def count(paths: List[str]) -> Dict[str, Dict[str, int]]:
+    """Per test module (``test_linear``): passed, failed (failures and errors) and skipped test counts."""
+    out: Dict[str, Dict[str, int]] = {}
+    for path in paths:
+        for case in ET.parse(path).getroot().iter("testcase"):
+            module = case.get("classname", "").split(".")
+            module = next((m for m in module if m.startswith("test_")), "?")
+            c = out.setdefault(module, {"passed": 0, "failed": 0, "skipped": 0})
+            kinds = {child.tag for child in case}
+            if kinds & {"failure", "error"}:
+                c["failed"] += 1
+            elif "skipped" in kinds:
+                c["skipped"] += 1
+            else:
+                c["passed"] += 1
+    return out
+
+
+def verified(counts: Dict[str, Dict[str, int]]) -> Dict[str, str]:
+    """Per op: "" when verified, else why not."""
+    out = {}
+    for op, files in OP_TEST_FILES.items():
+        why = []
+        for f in files:
+            c = counts.get(f)
+            if c is None:
+                why.append(f"no report of {f}.py")
+            elif c["failed"]:
+                why.append(f"{c['failed']} failed in {f}.py")
+            elif not c["passed"]:
+                why.append(f"nothing passed in {f}.py")
+        out[op] = "; ".join(why)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("reports", nargs="+", help="pytest --junitxml files")
+    ap.add_argument("--arch", help="the GPU architecture the tests ran on (default: this machine's CUDA device)")
+    args = ap.parse_args(argv)
+    arch = args.arch
+    if arch is None:
+        from crossvit_fast.backend import device_arch
+
+        arch = device_arch()
+    if arch is None:
+        ap.error("no CUDA device here: say with --arch which architecture the reports come from")
+    counts = count(args.reports)
+    ok = verified(counts)
+    for op, why in ok.items():
+        files = ", ".join(
+            f"{f}.py {counts[f]['passed']} passed / {counts[f]['failed']} failed / {counts[f]['skipped']} skipped"
+            for f in OP_TEST_FILES[op] if f in counts)
+        print(f"{op:<20} {'verified on ' + arch if not why else 'NOT verified: ' + why}  ({files or 'no report'})")
+    good = [op for op, why in ok.items() if not why]
+    entry = ", ".join(f'"{op}": frozenset({{"{arch}"}})' for op in good)
+    print(f"GPU_VERIFIED_OPS entry for {arch}: {{{entry}}}")
+    return 0 if len(good) == len(ok) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -332,13 +332,15 @@ def layer_norm_fwd(
     *,
     out: Optional[torch.Tensor] = None,
     r: Optional[torch.Tensor] = None,
+    mean: Optional[torch.Tensor] = None,
+    rstd: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Forward: ``(out, r, mean, rstd)``.
 
     ``r = x + residual`` (None without a residual) in ``torch.result_type(x, residual)``; ``out`` the LayerNorm
     of r (or of x) in ``out_dtype`` (default: r's or x's dtype), both with x's shape (new ones contiguous; ``out=``
     and ``r=`` take preallocated tensors of any strides); ``mean`` and ``rstd`` float32, shape ``x.shape[:-1]``,
-    for the backward.
+    for the backward (``mean=`` / ``rstd=`` take preallocated contiguous float32 tensors of that many elements).
     """
     C = check_layer_norm_inputs(x, residual, weight, bias, eps, out_dtype)
     r_dtype = torch.result_type(x, residual) if residual is not None else x.dtype
@@ -353,9 +355,16 @@ def layer_norm_fwd(
         r = torch.empty(x.shape, dtype=r_dtype, device=x.device)
     else:
         _check_out("r", r, r_dtype, x)
-    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rows = mean.numel()
+    rows = x.numel() // C
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != rows or not t.is_contiguous()
+                              or t.device != x.device):
+            raise ValueError(f"layer_norm: {name}= must be a contiguous float32 tensor of {rows} elements on "
+                             f"{x.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if mean is None:
+        mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if rstd is None:
+        rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if rows == 0:
         return out, r, mean, rstd
     x3, o3 = _as3d(x), _as3d(out)

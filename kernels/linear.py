@@ -65,6 +65,17 @@ with an input (``out=`` the residual: the timed launches would add the branch ag
 tile (nothing to tune). The interpreter runs one large tile. :func:`tuned_configs` lists the picks (the GEMM
 benchmark records them per row).
 
+For a 16-bit GEMM with the LayerNorm prologue (qkv, fc1) the candidates also include each tile as ``tile +
+(LN_FIRST,)``: the ``layer_norm`` kernel normalises each row once and writes it in the compute dtype (``ahat``, which
+training saves anyway), then the GEMM reads that (:func:`fwd_candidates`). Why both: the prologue saves the DRAM
+round trip of the normalised rows (about 4 bytes a channel in inference, 2 in training, where ``ahat`` is written
+either way), but every program re-reads its float32 row block from L2 twice (statistics, then the normalising
+K-loop) for each of the ``N / BLOCK_N`` column tiles: per (BLOCK_M x BLOCK_N x BLOCK_K) step ``8 BLOCK_M BLOCK_K``
+bytes of x against ``2 BLOCK_M BLOCK_K`` for a 16-bit operand, i.e. ``2 BM BN / (8 BM + 2 BN)`` = 26 flop per L2
+byte at 128 x 128 instead of 64. With H100's L2 at roughly 7-10 TB/s that bounds the prologue GEMM near 180-260
+TFLOP/s, below the bf16 tensor-core rate, while the family's qkv / fc1 (K = C <= 448) are short enough that the
+extra DRAM traffic of a separate LayerNorm costs less. A roofline, not a measurement: the tuner decides per key.
+
 Ahead-of-time compile for sm_90 (triton 3.6.0, the GPU machines' version; sm_90a ptxas -v through the stand-in
 driver of ``tests/sm90_compile.py``): every case of ``aot_cases()``, i.e. every tile the autotuner may time x the
 flag sets of qkv / proj / fc1 / fc2 (fc2 compiles to the same specialisation as proj) x inference and training
@@ -93,10 +104,11 @@ from triton.runtime.errors import OutOfResources
 from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
 from crossvit_fast.config import autotune_from_env
 
-from .layer_norm import _as3d, _device_of, _span
+from .layer_norm import _as3d, _device_of, _span, layer_norm_fwd
 
 __all__ = ["linear_fwd", "linear_dgrad", "check_linear_inputs", "SUPPORTED_DTYPES", "AUTOTUNE", "CONFIGS",
-           "TUNE_CONFIGS", "pick_config", "tune_configs", "tuned_configs", "config_name", "aot_cases"]
+           "TUNE_CONFIGS", "LN_FIRST", "pick_config", "tune_configs", "fwd_candidates", "tuned_configs",
+           "config_name", "aot_cases"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
@@ -136,6 +148,10 @@ TUNE_CONFIGS: Dict[str, List[Config]] = {
     ],
     "fp32": [(64, 64, 16, 4, 2)],
 }
+LN_FIRST = "ln"
+"""A forward config with this as a sixth element, ``tile + (LN_FIRST,)``, runs a LayerNorm-prologue GEMM as the
+``layer_norm`` kernel (rows normalised once, written in the compute dtype) followed by the GEMM on that output,
+instead of normalising in the GEMM's prologue; the autotuner times both ways (see Tuning in the header)."""
 GROUP_M = 8
 # The interpreter's cost is per program: large tiles. Tests shrink it to walk several tiles and ragged edges.
 _INTERPRETER_CONFIG = (128, 128, 128, 1, 1)
@@ -349,6 +365,16 @@ def tune_configs(dtype: torch.dtype) -> List[Config]:
     return TUNE_CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
 
 
+def fwd_candidates(dtype: torch.dtype, has_ln: bool) -> list:
+    """Every forward config the autotuner times: the tiles, and for a 16-bit LayerNorm-prologue GEMM each tile once
+    more as ``tile + (LN_FIRST,)`` (the LayerNorm kernel, then the GEMM). float32 has nothing to gain from it (its
+    operand stays float32 either way)."""
+    tiles = tune_configs(dtype)
+    if has_ln and dtype != torch.float32:
+        return tiles + [c + (LN_FIRST,) for c in tiles]
+    return tiles
+
+
 _chosen: Dict[tuple, Config] = {}
 """Tuning key (see :func:`_tune_key`) -> the config the autotuner picked: later launches with that key, and every
 launch during CUDA-graph capture, take it without timing."""
@@ -359,9 +385,10 @@ def tuned_configs() -> Dict[tuple, Config]:
     return dict(_chosen)
 
 
-def config_name(config: Config) -> str:
-    bm, bn, bk, w, s = config
-    return f"{bm}x{bn}x{bk}/w{w}/s{s}"
+def config_name(config) -> str:
+    """``128x128x64/w8/s3``; a LayerNorm-kernel-first forward config (``tile + (LN_FIRST,)``) as ``ln+128x...``."""
+    bm, bn, bk, w, s = config[:5]
+    return ("ln+" if len(config) == 6 else "") + f"{bm}x{bn}x{bk}/w{w}/s{s}"
 
 
 def _tune_key(kind: str, M: int, N: int, K: int, flags, ins, outs) -> tuple:
@@ -423,19 +450,19 @@ def _launch_with_tuning(launch, key: tuple, default: Config, candidates: List[Co
 
 
 def _launch(launch, key_of, M: int, n_cols: int, ct: torch.dtype, ref: torch.Tensor, may_tune,
-            config: Optional[Config]) -> None:
+            config: Optional[Config], candidates: list) -> None:
     """The launch of a kernel ``launch(config)``: explicit ``config``; the interpreter's tile; compile-only (the
-    sm_90 tool): every candidate; else :func:`_launch_with_tuning`. ``key_of()`` / ``may_tune()`` are only
-    evaluated on that last path (a few microseconds of CPU a launch saved elsewhere)."""
+    sm_90 tool): every candidate; else :func:`_launch_with_tuning` over ``candidates``. ``key_of()`` /
+    ``may_tune()`` are only evaluated on that last path (a few microseconds of CPU a launch saved elsewhere)."""
     if config is not None:
         launch(config)
     elif _INTERPRETED:
         launch(_INTERPRETER_CONFIG)
     elif COMPILE_ONLY:
-        for c in tune_configs(ct) if AUTOTUNE else [pick_config(M, n_cols, ct, _sm_count(ref))]:
+        for c in candidates if AUTOTUNE else [pick_config(M, n_cols, ct, _sm_count(ref))]:
             launch(c)
     else:
-        _launch_with_tuning(launch, key_of(), pick_config(M, n_cols, ct, _sm_count(ref)), tune_configs(ct),
+        _launch_with_tuning(launch, key_of(), pick_config(M, n_cols, ct, _sm_count(ref)), candidates,
                             ref.device, may_tune)
 
 
@@ -567,17 +594,23 @@ def linear_fwd(
     dummy = out
     flags = (has_ln, bias is not None, bool(gelu), scale is not None, residual is not None, bool(save))
 
-    def launch(cfg: Config) -> None:
-        bm, bn, bk, warps, stages = cfg
+    def launch(cfg) -> None:
+        bm, bn, bk, warps, stages = cfg[:5]
+        a3, prologue = x3, has_ln
+        if has_ln and len(cfg) == 6:  # LN_FIRST: the LayerNorm kernel writes the rounded a (ahat when saved)
+            a = ahat.view(x.shape) if ahat is not None else torch.empty(x.shape, dtype=ct, device=dev)
+            layer_norm_fwd(x, None, ln_weight, ln_bias, eps, out_dtype=ct, out=a, mean=mean, rstd=rstd)
+            a3, prologue = _as3d(a), False
         _linear_fwd_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
-            x3, weight, bias if bias is not None else dummy, ln_weight if has_ln else dummy,
-            ln_bias if has_ln else dummy, scale_flat if scale is not None else dummy, r3, o3,
+            a3, weight, bias if bias is not None else dummy, ln_weight if prologue else dummy,
+            ln_bias if prologue else dummy, scale_flat if scale is not None else dummy, r3, o3,
             pre if pre is not None else dummy, ahat if ahat is not None else dummy,
             mean if mean is not None else dummy, rstd if rstd is not None else dummy,
             M, N, K, T, rpg, float(eps),
-            *x3.stride(), *weight.stride(), *r3.stride(), *o3.stride(),
-            HAS_LN=has_ln, HAS_BIAS=bias is not None, GELU=bool(gelu), HAS_SCALE=scale is not None,
-            HAS_RES=residual is not None, SAVE=bool(save), EVEN_K=K % bk == 0, IDX64=idx64,
+            *a3.stride(), *weight.stride(), *r3.stride(), *o3.stride(),
+            HAS_LN=prologue, HAS_BIAS=bias is not None, GELU=bool(gelu), HAS_SCALE=scale is not None,
+            HAS_RES=residual is not None, SAVE=bool(save) and (prologue or bool(gelu)), EVEN_K=K % bk == 0,
+            IDX64=idx64,
             DOT_PRECISION="ieee" if ct == torch.float32 else "tf32",
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, num_warps=warps, num_stages=stages,
             enable_fp_fusion=FP_FUSION,
@@ -590,7 +623,7 @@ def linear_fwd(
         return not _shares_storage([out], [x, weight, bias, ln_weight, ln_bias, scale, residual])
 
     with _device_of(x):
-        _launch(launch, key_of, M, N, ct, x, may_tune, config)
+        _launch(launch, key_of, M, N, ct, x, may_tune, config, fwd_candidates(ct, has_ln))
     return out, pre, ahat, mean, rstd
 
 
@@ -649,7 +682,7 @@ def linear_dgrad(
     idx64 = max(_span(t) for t in (d3, a3, weight)) > _INT32_MAX or M * max(N, K) > _INT32_MAX
 
     def launch(cfg: Config) -> None:
-        bm, bn, bk, warps, stages = cfg
+        bm, bn, bk, warps, stages = cfg[:5]
         if bias_grad:
             partials[:] = [torch.empty((triton.cdiv(M, bm), N), dtype=torch.float32, device=dout.device)]
         _linear_dgrad_kernel[(triton.cdiv(M, bm) * triton.cdiv(K, bn),)](
@@ -670,7 +703,7 @@ def linear_dgrad(
 
     with _device_of(dout):
         _launch(launch, key_of, M, K, ct, dout, lambda: not _shares_storage([da], [dout, pre, scale, weight]),
-                config)
+                config, tune_configs(ct))
     return da, dz, partials[0].sum(0) if bias_grad else None
 
 
@@ -699,10 +732,11 @@ def aot_cases() -> List[Dict[str, object]]:
         for name, kin, nout, flags in _BLOCK_GEMMS:
             K, N = kin * C, nout * C
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                for cfg in tune_configs(dtype):
+                for cfg in fwd_candidates(dtype, bool(flags.get("ln"))):
                     for save in (False, True):
                         out.append(dict(kernel="fwd", name=name, K=K, N=N, dtype=dtype, config=cfg, save=save,
                                         **flags))
+                for cfg in tune_configs(dtype):
                     out.append(dict(kernel="dgrad", name=name, K=K, N=N, dtype=dtype, config=cfg,
                                     gelu=flags.get("gelu", False), scale=flags.get("scale", False)))
     return out
@@ -715,7 +749,8 @@ weights in bfloat16), bf16 / fp32 everything in that dtype (a dgrad compiled for
 Per kernel, GEMM, dtype and tile: the register range over inference / training (SAVE) and the two K loops, spill
 bytes (stores + loads, worst), shared memory in bytes (worst; H100 limit 232,448) and wgmma instructions in the
 PTX (fewest). float16 is within a few registers of bfloat16. fc2 compiles to proj's specialisation. The dgrad
-writes the bias gradient's partial sums (db).
+writes the bias gradient's partial sums (db). "lnk": the LN_FIRST candidates' GEMM (its A the layer_norm kernel's
+bfloat16 output, no prologue: fewer registers and less shared memory than the prologue's float32 x stages).
 kernel gemm flags           dtype tile              regs     spill   smem wgmma
 fwd    qkv  ln,bias         amp   128x128x32/w8/s4  150-162     0   90880   2
 fwd    qkv  ln,bias         amp   128x128x64/w8/s3  220-240     0  132096   4
@@ -741,6 +776,22 @@ fwd    fc1  ln,bias,gelu    amp   64x128x32/w4/s4   151-164     0   62208   2
 fwd    fc1  ln,bias,gelu    amp   64x128x64/w4/s3   232-238     0   91136   4
 fwd    fc1  ln,bias,gelu    amp   64x128x64/w4/s4   232-242     0  124416   4
 fwd    fc1  ln,bias,gelu    amp   64x64x64/w4/s4    138-186     0   91648   4
+fwd    qkv  lnk,bias        amp   128x128x32/w8/s4      128     0   65536   2
+fwd    qkv  lnk,bias        amp   128x128x64/w8/s3      128     0   98304   4
+fwd    qkv  lnk,bias        amp   128x128x64/w8/s4      128     0  131072   4
+fwd    qkv  lnk,bias        amp   128x64x64/w8/s4     72-74     0   98304   4
+fwd    qkv  lnk,bias        amp   64x128x32/w4/s4       104     0   49152   2
+fwd    qkv  lnk,bias        amp   64x128x64/w4/s3   117-119     0   73728   4
+fwd    qkv  lnk,bias        amp   64x128x64/w4/s4   117-119     0   98304   4
+fwd    qkv  lnk,bias        amp   64x64x64/w4/s4      78-79     0   65536   4
+fwd    fc1  lnk,bias,gelu   amp   128x128x32/w8/s4  160-169     0   65536   2
+fwd    fc1  lnk,bias,gelu   amp   128x128x64/w8/s3  159-169     0   98304   4
+fwd    fc1  lnk,bias,gelu   amp   128x128x64/w8/s4  159-169     0  131072   4
+fwd    fc1  lnk,bias,gelu   amp   128x64x64/w8/s4     80-94     0   98304   4
+fwd    fc1  lnk,bias,gelu   amp   64x128x32/w4/s4   158-165     0   49152   2
+fwd    fc1  lnk,bias,gelu   amp   64x128x64/w4/s3   158-168     0   73728   4
+fwd    fc1  lnk,bias,gelu   amp   64x128x64/w4/s4   158-168     0   98304   4
+fwd    fc1  lnk,bias,gelu   amp   64x64x64/w4/s4      80-95     0   65536   4
 fwd    qkv  ln,bias         bf16  128x128x32/w8/s4  128-132     0   65920   2
 fwd    qkv  ln,bias         bf16  128x128x64/w8/s3  164-172     0   98816   4
 fwd    qkv  ln,bias         bf16  128x128x64/w8/s4  164-172     0  131840   4

@@ -104,6 +104,22 @@ def test_both_halves(half, dtype):
     check(args, kw)
 
 
+@pytest.mark.parametrize("dtype", LOW_DTYPES[1:], ids=_ids)
+@pytest.mark.parametrize("half", ["mlp", "attention"])
+def test_layer_norm_kernel_first(half, dtype, monkeypatch):
+    """Both halves with the first GEMM as the LayerNorm kernel + GEMM (``kl.LN_FIRST``, an autotuner candidate):
+    the backward's saved rows and statistics come from the LayerNorm kernel; under the rule."""
+    tile = ((16, 16, 16, 1, 1) if not CUDA else kl.CONFIGS["16bit-small"]) + (kl.LN_FIRST,)
+    monkeypatch.setattr(kl, "_INTERPRETER_CONFIG", tile)
+    monkeypatch.setattr(kl, "pick_config", lambda *a, **k: tile)
+    calls = []
+    real = kl.layer_norm_fwd
+    monkeypatch.setattr(kl, "layer_norm_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args, kw = make(2, 9, 48, dtype, heads=3 if half == "attention" else 0, strided=True)
+    check(args, kw)
+    assert calls
+
+
 @pytest.mark.parametrize("half", ["mlp", "attention"])
 @pytest.mark.parametrize("case", ["no-bias-no-drop", "batch-1", "strided-x", "odd-hidden", "16-bit-stream"])
 def test_variants(half, case):

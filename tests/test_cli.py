@@ -243,9 +243,11 @@ def test_info_on_a_cpu_machine_says_each_thing_once():
     assert "from the environment variable CROSSVIT_FAST_BACKEND" in r.stdout and "unset it" in r.stdout
 
 
-def test_help_texts(capsys):
+def test_help_texts(capsys, monkeypatch):
     from crossvit_fast.bench_utils import RESULTS_DIR
     from crossvit_fast.cli import DEFAULT_MODEL
+
+    monkeypatch.setenv("COLUMNS", "2000")  # argparse wraps (and breaks long words) at the terminal's width
 
     with pytest.raises(SystemExit):
         main(["check", "--help"])

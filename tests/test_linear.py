@@ -734,9 +734,37 @@ def test_every_default_tile_is_a_tuning_candidate_and_compiled_ahead_of_time():
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         cands = kl.tune_configs(dtype)
         assert len(set(cands)) == len(cands)
-        compiled = {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype}
-        assert compiled == set(cands)
+        for ln in (False, True):
+            fwd = kl.fwd_candidates(dtype, ln)
+            ln_first = [c for c in fwd if len(c) == 6]
+            assert fwd[:len(cands)] == cands and len(ln_first) == (len(cands) if ln and dtype != torch.float32 else 0)
+            assert all(c[:5] in cands and c[5] == kl.LN_FIRST for c in ln_first)
+            compiled = {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype and c["kernel"] == "fwd"
+                        and bool(c.get("ln")) == ln}
+            assert compiled == set(fwd)
+        assert {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype and c["kernel"] == "dgrad"} == set(cands)
     assert kl.config_name((128, 64, 32, 4, 3)) == "128x64x32/w4/s3"
+    assert kl.config_name((128, 64, 32, 4, 3, kl.LN_FIRST)) == "ln+128x64x32/w4/s3"
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=_ids)
+@pytest.mark.parametrize("gemm", ["qkv", "fc1"])
+def test_layer_norm_kernel_first(gemm, dtype, monkeypatch):
+    """The LN_FIRST forward (the layer_norm kernel writes the rounded normalised rows, then the GEMM reads them;
+    one of the autotuner's candidates for the LayerNorm-prologue GEMMs): the op's output and every gradient under
+    the rule, the launchers' out / z / ahat / mean / rstd written in full (NaN-poisoned buffers), as the Block
+    calls it (float32 stream under a 16-bit compute dtype) and in one dtype; ragged tiles."""
+    tile = (SMALL_TILES if not CUDA else kl.CONFIGS["16bit-small"]) + (kl.LN_FIRST,)
+    monkeypatch.setattr(kl, "_INTERPRETER_CONFIG", tile)
+    monkeypatch.setattr(kl, "pick_config", lambda *a, **k: tile)  # CUDA (autotuning off in these tests)
+    flags = ("ln", "bias") if gemm == "qkv" else ("ln", "bias", "gelu")
+    x_dtype = torch.float32 if dtype != torch.float32 else dtype
+    args = make((3, 13, 40), 35, dtype, flags, x_dtype=x_dtype, layout="slice")
+    calls = []
+    real = kl.layer_norm_fwd
+    monkeypatch.setattr(kl, "layer_norm_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    check(args)
+    assert calls  # the LayerNorm kernel ran (not the prologue)
 
 
 @requires_cuda
@@ -758,7 +786,8 @@ def test_cuda_autotuned(monkeypatch, gemm):
     assert_within_rule(grads["x"], g64["x"], glow["x"].to(grads["x"].dtype), what="dx")
     tuned = kl.tuned_configs()
     assert {k[0] for k in tuned} == {"fwd", "dgrad"}
-    assert all(c in kl.tune_configs(torch.bfloat16) for c in tuned.values())
+    assert all(c in (kl.fwd_candidates(torch.bfloat16, "ln" in flags) if k[0] == "fwd" else
+                     kl.tune_configs(torch.bfloat16)) for k, c in tuned.items())
     calls = []
     monkeypatch.setattr(kl, "_bench_ms", lambda fn: calls.append(1) or 1.0)
     out2, _ = run_op(args, dout)

@@ -104,12 +104,13 @@ def device_arch(device=None) -> Optional[str]:
         if device.type != "cuda":
             return None
         index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _archs:
-        props = torch.cuda.get_device_properties(index)
-        if torch.version.hip is not None:
-            _archs[index] = str(getattr(props, "gcnArchName", "rocm")).split(":")[0]
-        else:
-            _archs[index] = f"sm_{props.major}{props.minor}"
+    if index not in _archs:  # every device at once: a compiled model then meets only filled entries
+        for i in sorted({index, *range(torch.cuda.device_count())}):
+            props = torch.cuda.get_device_properties(i)
+            if torch.version.hip is not None:
+                _archs[i] = str(getattr(props, "gcnArchName", "rocm")).split(":")[0]
+            else:
+                _archs[i] = f"sm_{props.major}{props.minor}"
     return _archs[index]
 
 

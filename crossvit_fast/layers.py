@@ -172,11 +172,11 @@ class _BackendMixin:
         return False
 
     @torch.jit.unused
-    def _verified_here(self, op, x, name):
-        # type: (str, torch.Tensor, str) -> bool
+    def _verified_here(self, op, x, name, instead="the torch path (what timm runs)"):
+        # type: (str, torch.Tensor, str, str) -> bool
         """Explicit "triton": always. "auto": whether ``op``'s kernel has passed its parity tests on the
         architecture of ``x``'s device (a model built where it had may run on another GPU); if not, warn once and
-        take the torch path."""
+        take ``instead``."""
         if self.backend_requested == "triton":
             return True
         arch = device_arch(x.device)
@@ -187,7 +187,7 @@ class _BackendMixin:
         warn_once(
             f"{op}: {problem}",
             f"crossvit_fast: backend 'auto' chose the fused {op} kernel for {name}, but it got {problem}; "
-            f"using the torch path (what timm runs) for such calls",
+            f"using {instead} for such calls",
         )
         return False
 
@@ -395,7 +395,8 @@ class Block(_BackendMixin, nn.Module):
                 "(op 'linear') do not implement; using the reference path for those calls",
             )
             return False
-        return self._verified_here("linear", x, type(self).__name__)
+        return self._verified_here("linear", x, type(self).__name__,
+                                   "timm's Linears, GELU and residual adds (the LayerNorms still fused)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._use_fused(x):
@@ -443,7 +444,7 @@ class Block(_BackendMixin, nn.Module):
         def weight(lin: nn.Linear) -> torch.Tensor:
             return lin.weight if lin.weight.dtype == dt else lin.weight.to(dt)  # autocast's per-call cast
 
-        attn_backend = getattr(a, "backend", "reference")
+        attn_backend = getattr(a, "backend", "torch")  # a foreign (timm) attention: what it runs is SDPA
         if attn_backend == "triton" and a._use_fused(x):  # x: the device and (autocast) dtype qkv will have
             x = block_half(x, n1.weight, n1.bias, weight(a.qkv), a.qkv.bias, weight(a.proj), a.proj.bias, eps=n1.eps,
                            scale=self._drop_path_scale(self.drop_path1, x, dt), num_heads=a.num_heads,

@@ -101,6 +101,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from crossvit_fast.config import LAYER_NORM_MAX_DIM
 from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
 from crossvit_fast.config import autotune_from_env
 
@@ -365,12 +366,12 @@ def tune_configs(dtype: torch.dtype) -> List[Config]:
     return TUNE_CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
 
 
-def fwd_candidates(dtype: torch.dtype, has_ln: bool) -> list:
+def fwd_candidates(dtype: torch.dtype, has_ln: bool, K: int = 0) -> list:
     """Every forward config the autotuner times: the tiles, and for a 16-bit LayerNorm-prologue GEMM each tile once
-    more as ``tile + (LN_FIRST,)`` (the LayerNorm kernel, then the GEMM). float32 has nothing to gain from it (its
-    operand stays float32 either way)."""
+    more as ``tile + (LN_FIRST,)`` (the LayerNorm kernel, then the GEMM) where the LayerNorm kernel takes K
+    (``K <= LAYER_NORM_MAX_DIM``). float32 has nothing to gain from it (its operand stays float32 either way)."""
     tiles = tune_configs(dtype)
-    if has_ln and dtype != torch.float32:
+    if has_ln and dtype != torch.float32 and K <= LAYER_NORM_MAX_DIM:
         return tiles + [c + (LN_FIRST,) for c in tiles]
     return tiles
 
@@ -450,20 +451,21 @@ def _launch_with_tuning(launch, key: tuple, default: Config, candidates: List[Co
 
 
 def _launch(launch, key_of, M: int, n_cols: int, ct: torch.dtype, ref: torch.Tensor, may_tune,
-            config: Optional[Config], candidates: list) -> None:
+            config: Optional[Config], candidates) -> None:
     """The launch of a kernel ``launch(config)``: explicit ``config``; the interpreter's tile; compile-only (the
-    sm_90 tool): every candidate; else :func:`_launch_with_tuning` over ``candidates``. ``key_of()`` /
-    ``may_tune()`` are only evaluated on that last path (a few microseconds of CPU a launch saved elsewhere)."""
+    sm_90 tool): every candidate; else :func:`_launch_with_tuning` over ``candidates()``. ``key_of()`` /
+    ``may_tune()`` / ``candidates()`` are only evaluated where needed (a few microseconds of CPU a launch saved)."""
     if config is not None:
         launch(config)
     elif _INTERPRETED:
         launch(_INTERPRETER_CONFIG)
     elif COMPILE_ONLY:
-        for c in candidates if AUTOTUNE else [pick_config(M, n_cols, ct, _sm_count(ref))]:
+        for c in candidates() if AUTOTUNE else [pick_config(M, n_cols, ct, _sm_count(ref))]:
             launch(c)
     else:
-        _launch_with_tuning(launch, key_of(), pick_config(M, n_cols, ct, _sm_count(ref)), candidates,
-                            ref.device, may_tune)
+        key = key_of()
+        cands = candidates() if AUTOTUNE and key not in _chosen else []  # only a launch that may tune needs them
+        _launch_with_tuning(launch, key, pick_config(M, n_cols, ct, _sm_count(ref)), cands, ref.device, may_tune)
 
 
 def _check_tensor(name: str, t, device) -> None:
@@ -623,7 +625,7 @@ def linear_fwd(
         return not _shares_storage([out], [x, weight, bias, ln_weight, ln_bias, scale, residual])
 
     with _device_of(x):
-        _launch(launch, key_of, M, N, ct, x, may_tune, config, fwd_candidates(ct, has_ln))
+        _launch(launch, key_of, M, N, ct, x, may_tune, config, lambda: fwd_candidates(ct, has_ln, K))
     return out, pre, ahat, mean, rstd
 
 
@@ -703,7 +705,7 @@ def linear_dgrad(
 
     with _device_of(dout):
         _launch(launch, key_of, M, K, ct, dout, lambda: not _shares_storage([da], [dout, pre, scale, weight]),
-                config, tune_configs(ct))
+                config, lambda: tune_configs(ct))
     return da, dz, partials[0].sum(0) if bias_grad else None
 
 
@@ -732,7 +734,7 @@ def aot_cases() -> List[Dict[str, object]]:
         for name, kin, nout, flags in _BLOCK_GEMMS:
             K, N = kin * C, nout * C
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                for cfg in fwd_candidates(dtype, bool(flags.get("ln"))):
+                for cfg in fwd_candidates(dtype, bool(flags.get("ln")), K):
                     for save in (False, True):
                         out.append(dict(kernel="fwd", name=name, K=K, N=N, dtype=dtype, config=cfg, save=save,
                                         **flags))

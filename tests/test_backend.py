@@ -145,8 +145,10 @@ def test_device_arch(monkeypatch):
         major, minor, gcnArchName = 9, 0, "gfx942:sramecc+:xnack-"
 
     monkeypatch.setattr(B.torch.cuda, "get_device_properties", lambda i: Props)
+    monkeypatch.setattr(B.torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(B.torch.version, "hip", None)
     assert B.device_arch(torch.device("cuda", 3)) == "sm_90" and B.device_arch(3) == "sm_90"
+    assert sorted(B._archs) == [0, 1, 3]  # every device filled at the first call
     monkeypatch.setattr(B, "_archs", {})
     monkeypatch.setattr(B.torch.version, "hip", "6.2")  # a ROCm build: named by its own architecture, never sm_*
     assert B.device_arch(torch.device("cuda", 3)) == "gfx942"

@@ -314,6 +314,7 @@ def test_verified_ops_reads_the_junit_reports(tmp_path):
         return str(path)
 
     ok, skip, fail, err = "", '<skipped message="x"/>', '<failure message="x"/>', '<error message="x"/>'
+    no_gpu = '<skipped message="needs a CUDA GPU"/>'
     paths = [report("test_cls_cross_attention", [ok, ok, skip]), report("test_self_attention", [ok, fail]),
              report("test_layer_norm", [skip]), report("test_linear", [ok]), report("test_block", [ok, err])]
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "verified_ops.py")
@@ -325,5 +326,9 @@ def test_verified_ops_reads_the_junit_reports(tmp_path):
     assert "NOT verified: nothing passed in test_layer_norm.py" in lines["layer_norm"]
     assert "NOT verified: 1 failed in test_block.py" in lines["linear"]
     assert r.stdout.strip().endswith('GPU_VERIFIED_OPS entry for sm_90: {"cls_cross_attention": frozenset({"sm_90"})}')
-    r = subprocess.run([sys.executable, script, paths[3], "--arch", "sm_90"], capture_output=True, text=True)
-    assert "NOT verified: no report of test_block.py" in r.stdout
+    r = subprocess.run([sys.executable, script, paths[3], str(tmp_path / "cut-off.xml"), "--arch", "sm_90"],
+                       capture_output=True, text=True)
+    assert "NOT verified: no report of test_block.py" in r.stdout and "cut-off.xml left out" in r.stderr
+    paths[4] = report("test_block", [ok, no_gpu])
+    r = subprocess.run([sys.executable, script, paths[3], paths[4], "--arch", "sm_90"], capture_output=True, text=True)
+    assert "NOT verified: 1 CUDA tests skipped in test_block.py (no GPU seen)" in r.stdout

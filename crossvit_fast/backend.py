@@ -15,8 +15,8 @@ fused kernels: asking for it where it cannot run raises :class:`BackendUnavailab
 takes the fused path only where it can run at full speed (a CUDA device, triton installed, a kernel for the op that
 has passed its parity tests on a GPU of the device's architecture: ``GPU_VERIFIED_OPS``) and ``"torch"`` otherwise,
 so a model is never slower than timm's: a kernel verified on an H100 (``sm_90``) is not taken by default on an A100
-(``sm_80``, less shared memory per block, other tiles) or a ROCm device. Triton's CPU interpreter (``TRITON_INTERPRET=1``) counts as "can run" for an explicit ``"triton"``
-only: it is for tests.
+(``sm_80``, less shared memory per block, other tiles) or a ROCm device. Triton's CPU interpreter
+(``TRITON_INTERPRET=1``) counts as "can run" for an explicit ``"triton"`` only: it is for tests.
 
 Nothing here imports triton.
 """

@@ -146,10 +146,10 @@ def cmd_info(args) -> int:
         else:
             state = f"no: {why}"
         print(f"    {op:<22} {state}")
+    arch = device_arch()
     for op in FUSED_OPS:
         took = resolve_backend("auto", op=op)
         note = ""
-        arch = device_arch()
         if took != "triton" and not verified_on(op, arch) and triton_status(op)[0]:
             note = (f" (its kernel has not passed its parity tests on {arch or 'this device'}; verified on: "
                     f"{verified_archs(op)}; ask for 'triton' to run it)")

@@ -308,7 +308,8 @@ def test_gemm_tiles_names_the_autotuners_picks(monkeypatch):
 def test_verified_ops_reads_the_junit_reports(tmp_path):
     """bench/verified_ops.py: an op is verified when each of its test files reported, none failed, some passed."""
     def report(name, cases):
-        body = "".join(f'<testcase classname="tests.{name}" name="t{i}">{kind}</testcase>' for i, kind in enumerate(cases))
+        body = "".join(f'<testcase classname="tests.{name}" name="t{i}">{kind}</testcase>'
+                       for i, kind in enumerate(cases))
         path = tmp_path / f"junit-{name}.xml"
         path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{body}</testsuite></testsuites>')
         return str(path)
@@ -321,7 +322,8 @@ def test_verified_ops_reads_the_junit_reports(tmp_path):
     r = subprocess.run([sys.executable, script, *paths, "--arch", "sm_90"], capture_output=True, text=True)
     assert r.returncode == 1, r.stderr
     lines = {ln.split()[0]: ln for ln in r.stdout.splitlines()}
-    assert "verified on sm_90" in lines["cls_cross_attention"] and "2 passed / 0 failed / 1 skipped" in lines["cls_cross_attention"]
+    cls = lines["cls_cross_attention"]
+    assert "verified on sm_90" in cls and "2 passed / 0 failed / 1 skipped" in cls
     assert "NOT verified: 1 failed in test_self_attention.py" in lines["self_attention"]
     assert "NOT verified: nothing passed in test_layer_norm.py" in lines["layer_norm"]
     assert "NOT verified: 1 failed in test_block.py" in lines["linear"]

@@ -76,6 +76,20 @@ byte at 128 x 128 instead of 64. With H100's L2 at roughly 7-10 TB/s that bounds
 TFLOP/s, below the bf16 tensor-core rate, while the family's qkv / fc1 (K = C <= 448) are short enough that the
 extra DRAM traffic of a separate LayerNorm costs less. A roofline, not a measurement: the tuner decides per key.
 
+Every 16-bit forward key also times :data:`CUBLAS`: timm's sequence (the LayerNorm kernel, ``torch.addmm``, GELU
+/ scale / residual as torch elementwise ops; z rounded to the compute dtype as the reference does). It costs one
+or two extra passes over the output, so it wins only where the Triton GEMM itself trails cuBLAS: a guard, so that a
+key never runs slower than the sequence the fused kernel replaced.
+
+For a 16-bit dgrad the candidates also include ``DZ_FIRST`` (:func:`dgrad_candidates`): an elementwise kernel
+forms ``dz`` (and the bias gradient's partial sums) in one pass and cuBLAS computes ``da = dz @ W`` (``torch.mm``,
+float32 accumulation; into a float32 ``da`` through ``mm``'s ``out_dtype``). The fused dgrad saves nothing on
+DRAM (``dz`` is written either way, for ``dW``) but re-reads its A operand -- ``dout`` in float32 under autocast,
+or ``dout`` and ``z`` -- from L2 for each of the ``K / BLOCK_N`` column tiles: ``2 BM BN / (4 BM + 2 BN)`` = 43
+flop per L2 byte at 128 x 128 against 64 for a 16-bit A (fc2's dgrad sweeps 3C / 128 = 10.5 column tiles); the
+split form adds one DRAM read of ``dz`` (2 bytes an element) and hands the GEMM to cuBLAS. Also a roofline, not a
+measurement: the tuner decides per key.
+
 Ahead-of-time compile for sm_90 (triton 3.6.0, the GPU machines' version; sm_90a ptxas -v through the stand-in
 driver of ``tests/sm90_compile.py``): every case of ``aot_cases()``, i.e. every tile the autotuner may time x the
 flag sets of qkv / proj / fc1 / fc2 (fc2 compiles to the same specialisation as proj) x inference and training
@@ -108,8 +122,8 @@ from crossvit_fast.config import autotune_from_env
 from .layer_norm import _as3d, _device_of, _span, layer_norm_fwd
 
 __all__ = ["linear_fwd", "linear_dgrad", "check_linear_inputs", "SUPPORTED_DTYPES", "AUTOTUNE", "CONFIGS",
-           "TUNE_CONFIGS", "LN_FIRST", "pick_config", "tune_configs", "fwd_candidates", "tuned_configs",
-           "config_name", "aot_cases"]
+           "TUNE_CONFIGS", "LN_FIRST", "DZ_FIRST", "pick_config", "tune_configs", "fwd_candidates",
+           "dgrad_candidates", "tuned_configs", "config_name", "aot_cases"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
@@ -153,6 +167,18 @@ LN_FIRST = "ln"
 """A forward config with this as a sixth element, ``tile + (LN_FIRST,)``, runs a LayerNorm-prologue GEMM as the
 ``layer_norm`` kernel (rows normalised once, written in the compute dtype) followed by the GEMM on that output,
 instead of normalising in the GEMM's prologue; the autotuner times both ways (see Tuning in the header)."""
+CUBLAS = ("cublas",)
+"""A forward config: timm's own sequence -- the ``layer_norm`` kernel (LayerNorm-prologue GEMMs), the GEMM and bias
+by cuBLAS (``torch.addmm``, z rounded to the compute dtype), GELU / drop-path scale / residual add as torch
+elementwise ops -- that the autotuner times beside the fused tiles, so a key where the Triton GEMM loses to cuBLAS
+by more than the epilogue passes cost gets cuBLAS (see Tuning in the header)."""
+DZ_FIRST = ("dz", "cublas")
+"""A dgrad config: the elementwise ``_linear_dz_kernel`` writes dz and the bias gradient's partial sums, then
+cuBLAS (``torch.mm``) computes ``da = dz @ W``, instead of the fused GEMM's prologue; the autotuner times both ways
+(see Tuning in the header)."""
+DZ_ROWS, DZ_BLOCK_M, DZ_BLOCK_N, DZ_WARPS = 256, 32, 128, 4
+"""The elementwise dz kernel's program: DZ_ROWS rows (in DZ_BLOCK_M-row steps) x DZ_BLOCK_N columns, so the bias
+gradient's partial sums have ``cdiv(M, DZ_ROWS)`` rows."""
 GROUP_M = 8
 # The interpreter's cost is per program: large tiles. Tests shrink it to walk several tiles and ragged edges.
 _INTERPRETER_CONFIG = (128, 128, 128, 1, 1)
@@ -335,6 +361,45 @@ def _linear_dgrad_kernel(
              mask=rmask[:, None] & kmask[None, :])
 
 
+@triton.jit
+def _linear_dz_kernel(
+    DOut, Pre, Scale, W, DZ, DB,  # Pre / Scale / DZ / DB unused without GELU / HAS_SCALE / STORE_DZ / HAS_DB
+    M, N, T, RPG,
+    sd0, sd1, sdn,  # dout strides, (B, T, N)
+    GELU: tl.constexpr, HAS_SCALE: tl.constexpr, STORE_DZ: tl.constexpr, HAS_DB: tl.constexpr,
+    IDX64: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # DZ_FIRST's elementwise pass: dz = (dout * scale * GELU'(z)).to(ct) for ROWS rows x BLOCK_N columns (W only
+    # names ct), stored (M, N) contiguous, and the columns' sums of the rounded dz as row pid_m of DB.
+    CT: tl.constexpr = W.dtype.element_ty
+    pid_m = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = cols < N
+    colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, ROWS, BLOCK_M):
+        rows = pid_m * ROWS + r0 + tl.arange(0, BLOCK_M)
+        if IDX64:
+            rows = rows.to(tl.int64)
+        rmask = rows < M
+        m = rmask[:, None] & nmask[None, :]
+        bt, tt = rows // T, rows % T
+        g = tl.load(DOut + (bt * sd0 + tt * sd1)[:, None] + cols[None, :] * sdn, mask=m, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            s = tl.load(Scale + rows // RPG, mask=rmask, other=0.0).to(tl.float32)
+            g = g * s[:, None]
+        if GELU:
+            z = tl.load(Pre + rows[:, None] * N + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+            g = g * (cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327)  # GELU'(z) = Phi(z) + z phi(z)
+        dz = g.to(CT)
+        if STORE_DZ:
+            tl.store(DZ + rows[:, None] * N + cols[None, :], dz, mask=m)
+        if HAS_DB:
+            colsum += tl.sum(dz.to(tl.float32), axis=0)
+    if HAS_DB:
+        tl.store(DB + (pid_m.to(tl.int64) if IDX64 else pid_m) * N + cols, colsum, mask=nmask)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Launchers (the device guard, the (B, T, C) view and the span check are layer_norm's)
 # --------------------------------------------------------------------------------------------------------------
@@ -367,12 +432,30 @@ def tune_configs(dtype: torch.dtype) -> List[Config]:
 
 
 def fwd_candidates(dtype: torch.dtype, has_ln: bool, K: int = 0) -> list:
-    """Every forward config the autotuner times: the tiles, and for a 16-bit LayerNorm-prologue GEMM each tile once
-    more as ``tile + (LN_FIRST,)`` (the LayerNorm kernel, then the GEMM) where the LayerNorm kernel takes K
-    (``K <= LAYER_NORM_MAX_DIM``). float32 has nothing to gain from it (its operand stays float32 either way)."""
+    """Every forward config the autotuner times: the tiles; for a 16-bit compute dtype also :data:`CUBLAS`, and for
+    a 16-bit LayerNorm-prologue GEMM each tile once more as ``tile + (LN_FIRST,)`` (the LayerNorm kernel, then the
+    GEMM), both only where the LayerNorm kernel takes K (``K <= LAYER_NORM_MAX_DIM``). float32 gets neither: its
+    operand stays float32 either way, and cuBLAS's float32 GEMM follows torch's TF32 switch."""
     tiles = tune_configs(dtype)
-    if has_ln and dtype != torch.float32 and K <= LAYER_NORM_MAX_DIM:
-        return tiles + [c + (LN_FIRST,) for c in tiles]
+    if dtype == torch.float32 or (has_ln and K > LAYER_NORM_MAX_DIM):
+        return tiles
+    return tiles + ([c + (LN_FIRST,) for c in tiles] if has_ln else []) + [CUBLAS]
+
+
+def _cublas_writes(ct: torch.dtype, da_dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm`` on ``ct`` operands can write ``da_dtype`` directly: the compute dtype itself, or float32
+    from a 16-bit one (``mm``'s ``out_dtype``; CUDA, torch >= 2.8)."""
+    return da_dtype == ct or (da_dtype == torch.float32 and ct in (torch.float16, torch.bfloat16)
+                              and hasattr(torch.ops.aten.mm, "dtype_out"))
+
+
+def dgrad_candidates(dtype: torch.dtype, da_dtype: Optional[torch.dtype] = None, da_contiguous: bool = True) -> list:
+    """Every dgrad config the autotuner times: the tiles and, for a 16-bit compute dtype whose ``da`` cuBLAS can
+    write in place (contiguous, in ``dtype`` or float32), :data:`DZ_FIRST`. float32 has one tile and no
+    alternative (cuBLAS's float32 GEMM would follow torch's TF32 switch, the kernel never rounds to TF32)."""
+    tiles = tune_configs(dtype)
+    if dtype != torch.float32 and da_contiguous and _cublas_writes(dtype, da_dtype or dtype):
+        return tiles + [DZ_FIRST]
     return tiles
 
 
@@ -387,7 +470,10 @@ def tuned_configs() -> Dict[tuple, Config]:
 
 
 def config_name(config) -> str:
-    """``128x128x64/w8/s3``; a LayerNorm-kernel-first forward config (``tile + (LN_FIRST,)``) as ``ln+128x...``."""
+    """``128x128x64/w8/s3``; a LayerNorm-kernel-first forward config (``tile + (LN_FIRST,)``) as ``ln+128x...``;
+    :data:`CUBLAS` as ``cublas``, :data:`DZ_FIRST` as ``dz+cublas``."""
+    if tuple(config) in (CUBLAS, DZ_FIRST):
+        return "+".join(config)
     bm, bn, bk, w, s = config[:5]
     return ("ln+" if len(config) == 6 else "") + f"{bm}x{bn}x{bk}/w{w}/s{s}"
 
@@ -415,13 +501,17 @@ def _shares_storage(outs, ins) -> bool:
     return any(t.untyped_storage().data_ptr() in ptrs for t in outs if t is not None)
 
 
+class CublasUnsupported(RuntimeError):
+    """A cuBLAS candidate's GEMM is not available here (e.g. ``mm``'s ``out_dtype`` on this torch / device)."""
+
+
 def _skippable():
     """What a candidate may raise that makes the tuner skip it (as triton.autotune does): out of shared memory /
     registers at launch, a ptxas or compile-time-assert failure."""
     from triton.compiler.errors import CompileTimeAssertionFailure
     from triton.runtime.errors import PTXASError
 
-    return (OutOfResources, PTXASError, CompileTimeAssertionFailure)
+    return (OutOfResources, PTXASError, CompileTimeAssertionFailure, CublasUnsupported)
 
 
 def _launch_with_tuning(launch, key: tuple, default: Config, candidates: List[Config], device: torch.device,
@@ -597,6 +687,10 @@ def linear_fwd(
     flags = (has_ln, bias is not None, bool(gelu), scale is not None, residual is not None, bool(save))
 
     def launch(cfg) -> None:
+        if tuple(cfg) == CUBLAS:
+            _fwd_cublas(x, weight, bias, ln_weight, ln_bias, eps, gelu, scale_flat, residual, out, pre, ahat, mean,
+                        rstd, lead)
+            return
         bm, bn, bk, warps, stages = cfg[:5]
         a3, prologue = x3, has_ln
         if has_ln and len(cfg) == 6:  # LN_FIRST: the LayerNorm kernel writes the rounded a (ahat when saved)
@@ -627,6 +721,45 @@ def linear_fwd(
     with _device_of(x):
         _launch(launch, key_of, M, N, ct, x, may_tune, config, lambda: fwd_candidates(ct, has_ln, K))
     return out, pre, ahat, mean, rstd
+
+
+def _fwd_cublas(x, weight, bias, ln_weight, ln_bias, eps, gelu, scale, residual, out, pre, ahat, mean, rstd,
+                lead: int) -> None:
+    """:data:`CUBLAS`: ``linear_ref``'s sequence into ``out`` (and ``pre`` / ``ahat`` / ``mean`` / ``rstd`` when
+    saved): the LayerNorm kernel, ``addmm`` in the compute dtype, then GELU, the scale and the residual add."""
+    ct = weight.dtype
+    if ct == torch.float32:
+        raise ValueError("linear: the CUBLAS config needs a 16-bit compute dtype (float32 has the fused kernel only: "
+                         "cuBLAS's float32 GEMM follows torch's TF32 switch)")
+    K, N = x.shape[-1], weight.shape[0]
+    M = x.numel() // K
+    if ln_weight is not None:
+        a = ahat.view(x.shape) if ahat is not None else torch.empty(x.shape, dtype=ct, device=x.device)
+        layer_norm_fwd(x, None, ln_weight, ln_bias, eps, out_dtype=ct, out=a, mean=mean, rstd=rstd)
+    else:
+        a = x if x.dtype == ct else x.to(ct)
+    if COMPILE_ONLY:
+        return
+    a2 = a.reshape(M, K)  # (M, K)
+    plain = not gelu and scale is None and residual is None
+    if pre is not None:
+        z = pre
+    elif plain and out.dtype == ct and out.is_contiguous():
+        z = out.view(M, N)
+    else:
+        z = torch.empty((M, N), dtype=ct, device=x.device)
+    if bias is not None:
+        torch.addmm(bias.to(ct), a2, weight.t(), out=z)
+    else:
+        torch.mm(a2, weight.t(), out=z)
+    y = torch.nn.functional.gelu(z) if gelu else z
+    y = y.view(out.shape)
+    if scale is not None:
+        y = (y.view(lead, -1, N) * scale.to(ct).view(lead, 1, 1)).view(out.shape)  # (lead, M / lead, N)
+    if residual is not None:
+        torch.add(residual, y, out=out)
+    elif y.data_ptr() != out.data_ptr() or y.stride() != out.stride():
+        out.copy_(y)
 
 
 def linear_dgrad(
@@ -684,6 +817,9 @@ def linear_dgrad(
     idx64 = max(_span(t) for t in (d3, a3, weight)) > _INT32_MAX or M * max(N, K) > _INT32_MAX
 
     def launch(cfg: Config) -> None:
+        if tuple(cfg) == DZ_FIRST:
+            _dz_first(d3, weight, pre, scale, dz, da, partials, bias_grad, M, lead, idx64)
+            return
         bm, bn, bk, warps, stages = cfg[:5]
         if bias_grad:
             partials[:] = [torch.empty((triton.cdiv(M, bm), N), dtype=torch.float32, device=dout.device)]
@@ -705,8 +841,53 @@ def linear_dgrad(
 
     with _device_of(dout):
         _launch(launch, key_of, M, K, ct, dout, lambda: not _shares_storage([da], [dout, pre, scale, weight]),
-                config, lambda: tune_configs(ct))
+                config, lambda: dgrad_candidates(ct, da.dtype, da.is_contiguous()))
     return da, dz, partials[0].sum(0) if bias_grad else None
+
+
+def _dz_first(d3, weight, pre, scale, dz, da, partials, bias_grad: bool, M: int, lead: int, idx64: bool) -> None:
+    """:data:`DZ_FIRST`: ``_linear_dz_kernel`` (dz, the bias gradient's partial sums), then ``da = dz @ W`` by
+    ``torch.mm`` (cuBLAS; float32 accumulation, rounded once to ``da``'s dtype)."""
+    N, K = weight.shape
+    ct = weight.dtype
+    if ct == torch.float32:
+        raise ValueError("linear backward: the DZ_FIRST config needs a 16-bit compute dtype (float32 has the fused "
+                         "dgrad only: cuBLAS's float32 GEMM follows torch's TF32 switch)")
+    identity = pre is None and scale is None and d3.dtype == ct
+    dzm = dz
+    if dzm is None:  # not stored for dW: dout itself when it is dz already, else a scratch dz for the GEMM
+        dzm = d3.reshape(M, N) if identity and d3.stride(-1) == 1 else torch.empty((M, N), dtype=ct, device=d3.device)
+    write = dzm is dz or not identity or d3.stride(-1) != 1
+    if bias_grad:
+        partials[:] = [torch.empty((triton.cdiv(M, DZ_ROWS), N), dtype=torch.float32, device=d3.device)]
+    if write or bias_grad:
+        _linear_dz_kernel[(triton.cdiv(M, DZ_ROWS), triton.cdiv(N, DZ_BLOCK_N))](
+            d3, pre if pre is not None else d3, scale.reshape(-1) if scale is not None else d3, weight,
+            dzm if write else d3, partials[0] if bias_grad else d3,
+            M, N, d3.shape[1], max(M // lead, 1), *d3.stride(),
+            GELU=pre is not None, HAS_SCALE=scale is not None, STORE_DZ=write, HAS_DB=bool(bias_grad), IDX64=idx64,
+            ROWS=DZ_ROWS, BLOCK_M=DZ_BLOCK_M, BLOCK_N=DZ_BLOCK_N, num_warps=DZ_WARPS, num_stages=1,
+            enable_fp_fusion=FP_FUSION,
+        )
+    if COMPILE_ONLY:
+        return
+    direct = da.is_contiguous() and da.dtype in (ct, torch.float32)
+    acc_dtype = da.dtype if direct else (ct if da.dtype == ct else torch.float32)
+    if acc_dtype != ct and not _cublas_writes(ct, acc_dtype):
+        raise ValueError(f"linear backward: the DZ_FIRST config cannot write a {da.dtype} da from {ct} operands "
+                         f"with this torch (mm's out_dtype needs torch >= 2.8)")
+    out = da.view(M, K) if direct else torch.empty((M, K), dtype=acc_dtype, device=da.device)
+    if _INTERPRETED:  # CPU tests: exact 16-bit products, float32 sums, one rounding (cuBLAS's semantics)
+        out.copy_(torch.mm(dzm.float(), weight.float()))
+    elif acc_dtype == ct:
+        torch.mm(dzm, weight, out=out)
+    else:
+        try:
+            torch.mm(dzm, weight, out_dtype=acc_dtype, out=out)
+        except RuntimeError as e:  # this torch / device has no such cuBLAS GEMM: the tuner skips the candidate
+            raise CublasUnsupported(f"linear backward: torch.mm({ct} x {ct} -> {acc_dtype}) failed: {e}") from e
+    if not direct:
+        da.copy_(out.view(da.shape))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -738,7 +919,7 @@ def aot_cases() -> List[Dict[str, object]]:
                     for save in (False, True):
                         out.append(dict(kernel="fwd", name=name, K=K, N=N, dtype=dtype, config=cfg, save=save,
                                         **flags))
-                for cfg in tune_configs(dtype):
+                for cfg in dgrad_candidates(dtype, torch.float32 if flags.get("ln") else dtype):
                     out.append(dict(kernel="dgrad", name=name, K=K, N=N, dtype=dtype, config=cfg,
                                     gelu=flags.get("gelu", False), scale=flags.get("scale", False)))
     return out
@@ -751,8 +932,10 @@ weights in bfloat16), bf16 / fp32 everything in that dtype (a dgrad compiled for
 Per kernel, GEMM, dtype and tile: the register range over inference / training (SAVE) and the two K loops, spill
 bytes (stores + loads, worst), shared memory in bytes (worst; H100 limit 232,448) and wgmma instructions in the
 PTX (fewest). float16 is within a few registers of bfloat16. fc2 compiles to proj's specialisation. The dgrad
-writes the bias gradient's partial sums (db). "lnk": the LN_FIRST candidates' GEMM (its A the layer_norm kernel's
-bfloat16 output, no prologue: fewer registers and less shared memory than the prologue's float32 x stages).
+writes the bias gradient's partial sums (db). "dz": DZ_FIRST's elementwise kernel (DZ_ROWS x DZ_BLOCK_N per
+program in DZ_BLOCK_M-row steps; for qkv dz is dout itself: the bias sums only). "lnk": the LN_FIRST candidates'
+GEMM (its A the layer_norm kernel's bfloat16 output, no prologue: fewer registers and less shared memory than the
+prologue's float32 x stages).
 kernel gemm flags           dtype tile              regs     spill   smem wgmma
 fwd    qkv  ln,bias         amp   128x128x32/w8/s4  150-162     0   90880   2
 fwd    qkv  ln,bias         amp   128x128x64/w8/s3  220-240     0  132096   4
@@ -856,4 +1039,8 @@ dgrad  fc1  gelu,db         bf16  64x64x64/w4/s4    242-248     0   82944   4
 dgrad  qkv  db              fp32  64x64x16/w4/s2         96     8    8448   0
 dgrad  proj scale,db        fp32  64x64x16/w4/s2        168     0   12288   0
 dgrad  fc1  gelu,db         fp32  64x64x16/w4/s2        168     8   16384   0
+dz     proj scale,db        amp   256x128/32/w4          60     0    2048   0
+dz     qkv  db              bf16  256x128/32/w4          40     0    2048   0
+dz     proj scale,db        bf16  256x128/32/w4          56     0    2048   0
+dz     fc1  gelu,db         bf16  256x128/32/w4         120     0    2048   0
 """

@@ -120,6 +120,31 @@ def test_layer_norm_kernel_first(half, dtype, monkeypatch):
     assert calls
 
 
+@pytest.mark.parametrize("dtype", LOW_DTYPES[1:], ids=_ids)
+@pytest.mark.parametrize("half", ["mlp", "attention"])
+@pytest.mark.parametrize("fwd", ["fused", "cublas"])
+def test_dz_first_dgrad(fwd, half, dtype, monkeypatch):
+    """Both halves with each GEMM's backward as DZ_FIRST (``kl.DZ_FIRST``, an autotuner candidate: the elementwise
+    dz kernel, then cuBLAS): fc2 / proj's dz from the drop-path scale, fc1's from GELU', qkv's dz the attention's
+    gradient itself; with the fused forward and with the CUBLAS forward (LayerNorm kernel, addmm, torch epilogue:
+    the other candidate); under the rule."""
+    real = kl.linear_dgrad
+    used = []
+    monkeypatch.setattr(kl, "linear_dgrad", lambda *a, **k: used.append(1) or real(*a, **dict(k, config=kl.DZ_FIRST)))
+    if fwd == "cublas":
+        real_fwd = kl.linear_fwd
+        monkeypatch.setattr(kl, "linear_fwd", lambda *a, **k: real_fwd(*a, **dict(k, config=kl.CUBLAS)))
+        forbid_launches(monkeypatch, kl, "_linear_fwd_kernel")
+    if not CUDA:
+        monkeypatch.setattr(kl, "DZ_ROWS", 32)
+        monkeypatch.setattr(kl, "DZ_BLOCK_M", 16)
+        monkeypatch.setattr(kl, "DZ_BLOCK_N", 16)
+    forbid_launches(monkeypatch, kl, "_linear_dgrad_kernel")
+    args, kw = make(3, 9, 48, dtype, heads=3 if half == "attention" else 0, strided=True)
+    check(args, kw)
+    assert len(used) == 2
+
+
 @pytest.mark.parametrize("half", ["mlp", "attention"])
 @pytest.mark.parametrize("case", ["no-bias-no-drop", "batch-1", "strided-x", "odd-hidden", "16-bit-stream"])
 def test_variants(half, case):

@@ -352,7 +352,7 @@ def test_flop_handle_counts_like_the_reference():
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    forbid_launches(monkeypatch, kl, "_linear_fwd_kernel", "_linear_dgrad_kernel")
+    forbid_launches(monkeypatch, kl, "_linear_fwd_kernel", "_linear_dgrad_kernel", "_linear_dz_kernel")
 
 
 def test_bad_inputs(no_launch):
@@ -739,12 +739,20 @@ def test_every_default_tile_is_a_tuning_candidate_and_compiled_ahead_of_time():
             ln_first = [c for c in fwd if len(c) == 6]
             assert fwd[:len(cands)] == cands and len(ln_first) == (len(cands) if ln and dtype != torch.float32 else 0)
             assert all(c[:5] in cands and c[5] == kl.LN_FIRST for c in ln_first)
+            assert (kl.CUBLAS in fwd) == (dtype != torch.float32)
+            assert kl.CUBLAS not in kl.fwd_candidates(dtype, ln, 2 * kl.LAYER_NORM_MAX_DIM) or not ln
             compiled = {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype and c["kernel"] == "fwd"
                         and bool(c.get("ln")) == ln}
             assert compiled == set(fwd)
-        assert {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype and c["kernel"] == "dgrad"} == set(cands)
+        dgrad = kl.dgrad_candidates(dtype)
+        assert dgrad == cands + ([kl.DZ_FIRST] if dtype != torch.float32 else [])
+        assert kl.dgrad_candidates(dtype, torch.float32) == dgrad  # cuBLAS writes a float32 da from 16-bit operands
+        assert kl.dgrad_candidates(dtype, da_contiguous=False) == cands
+        assert {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype and c["kernel"] == "dgrad"} == set(dgrad)
+    assert kl.dgrad_candidates(torch.float16, torch.bfloat16) == kl.tune_configs(torch.float16)
     assert kl.config_name((128, 64, 32, 4, 3)) == "128x64x32/w4/s3"
     assert kl.config_name((128, 64, 32, 4, 3, kl.LN_FIRST)) == "ln+128x64x32/w4/s3"
+    assert kl.config_name(kl.DZ_FIRST) == "dz+cublas" and kl.config_name(kl.CUBLAS) == "cublas"
 
 
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=_ids)
@@ -767,6 +775,135 @@ def test_layer_norm_kernel_first(gemm, dtype, monkeypatch):
     assert calls  # the LayerNorm kernel ran (not the prologue)
 
 
+def _force_dz_first(monkeypatch, rows=(64, 16, 16)):
+    """Every dgrad as DZ_FIRST (the elementwise dz kernel, then torch.mm); small dz programs on the interpreter so
+    that several row programs and ragged edges run. Returns the list the dz kernel's launches append to."""
+    real = kl.linear_dgrad
+    monkeypatch.setattr(kl, "linear_dgrad", lambda *a, **k: real(*a, **dict(k, config=kl.DZ_FIRST)))
+    if not CUDA:
+        monkeypatch.setattr(kl, "DZ_ROWS", rows[0])
+        monkeypatch.setattr(kl, "DZ_BLOCK_M", rows[1])
+        monkeypatch.setattr(kl, "DZ_BLOCK_N", rows[2])
+    forbid_launches(monkeypatch, kl, "_linear_dgrad_kernel")
+    calls = []
+    kernel = kl._linear_dz_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(kl, "_linear_dz_kernel", Counting())
+    return calls
+
+
+LOW16 = LOW_DTYPES[1:]
+
+
+@pytest.mark.parametrize("dtype", LOW16, ids=_ids)
+@pytest.mark.parametrize("gemm", ["qkv", "proj", "fc1", "fc2"])
+def test_dz_first_dgrad(gemm, dtype, monkeypatch):
+    """The DZ_FIRST backward (an autotuner candidate for 16-bit dgrads: the elementwise kernel writes dz and the bias
+    gradient's partial sums, cuBLAS computes da): the op's output and every gradient under the rule, as the Block
+    calls each GEMM (float32 stream and LayerNorm, 16-bit compute), strided x, ragged sizes; the launcher into a
+    NaN-poisoned float32 da (check's last step)."""
+    calls = _force_dz_first(monkeypatch)
+    flags = {"qkv": ("ln", "bias"), "proj": ("bias", "scale", "res"), "fc1": ("ln", "bias", "gelu"),
+             "fc2": ("bias", "scale", "res")}[gemm]
+    x_dtype = torch.float32 if "ln" in flags else dtype
+    args = make((3, 29, 40), 35, dtype, flags, x_dtype=x_dtype, res_dtype=torch.float32, layout="slice")
+    check(args)
+    assert calls  # the elementwise kernel ran (the fused dgrad is forbidden)
+
+
+@pytest.mark.parametrize("case", ["gelu+scale", "scale", "dz-is-dout", "float32-dout"])
+@pytest.mark.parametrize("da_kind", ["compute", "float32", "strided", "other-16-bit"])
+def test_dz_first_launcher_matches_the_fused_dgrad(case, da_kind):
+    """linear_dgrad with DZ_FIRST against the fused dgrad kernel on the same inputs: dz equal, da and the bias
+    gradient within float32 summation order; every element of a poisoned (strided or other-dtype) da written; dz
+    not stored when it is dout itself; 1 row and several row programs."""
+    ct = torch.float16 if not CUDA else torch.bfloat16
+    fused_cfg = SMALL_TILES if not CUDA else kl.CONFIGS["16bit-small"]
+    N, K = 37, 24
+    for B, T in ((1, 1), (3, 101)):
+        M = B * T
+        ddt = torch.float32 if case == "float32-dout" else ct
+        dout = rand((B, T, N), ddt, "slice" if case == "scale" else "contiguous")
+        w = (torch.randn(N, K, device=DEV) / 5).to(ct)
+        pre = torch.randn(M, N, device=DEV).to(ct) if case == "gelu+scale" else None
+        scale = torch.rand(B, device=DEV).to(ct) if "scale" in case else None
+        da_dtype = {"compute": ct, "float32": torch.float32, "strided": torch.float32,
+                    "other-16-bit": torch.bfloat16 if ct == torch.float16 else torch.float16}[da_kind]
+        if da_kind == "other-16-bit" and not CUDA and da_dtype == torch.bfloat16:
+            da_dtype = torch.float32  # the interpreter refuses bfloat16
+        da1, dz1, db1 = kl.linear_dgrad(dout, w, pre, scale, da_dtype, True, True, config=fused_cfg)
+        da = torch.empty(B, T, K + 5, dtype=da_dtype, device=DEV)[..., 2:2 + K] if da_kind == "strided" else \
+            torch.empty(B, T, K, dtype=da_dtype, device=DEV)
+        poison_(da)
+        old = (kl.DZ_ROWS, kl.DZ_BLOCK_M, kl.DZ_BLOCK_N)
+        if not CUDA:
+            kl.DZ_ROWS, kl.DZ_BLOCK_M, kl.DZ_BLOCK_N = 64, 16, 16
+        try:
+            da2, dz2, db2 = kl.linear_dgrad(dout, w, pre, scale, da_dtype, True, True, da=da, config=kl.DZ_FIRST)
+            _, nodz, db3 = kl.linear_dgrad(dout, w, pre, scale, da_dtype, False, True, config=kl.DZ_FIRST)
+        finally:
+            kl.DZ_ROWS, kl.DZ_BLOCK_M, kl.DZ_BLOCK_N = old
+        assert da2 is da and nodz is None
+        tol = dict(rtol=0, atol=0) if not CUDA else dict(rtol=1e-2, atol=1e-2)  # CUDA: FMA contraction may differ
+        torch.testing.assert_close(dz2, dz1, **tol)
+        exact = dz1.double() @ w.double()
+        err1 = (da1.double() - exact.reshape(da1.shape)).abs().max().item()
+        err2 = (da2.double() - exact.reshape(da2.shape)).abs().max().item()
+        ulp = torch.finfo(da_dtype).eps * exact.abs().max().item()
+        assert err2 <= 2 * err1 + 4 * ulp + 1e-6, (err1, err2)
+        torch.testing.assert_close(db2, dz1.double().sum(0).float(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(db3, db2, rtol=1e-5, atol=1e-5)
+
+
+def test_cublas_configs_refuse_float32(no_launch):
+    w = torch.randn(8, 4, device=DEV)
+    with pytest.raises(ValueError, match="16-bit compute dtype"):
+        kl.linear_dgrad(torch.randn(2, 3, 8, device=DEV), w, config=kl.DZ_FIRST)
+    with pytest.raises(ValueError, match="16-bit compute dtype"):
+        kl.linear_fwd(torch.randn(2, 3, 4, device=DEV), w, config=kl.CUBLAS)
+
+
+@pytest.mark.parametrize("dtype", LOW16, ids=_ids)
+@pytest.mark.parametrize("gemm", ["qkv", "proj", "fc1", "fc2", "plain", "gelu+scale"])
+def test_cublas_forward(gemm, dtype, monkeypatch):
+    """The CUBLAS forward (an autotuner candidate for 16-bit GEMMs: the LayerNorm kernel, addmm, torch's epilogue):
+    the op's output and every gradient under the rule, the launchers' out / z / ahat / mean / rstd written in full
+    (NaN-poisoned buffers, a strided x and residual), as the Block calls each GEMM and in one dtype."""
+    real = kl.linear_fwd
+    monkeypatch.setattr(kl, "linear_fwd", lambda *a, **k: real(*a, **dict(k, config=kl.CUBLAS)))
+    forbid_launches(monkeypatch, kl, "_linear_fwd_kernel")
+    flags = {"qkv": ("ln", "bias"), "proj": ("bias", "scale", "res"), "fc1": ("ln", "bias", "gelu"),
+             "fc2": ("bias", "scale", "res"), "plain": (), "gelu+scale": ("gelu", "scale")}[gemm]
+    x_dtype = torch.float32 if "ln" in flags else dtype
+    args = make((3, 13, 40), 35, dtype, flags, x_dtype=x_dtype, res_dtype=torch.float32, layout="slice")
+    check(args)
+
+
+def test_cublas_forward_into_the_residual_and_other_outputs():
+    """CUBLAS into ``out=`` the residual (in place), into a strided out, with ``out_dtype``: as the fused kernel."""
+    ct = torch.float16 if not CUDA else torch.bfloat16
+    tile = SMALL_TILES if not CUDA else kl.CONFIGS["16bit-small"]
+    args = make((2, 7, 24), 20, ct, ("bias", "scale", "res"), res_dtype=torch.float32)
+    want, *_ = kl.linear_fwd(**args, config=tile)
+    res = args["residual"].clone()
+    got, *_ = kl.linear_fwd(**dict(args, residual=res), out=res, config=kl.CUBLAS)
+    assert got is res
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    o = poison_(torch.empty(2, 7, 29, dtype=ct, device=DEV))[..., 3:23]
+    got, *_ = kl.linear_fwd(**args, out_dtype=ct, out=o, config=kl.CUBLAS)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    plain = make((1, 5, 24), 20, ct, ())
+    o = poison_(torch.empty(1, 5, 20, dtype=ct, device=DEV))
+    got, *_ = kl.linear_fwd(**plain, out=o, config=kl.CUBLAS)
+    want, *_ = kl.linear_fwd(**plain, config=tile)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
 @requires_cuda
 @pytest.mark.parametrize("gemm", ["qkv", "fc2"])
 def test_cuda_autotuned(monkeypatch, gemm):
@@ -787,7 +924,7 @@ def test_cuda_autotuned(monkeypatch, gemm):
     tuned = kl.tuned_configs()
     assert {k[0] for k in tuned} == {"fwd", "dgrad"}
     assert all(c in (kl.fwd_candidates(torch.bfloat16, "ln" in flags) if k[0] == "fwd" else
-                     kl.tune_configs(torch.bfloat16)) for k, c in tuned.items())
+                     kl.dgrad_candidates(torch.bfloat16, torch.float32)) for k, c in tuned.items())
     calls = []
     monkeypatch.setattr(kl, "_bench_ms", lambda fn: calls.append(1) or 1.0)
     out2, _ = run_op(args, dout)

@@ -19,7 +19,10 @@ Ops (``torch.ops.crossvit_fast``), each with a fake implementation:
 
 The backward: one Triton GEMM ``da = dz @ W`` whose prologue forms ``dz = (dout * scale * GELU'(z)).to(ct)``, writes
 it (the reference writes that gradient too) and its per-row-tile column sums (``db``, summed by torch: no second
-read of dz); ``dW = dz^T a`` with torch (cuBLAS); no atomics, deterministic; the LayerNorm backward by the ``layer_norm`` op's kernel. The residual's gradient is
+read of dz) -- or, where the autotuner times it faster (16-bit, ``DZ_FIRST``), an elementwise kernel writing dz and
+those sums, then cuBLAS for ``da``; the forward likewise may run as the LayerNorm kernel + GEMM or as timm's
+sequence on cuBLAS (``LN_FIRST``, ``CUBLAS``: kernels/linear.py, Tuning); ``dW = dz^T a`` with torch (cuBLAS); no
+atomics, deterministic; the LayerNorm backward by the ``layer_norm`` op's kernel. The residual's gradient is
 ``dout`` itself. The drop-path scale is not differentiable (a random mask).
 
 Use :func:`linear`.

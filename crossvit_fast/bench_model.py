@@ -222,6 +222,7 @@ def plot(record: Dict[str, object], path: str) -> Optional[str]:
 KERNEL_KINDS = (  # (kind, pattern on the CUDA kernel's name); the first match wins
     ("attention", r"flash|fmha|sdpa|attention|attn|softmax|tokens_kernel|combine_kernel|cls_cross"),
     ("layer_norm", r"layer_?norm|layernorm"),
+    ("elementwise", r"_linear_dz_kernel"),  # the GEMM backward's elementwise dz pass (DZ_FIRST), not a GEMM
     ("gemm", r"gemm|matmul|cutlass|xmma|nvjet|cublas|wgmma|s16816|_mm_|linear|conv|implicit_convolve"),
     ("copy", r"memcpy|memset|copy|cat_|catarray|transpose|permute|index|gather|scatter"),
     ("elementwise", r"elementwise|vectorized|unrolled|triton_poi|triton_per|triton_red|gelu|reduce|upsample|fill"),

@@ -213,9 +213,10 @@ def _linear_fwd_kernel(
     pid_n = (pid % in_group) // size
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if IDX64:
-        rows = rows.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IDX64:  # (M - 1) * a row stride, or (N - 1) * a column stride, may pass 2**31
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     rmask = rows < M
     nmask = cols < N
@@ -309,9 +310,10 @@ def _linear_dgrad_kernel(
     pid_k = (pid % in_group) // size
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    kcols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     if IDX64:
         rows = rows.to(tl.int64)
-    kcols = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        kcols = kcols.to(tl.int64)
     ns = tl.arange(0, BLOCK_K)
     rmask = rows < M
     kmask = kcols < K
@@ -374,6 +376,8 @@ def _linear_dz_kernel(
     CT: tl.constexpr = W.dtype.element_ty
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IDX64:
+        cols = cols.to(tl.int64)
     nmask = cols < N
     colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(0, ROWS, BLOCK_M):
@@ -449,12 +453,13 @@ def _cublas_writes(ct: torch.dtype, da_dtype: torch.dtype) -> bool:
                               and hasattr(torch.ops.aten.mm, "dtype_out"))
 
 
-def dgrad_candidates(dtype: torch.dtype, da_dtype: Optional[torch.dtype] = None, da_contiguous: bool = True) -> list:
-    """Every dgrad config the autotuner times: the tiles and, for a 16-bit compute dtype whose ``da`` cuBLAS can
-    write in place (contiguous, in ``dtype`` or float32), :data:`DZ_FIRST`. float32 has one tile and no
-    alternative (cuBLAS's float32 GEMM would follow torch's TF32 switch, the kernel never rounds to TF32)."""
+def dgrad_candidates(dtype: torch.dtype, da_dtype: Optional[torch.dtype] = None) -> list:
+    """Every dgrad config the autotuner times: the tiles and, for a 16-bit compute dtype whose ``da`` dtype cuBLAS
+    can write (``dtype`` or float32), :data:`DZ_FIRST` (a strided ``da`` costs it a copy, which its timing
+    includes). float32 has one tile and no alternative (cuBLAS's float32 GEMM would follow torch's TF32 switch, the
+    kernel never rounds to TF32)."""
     tiles = tune_configs(dtype)
-    if dtype != torch.float32 and da_contiguous and _cublas_writes(dtype, da_dtype or dtype):
+    if dtype != torch.float32 and _cublas_writes(dtype, da_dtype or dtype):
         return tiles + [DZ_FIRST]
     return tiles
 
@@ -723,10 +728,14 @@ def linear_fwd(
     return out, pre, ahat, mean, rstd
 
 
+@torch.no_grad()  # the launchers sit below autograd (the ops' backward is their own); out= calls need it
 def _fwd_cublas(x, weight, bias, ln_weight, ln_bias, eps, gelu, scale, residual, out, pre, ahat, mean, rstd,
                 lead: int) -> None:
     """:data:`CUBLAS`: ``linear_ref``'s sequence into ``out`` (and ``pre`` / ``ahat`` / ``mean`` / ``rstd`` when
-    saved): the LayerNorm kernel, ``addmm`` in the compute dtype, then GELU, the scale and the residual add."""
+    saved): the LayerNorm kernel, ``addmm`` in the compute dtype, then GELU, the scale and the residual add. It
+    rounds where the reference rounds (z, GELU(z), the scaled branch to the compute dtype); the fused kernel rounds
+    once, so the result can differ from the fused tile's by about an ulp of the compute dtype (both within the
+    tolerance rule): the autotuner's pick decides which (``CROSSVIT_FAST_AUTOTUNE=0`` fixes the tiles)."""
     ct = weight.dtype
     if ct == torch.float32:
         raise ValueError("linear: the CUBLAS config needs a 16-bit compute dtype (float32 has the fused kernel only: "
@@ -841,15 +850,18 @@ def linear_dgrad(
 
     with _device_of(dout):
         _launch(launch, key_of, M, K, ct, dout, lambda: not _shares_storage([da], [dout, pre, scale, weight]),
-                config, lambda: dgrad_candidates(ct, da.dtype, da.is_contiguous()))
+                config, lambda: dgrad_candidates(ct, da.dtype))
     return da, dz, partials[0].sum(0) if bias_grad else None
 
 
+@torch.no_grad()
 def _dz_first(d3, weight, pre, scale, dz, da, partials, bias_grad: bool, M: int, lead: int, idx64: bool) -> None:
     """:data:`DZ_FIRST`: ``_linear_dz_kernel`` (dz, the bias gradient's partial sums), then ``da = dz @ W`` by
-    ``torch.mm`` (cuBLAS; float32 accumulation, rounded once to ``da``'s dtype)."""
+    ``torch.mm`` (cuBLAS: float32 accumulation into a float32 ``da``; into a 16-bit ``da`` it follows torch's
+    ``allow_{fp16,bf16}_reduced_precision_reduction``, as the reference's GEMM does)."""
     N, K = weight.shape
     ct = weight.dtype
+    assert DZ_ROWS % DZ_BLOCK_M == 0, (DZ_ROWS, DZ_BLOCK_M)
     if ct == torch.float32:
         raise ValueError("linear backward: the DZ_FIRST config needs a 16-bit compute dtype (float32 has the fused "
                          "dgrad only: cuBLAS's float32 GEMM follows torch's TF32 switch)")
@@ -884,6 +896,8 @@ def _dz_first(d3, weight, pre, scale, dz, da, partials, bias_grad: bool, M: int,
     else:
         try:
             torch.mm(dzm, weight, out_dtype=acc_dtype, out=out)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError as e:  # this torch / device has no such cuBLAS GEMM: the tuner skips the candidate
             raise CublasUnsupported(f"linear backward: torch.mm({ct} x {ct} -> {acc_dtype}) failed: {e}") from e
     if not direct:

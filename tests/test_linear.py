@@ -658,6 +658,8 @@ def fake_tuner(monkeypatch):
             from triton.runtime.errors import PTXASError
 
             raise PTXASError("ptxas failed")
+        if cfg == CANDS[2] and "cublas" in timed_flags:
+            raise kl.CublasUnsupported("no such cuBLAS GEMM here")
         if "oom" in timed_flags:
             raise torch.cuda.OutOfMemoryError("no room for the L2-flush buffer")
         return ms[cfg]
@@ -688,6 +690,12 @@ def test_tuner_skips_a_config_out_of_resources(fake_tuner):
     assert launches[-1] == CANDS[1]
     flags.add("ptxas")  # a candidate ptxas rejects is skipped too
     assert _tune(launches, key=("k2",)) == CANDS[0]
+
+
+def test_tuner_skips_a_cublas_candidate_this_torch_cannot_run(fake_tuner):
+    launches, _, flags = fake_tuner
+    flags.add("cublas")
+    assert _tune(launches) == CANDS[1] and launches[-1] == CANDS[1]
 
 
 def test_tuner_out_of_memory_takes_the_default_untuned(fake_tuner):
@@ -747,7 +755,6 @@ def test_every_default_tile_is_a_tuning_candidate_and_compiled_ahead_of_time():
         dgrad = kl.dgrad_candidates(dtype)
         assert dgrad == cands + ([kl.DZ_FIRST] if dtype != torch.float32 else [])
         assert kl.dgrad_candidates(dtype, torch.float32) == dgrad  # cuBLAS writes a float32 da from 16-bit operands
-        assert kl.dgrad_candidates(dtype, da_contiguous=False) == cands
         assert {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype and c["kernel"] == "dgrad"} == set(dgrad)
     assert kl.dgrad_candidates(torch.float16, torch.bfloat16) == kl.tune_configs(torch.float16)
     assert kl.config_name((128, 64, 32, 4, 3)) == "128x64x32/w4/s3"
@@ -785,16 +792,25 @@ def _force_dz_first(monkeypatch, rows=(64, 16, 16)):
         monkeypatch.setattr(kl, "DZ_BLOCK_M", rows[1])
         monkeypatch.setattr(kl, "DZ_BLOCK_N", rows[2])
     forbid_launches(monkeypatch, kl, "_linear_dgrad_kernel")
-    calls = []
-    kernel = kl._linear_dz_kernel
+    spy = _Spy(kl._linear_dz_kernel)
+    monkeypatch.setattr(kl, "_linear_dz_kernel", spy)
+    return spy.calls
 
-    class Counting:
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return kernel[grid]
 
-    monkeypatch.setattr(kl, "_linear_dz_kernel", Counting())
-    return calls
+class _Spy:
+    """Stands in for a jitted kernel: launches it and records each launch's keyword arguments."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.calls.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return run
 
 
 LOW16 = LOW_DTYPES[1:]
@@ -840,15 +856,20 @@ def test_dz_first_launcher_matches_the_fused_dgrad(case, da_kind):
         da = torch.empty(B, T, K + 5, dtype=da_dtype, device=DEV)[..., 2:2 + K] if da_kind == "strided" else \
             torch.empty(B, T, K, dtype=da_dtype, device=DEV)
         poison_(da)
-        old = (kl.DZ_ROWS, kl.DZ_BLOCK_M, kl.DZ_BLOCK_N)
+        old = (kl.DZ_ROWS, kl.DZ_BLOCK_M, kl.DZ_BLOCK_N, kl._linear_dz_kernel)
+        spy = _Spy(kl._linear_dz_kernel)
         if not CUDA:
             kl.DZ_ROWS, kl.DZ_BLOCK_M, kl.DZ_BLOCK_N = 64, 16, 16
+        kl._linear_dz_kernel = spy
         try:
             da2, dz2, db2 = kl.linear_dgrad(dout, w, pre, scale, da_dtype, True, True, da=da, config=kl.DZ_FIRST)
-            _, nodz, db3 = kl.linear_dgrad(dout, w, pre, scale, da_dtype, False, True, config=kl.DZ_FIRST)
+            da3, nodz, db3 = kl.linear_dgrad(dout, w, pre, scale, da_dtype, False, True, config=kl.DZ_FIRST)
         finally:
-            kl.DZ_ROWS, kl.DZ_BLOCK_M, kl.DZ_BLOCK_N = old
+            kl.DZ_ROWS, kl.DZ_BLOCK_M, kl.DZ_BLOCK_N, kl._linear_dz_kernel = old
         assert da2 is da and nodz is None
+        # dz written when stored; not stored: written to a scratch for the GEMM unless dz is dout itself
+        assert [c["STORE_DZ"] for c in spy.calls] == [True, case != "dz-is-dout"]
+        torch.testing.assert_close(da3, da2, rtol=0, atol=0)
         tol = dict(rtol=0, atol=0) if not CUDA else dict(rtol=1e-2, atol=1e-2)  # CUDA: FMA contraction may differ
         torch.testing.assert_close(dz2, dz1, **tol)
         exact = dz1.double() @ w.double()
@@ -884,6 +905,42 @@ def test_cublas_forward(gemm, dtype, monkeypatch):
     check(args)
 
 
+@pytest.mark.parametrize("shape", [(24,), (5, 24), (2, 1, 3, 24), (0, 4, 24), (1, 1, 24)], ids=str)
+def test_cublas_and_dz_first_other_ranks(shape):
+    """CUBLAS forward and DZ_FIRST backward on 1-D, 2-D, 4-D and empty x / dout, batch 1: as the fused tiles."""
+    ct = torch.float16 if not CUDA else torch.bfloat16
+    tile = SMALL_TILES if not CUDA else kl.CONFIGS["16bit-small"]
+    x = torch.randn(shape, device=DEV)
+    w = (torch.randn(20, 24, device=DEV) / 5).to(ct)
+    lw, lb, b = 1 + torch.randn(24, device=DEV) / 4, torch.randn(24, device=DEV) / 4, torch.randn(20, device=DEV)
+    scale = torch.rand(shape[0] if len(shape) > 1 else 1, device=DEV).to(ct)
+    for kw in (dict(ln_weight=lw, ln_bias=lb, bias=b, gelu=True), dict(bias=b, scale=scale, gelu=True)):
+        xx = x if "ln_weight" in kw else x.to(ct)
+        want = kl.linear_fwd(xx, w, save=True, config=tile, **kw)
+        got = kl.linear_fwd(xx, w, save=True, config=kl.CUBLAS, **kw)
+        for g, t in zip(got, want):
+            if t is not None:
+                torch.testing.assert_close(g.float(), t.float(), rtol=2e-2, atol=2e-2)
+        dout = torch.randn(shape[:-1] + (20,), device=DEV).to(ct)
+        pre = want[1] if kw.get("gelu") else None
+        sc = kw.get("scale")
+        d1 = kl.linear_dgrad(dout, w, pre, sc, torch.float32, True, True, config=tile)
+        d2 = kl.linear_dgrad(dout, w, pre, sc, torch.float32, True, True, config=kl.DZ_FIRST)
+        for g, t in zip(d2, d1):
+            assert g.shape == t.shape
+            torch.testing.assert_close(g.float(), t.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_cublas_launchers_under_grad_mode():
+    """The cuBLAS configs' out= calls run below autograd: a launcher called with inputs that require grad works."""
+    ct = torch.float16 if not CUDA else torch.bfloat16
+    w = torch.randn(20, 24, device=DEV).to(ct).requires_grad_()
+    x = torch.randn(3, 24, device=DEV).to(ct).requires_grad_()
+    out, *_ = kl.linear_fwd(x, w, residual=torch.randn(3, 20, device=DEV).requires_grad_(), config=kl.CUBLAS)
+    da, *_ = kl.linear_dgrad(torch.randn(3, 20, device=DEV).to(ct), w, config=kl.DZ_FIRST)
+    assert not out.requires_grad and not da.requires_grad
+
+
 def test_cublas_forward_into_the_residual_and_other_outputs():
     """CUBLAS into ``out=`` the residual (in place), into a strided out, with ``out_dtype``: as the fused kernel."""
     ct = torch.float16 if not CUDA else torch.bfloat16
@@ -896,6 +953,11 @@ def test_cublas_forward_into_the_residual_and_other_outputs():
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     o = poison_(torch.empty(2, 7, 29, dtype=ct, device=DEV))[..., 3:23]
     got, *_ = kl.linear_fwd(**args, out_dtype=ct, out=o, config=kl.CUBLAS)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    gs = make((2, 7, 24), 20, ct, ("gelu", "scale"))  # no residual, into a strided out
+    o = poison_(torch.empty(2, 7, 29, dtype=ct, device=DEV))[..., 3:23]
+    got, *_ = kl.linear_fwd(**gs, out=o, config=kl.CUBLAS)
+    want, *_ = kl.linear_fwd(**gs, config=tile)
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
     plain = make((1, 5, 24), 20, ct, ())
     o = poison_(torch.empty(1, 5, 20, dtype=ct, device=DEV))

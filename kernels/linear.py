@@ -101,8 +101,9 @@ the float32 dgrad spills 4+4 bytes (since it sums the bias gradient); shared mem
 float32 kernels 8+8; tests/sm90_compile.py's budgets.) float32 (``ieee``) dots are FMA loops (no wgmma, by design);
 the float32 tile was shrunk to BLOCK_K = 16 after BLOCK_K = 32 spilled 4 bytes in the dgrad.
 
-Not yet timed on a GPU: which tiles win (the GEMM benchmark's ``tiles`` field will say), and whether the LayerNorm
-prologue's second read of the row block keeps up with cuBLAS on a ready input.
+Not yet timed on a GPU: which tiles win (the GEMM benchmark's ``tiles`` field will say), whether the LayerNorm
+prologue's second read of the row block keeps up with cuBLAS on a ready input, and whether CUBLAS / DZ_FIRST ever
+win a key (they are there so that no key runs slower than cuBLAS would).
 """
 
 from __future__ import annotations

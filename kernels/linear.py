@@ -733,9 +733,9 @@ def linear_fwd(
 def _fwd_cublas(x, weight, bias, ln_weight, ln_bias, eps, gelu, scale, residual, out, pre, ahat, mean, rstd,
                 lead: int) -> None:
     """:data:`CUBLAS`: ``linear_ref``'s sequence into ``out`` (and ``pre`` / ``ahat`` / ``mean`` / ``rstd`` when
-    saved): the LayerNorm kernel, ``addmm`` in the compute dtype, then GELU, the scale and the residual add. It
-    rounds where the reference rounds (z, GELU(z), the scaled branch to the compute dtype); the fused kernel rounds
-    once, so the result can differ from the fused tile's by about an ulp of the compute dtype (both within the
+    saved): the LayerNorm kernel, ``addmm`` in the compute dtype, then GELU, the scale and the residual add (one
+    ``addcmul`` pass when both). It rounds z and GELU(z) to the compute dtype, as the reference does; the fused
+    kernel rounds once, so the result can differ from the fused tile's by about an ulp of the compute dtype (both within the
     tolerance rule): the autotuner's pick decides which (``CROSSVIT_FAST_AUTOTUNE=0`` fixes the tiles)."""
     ct = weight.dtype
     if ct == torch.float32:
@@ -762,12 +762,14 @@ def _fwd_cublas(x, weight, bias, ln_weight, ln_bias, eps, gelu, scale, residual,
         torch.addmm(bias.to(ct), a2, weight.t(), out=z)
     else:
         torch.mm(a2, weight.t(), out=z)
-    y = torch.nn.functional.gelu(z) if gelu else z
-    y = y.view(out.shape)
-    if scale is not None:
-        y = (y.view(lead, -1, N) * scale.to(ct).view(lead, 1, 1)).view(out.shape)  # (lead, M / lead, N)
-    if residual is not None:
+    y = (torch.nn.functional.gelu(z) if gelu else z).view(out.shape)
+    s = scale.to(ct).view((lead,) + (1,) * (out.dim() - 1)) if scale is not None else None  # one per sample
+    if residual is not None and s is not None:
+        torch.addcmul(residual, y, s, out=out)  # residual + y * s, one pass
+    elif residual is not None:
         torch.add(residual, y, out=out)
+    elif s is not None:
+        torch.mul(y, s, out=out)
     elif y.data_ptr() != out.data_ptr() or y.stride() != out.stride():
         out.copy_(y)
 

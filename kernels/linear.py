@@ -735,8 +735,8 @@ def _fwd_cublas(x, weight, bias, ln_weight, ln_bias, eps, gelu, scale, residual,
     """:data:`CUBLAS`: ``linear_ref``'s sequence into ``out`` (and ``pre`` / ``ahat`` / ``mean`` / ``rstd`` when
     saved): the LayerNorm kernel, ``addmm`` in the compute dtype, then GELU, the scale and the residual add (one
     ``addcmul`` pass when both). It rounds z and GELU(z) to the compute dtype, as the reference does; the fused
-    kernel rounds once, so the result can differ from the fused tile's by about an ulp of the compute dtype (both within the
-    tolerance rule): the autotuner's pick decides which (``CROSSVIT_FAST_AUTOTUNE=0`` fixes the tiles)."""
+    kernel rounds once, so the result can differ from the fused tile's by about an ulp of the compute dtype (both
+    within the tolerance rule): the autotuner's pick decides which (``CROSSVIT_FAST_AUTOTUNE=0`` fixes the tiles)."""
     ct = weight.dtype
     if ct == torch.float32:
         raise ValueError("linear: the CUBLAS config needs a 16-bit compute dtype (float32 has the fused kernel only: "

@@ -636,6 +636,14 @@ def default_out_dtype(weight_dtype: torch.dtype, residual: Optional[torch.Tensor
     return weight_dtype if residual is None else torch.promote_types(residual.dtype, weight_dtype)
 
 
+def _normalized(x, ln_weight, ln_bias, eps, ct, ahat, mean, rstd) -> torch.Tensor:
+    """The LN_FIRST / CUBLAS forwards' first step: the ``layer_norm`` kernel writes LayerNorm(x) rounded to ``ct``
+    (into ``ahat``, with ``mean`` / ``rstd``, when the backward will read them), shaped like x."""
+    a = ahat.view(x.shape) if ahat is not None else torch.empty(x.shape, dtype=ct, device=x.device)
+    layer_norm_fwd(x, None, ln_weight, ln_bias, eps, out_dtype=ct, out=a, mean=mean, rstd=rstd)
+    return a
+
+
 def linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -699,10 +707,8 @@ def linear_fwd(
             return
         bm, bn, bk, warps, stages = cfg[:5]
         a3, prologue = x3, has_ln
-        if has_ln and len(cfg) == 6:  # LN_FIRST: the LayerNorm kernel writes the rounded a (ahat when saved)
-            a = ahat.view(x.shape) if ahat is not None else torch.empty(x.shape, dtype=ct, device=dev)
-            layer_norm_fwd(x, None, ln_weight, ln_bias, eps, out_dtype=ct, out=a, mean=mean, rstd=rstd)
-            a3, prologue = _as3d(a), False
+        if has_ln and len(cfg) == 6:  # LN_FIRST
+            a3, prologue = _as3d(_normalized(x, ln_weight, ln_bias, eps, ct, ahat, mean, rstd)), False
         _linear_fwd_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
             a3, weight, bias if bias is not None else dummy, ln_weight if prologue else dummy,
             ln_bias if prologue else dummy, scale_flat if scale is not None else dummy, r3, o3,
@@ -744,8 +750,7 @@ def _fwd_cublas(x, weight, bias, ln_weight, ln_bias, eps, gelu, scale, residual,
     K, N = x.shape[-1], weight.shape[0]
     M = x.numel() // K
     if ln_weight is not None:
-        a = ahat.view(x.shape) if ahat is not None else torch.empty(x.shape, dtype=ct, device=x.device)
-        layer_norm_fwd(x, None, ln_weight, ln_bias, eps, out_dtype=ct, out=a, mean=mean, rstd=rstd)
+        a = _normalized(x, ln_weight, ln_bias, eps, ct, ahat, mean, rstd)
     else:
         a = x if x.dtype == ct else x.to(ct)
     if COMPILE_ONLY:

@@ -36,6 +36,11 @@
 # Python 3.12 + triton 3.6.0 as on the GPU image) writes bench/.gpu-carry/triton-cache.tar.xz; name bench/.gpu-carry
 # in the device call's carry. Each phase logs how many kernels it found there and how many it compiled itself; smoke
 # (and any phase that finds no cache) first precompiles the family on all cores (see precompile below).
+#
+# Run caches (bench/gpu_cache.sh): each phase also returns $OUT/cache-<phase>.tar.xz, what Triton and Inductor
+# compiled in it (Inductor's FX graph and AOTAutograd caches and every new cubin). `bash bench/gpu_cache.sh add
+# <files_at>/cache-*.tar.xz` here puts it into bench/.gpu-carry, and every later call that carries that folder
+# unpacks it first: a compiled provider's case run again (a phase cut off, a later session) loads instead of compiling.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -63,6 +68,10 @@ if [ "$dry" != 1 ]; then
     if [ "$TRITON_CACHE_DIR" = "$tcache" ]; then tar xJf "$prebuilt" -C "$tcache"
     else say "prebuilt cache not used: TRITON_CACHE_DIR is $TRITON_CACHE_DIR, not $tcache"; fi
   fi
+  # Inductor's caches at a fixed path too, so that what a phase compiles can come back and be carried (gpu_cache.sh)
+  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/crossvit_fast-inductor-cache}
+  bash bench/gpu_cache.sh unpack 2>&1 | tee -a "$log"
+  cache_marker=$(mktemp) && touch "$cache_marker"
   tcache_before=$(kernels_in "$TRITON_CACHE_DIR")
   say "triton cache $TRITON_CACHE_DIR: $tcache_before kernels at the start"
 fi
@@ -196,5 +205,7 @@ say "phase $phase done in $((SECONDS - start))s, status $status"
 if [ -n "$OUT" ] && [ "$dry" != 1 ]; then
   tgz=$(mktemp "${TMPDIR:-/tmp}/gpu_run.XXXXXX") && tar czf "$tgz" -C "$OUT" . \
     && find "$OUT" -mindepth 1 -delete && mv "$tgz" "$OUT/$phase.tgz" || echo "packing failed: the loose files stay in \$OUT"
+  # what Triton and Inductor compiled in this phase, beside the tar: `bash bench/gpu_cache.sh add` it here
+  bash bench/gpu_cache.sh pack "$OUT/cache-$phase.tar.xz" "$cache_marker" || echo "cache packing failed"
 fi
 exit "$status"

@@ -120,6 +120,66 @@ def test_gpu_run_phases_are_ready(phase):
         assert picked >= 21, r.stdout[-2000:]  # 3 ops x 2 shapes x 3 dtypes + 3 model cases
 
 
+def _cache_sh(*args, env):
+    return subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_cache.sh"), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_cache_round_trip(tmp_path):
+    """bench/gpu_cache.sh: pack takes only what was written after the marker, add numbers the archives in the carry,
+    unpack restores them; an archive made under other source keeps its kernels and FX graphs but not its
+    AOTAutograd entries (their key does not cover a custom op's backward formula)."""
+    gpu, here, carry = tmp_path / "gpu", tmp_path / "here", tmp_path / "carry"
+    env = {**os.environ, "GPU_CACHE_BASE": str(gpu), "GPU_CARRY_DIR": str(carry)}
+    old = gpu / "crossvit_fast-triton-cache" / "aaa" / "old.cubin"
+    old.parent.mkdir(parents=True)
+    old.write_text("old")
+    os.utime(old, (1e9, 1e9))  # unpacked from the prebuilt cache: older than the marker
+    marker = tmp_path / "marker"
+    marker.write_text("")
+    r = _cache_sh("pack", str(tmp_path / "none.tar.xz"), str(marker), env=env)
+    assert r.returncode == 0 and "nothing new" in r.stdout and not (tmp_path / "none.tar.xz").exists()
+    new = {"crossvit_fast-triton-cache/bbb/k.cubin": "kernel",
+           "crossvit_fast-inductor-cache/fxgraph/xy/entry": "graph",
+           "crossvit_fast-inductor-cache/aotautograd/key/entry": "joint"}
+    for rel, text in new.items():
+        (gpu / rel).parent.mkdir(parents=True, exist_ok=True)
+        (gpu / rel).write_text(text)
+    out = tmp_path / "cache-bench-model.tar.xz"
+    r = _cache_sh("pack", str(out), str(marker), env=env)
+    assert r.returncode == 0 and "3 new files" in r.stdout, r.stdout + r.stderr
+    names = subprocess.run(["tar", "tJf", str(out)], capture_output=True, text=True).stdout.split()
+    assert sorted(names) == sorted([*new, "crossvit_fast-cache-source.txt"])
+    for _ in range(2):
+        r = _cache_sh("add", str(out), env=env)
+        assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(carry)) == ["run-001-cache-bench-model.tar.xz", "run-002-cache-bench-model.tar.xz"]
+    os.remove(carry / "run-002-cache-bench-model.tar.xz")
+
+    env_here = {**env, "GPU_CACHE_BASE": str(here)}
+    here.mkdir()
+    r = _cache_sh("unpack", env=env_here)
+    assert r.returncode == 0 and "1 run archive(s)" in r.stdout, r.stdout + r.stderr
+    assert all((here / rel).read_text() == text for rel, text in new.items())
+    assert not (here / "crossvit_fast-cache-source.txt").exists()
+
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "crossvit_fast-cache-source.txt").write_text("0123456789abcdef\n")
+    subprocess.run(["tar", "xJf", str(out), "-C", str(stale), "--exclude=crossvit_fast-cache-source.txt"], check=True)
+    os.remove(carry / "run-001-cache-bench-model.tar.xz")
+    subprocess.run(["tar", "cJf", str(carry / "run-001-old.tar.xz"), "-C", str(stale), "crossvit_fast-cache-source.txt",
+                    "crossvit_fast-triton-cache", "crossvit_fast-inductor-cache"], check=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    r = _cache_sh("unpack", env={**env, "GPU_CACHE_BASE": str(other)})
+    assert r.returncode == 0 and "made under source 0123456789abcdef" in r.stdout, r.stdout + r.stderr
+    assert "aotautograd entries are left out" in r.stdout
+    assert (other / "crossvit_fast-triton-cache/bbb/k.cubin").exists()
+    assert (other / "crossvit_fast-inductor-cache/fxgraph/xy/entry").exists()
+    assert not (other / "crossvit_fast-inductor-cache/aotautograd").exists()
+
+
 def test_time_by_kind():
     """Kernel kinds from names, and busy time as the union of intervals: the rest of the span is launch gaps."""
     kernels = [  # (name, start_us, end_us) over 2 steps

@@ -564,6 +564,19 @@ def _launch(launch, key_of, M: int, n_cols: int, ct: torch.dtype, ref: torch.Ten
         _launch_with_tuning(launch, key, pick_config(M, n_cols, ct, _sm_count(ref)), cands, ref.device, may_tune)
 
 
+_MAX_BLOCK_K = 256  # above every BLOCK_K a config may carry
+
+
+def _reduction_stride_safe(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t``, or a contiguous copy of it where its stride along the GEMM's reduction (``dim``) times a BLOCK_K could
+    pass 2**31: the K loops index that dimension with ``ks * stride`` and step by ``BLOCK_K * stride``, 32-bit
+    products in every specialisation (IDX64 widens the row and column offsets only). Only a column-major view of a
+    huge tensor (a reduction stride in the millions) takes the copy."""
+    if abs(t.stride(dim)) * _MAX_BLOCK_K > _INT32_MAX:
+        return t.contiguous()
+    return t
+
+
 def _check_tensor(name: str, t, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"linear: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -696,6 +709,7 @@ def linear_fwd(
     lead = x.shape[0] if x.dim() >= 2 else 1
     rpg = max(M // lead, 1)
     scale_flat = scale.reshape(-1) if scale is not None else None
+    x3, weight = _reduction_stride_safe(x3, 2), _reduction_stride_safe(weight, 1)
     idx64 = max(_span(t) for t in (x3, o3, r3, weight)) > _INT32_MAX or M * max(N, K) > _INT32_MAX
     dummy = out
     flags = (has_ln, bias is not None, bool(gelu), scale is not None, residual is not None, bool(save))
@@ -831,6 +845,7 @@ def linear_dgrad(
     d3, a3 = _as3d(dout), _as3d(da)
     partials = []  # the launched config's (cdiv(M, BLOCK_M), N) float32 partial sums (the last launch's)
     lead = dout.shape[0] if dout.dim() >= 2 else 1
+    d3, weight = _reduction_stride_safe(d3, 2), _reduction_stride_safe(weight, 0)
     idx64 = max(_span(t) for t in (d3, a3, weight)) > _INT32_MAX or M * max(N, K) > _INT32_MAX
 
     def launch(cfg: Config) -> None:

@@ -173,6 +173,27 @@ def test_int64_offsets(monkeypatch, layout):
     check(make((2, 5, 24), 20, torch.float32, FLAGS, layout=layout))
 
 
+def test_reduction_stride_too_large_for_32_bit_products_is_copied():
+    """The K loops' ``ks * stride`` and ``BLOCK_K * stride`` are 32-bit products even under IDX64: an operand whose
+    stride along the reduction could overflow them is made contiguous first (meta tensors: strides, no storage)."""
+    big = (2**31) // 256 + 1
+    x = torch.empty_strided((3, 4), (1, big), device="meta")  # column-major, reduction stride `big`
+    assert kl._reduction_stride_safe(x, 1).stride() == (4, 1)
+    assert kl._reduction_stride_safe(x, 0) is x  # its row stride is fine
+    w = torch.empty_strided((5, 4), (4, 1), device="meta")
+    assert kl._reduction_stride_safe(w, 1) is w
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_reduction_stride_copy_path(monkeypatch, layout):
+    """The launchers with that copy taken for every operand (threshold lowered): forward and dgrad still right,
+    including a transposed x and dout whose copies the kernels read instead of the views."""
+    monkeypatch.setattr(kl, "_MAX_BLOCK_K", 2**31)
+    if not CUDA:
+        monkeypatch.setattr(kl, "_INTERPRETER_CONFIG", SMALL_TILES)
+    check(make((2, 5, 40), 24, torch.float32, FLAGS, layout=layout))
+
+
 @pytest.mark.parametrize("dtype", LOW_DTYPES[1:], ids=_ids)
 @pytest.mark.parametrize("gemm", ["qkv", "proj", "fc1", "fc2"])
 def test_autocast_dtypes(gemm, dtype):

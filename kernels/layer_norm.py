@@ -53,7 +53,7 @@ Limits
   tight: at C = 40 and 100 the forward holds 64 / 32 rows a program and takes 234-255 registers under triton 3.6 (an
   earlier review saw 4-16 B of spills there in other shapes). Not yet timed on a GPU: no autotuning, the
   tiles are a first choice.
-* Offsets are 32-bit unless a tensor spans 2**31 elements or more (then a 64-bit specialisation, IDX64).
+* Offsets are 32-bit unless a tensor spans 2**31 elements or more (then IDX64: 64-bit row and channel offsets).
 * CUDA; CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
   Plain pointer arithmetic with masks; only APIs present in both triton 3.6 and 3.9.
 
@@ -145,7 +145,7 @@ def _layer_norm_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     if IDX64:
         rows = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
+    cols = tl.arange(0, BLOCK_C).to(tl.int64) if IDX64 else tl.arange(0, BLOCK_C)  # cols * channel stride too
     rmask = rows < ROWS
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
@@ -188,7 +188,7 @@ def _layer_norm_bwd_kernel(
 ):
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK_R
-    cols = tl.arange(0, BLOCK_C)
+    cols = tl.arange(0, BLOCK_C).to(tl.int64) if IDX64 else tl.arange(0, BLOCK_C)
     cmask = cols < C
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_C,), dtype=tl.float32)

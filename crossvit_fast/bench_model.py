@@ -189,6 +189,10 @@ def markdown(record: Dict[str, object]) -> str:
         lines.append(f"| {r['model']} | {r['pass']} | {r['dtype']} | {r['batch']} | {r['provider']} | "
                      f"{r.get('graphs', 'none')} | {r['median_ms']:.3f} | {r['images_per_s']:.0f} | {vs} | "
                      f"{100 * r['mfu']:.1f}% | {r['peak_mem_mb']:.0f} |")
+    for what, key, field in (("Out of memory (no row)", "skipped", "reason"), ("Failed", "failures", "error")):
+        for r in record.get(key, []):
+            lines.append(f"\n{what}: {r['model']} {r['pass']} {r['dtype']} batch {r['batch']} {r['provider']} "
+                         f"(CUDA graphs {r.get('graphs', 'none')}): {r[field]}")
     return "\n".join(lines) + "\n"
 
 
@@ -386,8 +390,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             label = provider + ("" if graphs == "none" else f"+{graphs}")
             try:
                 row = run_case(m, b, d, p, provider, gmacs[m], ceilings["bf16_matmul_tflops"], args.rep_ms, graphs)
-            except torch.cuda.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:  # not a failure of the code, but the record says why the row is absent
                 print(f"  {label:24s} out of memory")
+                record.setdefault("skipped", []).append({"model": m, "batch": b, "dtype": d, "pass": p,
+                                                         "provider": provider, "graphs": graphs,
+                                                         "reason": "out of memory"})
+                write_record(record, args.out_dir)
                 torch.cuda.empty_cache()
                 continue
             except EagerFallbackError:

@@ -52,6 +52,14 @@ def test_record_format_and_markdown(tmp_path):
     assert row["provider"] == "crossvit_fast" and row["median_ms"] == 10.0 and len(row["samples_ms"]) == 3
     table = bench_model.markdown(data)
     assert "| crossvit_9_240 | forward | bfloat16 | 64 | crossvit_fast | none | 10.000 | 6400 | 2.00x |" in table
+    case = {"model": "crossvit_18_dagger_408", "batch": 256, "dtype": "float32", "pass": "train_step",
+            "provider": "reference", "graphs": "none"}
+    data["skipped"] = [{**case, "reason": "out of memory"}]
+    data["failures"] = [{**case, "provider": "timm-compiled", "error": "RuntimeError: boom"}]
+    table = bench_model.markdown(data)  # an absent row says why
+    assert "Out of memory (no row): crossvit_18_dagger_408 train_step float32 batch 256 reference" in table
+    assert "Failed: crossvit_18_dagger_408 train_step float32 batch 256 timm-compiled (CUDA graphs none): " \
+           "RuntimeError: boom" in table
 
 
 def test_records_are_written_as_they_grow(tmp_path):

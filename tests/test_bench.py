@@ -193,6 +193,29 @@ def test_gpu_cache_round_trip(tmp_path):
     assert not (other / "crossvit_fast-inductor-cache/aotautograd").exists()
 
 
+def test_gpu_cache_splits_what_one_returned_file_cannot_hold(tmp_path):
+    """An archive over the part size comes back in parts (NAME.part-a, -b, ...); add joins them into one archive."""
+    gpu, carry = tmp_path / "gpu", tmp_path / "carry"
+    env = {**os.environ, "GPU_CACHE_BASE": str(gpu), "GPU_CARRY_DIR": str(carry), "GPU_CACHE_PART_BYTES": "40000"}
+    marker = tmp_path / "marker"
+    marker.write_text("")
+    blob = gpu / "crossvit_fast-inductor-cache" / "fxgraph" / "blob"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(os.urandom(100_000))  # incompressible: three parts of at most 40,000 bytes
+    out = tmp_path / "ret" / "cache-tests-ops.tar.xz"
+    out.parent.mkdir()
+    r = _cache_sh("pack", str(out), str(marker), env=env)
+    assert r.returncode == 0 and "3 parts" in r.stdout, r.stdout + r.stderr
+    parts = sorted(os.listdir(out.parent))
+    assert parts == ["cache-tests-ops.tar.xz.part-a", "cache-tests-ops.tar.xz.part-b", "cache-tests-ops.tar.xz.part-c"]
+    assert all(os.path.getsize(out.parent / p) <= 40000 for p in parts)
+    r = _cache_sh("add", *[str(out.parent / p) for p in parts], env=env)
+    assert r.returncode == 0 and os.listdir(carry) == ["run-001-cache-tests-ops.tar.xz"], r.stdout + r.stderr
+    r = _cache_sh("unpack", env={**env, "GPU_CACHE_BASE": str(tmp_path / "here")})
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "here" / "crossvit_fast-inductor-cache" / "fxgraph" / "blob").read_bytes() == blob.read_bytes()
+
+
 def test_time_by_kind():
     """Kernel kinds from names, and busy time as the union of intervals: the rest of the span is launch gaps."""
     kernels = [  # (name, start_us, end_us) over 2 steps

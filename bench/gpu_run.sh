@@ -10,6 +10,10 @@
 #   bash bench/gpu_run.sh bench-linear [MODEL]    the fused GEMMs and blocks (default crossvit_18_dagger_240)
 #   bash bench/gpu_run.sh bench-model [MODEL [DTYPE [PASS...]]]   the model benchmark, every provider (default
 #                                                 crossvit_18_dagger_240 bfloat16 forward train_step)
+#   bash bench/gpu_run.sh bench-models            the rest of the model record in one call: crossvit_9_240 and
+#                                                 crossvit_18_dagger_408 (bf16 and fp32) and the headline in fp32,
+#                                                 forward and train step, eager providers (timm, crossvit_fast,
+#                                                 reference: no Inductor compile)
 #   bash bench/gpu_run.sh profile                 time by kernel kind: timm eager, timm compiled, crossvit_fast
 #   bash bench/gpu_run.sh graphs                  CUDA-graph parity tests; batch-1 and batch-8 latency
 #   GPU_RUN_DRY=1 bash bench/gpu_run.sh PHASE      no GPU: collect the tests and list the bench cases (tests/test_bench.py)
@@ -190,6 +194,10 @@ case "$phase" in
     model=${1:-$headline}; dtype=${2:-bfloat16}; shift $(($# < 2 ? $# : 2))
     passes=(); [ $# -gt 0 ] && passes=(--passes "$@")
     bench bench/bench_model.py "$model" --batch 256 --dtype "$dtype" "${passes[@]}" ;;
+  bench-models)
+    bench bench/bench_model.py crossvit_9_240 crossvit_18_dagger_408 --batch 256 --dtype bfloat16 float32 \
+      --providers timm crossvit_fast reference
+    bench bench/bench_model.py "$headline" --batch 256 --dtype float32 --providers timm crossvit_fast reference ;;
   profile)
     bench bench/bench_model.py "$headline" --batch 256 --dtype bfloat16 --profile-only \
       --providers timm timm-compiled crossvit_fast ;;

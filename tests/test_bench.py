@@ -108,8 +108,8 @@ def test_assert_compiled_refuses_a_reused_graph():
         assert_compiled(lambda: f(x), "the same case again, without compile_fresh")
 
 
-PHASES = ["smoke", "tests-ops", "tests-models", "bench-cls", "bench-sa", "bench-ln", "bench-model", "profile", "graphs",
-          "bench-linear"]
+PHASES = ["smoke", "tests-ops", "tests-models", "bench-cls", "bench-sa", "bench-ln", "bench-model", "bench-models",
+          "profile", "graphs", "bench-linear"]
 
 
 @pytest.mark.parametrize("phase", PHASES)

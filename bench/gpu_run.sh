@@ -22,7 +22,10 @@
 # phase cut off still returns its partial records), logs and pytest's junit XML into $OUT; at the end everything is
 # packed into one $OUT/<phase>.tgz (the tool returns at most 8 files). Without $OUT, records go to bench/results/.
 # Unpack the tar here and copy results/*.json into bench/results/ to commit them. The device's copy of the tree has
-# no .git: pass the commit in, `CROSSVIT_FAST_COMMIT=$(git rev-parse --short=12 HEAD)` written out in the command.
+# no .git: pass the commit in, `CROSSVIT_FAST_COMMIT=<hash>` written out in the command. bench/report.py merges the
+# records of a device's newest commit only, so pass the last commit that changed the code (`git log -1
+# --format=%h -- crossvit_fast kernels bench`), not one that only added records: every call of one code version
+# then lands in one table.
 #
 # Triton compiles, counted without a GPU by `python tests/sm90_compile.py --set smoke|ci` (triton 3.6.0, the GPU
 # machines' version; CPU seconds of cold compiles on this project's 2-core machines, ptxas included):

@@ -55,6 +55,7 @@ def newest(records: List[Dict[str, object]], benchmark: str) -> List[Dict[str, o
                 merged[key] = row
         rec = dict(same[-1])
         rec["rows"] = list(merged.values())
+        rec["skipped"] = [k for r in same for k in r.get("skipped", [])]
         rec["complete"] = all(r.get("complete", True) for r in same)
         rec["_path"] = ", ".join(r["_path"] for r in same)
         out.append(rec)
@@ -86,6 +87,12 @@ def model_table(rec: Dict[str, object]) -> str:
         speed = (f"{val['crossvit_fast'] / val['timm']:.2f}x" if "crossvit_fast" in val and "timm" in val else "-")
         cells = [f"{val[p]:.0f}" if p in val else "-" for p in provs]
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + f" | {speed} |")
+    measured = {(r["model"], r["pass"], r["dtype"], r["batch"], r["provider"]) for r in rows}
+    oom = sorted({(k["model"], k["pass"], k["dtype"], k["batch"], k["provider"]) for k in rec.get("skipped", [])
+                  if k.get("graphs", "none") == "none"} - measured)
+    if oom:
+        lines += ["", "Out of memory, so not in the table: "
+                  + "; ".join(f"{m} {p} {d} batch {b} ({prov})" for m, p, d, b, prov in oom) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -331,6 +331,9 @@ def test_report_tables(tmp_path):
     later = new_record("model", ceil)  # same commit, a second run (another phase): merged with the first
     later["device"], later["created"], later["commit"] = rec["device"], "2026-02-01T00:05:00+00:00", rec["commit"]
     later["rows"] = [timed_row({**base, "pass": "train_step"}, "timm", [1.0], images_per_s=3000.0)]
+    big = {**base, "model": "crossvit_18_dagger_408", "dtype": "float32", "pass": "train_step"}
+    later["skipped"] = [{**big, "provider": "timm", "reason": "out of memory"},
+                        {**base, "provider": "timm", "reason": "out of memory"}]  # measured in another run: not listed
     op = new_record("layer_norm", ceil)
     op["device"], op["complete"] = "NVIDIA H100 80GB HBM3", False
     case = {"batch": 256, "dtype": "bfloat16", "pass": "forward", "N": 401, "C": 224, "residual": True}
@@ -343,6 +346,7 @@ def test_report_tables(tmp_path):
     assert "| crossvit_18_dagger_240 | forward | bfloat16 | 256 | 10000 | 12500 | 15000 | 1.50x |" in text
     assert "crossvit_9_240" not in text  # the older commit's record of the same device is not used
     assert "| crossvit_18_dagger_240 | train_step | bfloat16 | 256 | 3000 | - | - | - |" in text
+    assert "Out of memory, so not in the table: crossvit_18_dagger_408 train_step float32 batch 256 (timm)." in text
     assert "| 256 | bfloat16 | forward | 401 | 224 | True | 0.1000 | 3.00x | 1.20x |" in text
     assert "incomplete record" in text and "NVIDIA H100 80GB HBM3, torch" in text
     readme = tmp_path / "README.md"

@@ -568,12 +568,12 @@ _MAX_BLOCK_K = 256  # above every BLOCK_K a config may carry
 
 
 def _reduction_stride_safe(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """``t``, or a contiguous copy of it where its stride along the GEMM's reduction (``dim``) times a BLOCK_K could
-    pass 2**31: the K loops index that dimension with ``ks * stride`` and step by ``BLOCK_K * stride``, 32-bit
+    """``t``, or a copy of it with unit stride along the GEMM's reduction (``dim``) where that stride times a BLOCK_K
+    could pass 2**31: the K loops index that dimension with ``ks * stride`` and step by ``BLOCK_K * stride``, 32-bit
     products in every specialisation (IDX64 widens the row and column offsets only). Only a column-major view of a
     huge tensor (a reduction stride in the millions) takes the copy."""
     if abs(t.stride(dim)) * _MAX_BLOCK_K > _INT32_MAX:
-        return t.contiguous()
+        return t.movedim(dim, -1).contiguous().movedim(-1, dim)  # dim innermost in memory
     return t
 
 

@@ -182,16 +182,31 @@ def test_reduction_stride_too_large_for_32_bit_products_is_copied():
     assert kl._reduction_stride_safe(x, 0) is x  # its row stride is fine
     w = torch.empty_strided((5, 4), (4, 1), device="meta")
     assert kl._reduction_stride_safe(w, 1) is w
+    w = torch.empty_strided((5, 4), (big, 1), device="meta")  # the dgrad reduces a weight over its rows
+    assert kl._reduction_stride_safe(w, 0).stride() == (1, 5)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_reduction_stride_copy_path(monkeypatch, layout):
-    """The launchers with that copy taken for every operand (threshold lowered): forward and dgrad still right,
-    including a transposed x and dout whose copies the kernels read instead of the views."""
+def test_reduction_stride_copy_path(monkeypatch):
+    """The launchers with that copy taken for every strided operand (threshold lowered): each GEMM operand is passed
+    through the check along its reduction dim (forward: x's K, the weight's K; dgrad: dout's N, the weight's N), a
+    transposed x and dout are copied, and forward and dgrad stay right on the copies."""
     monkeypatch.setattr(kl, "_MAX_BLOCK_K", 2**31)
     if not CUDA:
         monkeypatch.setattr(kl, "_INTERPRETER_CONFIG", SMALL_TILES)
-    check(make((2, 5, 40), 24, torch.float32, FLAGS, layout=layout))
+    seen = []
+    orig = kl._reduction_stride_safe
+
+    def spy(t, dim):
+        r = orig(t, dim)
+        seen.append((t.dim(), dim, t.shape[dim], t.stride(dim) != 1, r.stride(dim)))
+        return r
+
+    monkeypatch.setattr(kl, "_reduction_stride_safe", spy)
+    K, N = 40, 24
+    check(make((2, 5, K), N, torch.float32, FLAGS, layout="transposed"))
+    assert {c[:3] for c in seen} == {(3, 2, K), (2, 1, K), (3, 2, N), (2, 0, N)}, seen
+    assert any(c[:2] == (3, 2) and c[3] for c in seen)  # the transposed view was among them
+    assert all(c[4] == 1 for c in seen)  # and every operand the kernels got has unit reduction stride
 
 
 @pytest.mark.parametrize("dtype", LOW_DTYPES[1:], ids=_ids)

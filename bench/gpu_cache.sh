@@ -62,8 +62,8 @@ case "$cmd" in
     out=$1 marker=$2
     [ -e "$marker" ] || { echo "gpu_cache: marker $marker missing" >&2; exit 2; }
     list=$(mktemp)
-    # Triton's: what a hit loads (cubin, metadata and group index, the C launchers it builds per signature), not the
-    # IR and PTX; Inductor's: everything
+    # Triton's: what a hit loads (cubin, metadata and group index, the C launchers it builds per signature, the
+    # autotune picks in *.autotune.json), not the IR and PTX; Inductor's: everything
     (cd "$base" && { [ -d "${dirs[0]}" ] && find "${dirs[0]}" -type f -newer "$marker" \
                        \( -name '*.cubin' -o -name '*.json' -o -name '*.so' \)
                      [ -d "${dirs[1]}" ] && find "${dirs[1]}" -type f -newer "$marker"; }) > "$list" || true

@@ -109,7 +109,13 @@ def cmd_info(args) -> int:
         verified_archs,
         verified_on,
     )
-    from crossvit_fast.config import ENV_AUTOTUNE, ENV_BACKEND, autotune_from_env
+    from crossvit_fast.config import (
+        ENV_AUTOTUNE,
+        ENV_AUTOTUNE_CACHE,
+        ENV_BACKEND,
+        autotune_cache_from_env,
+        autotune_from_env,
+    )
 
     print(f"crossvit_fast {crossvit_fast.__version__}")
     print(f"python        {platform.python_version()} ({platform.machine()})")
@@ -132,6 +138,12 @@ def cmd_info(args) -> int:
     tune = "on" if autotune_from_env() else "off (fixed default tiles)"
     print(f"autotuning: {tune} ({ENV_AUTOTUNE}={os.environ.get(ENV_AUTOTUNE, '')!r}; CUDA only: the self-attention "
           "and block-GEMM tiles, timed on the first call of each shape)")
+    if autotune_cache_from_env():
+        where = os.environ.get("TRITON_CACHE_DIR") or os.path.join("~", ".triton", "cache")
+        cache = f"on (each pick also kept in Triton's cache dir {where}, loaded by later processes)"
+    else:
+        cache = "off (picks kept in the process only)"
+    print(f"autotune cache: {cache} ({ENV_AUTOTUNE_CACHE}={os.environ.get(ENV_AUTOTUNE_CACHE, '')!r})")
     print("backends:")
     print("  reference    can run (plain PyTorch: the explicit math, the tests' oracle)")
     print("  torch        can run (what timm runs: SDPA, PyTorch's LayerNorm)")

@@ -22,6 +22,19 @@ def autotune_from_env() -> bool:
 
     return os.environ.get(ENV_AUTOTUNE, "1").strip().lower() not in ("0", "false", "")
 
+
+ENV_AUTOTUNE_CACHE = "CROSSVIT_FAST_AUTOTUNE_CACHE"
+"""Environment variable: ``0`` keeps the autotuners' picks in the process only; otherwise each pick is also written
+to Triton's cache directory (``TRITON_CACHE_DIR``, default ``~/.triton/cache``) and a later process on the same GPU
+model, Triton, torch and kernel source loads it instead of timing the candidates again. Read once, at import."""
+
+
+def autotune_cache_from_env() -> bool:
+    """``CROSSVIT_FAST_AUTOTUNE_CACHE`` unset or anything but 0 / false: keep autotune picks on disk (CUDA only)."""
+    import os
+
+    return os.environ.get(ENV_AUTOTUNE_CACHE, "1").strip().lower() not in ("0", "false", "")
+
 # Limits of the fused kernels: their launchers refuse anything else, and the modules consult them when they choose
 # a backend (an "auto" module outside them takes the "torch" path, what timm runs; an explicit "triton" one raises).
 FUSED_DTYPES = ("float16", "bfloat16", "float32")

@@ -58,12 +58,12 @@ On CUDA each launch goes through a small autotuner of its own (not ``triton.auto
 ``EVEN_K`` depends on the tile): the first launch with a new key -- kernel, ``next_power_of_2(M)``, N, K, the fused
 parts, every tensor's dtype, whether each input is row-contiguous, the device -- times every tile of
 ``TUNE_CONFIGS`` for the compute dtype (``triton.testing.do_bench``, median, a short budget), keeps the fastest in
-``_chosen`` and launches it once more, so the result is the winner's. A tile that cannot launch (out of resources)
-is skipped. No tuning (the tile tuned before for the key, else :func:`pick_config`'s default): ``AUTOTUNE`` False
-(``CROSSVIT_FAST_AUTOTUNE=0``), during CUDA-graph capture, an explicit ``config=``, and when an output shares memory
-with an input (``out=`` the residual: the timed launches would add the branch again and again). float32 has one
-tile (nothing to tune). The interpreter runs one large tile. :func:`tuned_configs` lists the picks (the GEMM
-benchmark records them per row).
+``_chosen`` and in Triton's cache dir (``AUTOTUNE_CACHE``; a later process with the same GPU model, software and
+candidates loads the pick instead of timing), then launches it once more, so the result is the winner's. A tile that
+cannot launch is skipped. No timing (the pick for the key, from memory or disk, else :func:`pick_config`'s default):
+``CROSSVIT_FAST_AUTOTUNE=0``, CUDA-graph capture, an explicit ``config=``, an output that shares memory with an
+input (``out=`` the residual: the timed launches would add the branch again and again). float32 has one tile. The
+interpreter runs one large tile. :func:`tuned_configs` lists the picks (the GEMM benchmark records them per row).
 
 For a 16-bit GEMM with the LayerNorm prologue (qkv, fc1) the candidates also include each tile as ``tile +
 (LN_FIRST,)``: the ``layer_norm`` kernel normalises each row once and writes it in the compute dtype (``ahat``, which
@@ -118,7 +118,7 @@ from triton.runtime.errors import OutOfResources
 
 from crossvit_fast.config import LAYER_NORM_MAX_DIM
 from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
-from crossvit_fast.config import autotune_from_env
+from crossvit_fast.config import autotune_cache_from_env, autotune_from_env
 
 from .layer_norm import _as3d, _device_of, _span, layer_norm_fwd
 
@@ -469,6 +469,10 @@ _chosen: Dict[tuple, Config] = {}
 """Tuning key (see :func:`_tune_key`) -> the config the autotuner picked: later launches with that key, and every
 launch during CUDA-graph capture, take it without timing."""
 
+AUTOTUNE_CACHE = autotune_cache_from_env()
+"""Module switch (CUDA only): True keeps each pick on disk too (:func:`_disk_load` / :func:`_disk_store`), so a
+later process loads it instead of timing the candidates; ``CROSSVIT_FAST_AUTOTUNE_CACHE=0`` sets it False."""
+
 
 def tuned_configs() -> Dict[tuple, Config]:
     """A copy of what the autotuner picked so far (key -> config), e.g. for a benchmark record."""
@@ -522,28 +526,137 @@ def _skippable():
 
 def _launch_with_tuning(launch, key: tuple, default: Config, candidates: List[Config], device: torch.device,
                         may_tune) -> Config:
-    """Launch once, with: the config tuned for ``key`` if any; else, when tuning is allowed (``AUTOTUNE``, CUDA,
-    not capturing, ``may_tune()``: no output shares memory with an input, so repeated launches give one result),
-    the fastest candidate, timed now and remembered (a candidate that cannot compile or launch is skipped; out of
-    memory for the timing's L2-flush buffer skips the tuning; the result is that of one more launch with the
+    """Launch once, with: the config tuned for ``key`` if any; else, when ``AUTOTUNE`` and not capturing (a
+    capture must not compile or load a kernel the process has not launched yet), the pick an earlier process left
+    on disk for this key and candidate list (:data:`AUTOTUNE_CACHE`), remembered; else, when tuning is allowed too
+    (``may_tune()``: no output shares memory with an input, so repeated launches give one result), the fastest
+    candidate, timed now, remembered and written to disk (a candidate that cannot compile or launch is skipped; out
+    of memory for the timing's L2-flush buffer skips the tuning; the result is that of one more launch with the
     winner); else ``default``. Returns the config used."""
     chosen = _chosen.get(key)
-    if chosen is None and AUTOTUNE and len(candidates) > 1 and not _capturing(device) and may_tune():
-        times = {}
-        try:
-            for c in candidates:
-                try:
-                    times[c] = _bench_ms(lambda c=c: launch(c))
-                except _skippable():
-                    continue
-        except torch.cuda.OutOfMemoryError:
+    if chosen is None and AUTOTUNE and len(candidates) > 1 and not _capturing(device):
+        if _disk_cache_on(device):
+            chosen = _disk_load(key, candidates)
+            if chosen is not None:
+                _chosen[key] = chosen
+        if chosen is None and may_tune():
             times = {}
-        if times:
-            chosen = min(times, key=times.get)
-            _chosen[key] = chosen
+            try:
+                for c in candidates:
+                    try:
+                        times[c] = _bench_ms(lambda c=c: launch(c))
+                    except _skippable():
+                        continue
+            except torch.cuda.OutOfMemoryError:
+                times = {}
+            if times:
+                chosen = min(times, key=times.get)
+                _chosen[key] = chosen
+                if _disk_cache_on(device):
+                    _disk_store(key, candidates, times, chosen)
     config = chosen or default
     launch(config)
     return config
+
+
+# Autotune picks on disk: one JSON file per (environment, tuning key, candidate list), in Triton's cache directory
+# through Triton's cache manager (so TRITON_CACHE_DIR, and a remote cache if one is configured, apply to it).
+
+
+def _disk_cache_on(device: torch.device) -> bool:
+    return AUTOTUNE_CACHE and device.type == "cuda"
+
+
+_fingerprints: Dict[Optional[int], str] = {}
+
+
+def _environment_fingerprint(device_index: Optional[int]) -> str:
+    """What a pick depends on besides its key and candidates: Triton (its own hash and the GPU target's backend
+    hash, which covers ptxas), the kernels' source (with the LayerNorm kernel a LayerNorm-first config launches),
+    torch and its CUDA (the cuBLAS candidates), the GPU model and its SM count."""
+    if device_index in _fingerprints:
+        return _fingerprints[device_index]
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.cache import triton_key
+    from triton.runtime.driver import driver
+
+    from .layer_norm import _layer_norm_fwd_kernel
+
+    index = torch.cuda.current_device() if device_index is None else device_index
+    with torch.cuda.device(index):
+        backend = make_backend(driver.active.get_current_target()).hash()
+    props = torch.cuda.get_device_properties(index)
+    kernels = (_linear_fwd_kernel, _linear_dgrad_kernel, _linear_dz_kernel, _layer_norm_fwd_kernel)
+    parts = [triton_key(), backend, torch.__version__, str(torch.version.cuda), props.name,
+             str(props.multi_processor_count)] + [getattr(k, "cache_key", k.__name__) for k in kernels]
+    _fingerprints[device_index] = "\n".join(parts)
+    return _fingerprints[device_index]
+
+
+def _disk_entry(key: tuple):
+    """(Triton cache manager, file name) of ``key``'s pick; the file name carries the kernel kind for a reader."""
+    from triton.runtime.cache import get_cache_manager
+
+    return get_cache_manager, f"crossvit_fast-linear-{key[0]}.autotune.json"
+
+
+def _disk_hash(key: tuple, candidates: List[Config]) -> str:
+    """sha256 of the environment, the key without its device index (the GPU model stands for it) and the
+    candidates: a changed candidate list or kernel source never reads an old pick."""
+    import hashlib
+
+    parts = [_environment_fingerprint(key[-1]), repr(key[:-1])] + [repr(tuple(c)) for c in candidates]
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
+
+
+_disk_warned = set()
+
+
+def _disk_warn(what: str, err: BaseException) -> None:
+    import warnings
+
+    from crossvit_fast.config import ENV_AUTOTUNE_CACHE
+
+    if what not in _disk_warned:
+        _disk_warned.add(what)
+        warnings.warn(f"crossvit_fast linear autotuner: {what} ({type(err).__name__}: {err}); the picks stay in this "
+                      f"process only where it fails (set {ENV_AUTOTUNE_CACHE}=0 to stop using the disk cache)",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _disk_load(key: tuple, candidates: List[Config]) -> Optional[Config]:
+    """The candidate an earlier process picked for ``key`` and this candidate list, or None (no file; a file that
+    cannot be read or names no candidate is ignored, warning once, and the key is timed again)."""
+    import json
+
+    try:
+        manager, name = _disk_entry(key)
+        path = manager(_disk_hash(key, candidates)).get_file(name)
+        if path is None:
+            return None
+        with open(path, "r", encoding="utf-8") as f:
+            picked = tuple(json.load(f)["chosen"])
+    except Exception as e:  # noqa: BLE001 -- a cache must not fail a launch: warned, then timed as without it
+        _disk_warn("cannot read a cached autotune pick", e)
+        return None
+    for c in candidates:
+        if tuple(c) == picked:
+            return c
+    _disk_warn("a cached autotune pick names no candidate", ValueError(f"{picked!r} for key {key!r}"))
+    return None
+
+
+def _disk_store(key: tuple, candidates: List[Config], times: Dict, chosen: Config) -> None:
+    """Write ``chosen`` and every candidate's time (ms) for ``key`` (a failed write warns once)."""
+    import json
+
+    record = {"key": repr(key[:-1]), "chosen": list(chosen),
+              "times_ms": [[list(c), t] for c, t in times.items()]}
+    try:
+        manager, name = _disk_entry(key)
+        manager(_disk_hash(key, candidates)).put(json.dumps(record), name, binary=False)
+    except Exception as e:  # noqa: BLE001 -- as in _disk_load
+        _disk_warn("cannot write an autotune pick to the disk cache", e)
 
 
 def _launch(launch, key_of, M: int, n_cols: int, ct: torch.dtype, ref: torch.Tensor, may_tune,

@@ -71,13 +71,13 @@ Tuning
 ------
 Each kernel but the (memory-bound, fixed-config) delta kernel is wrapped in ``triton.autotune`` keyed on
 ``(N_BUCKET, H, HEAD_DIM)`` plus the tensors' dtypes (added by Triton itself), where
-``N_BUCKET = next_power_of_2(N)``: a new batch size, or another N in the same bucket, reuses the tuned config.
-Autotuning benchmarks kernels, which must not happen inside CUDA-graph capture: while the current stream is
-capturing, the launchers use the config already tuned for that key (remembered after every tuned launch) or,
-if none, a fixed default config, and launch the kernel directly. Warm up (run once) before capturing to get the
-tuned config (and to compile outside the capture). ``config=`` on the launchers (or ``AUTOTUNE = False`` /
-``CROSSVIT_FAST_AUTOTUNE=0``) bypasses tuning; under the CPU interpreter a fixed tile is used (16 x 16 below
-N = 128, 64 x 64 from there).
+``N_BUCKET = next_power_of_2(N)``: a new batch size, or another N in the same bucket, reuses the tuned config
+(kept on disk too, ``AUTOTUNE_CACHE``, so a later process loads it). Autotuning benchmarks kernels, which must
+not happen inside CUDA-graph capture: while the current stream is capturing, the launchers use the config already
+tuned for that key in this process (remembered after every tuned launch) or, if none, a fixed default config, and
+launch the kernel directly. Warm up (run once) before capturing to get the tuned config (and to compile outside
+the capture). ``config=`` on the launchers (or ``AUTOTUNE = False`` / ``CROSSVIT_FAST_AUTOTUNE=0``) bypasses
+tuning; under the CPU interpreter a fixed tile is used (16 x 16 below N = 128, 64 x 64 from there).
 The candidate tiles (``_TILES_16`` for float16/bfloat16, ``_TILES_32`` for float32) are filtered per call by
 ``early_config_prune``: the dtype's set, minus, for 16-bit 128-wide register tiles, the larger tiles and two
 that spill 8 B (``_SPILL_16_D128``); for float32 register tiles of 64 or more columns only the 8-warp 512-element
@@ -131,7 +131,7 @@ import torch
 import triton
 import triton.language as tl
 
-from crossvit_fast.config import FUSED_DTYPES, SELF_ATTENTION_HEAD_DIMS, autotune_from_env
+from crossvit_fast.config import FUSED_DTYPES, SELF_ATTENTION_HEAD_DIMS, autotune_cache_from_env, autotune_from_env
 from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
 
 __all__ = [
@@ -543,12 +543,28 @@ def _pruner(name: str):
 
 
 _TUNE_KEY = ["N_BUCKET", "H", "HEAD_DIM"]
-_fwd_tuned = triton.autotune(fwd_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})(
-    _attn_fwd_kernel)
-_dkdv_tuned = triton.autotune(bwd_configs()["dkdv"], key=_TUNE_KEY,
-                              prune_configs_by={"early_config_prune": _pruner("dkdv")})(_attn_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(bwd_configs()["dq"], key=_TUNE_KEY,
-                            prune_configs_by={"early_config_prune": _pruner("dq")})(_attn_bwd_dq_kernel)
+
+AUTOTUNE_CACHE = autotune_cache_from_env()
+"""Module switch (CUDA only): True passes ``cache_results=True`` to ``triton.autotune`` (Triton 3.3 and later), which
+keeps each pick in Triton's cache dir, keyed on Triton, the sm target, the kernel source, the tuning key and the
+configs left after pruning, so a later process loads it instead of timing; ``CROSSVIT_FAST_AUTOTUNE_CACHE=0``: False."""
+
+
+def _autotuned(kernel, configs, name: str):
+    """``kernel`` wrapped in ``triton.autotune`` over ``configs`` with pruner ``name`` (and the disk cache where
+    asked for and this Triton has it; without it the picks stay in the process, the configs are the same)."""
+    kw = {"key": _TUNE_KEY, "prune_configs_by": {"early_config_prune": _pruner(name)}}
+    if AUTOTUNE_CACHE:
+        try:
+            return triton.autotune(configs, cache_results=True, **kw)(kernel)
+        except TypeError:  # triton.autotune before 3.3 has no cache_results
+            pass
+    return triton.autotune(configs, **kw)(kernel)
+
+
+_fwd_tuned = _autotuned(_attn_fwd_kernel, fwd_configs(), "fwd")
+_dkdv_tuned = _autotuned(_attn_bwd_dkdv_kernel, bwd_configs()["dkdv"], "dkdv")
+_dq_tuned = _autotuned(_attn_bwd_dq_kernel, bwd_configs()["dq"], "dq")
 
 _tuned_kernels = {"fwd": (_fwd_tuned, _attn_fwd_kernel), "dkdv": (_dkdv_tuned, _attn_bwd_dkdv_kernel),
                   "dq": (_dq_tuned, _attn_bwd_dq_kernel)}

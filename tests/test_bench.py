@@ -153,6 +153,7 @@ def test_gpu_cache_round_trip(tmp_path):
     new = {"crossvit_fast-triton-cache/bbb/k.cubin": "kernel",
            "crossvit_fast-triton-cache/bbb/__grp__k.json": "group",
            "crossvit_fast-triton-cache/ccc/__triton_launcher.cpython-312-x86_64-linux-gnu.so": "launcher",
+           "crossvit_fast-triton-cache/ddd/crossvit_fast-linear-fwd.autotune.json": "pick",
            "crossvit_fast-inductor-cache/fxgraph/xy/entry": "graph",
            "crossvit_fast-inductor-cache/aotautograd/key/entry": "joint"}
     for rel, text in new.items():
@@ -160,7 +161,7 @@ def test_gpu_cache_round_trip(tmp_path):
         (gpu / rel).write_text(text)
     out = tmp_path / "cache-bench-model.tar.xz"
     r = _cache_sh("pack", str(out), str(marker), env=env)
-    assert r.returncode == 0 and "5 new files" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "6 new files" in r.stdout, r.stdout + r.stderr
     names = subprocess.run(["tar", "tJf", str(out)], capture_output=True, text=True).stdout.split()
     assert sorted(names) == sorted([*new, "crossvit_fast-cache-source.txt"])
     for _ in range(2):

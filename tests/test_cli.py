@@ -30,6 +30,16 @@ def test_info_says_whether_kernels_autotune(capsys, monkeypatch, env, want):
     assert want in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("env,want", [(None, "autotune cache: on"), ("0", "autotune cache: off")])
+def test_info_says_whether_autotune_picks_are_kept_on_disk(capsys, monkeypatch, env, want):
+    if env is None:
+        monkeypatch.delenv("CROSSVIT_FAST_AUTOTUNE_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("CROSSVIT_FAST_AUTOTUNE_CACHE", env)
+    assert main(["info"]) == 0
+    assert want in capsys.readouterr().out
+
+
 def test_flops(capsys):
     pytest.importorskip("fvcore")
     assert main(["flops", "crossvit_9_240", "--depth", "1"]) == 0

@@ -753,6 +753,147 @@ def test_tuner_uses_the_default_or_the_tuned_config_without_timing(fake_tuner, m
     assert _tune(launches, may_tune=may) == CANDS[1] and launches[-1] == CANDS[1] and not timed
 
 
+@pytest.fixture
+def disk_tuner(fake_tuner, monkeypatch, tmp_path):
+    """``fake_tuner`` with the disk cache on, in a fresh Triton cache dir, under a stand-in environment."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kl, "AUTOTUNE_CACHE", True)
+    monkeypatch.setattr(kl, "_disk_cache_on", lambda device: kl.AUTOTUNE_CACHE)
+    env = {"fingerprint": "sm_90 / triton / torch / source"}
+    monkeypatch.setattr(kl, "_environment_fingerprint", lambda index: env["fingerprint"])
+    monkeypatch.setattr(kl, "_disk_warned", set())
+    return fake_tuner + (tmp_path, env)
+
+
+def _autotune_files(root):
+    return sorted(root.rglob("*.autotune.json"))
+
+
+def _new_process():
+    kl._chosen.clear()
+
+
+def test_tuner_pick_on_disk_is_loaded_by_the_next_process_without_timing(disk_tuner):
+    import json
+
+    launches, timed, _, root, _ = disk_tuner
+    assert _tune(launches, key=("fwd", 4)) == CANDS[2] and len(timed) == 3
+    (f,) = _autotune_files(root)
+    assert f.name == "crossvit_fast-linear-fwd.autotune.json"
+    record = json.loads(f.read_text())
+    assert tuple(record["chosen"]) == CANDS[2] and record["key"] == repr(("fwd",))  # no device index
+    assert {tuple(c): t for c, t in record["times_ms"]} == {CANDS[0]: 0.30, CANDS[1]: 0.20, CANDS[2]: 0.10}
+    _new_process()
+    launches.clear()
+    assert _tune(launches, key=("fwd", 4)) == CANDS[2]
+    assert launches == [CANDS[2]] and len(timed) == 3  # loaded: one launch, nothing timed
+    assert kl.tuned_configs() == {("fwd", 4): CANDS[2]}
+    _new_process()
+    assert _tune(launches, key=("fwd", 5)) == CANDS[2] and len(timed) == 3  # another GPU of the same model
+
+
+def test_tuner_disk_pick_of_another_environment_or_candidate_list_is_not_used(disk_tuner):
+    launches, timed, _, root, env = disk_tuner
+    _tune(launches)
+    _new_process()
+    env["fingerprint"] = "another Triton, torch, GPU model or kernel source"
+    _tune(launches)
+    assert len(timed) == 6 and len(_autotune_files(root)) == 2
+    _new_process()
+    got = kl._launch_with_tuning(launches.append, ("k",), CANDS[0], CANDS[:2], torch.device("cpu"), lambda: True)
+    assert got == CANDS[1] and len(timed) == 8 and len(_autotune_files(root)) == 3
+
+
+def test_tuner_reads_no_disk_pick_while_capturing_or_with_autotune_off(disk_tuner, monkeypatch):
+    launches, timed, _, _, _ = disk_tuner
+    _tune(launches)
+    _new_process()
+    monkeypatch.setattr(kl, "_capturing", lambda device: True)  # a capture must not load an unlaunched kernel
+    assert _tune(launches) == CANDS[0] and len(timed) == 3 and not kl.tuned_configs()
+    monkeypatch.setattr(kl, "_capturing", lambda device: False)
+    monkeypatch.setattr(kl, "AUTOTUNE", False)
+    assert _tune(launches) == CANDS[0] and not kl.tuned_configs()
+    monkeypatch.setattr(kl, "AUTOTUNE", True)
+    assert _tune(launches, may_tune=False) == CANDS[2] and len(timed) == 3  # an aliased output: loaded, not timed
+
+
+def test_tuner_disk_cache_off_writes_nothing(disk_tuner, monkeypatch):
+    launches, timed, _, root, _ = disk_tuner
+    monkeypatch.setattr(kl, "AUTOTUNE_CACHE", False)
+    _tune(launches)
+    _new_process()
+    _tune(launches)
+    assert len(timed) == 6 and not _autotune_files(root)
+
+
+@pytest.mark.parametrize("damage", ["not-json", "no-chosen", "no-such-candidate"])
+def test_tuner_damaged_disk_pick_warns_once_and_is_timed_again(disk_tuner, damage):
+    import json
+
+    launches, timed, _, root, _ = disk_tuner
+    _tune(launches)
+    (f,) = _autotune_files(root)
+    text = {"not-json": "{truncated", "no-chosen": json.dumps({"key": "k"}),
+            "no-such-candidate": json.dumps({"chosen": [1, 2, 3, 4, 5]})}[damage]
+    f.write_text(text)
+    _new_process()
+    with pytest.warns(RuntimeWarning, match="autotune pick"):
+        assert _tune(launches) == CANDS[2]
+    assert len(timed) == 6 and json.loads(f.read_text())["chosen"] == list(CANDS[2])  # timed, written again
+    f.write_text(text)
+    _new_process()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per process
+        _tune(launches)
+
+
+def test_tuner_disk_write_failure_warns_once_and_keeps_the_pick(disk_tuner, monkeypatch):
+    launches, timed, _, root, _ = disk_tuner
+
+    class ReadOnly:
+        def __init__(self, key):
+            pass
+
+        def get_file(self, name):
+            return None
+
+        def put(self, data, name, binary=True):
+            raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(kl, "_disk_entry", lambda key: (ReadOnly, "x.autotune.json"))
+    with pytest.warns(RuntimeWarning, match="cannot write"):
+        assert _tune(launches) == CANDS[2]
+    assert kl.tuned_configs() == {("k",): CANDS[2]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _tune(launches, key=("k2",))
+
+
+def test_tuner_disk_cache_that_cannot_be_keyed_warns_and_times(disk_tuner, monkeypatch):
+    launches, timed, _, root, _ = disk_tuner
+
+    def broken(index):
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(kl, "_environment_fingerprint", broken)
+    with pytest.warns(RuntimeWarning, match="cannot (read|write)") as record:
+        assert _tune(launches) == CANDS[2]
+    assert sorted(str(w.message).split(":")[1].split("(")[0].strip() for w in record) == [
+        "cannot read a cached autotune pick", "cannot write an autotune pick to the disk cache"]
+    assert len(timed) == 3 and not _autotune_files(root) and kl.tuned_configs() == {("k",): CANDS[2]}
+
+
+@pytest.mark.parametrize("value,on", [(None, True), ("1", True), ("0", False), ("false", False), ("", False)])
+def test_autotune_cache_env(monkeypatch, value, on):
+    from crossvit_fast.config import ENV_AUTOTUNE_CACHE, autotune_cache_from_env
+
+    if value is None:
+        monkeypatch.delenv(ENV_AUTOTUNE_CACHE, raising=False)
+    else:
+        monkeypatch.setenv(ENV_AUTOTUNE_CACHE, value)
+    assert autotune_cache_from_env() is on
+
+
 def test_tune_key_buckets_rows_and_names_shapes_flags_dtypes_layouts():
     x = torch.randn(2, 7, 16)
     w = torch.randn(32, 16, dtype=torch.float16)
@@ -1034,9 +1175,38 @@ def test_cuda_autotuned(monkeypatch, gemm):
 
 
 @requires_cuda
+def test_cuda_autotune_pick_on_disk_is_loaded_by_the_next_process(monkeypatch):
+    """The real environment fingerprint and Triton's cache manager: a tuned key's pick is written, and a process
+    that has not tuned it (``_chosen`` empty) loads it and times nothing."""
+    import uuid
+
+    fingerprint = kl._environment_fingerprint(torch.cuda.current_device())
+    assert torch.cuda.get_device_name() in fingerprint and kl.triton.__version__ in fingerprint
+    salt = uuid.uuid4().hex  # a fresh entry in the real cache dir (whose compiled kernels stay warm)
+    real = kl._environment_fingerprint
+    monkeypatch.setattr(kl, "_environment_fingerprint", lambda index: real(index) + salt)
+    monkeypatch.setattr(kl, "AUTOTUNE", True)
+    monkeypatch.setattr(kl, "AUTOTUNE_CACHE", True)
+    monkeypatch.setattr(kl, "_chosen", {})
+    args = make((4, 197, 192), 576, torch.bfloat16, ("ln", "bias"), x_dtype=torch.float32)
+    first, *_ = kl.linear_fwd(**args)
+    tuned = kl.tuned_configs()
+    (key,) = tuned
+    manager, name = kl._disk_entry(key)
+    assert manager(kl._disk_hash(key, kl.fwd_candidates(torch.bfloat16, True, 192))).get_file(name) is not None
+    kl._chosen.clear()
+    calls = []
+    monkeypatch.setattr(kl, "_bench_ms", lambda fn: calls.append(1) or 1.0)
+    again, *_ = kl.linear_fwd(**args)
+    assert not calls and kl.tuned_configs() == tuned
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+@requires_cuda
 def test_cuda_autotune_never_reruns_into_an_aliased_output(monkeypatch):
     """``out=`` the residual (in place): timing would add the branch several times, so that launch is not tuned."""
     monkeypatch.setattr(kl, "AUTOTUNE", True)
+    monkeypatch.setattr(kl, "AUTOTUNE_CACHE", False)  # a pick on disk would be loaded (not timed) for it
     monkeypatch.setattr(kl, "_chosen", {})
     args = make((2, 197, 448), 448, torch.bfloat16, ("bias", "res"), res_dtype=torch.bfloat16)
     kl.linear_fwd(**args)

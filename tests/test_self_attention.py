@@ -465,6 +465,49 @@ def test_cuda_autotuned(monkeypatch, B, N, H, D, dtype):
     assert ("fwd",) + key in ksa._chosen and ("dq",) + key in ksa._chosen
 
 
+@pytest.mark.parametrize("cache", [True, False], ids=["cache-on", "cache-off"])
+def test_autotuned_wrappers_ask_triton_for_its_disk_cache(monkeypatch, cache):
+    """``AUTOTUNE_CACHE`` passes ``cache_results`` to ``triton.autotune``; a Triton without it gets the same configs
+    and key without it."""
+    seen, triton_has_cache = [], [True]
+
+    def autotune(configs, key, prune_configs_by=None, **kw):
+        seen.append(kw)
+        if "cache_results" in kw and not triton_has_cache[0]:
+            raise TypeError("autotune() got an unexpected keyword argument 'cache_results'")
+        return lambda fn: ("tuned", fn, tuple(configs), tuple(key))
+
+    monkeypatch.setattr(ksa, "AUTOTUNE_CACHE", cache)
+    monkeypatch.setattr(ksa.triton, "autotune", autotune)
+    want = ("tuned", "kernel", tuple(ksa.fwd_configs()), tuple(ksa._TUNE_KEY))
+    assert ksa._autotuned("kernel", ksa.fwd_configs(), "fwd") == want
+    assert seen == ([{"cache_results": True}] if cache else [{}])
+    seen.clear()
+    triton_has_cache[0] = False
+    assert ksa._autotuned("kernel", ksa.fwd_configs(), "fwd") == want
+    assert seen == ([{"cache_results": True}, {}] if cache else [{}])
+
+
+@requires_cuda
+def test_cuda_autotune_picks_are_on_disk():
+    """Triton's autotune disk cache holds the forward's pick for a tuned key (a later process loads it)."""
+    import json
+    import os
+
+    if not ksa.AUTOTUNE_CACHE or not ksa._fwd_tuned.cache_results:
+        pytest.skip("the autotune disk cache is off (CROSSVIT_FAST_AUTOTUNE_CACHE=0 or a Triton without it)")
+    H, D, N = 7, 48, 211  # H = 7 appears in no other test
+    qkv = make_qkv(1, N, H, D, torch.float16)
+    ksa.self_attention_fwd(qkv, H)
+    root = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    keys = []
+    for dirpath, _, files in os.walk(root):
+        if "_attn_fwd_kernel.autotune.json" in files:
+            with open(os.path.join(dirpath, "_attn_fwd_kernel.autotune.json")) as f:
+                keys.append(json.load(f)["key"][:3])
+    assert [256, H, D] in keys
+
+
 @requires_cuda
 def test_cuda_backward_deterministic():
     qkv = make_qkv(4, 401, 6, 32, torch.bfloat16)

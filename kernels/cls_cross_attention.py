@@ -455,10 +455,21 @@ def _launch(kernel, grid, args, key, num_warps: int, num_stages: int = 2, maxnre
             kernel[grid](*args, **constexprs, **launch, num_stages=stages, enable_fp_fusion=FP_FUSION)
             _stages_ok[key] = stages
             return
-        except triton.runtime.errors.OutOfResources:
+        except triton.runtime.errors.OutOfResources as e:
             if stages == 1:
-                raise
+                raise _device_limit(e, key, num_warps) from e
             stages = 1
+
+
+def _device_limit(e, key, num_warps: int) -> RuntimeError:
+    """The error a caller gets where even one pipeline stage does not fit this GPU (shared memory: the 99 KB of
+    sm_86 / sm_89 parts from C = 384 up, an A100's 163 KB for the 16-bit and float32 backward at C = 768)."""
+    dtype = str(key[-1]).replace("torch.", "") if isinstance(key[-1], torch.dtype) else "any dtype"
+    width = f", widths C up to {key[2]}" if len(key) > 2 else f", widths C up to {key[1]}"
+    return RuntimeError(
+        f"cls_cross_attention: the {key[0]} kernel ({dtype}{width}, {num_warps} warps, one pipeline stage) needs "
+        f"{e.required} bytes of {e.name}; this GPU allows {e.limit} (an H100, sm_90, allows 232448). The fused CLS "
+        "cross-attention cannot run at this width on this GPU: use backend=\"torch\" (what timm runs) here")
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -525,14 +525,16 @@ def _skippable():
 
 
 def _launch_with_tuning(launch, key: tuple, default: Config, candidates: List[Config], device: torch.device,
-                        may_tune) -> Config:
+                        may_tune, fallbacks=None) -> Config:
     """Launch once, with: the config tuned for ``key`` if any; else, when ``AUTOTUNE`` and not capturing (a
     capture must not compile or load a kernel the process has not launched yet), the pick an earlier process left
     on disk for this key and candidate list (:data:`AUTOTUNE_CACHE`), remembered; else, when tuning is allowed too
     (``may_tune()``: no output shares memory with an input, so repeated launches give one result), the fastest
     candidate, timed now, remembered and written to disk (a candidate that cannot compile or launch is skipped; out
     of memory for the timing's L2-flush buffer skips the tuning; the result is that of one more launch with the
-    winner); else ``default``. Returns the config used."""
+    winner); else ``default``, or where ``default`` cannot launch on this GPU (a 16-bit default tile takes 115 KB
+    of shared memory; sm_86 / sm_89 parts allow 99 KB), the first of ``fallbacks()`` that can, remembered for the
+    key. Returns the config used."""
     chosen = _chosen.get(key)
     if chosen is None and AUTOTUNE and len(candidates) > 1 and not _capturing(device):
         if _disk_cache_on(device):
@@ -554,9 +556,23 @@ def _launch_with_tuning(launch, key: tuple, default: Config, candidates: List[Co
                 _chosen[key] = chosen
                 if _disk_cache_on(device):
                     _disk_store(key, candidates, times, chosen)
-    config = chosen or default
-    launch(config)
-    return config
+    if chosen is not None:
+        launch(chosen)
+        return chosen
+    try:
+        launch(default)
+        return default
+    except _skippable() as e:
+        for c in fallbacks() if fallbacks is not None else []:
+            if tuple(c) == tuple(default):
+                continue
+            try:
+                launch(c)
+            except _skippable():
+                continue
+            _chosen[key] = c
+            return c
+        raise e
 
 
 # Autotune picks on disk: one JSON file per (environment, tuning key, candidate list), in Triton's cache directory
@@ -668,13 +684,22 @@ def _launch(launch, key_of, M: int, n_cols: int, ct: torch.dtype, ref: torch.Ten
         launch(config)
     elif _INTERPRETED:
         launch(_INTERPRETER_CONFIG)
-    elif COMPILE_ONLY:
-        for c in candidates() if AUTOTUNE else [pick_config(M, n_cols, ct, _sm_count(ref))]:
-            launch(c)
+    elif COMPILE_ONLY:  # as the tuner: a candidate that cannot compile or launch is skipped, the default never
+        default = pick_config(M, n_cols, ct, _sm_count(ref))
+        fit = 0
+        for c in candidates() if AUTOTUNE else []:
+            try:
+                launch(c)
+                fit += 1
+            except _skippable():
+                continue
+        if not fit:
+            launch(default)
     else:
         key = key_of()
         cands = candidates() if AUTOTUNE and key not in _chosen else []  # only a launch that may tune needs them
-        _launch_with_tuning(launch, key, pick_config(M, n_cols, ct, _sm_count(ref)), cands, ref.device, may_tune)
+        _launch_with_tuning(launch, key, pick_config(M, n_cols, ct, _sm_count(ref)), cands, ref.device, may_tune,
+                            fallbacks=candidates)
 
 
 _MAX_BLOCK_K = 256  # above every BLOCK_K a config may carry

@@ -460,3 +460,36 @@ def test_cuda_int64_offsets():
         assert_within_rule(res[0][b:b + 1], ref64, ref_lp, what=f"output row {b}")
         assert_within_rule(grads[0][b:b + 1], g64[0], g_lp[0], what=f"grad of cls row {b}")
         assert_within_rule(grads[1][b:b + 1], g64[1], g_lp[1], what=f"grad of tokens row {b}")
+
+
+def test_launch_retries_with_one_stage_then_names_the_device_limit(monkeypatch):
+    """Shared memory over the GPU's limit: one more try with one pipeline stage (remembered for the key); where
+    that does not fit either (the backward at C = 448 on a 99 KB sm_86 / sm_89 part), an error naming the op, the
+    kernel, the width and both byte counts, and what to use instead."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(K, "_stages_ok", {})
+    seen = []
+
+    class Kernel:
+        def __init__(self, fits_at):
+            self.fits_at = fits_at
+
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **kw):
+                seen.append(num_stages)
+                if num_stages > self.fits_at:
+                    raise OutOfResources(165888, 101376, "shared memory")
+            return run
+
+    key = ("bwd", 16, 512, 8, torch.bfloat16)
+    K._launch(Kernel(fits_at=1), (1,), (), key, 8, num_stages=2)
+    assert seen == [2, 1] and K._stages_ok[key] == 1
+    K._launch(Kernel(fits_at=1), (1,), (), key, 8, num_stages=2)
+    assert seen == [2, 1, 1]  # remembered
+    key = ("fwd", 16, 1024, 16, torch.float16)
+    with pytest.raises(RuntimeError, match=r"cls_cross_attention: the fwd kernel \(float16, widths C up to 1024.*"
+                                           r"needs 165888 bytes of shared memory; this GPU allows 101376.*"
+                                           r"backend=\"torch\"") as info:
+        K._launch(Kernel(fits_at=0), (1,), (), key, 16, num_stages=2)
+    assert isinstance(info.value.__cause__, OutOfResources) and key not in K._stages_ok

@@ -139,7 +139,8 @@ def check(args):
     M = a["x"].numel() // K
     if "ln_weight" in a:
         want = F.layer_norm(a["x"].float(), (K,), a["ln_weight"].float(), a["ln_bias"].float(), 1e-6)
-        tol = 1e-5 if a["weight"].dtype == torch.float32 else 2e-3
+        # a 16-bit ahat and the rounded F.layer_norm may round one ulp apart (bf16: 2**-7 relative)
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[a["weight"].dtype]
         torch.testing.assert_close(ahat.float(), want.to(a["weight"].dtype).float().reshape(M, K), rtol=tol, atol=tol)
         torch.testing.assert_close(mean, a["x"].float().mean(-1).reshape(M), rtol=1e-5, atol=1e-5)
     if a.get("gelu"):
@@ -470,6 +471,23 @@ def _block_pair(train, drop_path=0.3, dim=32, heads=2, **kw):
     return ref, fused
 
 
+@pytest.fixture
+def float32_drop_path_masks(monkeypatch):
+    """Drop-path masks drawn in float32 whatever the branch's dtype: CUDA's ``bernoulli_`` draws a float64 tensor
+    from other random numbers than a float32 / 16-bit one (on the CPU they agree), and the float64 reference must
+    drop the samples the others drop. The fused block's scale and the reference's DropPath both call it."""
+    import crossvit_fast.layers as layers
+
+    def drop_path(x, drop_prob, training):
+        if drop_prob == 0.0 or not training:
+            return x
+        keep = 1.0 - drop_prob
+        mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device).bernoulli_(keep)
+        return x * mask.div_(keep).to(x.dtype)
+
+    monkeypatch.setattr(layers, "drop_path", drop_path)
+
+
 def _run_block(m, x, autocast, dtype, seed=1):
     xx = x.detach().requires_grad_()
     torch.manual_seed(seed)  # the same drop-path masks
@@ -482,7 +500,7 @@ def _run_block(m, x, autocast, dtype, seed=1):
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train-drop-path"])
-def test_block_five_kernels(autocast, train):
+def test_block_five_kernels(autocast, train, float32_drop_path_masks):
     """Logits and every gradient of the fused Block under the tolerance rule, against the reference Block in
     float64 and in the same precision (float32, or float16 autocast: bfloat16 on CUDA); in training the drop-path
     masks are the reference's (the same seed draws the same masks)."""
@@ -610,7 +628,7 @@ def test_optimize_foreign_block_with_its_own_drop_path():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else [torch.float16]), ids=_ids)
-def test_small_model_logits_and_parameter_gradients(dtype):
+def test_small_model_logits_and_parameter_gradients(dtype, float32_drop_path_masks):
     import crossvit_fast
     from crossvit_fast.testing import fill_like_fixtures_
 
@@ -751,6 +769,38 @@ def test_tuner_uses_the_default_or_the_tuned_config_without_timing(fake_tuner, m
     assert _tune(launches, may_tune=may) == CANDS[0] and launches == [CANDS[0]] and not timed
     kl._chosen[("k",)] = CANDS[1]  # tuned before (e.g. the warm-up of a CUDA-graph capture)
     assert _tune(launches, may_tune=may) == CANDS[1] and launches[-1] == CANDS[1] and not timed
+
+
+@pytest.mark.parametrize("autotune", [False, True], ids=["autotune-off", "capturing"])
+def test_default_tile_that_does_not_fit_this_gpu_takes_the_first_candidate_that_does(fake_tuner, monkeypatch,
+                                                                                     autotune):
+    """A 16-bit default tile needs 115 KB of shared memory, more than sm_86 / sm_89 parts have: untuned launches
+    (autotune off, or a capture before any tuning) take the first candidate that launches, for the key from then on."""
+    from triton.runtime.errors import OutOfResources
+
+    launches, timed, _ = fake_tuner
+    monkeypatch.setattr(kl, "AUTOTUNE", autotune)
+    monkeypatch.setattr(kl, "_capturing", lambda device: autotune)
+    too_big = {CANDS[0], CANDS[1]}
+
+    def launch(c):
+        launches.append(c)
+        if c in too_big:
+            raise OutOfResources(115456, 101376, "shared memory")
+
+    def tune():
+        return kl._launch_with_tuning(launch, ("k",), CANDS[0], CANDS, torch.device("cpu"), lambda: True,
+                                      fallbacks=lambda: CANDS)
+
+    assert tune() == CANDS[2] and launches == CANDS and not timed
+    assert kl.tuned_configs() == {("k",): CANDS[2]}
+    launches.clear()
+    assert tune() == CANDS[2] and launches == [CANDS[2]]
+    kl._chosen.clear()
+    too_big.add(CANDS[2])
+    with pytest.raises(OutOfResources, match="115456"):  # nothing fits: the default's own error
+        tune()
+    assert not kl.tuned_configs()
 
 
 @pytest.fixture
@@ -1054,7 +1104,7 @@ def test_dz_first_launcher_matches_the_fused_dgrad(case, da_kind):
         err2 = (da2.double() - exact.reshape(da2.shape)).abs().max().item()
         ulp = torch.finfo(da_dtype).eps * exact.abs().max().item()
         assert err2 <= 2 * err1 + 4 * ulp + 1e-6, (err1, err2)
-        torch.testing.assert_close(db2, dz1.double().sum(0).float(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(db2, dz2.double().sum(0).float(), rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(db3, db2, rtol=1e-5, atol=1e-5)
 
 
@@ -1127,7 +1177,8 @@ def test_cublas_forward_into_the_residual_and_other_outputs():
     res = args["residual"].clone()
     got, *_ = kl.linear_fwd(**dict(args, residual=res), out=res, config=kl.CUBLAS)
     assert got is res
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    tol = 1e-3 if ct == torch.float16 else 2e-2  # cuBLAS rounds z to ct before the residual add, the tile does not
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     o = poison_(torch.empty(2, 7, 29, dtype=ct, device=DEV))[..., 3:23]
     got, *_ = kl.linear_fwd(**args, out_dtype=ct, out=o, config=kl.CUBLAS)
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)

@@ -20,22 +20,16 @@ def test_info(capsys):
     assert "torch" in out and "reference    can run" in out and "triton" in out and "auto" in out
 
 
-@pytest.mark.parametrize("env,want", [(None, "autotuning: on"), ("0", "autotuning: off")])
-def test_info_says_whether_kernels_autotune(capsys, monkeypatch, env, want):
+@pytest.mark.parametrize("var,env,want", [
+    ("CROSSVIT_FAST_AUTOTUNE", None, "autotuning: on"), ("CROSSVIT_FAST_AUTOTUNE", "0", "autotuning: off"),
+    ("CROSSVIT_FAST_AUTOTUNE_CACHE", None, "autotune cache: on"),
+    ("CROSSVIT_FAST_AUTOTUNE_CACHE", "0", "autotune cache: off"),
+])
+def test_info_says_whether_kernels_autotune_and_keep_their_picks(capsys, monkeypatch, var, env, want):
     if env is None:
-        monkeypatch.delenv("CROSSVIT_FAST_AUTOTUNE", raising=False)
+        monkeypatch.delenv(var, raising=False)
     else:
-        monkeypatch.setenv("CROSSVIT_FAST_AUTOTUNE", env)
-    assert main(["info"]) == 0
-    assert want in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("env,want", [(None, "autotune cache: on"), ("0", "autotune cache: off")])
-def test_info_says_whether_autotune_picks_are_kept_on_disk(capsys, monkeypatch, env, want):
-    if env is None:
-        monkeypatch.delenv("CROSSVIT_FAST_AUTOTUNE_CACHE", raising=False)
-    else:
-        monkeypatch.setenv("CROSSVIT_FAST_AUTOTUNE_CACHE", env)
+        monkeypatch.setenv(var, env)
     assert main(["info"]) == 0
     assert want in capsys.readouterr().out
 

@@ -18,9 +18,14 @@ key, else the fixed default); read once, when a kernel module is imported (its `
 
 def autotune_from_env() -> bool:
     """``CROSSVIT_FAST_AUTOTUNE`` unset or anything but 0 / false: autotune (CUDA only)."""
+    return _switch_on(ENV_AUTOTUNE)
+
+
+def _switch_on(name: str) -> bool:
+    """An on/off environment variable: unset or anything but 0 / false / empty is on."""
     import os
 
-    return os.environ.get(ENV_AUTOTUNE, "1").strip().lower() not in ("0", "false", "")
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "")
 
 
 ENV_AUTOTUNE_CACHE = "CROSSVIT_FAST_AUTOTUNE_CACHE"
@@ -31,9 +36,7 @@ model, Triton, torch and kernel source loads it instead of timing the candidates
 
 def autotune_cache_from_env() -> bool:
     """``CROSSVIT_FAST_AUTOTUNE_CACHE`` unset or anything but 0 / false: keep autotune picks on disk (CUDA only)."""
-    import os
-
-    return os.environ.get(ENV_AUTOTUNE_CACHE, "1").strip().lower() not in ("0", "false", "")
+    return _switch_on(ENV_AUTOTUNE_CACHE)
 
 # Limits of the fused kernels: their launchers refuse anything else, and the modules consult them when they choose
 # a backend (an "auto" module outside them takes the "torch" path, what timm runs; an explicit "triton" one raises).

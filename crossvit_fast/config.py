@@ -53,3 +53,13 @@ SELF_ATTENTION_HEAD_DIMS = tuple(range(16, 129, 16))
 
 LAYER_NORM_MAX_DIM = 8192
 """Largest width of the fused residual-add + LayerNorm (a row is held whole in registers)."""
+
+
+def interpreter_runs_bf16() -> bool:
+    """True once ``tests/gpu_numerics.py`` has given Triton's CPU interpreter the GPU's bfloat16 rounding (its own
+    computes bfloat16 dots on bit patterns and truncates bfloat16 stores): the launchers then take bfloat16 CPU
+    tensors under the interpreter instead of refusing them. Never true outside the test suite."""
+    import sys
+
+    interp = sys.modules.get("triton.runtime.interpreter")
+    return bool(getattr(getattr(interp, "InterpreterBuilder", None), "_crossvit_fast_gpu_numerics", False))

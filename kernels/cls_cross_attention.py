@@ -45,9 +45,14 @@ Precision: LayerNorm statistics, softmax and every accumulator in fp32. fp32 inp
 (``g . xhat`` and ``e . xhat``, a C-long sum that feeds ``exp``) use ``"tf32x3"`` (split into a high and a low tf32
 part, three products: about fp32 accuracy); the other dots use ``"tf32"``. tf32 keeps 10 explicit mantissa bits,
 the same as fp16 (unit roundoff 2^-11), so a tf32 dot is no finer than the fp16 roundings the reference makes of
-``y``, ``q``, ``k``, ``v`` and ``a``; it is 8x finer than bf16's. The forward's dots are still ``"tf32"`` (its
-score dot would want ``"tf32x3"`` too; that variant has not yet been compiled and measured for the forward). The
-interpreter ignores ``input_precision``, so the CPU tests see no tf32 rounding either way. ``input_precision`` is the spelling of both triton 3.6 and 3.9
+``y``, ``q``, ``k``, ``v`` and ``a``; it is 8x finer than bf16's. But tf32 *truncates* (the tensor cores ignore an fp32 operand's 13 low
+mantissa bits): a bias towards zero, up to 2^-10 relative. In the forward's score dot that bias entered ``lse``, and
+the backward's tf32x3 scores then gave weights that did not sum to 1 (fp16 gradients up to 2.1x the tolerance
+rule's bound at C = 768). So for fp16 inputs the forward's score dot takes fp16 operands (``xhat`` and ``g``
+rounded to nearest: unbiased, half the bytes; ``SCORE_FP16``); a ``"tf32x3"`` forward needs 328-360 KB of shared
+memory and spills at C = 768 (sm_90). bf16 keeps ``"tf32"`` there (its rule is 8x wider). The other forward dot
+and the backward's other dots are ``"tf32"``. The plain interpreter ignores ``input_precision``; the tests run it
+with the GPU's truncation (``tests/gpu_numerics.py``). ``input_precision`` is the spelling of both triton 3.6 and 3.9
 (``allow_tf32`` is the deprecated one).
 
 Limits (checked by :func:`check_inputs`, which raises before any launch): fp32 / fp16 / bf16, every tensor one
@@ -94,14 +99,14 @@ batch 256; one config per width (the plan's); widths of one power-of-two class (
     fwd_tokens_kernel      bf16  C=224      1       96                0      0           67648
     fwd_tokens_kernel      bf16  C=448      1      127                0      0           83008
     fwd_tokens_kernel      bf16  C=768      1      127                0      0          164928
-    fwd_tokens_kernel      fp16  C=96       1      156                0      0           90112
-    fwd_tokens_kernel      fp16  C=224      1       96                0      0           67648
-    fwd_tokens_kernel      fp16  C=448      1      127                0      0           83008
-    fwd_tokens_kernel      fp16  C=768      1      127                0      0          164928
+    fwd_tokens_kernel      fp16  C=96       1      146                0      0           69632
+    fwd_tokens_kernel      fp16  C=224      1      114                0      0           73728
+    fwd_tokens_kernel      fp16  C=448      1      128                0      0           81920
+    fwd_tokens_kernel      fp16  C=768      1      128                0      0          163840
     fwd_tokens_kernel      fp32  C=96       1       76                0      0           43520
     fwd_tokens_kernel      fp32  C=224      1      145                0      0           84480
     fwd_tokens_kernel      fp32  C=448      1      158                0      0           99840
-    fwd_tokens_kernel      fp32  C=768      1      128             12/8      8          198144
+    fwd_tokens_kernel      fp32  C=768      1      128            20/64      8          198144
 """
 
 from __future__ import annotations
@@ -170,6 +175,7 @@ def _fwd_tokens_kernel(
     m_ptr, l_ptr, acc_ptr,  # partials: m, l (n_chunks, H, B); acc (n_chunks, H, B, C)
     B, N, C, H, chunk_tokens, eps, scale,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    SCORE_FP16: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -186,6 +192,8 @@ def _fwd_tokens_kernel(
                 mask=hc_mask, other=0.0)
     g = u * (gamma * scale)[None, :]  # (BLOCK_H, BLOCK_C)
     g_t = tl.trans(g)  # (BLOCK_C, BLOCK_H)
+    if SCORE_FP16:
+        g_t16 = g_t.to(tl.float16)
 
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
@@ -198,7 +206,10 @@ def _fwd_tokens_kernel(
         offs_n = n0 + offs_t
         n_mask = offs_n < n_end
         xhat, _rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps)
-        s = tl.dot(xhat, g_t, input_precision=PRECISION)  # (BLOCK_T, BLOCK_H)
+        if SCORE_FP16:
+            s = tl.dot(xhat.to(tl.float16), g_t16)  # (BLOCK_T, BLOCK_H)
+        else:
+            s = tl.dot(xhat, g_t, input_precision=PRECISION)
         s = tl.where(n_mask[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp(m_i - m_new)
@@ -654,6 +665,7 @@ def cls_cross_attention_fwd(
                 ("fwd", p["BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
                 p["fwd_warps"],
                 BLOCK_T=p["BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
+                SCORE_FP16=dtype == torch.float16,
             )
         if B > 0:
             _launch(

@@ -108,7 +108,7 @@ import triton
 import triton.language as tl
 
 from crossvit_fast.config import LAYER_NORM_MAX_DIM as MAX_DIM
-from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
+from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION, interpreter_runs_bf16
 
 __all__ = ["layer_norm_fwd", "layer_norm_bwd", "check_layer_norm_inputs", "MAX_DIM", "SUPPORTED_DTYPES"]
 
@@ -294,7 +294,8 @@ def check_layer_norm_inputs(
     if x.device.type == "cuda" or (x.device.type == "cpu" and COMPILE_ONLY and not _INTERPRETED):
         pass
     elif x.device.type == "cpu":
-        if _INTERPRETED and torch.bfloat16 in (x.dtype, getattr(residual, "dtype", None), out_dtype):
+        if _INTERPRETED and torch.bfloat16 in (x.dtype, getattr(residual, "dtype", None), out_dtype) and not (
+                interpreter_runs_bf16()):
             raise TypeError("layer_norm: bfloat16 is not supported under Triton's CPU interpreter (it truncates "
                             "float32 -> bfloat16 stores); use float16/float32 on CPU, or a CUDA device")
         if not _INTERPRETED:
@@ -416,7 +417,8 @@ def layer_norm_bwd(
     for name, t in (("x_dtype", x_dtype), ("y_dtype", y_dtype)):
         if t is not None and t not in SUPPORTED_DTYPES:
             raise TypeError(f"layer_norm backward: {name} {t}; expected float16, bfloat16 or float32")
-    if _INTERPRETED and xin.device.type == "cpu" and torch.bfloat16 in (x_dtype, y_dtype, dout.dtype):
+    if _INTERPRETED and xin.device.type == "cpu" and torch.bfloat16 in (x_dtype, y_dtype, dout.dtype) and not (
+            interpreter_runs_bf16()):
         raise TypeError("layer_norm: bfloat16 is not supported under Triton's CPU interpreter (it truncates "
                         "float32 -> bfloat16 stores); use float16/float32 on CPU, or a CUDA device")
     if y_dtype is None and dy is not None:

@@ -117,7 +117,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from crossvit_fast.config import LAYER_NORM_MAX_DIM
-from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
+from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION, interpreter_runs_bf16
 from crossvit_fast.config import autotune_cache_from_env, autotune_from_env
 
 from .layer_norm import _as3d, _device_of, _span, layer_norm_fwd
@@ -734,7 +734,7 @@ def _check_device_kind(device: torch.device, dtypes) -> None:
             raise ValueError("linear: x is on the CPU, but the Triton kernels need a CUDA device (CPU runs only under "
                              "Triton's interpreter, TRITON_INTERPRET=1 set before crossvit_fast.kernels.linear is "
                              "imported)")
-        if torch.bfloat16 in dtypes:
+        if torch.bfloat16 in dtypes and not interpreter_runs_bf16():
             raise TypeError("linear: bfloat16 is not supported under Triton's CPU interpreter (it computes wrong "
                             "bfloat16 dots and truncates bfloat16 stores); use float16/float32 on CPU, or CUDA")
         return

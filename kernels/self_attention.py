@@ -132,7 +132,7 @@ import triton
 import triton.language as tl
 
 from crossvit_fast.config import FUSED_DTYPES, SELF_ATTENTION_HEAD_DIMS, autotune_cache_from_env, autotune_from_env
-from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
+from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION, interpreter_runs_bf16
 
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
@@ -662,7 +662,7 @@ def check_self_attention_inputs(qkv, num_heads, scale=None) -> Tuple[int, int, i
     if qkv.device.type == "cuda" or (qkv.device.type == "cpu" and COMPILE_ONLY and not _INTERPRETED):
         pass
     elif qkv.device.type == "cpu" and _INTERPRETED:
-        if qkv.dtype == torch.bfloat16:
+        if qkv.dtype == torch.bfloat16 and not interpreter_runs_bf16():
             raise TypeError("self_attention: bfloat16 is not supported under Triton's CPU interpreter (its tl.dot "
                             "gives wrong bfloat16 results); use float16/float32 on CPU, or a CUDA device")
     elif qkv.device.type == "cpu":

@@ -2,7 +2,8 @@
 
 Without a CUDA device the fused kernels run in Triton's CPU interpreter, which must be switched on before the
 module defining the ``@triton.jit`` functions is imported: it is switched on here, before any test module loads.
-Tests that need CUDA skip with a reason.
+Tests that need CUDA skip with a reason. The interpreter is also given the GPU's bfloat16 and tf32 rounding
+(``tests/gpu_numerics.py``), so the kernel tests run their bfloat16 cases on the CPU too.
 """
 
 import os
@@ -11,6 +12,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+if INTERPRETED:
+    import gpu_numerics
+
+    gpu_numerics.install()
 
 import pytest  # noqa: E402
 
@@ -36,9 +42,83 @@ def forbid_launches(monkeypatch, module, *names):
         monkeypatch.setattr(module, name, _NoLaunch())
 
 
+@pytest.fixture
+def plain_interpreter(monkeypatch):
+    """Triton's interpreter as it comes, without ``gpu_numerics``: for the tests of the launchers' bfloat16
+    refusal there."""
+    if INTERPRETED:
+        from triton.runtime import interpreter
+
+        monkeypatch.setattr(interpreter.InterpreterBuilder, gpu_numerics.MARK, False)
+    yield
+
+
+SEED = int(os.environ.get("CROSSVIT_FAST_TEST_SEED", "0"))
+"""Every test starts from ``torch.manual_seed(SEED)``. CUDA draws other numbers than the CPU from one seed, so a
+test whose tolerance holds only for the CPU's draw fails on a GPU: ``CROSSVIT_FAST_TEST_SEED=1 2 3 ...`` runs the
+suite on other draws (``bench/seed_sweep.sh``) to find such tests here."""
+
+
+CPU_DRAW_LIMIT = 1 << 24
+"""On CUDA, ``torch.randn`` / ``torch.rand`` / ``torch.randint`` and their ``_like`` forms asked for a CUDA tensor of
+at most this many elements draw it from the CPU generator and move it (``_draws_on_the_cpu``): a CUDA run of a test
+sees the very inputs its CPU run (interpreter, GPU rounding) checked, not CUDA's other numbers from the same seed.
+Larger tensors (the 64-bit offset tests) are drawn on the device. ``CROSSVIT_FAST_TEST_CUDA_DRAWS=1`` draws every
+tensor on the device."""
+
+
+def _size_of(args, kwargs):
+    size = kwargs.get("size", args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size))
+                      else args)
+    n = 1
+    for d in size:
+        n *= int(d)
+    return n
+
+
+DRAW_SIZES = {
+    "randn": lambda a, k: (a, k),
+    "rand": lambda a, k: (a, k),
+    "randint": lambda a, k: ((k["size"],) if "size" in k else (a[-1],), {}),
+}
+"""Where each drawing function takes its size: the (args, kwargs) that ``_size_of`` reads."""
+
+
+def _cpu_draw(fn, size_at, target="cuda"):
+    def draw(*args, **kwargs):
+        device = kwargs.get("device")
+        if device is None or torch.device(device).type != target or kwargs.get("generator") is not None \
+                or kwargs.get("out") is not None or _size_of(*size_at(args, kwargs)) > CPU_DRAW_LIMIT:
+            return fn(*args, **kwargs)
+        requires_grad = kwargs.pop("requires_grad", False)
+        kwargs["device"] = "cpu"
+        return fn(*args, **kwargs).to(device).requires_grad_(requires_grad)
+    return draw
+
+
+def _cpu_draw_like(fn, target="cuda"):
+    def draw(t, **kwargs):
+        device = kwargs.get("device", t.device)
+        if torch.device(device).type != target or t.numel() > CPU_DRAW_LIMIT:
+            return fn(t, **kwargs)
+        kwargs.update(device="cpu", dtype=kwargs.get("dtype", t.dtype))
+        return fn(torch.empty(t.shape, dtype=kwargs["dtype"]), **kwargs).to(device)
+    return draw
+
+
 @pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+def _draws_on_the_cpu(monkeypatch):
+    if torch.cuda.is_available() and os.environ.get("CROSSVIT_FAST_TEST_CUDA_DRAWS", "0") in ("", "0"):
+        for name, size_at in DRAW_SIZES.items():
+            monkeypatch.setattr(torch, name, _cpu_draw(getattr(torch, name), size_at))
+        for name in ("randn_like", "rand_like"):
+            monkeypatch.setattr(torch, name, _cpu_draw_like(getattr(torch, name)))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed(_draws_on_the_cpu):
+    torch.manual_seed(SEED)
     yield
 
 

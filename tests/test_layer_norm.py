@@ -3,8 +3,8 @@
 Tolerance rule (crossvit_fast.testing): the kernel's error against the float64 reference is at most twice the
 error of the reference itself run in the same low dtype, plus a small atol. Checked: the sum ``r``, the normalised
 output, and the gradients of x, the residual, weight and bias, with a gradient arriving on ``r`` as well (the
-residual stream). Without CUDA the kernels run in Triton's CPU interpreter (float32/float16; it truncates
-bfloat16 stores, so bfloat16 runs on CUDA only).
+residual stream). Without CUDA the kernels run in Triton's CPU interpreter (bfloat16 stores rounded as
+on the GPU: tests/gpu_numerics.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 cpu_only = pytest.mark.skipif(CUDA, reason="CPU-interpreter variant; the CUDA tests cover this on a GPU")
-LOW_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+LOW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ("contiguous", "slice", "transposed")
 
 
@@ -140,7 +140,7 @@ def test_int64_offsets(monkeypatch):
     check(x, w, b)
 
 
-@pytest.mark.parametrize("out_dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []),
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16],
                          ids=lambda d: str(d).replace("torch.", ""))
 def test_autocast_seam_dtypes(out_dtype):
     """The block's seam under autocast: float32 residual stream, a 16-bit branch output, float32 weights and the
@@ -413,7 +413,7 @@ def test_cpu_tensor_refused_without_interpreter(no_launch, monkeypatch):
 
 
 @cpu_only
-def test_bf16_refused_in_interpreter(no_launch):
+def test_bf16_refused_in_plain_interpreter(no_launch, plain_interpreter):
     x = torch.randn(2, 5, 16)
     w, b = torch.randn(16), torch.randn(16)
     for args in ((x.bfloat16(), None, w, b, 1e-6), (x, None, w, b, 1e-6, torch.bfloat16)):

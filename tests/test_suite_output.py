@@ -9,7 +9,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_skips_are_summarised_per_reason(tmp_path):
-    shutil.copy(os.path.join(HERE, "conftest.py"), tmp_path / "conftest.py")
+    for name in ("conftest.py", "gpu_numerics.py"):
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
     shutil.copy(os.path.join(os.path.dirname(HERE), "pytest.ini"), tmp_path / "pytest.ini")
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_x.py").write_text(

@@ -45,15 +45,26 @@ Precision: LayerNorm statistics, softmax and every accumulator in fp32. fp32 inp
 (``g . xhat`` and ``e . xhat``, a C-long sum that feeds ``exp``) use ``"tf32x3"`` (split into a high and a low tf32
 part, three products: about fp32 accuracy); the other dots use ``"tf32"``. tf32 keeps 10 explicit mantissa bits,
 the same as fp16 (unit roundoff 2^-11), so a tf32 dot is no finer than the fp16 roundings the reference makes of
-``y``, ``q``, ``k``, ``v`` and ``a``; it is 8x finer than bf16's. But tf32 *truncates* (the tensor cores ignore an fp32 operand's 13 low
-mantissa bits): a bias towards zero, up to 2^-10 relative. In the forward's score dot that bias entered ``lse``, and
-the backward's tf32x3 scores then gave weights that did not sum to 1 (fp16 gradients up to 2.1x the tolerance
-rule's bound at C = 768). So for fp16 inputs the forward's score dot takes fp16 operands (``xhat`` and ``g``
-rounded to nearest: unbiased, half the bytes; ``SCORE_FP16``); a ``"tf32x3"`` forward needs 328-360 KB of shared
-memory and spills at C = 768 (sm_90). bf16 keeps ``"tf32"`` there (its rule is 8x wider). The other forward dot
-and the backward's other dots are ``"tf32"``. The plain interpreter ignores ``input_precision``; the tests run it
-with the GPU's truncation (``tests/gpu_numerics.py``). ``input_precision`` is the spelling of both triton 3.6 and 3.9
-(``allow_tf32`` is the deprecated one).
+``y``, ``q``, ``k``, ``v`` and ``a``; it is 8x finer than bf16's. But the tensor cores *truncate* an fp32 operand
+to tf32 (they ignore its 13 low mantissa bits): a bias towards zero, up to 2^-10 relative, that adds up coherently
+in the long sums (``lse``, the parameter gradients' sums over tokens), where rounding errors would cancel. So no
+operand reaches a tensor core unrounded:
+
+* forward, fp16: both dots take fp16 operands (``xhat``, ``g``, ``p`` rounded to nearest even; ``SCORE_FP16``).
+  With the truncated tf32 score dot, the bias entered ``lse`` and the backward's tf32x3 scores gave weights that
+  did not sum to 1: fp16 gradients up to 2.1x the tolerance rule's bound at C = 768. fp16 operands also halve the
+  shared memory (a ``"tf32x3"`` forward needs 328-360 KB and spills at C = 768). bf16 keeps ``"tf32"`` here: its
+  rule is 8x wider (ratio <= 0.4 to the bound) and bf16 operands would be 8x coarser.
+* backward, fp16 and bf16: the ``"tf32"`` dots' operands (``a``, ``ds``, ``e``, ``g`` and, after the score dots,
+  ``xhat``) are rounded to tf32 in registers first (``_tf32_rn``, nearest; ``ROUND_TF32``), so the truncation is
+  exact. They stay fp32 (not fp16) because ``ds`` and ``e`` are gradients, whose range fp16 may not hold. Before,
+  the truncation put fp16 gradients at up to 1.1x the bound (``tokens``, ``norm_weight`` at C = 768); now <= 0.55
+  over the seeds swept. The rounded ``xhat`` also serves the LayerNorm backward (one less live copy of the row:
+  less shared memory, the spills up by at most 4%).
+
+The plain interpreter ignores ``input_precision``; the tests run it with the GPU's truncation
+(``tests/gpu_numerics.py``). ``input_precision`` is the spelling of both triton 3.6 and 3.9 (``allow_tf32`` is the
+deprecated one).
 
 Limits (checked by :func:`check_inputs`, which raises before any launch): fp32 / fp16 / bf16, every tensor one
 dtype and one device (CUDA; CPU only under ``TRITON_INTERPRET=1``; launches run under ``torch.cuda.device`` of the
@@ -71,14 +82,14 @@ batch 256; one config per width (the plan's); widths of one power-of-two class (
 192/224/256, 384/448, 768; smem in bytes, limit 232,448; ``tests/test_sm90_compile.py`` holds the spill budgets)::
 
     kernel                 dtype width   cfgs     regs  spill st/ld (B)  stack        smem (B)
-    bwd_tokens_kernel      bf16  C=96       1      180                0      0           78336
-    bwd_tokens_kernel      bf16  C=224      1      240                0      0          123904
-    bwd_tokens_kernel      bf16  C=448      1      255          176/160    160          165888
-    bwd_tokens_kernel      bf16  C=768      1      128        2784/2848   1992          200704
-    bwd_tokens_kernel      fp16  C=96       1      178                0      0           78336
-    bwd_tokens_kernel      fp16  C=224      1      240                0      0          123904
-    bwd_tokens_kernel      fp16  C=448      1      255          176/160    160          165888
-    bwd_tokens_kernel      fp16  C=768      1      128        2784/2848   1992          200704
+    bwd_tokens_kernel      bf16  C=96       1      191                0      0           70144
+    bwd_tokens_kernel      bf16  C=224      1      246                0      0          107520
+    bwd_tokens_kernel      bf16  C=448      1      255          180/164    168          133120
+    bwd_tokens_kernel      bf16  C=768      1      128        2868/2956   1968          135168
+    bwd_tokens_kernel      fp16  C=96       1      191                0      0           70144
+    bwd_tokens_kernel      fp16  C=224      1      246                0      0          107520
+    bwd_tokens_kernel      fp16  C=448      1      255          180/164    168          133120
+    bwd_tokens_kernel      fp16  C=768      1      128        2868/2956   1968          135168
     bwd_tokens_kernel      fp32  C=96       1      204                0      0           66048
     bwd_tokens_kernel      fp32  C=224      1      255              8/4      8          132096
     bwd_tokens_kernel      fp32  C=448      1      128          700/736    552          163840
@@ -99,14 +110,14 @@ batch 256; one config per width (the plan's); widths of one power-of-two class (
     fwd_tokens_kernel      bf16  C=224      1       96                0      0           67648
     fwd_tokens_kernel      bf16  C=448      1      127                0      0           83008
     fwd_tokens_kernel      bf16  C=768      1      127                0      0          164928
-    fwd_tokens_kernel      fp16  C=96       1      146                0      0           69632
-    fwd_tokens_kernel      fp16  C=224      1      114                0      0           73728
-    fwd_tokens_kernel      fp16  C=448      1      128                0      0           81920
-    fwd_tokens_kernel      fp16  C=768      1      128                0      0          163840
+    fwd_tokens_kernel      fp16  C=96       1      140                0      0           38912
+    fwd_tokens_kernel      fp16  C=224      1      100                0      0           41984
+    fwd_tokens_kernel      fp16  C=448      1      127                0      0           49664
+    fwd_tokens_kernel      fp16  C=768      1      128                0      0           98816
     fwd_tokens_kernel      fp32  C=96       1       76                0      0           43520
     fwd_tokens_kernel      fp32  C=224      1      145                0      0           84480
     fwd_tokens_kernel      fp32  C=448      1      158                0      0           99840
-    fwd_tokens_kernel      fp32  C=768      1      128            20/64      8          198144
+    fwd_tokens_kernel      fp32  C=768      1      128             12/8      8          198144
 """
 
 from __future__ import annotations
@@ -168,6 +179,14 @@ def _load_xhat(
 
 
 @triton.jit
+def _tf32_rn(x):
+    """fp32 ``x`` rounded to tf32 (10 explicit mantissa bits), to nearest with ties away from zero, as fp32 bits:
+    a ``"tf32"`` dot then reads it exactly (the tensor cores would truncate: a bias towards zero)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _fwd_tokens_kernel(
     tok_ptr, stride_tb, stride_tn, stride_tc,
     u_ptr, stride_uh, stride_ub,  # u: (H, B, C), channel stride 1
@@ -207,7 +226,8 @@ def _fwd_tokens_kernel(
         n_mask = offs_n < n_end
         xhat, _rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps)
         if SCORE_FP16:
-            s = tl.dot(xhat.to(tl.float16), g_t16)  # (BLOCK_T, BLOCK_H)
+            x16 = xhat.to(tl.float16)
+            s = tl.dot(x16, g_t16)  # (BLOCK_T, BLOCK_H)
         else:
             s = tl.dot(xhat, g_t, input_precision=PRECISION)
         s = tl.where(n_mask[:, None], s, float("-inf"))
@@ -215,7 +235,10 @@ def _fwd_tokens_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[None, :])  # (BLOCK_T, BLOCK_H)
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[:, None] + tl.dot(tl.trans(p), xhat, input_precision=PRECISION)
+        if SCORE_FP16:
+            acc = acc * alpha[:, None] + tl.dot(tl.trans(p).to(tl.float16), x16)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(tl.trans(p), xhat, input_precision=PRECISION)
         m_i = m_new
 
     # (k, h, b) of a (n_chunks, H, B) partial
@@ -288,7 +311,7 @@ def _bwd_tokens_kernel(
     duhat_ptr, dss_ptr,  # partials: (n_chunks, H, B, C) and (n_chunks, H, B)
     B, N, C, H, chunk_tokens, eps, scale,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
-    SCORE_PRECISION: tl.constexpr, KS: tl.constexpr, RELOAD: tl.constexpr,
+    SCORE_PRECISION: tl.constexpr, KS: tl.constexpr, RELOAD: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """The two score dots ``xhat g^T`` and ``xhat e^T`` (K = C, tiny M and N) are split along C into KS batched
     slices (``(KS, BLOCK_T, BLOCK_C/KS) x (KS, BLOCK_C/KS, BLOCK_H)``, summed over the slices), so each warp holds only
@@ -312,6 +335,9 @@ def _bwd_tokens_kernel(
     if not RELOAD:
         g = _load_heads(u_ptr, stride_uh, stride_ub, b64, h64, offs_c, hc_mask, gscale)  # (BLOCK_H, BLOCK_C)
         e = _load_heads(dz_ptr, stride_zh, stride_zb, b64, h64, offs_c, hc_mask, gamma)  # (BLOCK_H, BLOCK_C)
+        if ROUND_TF32:
+            g = _tf32_rn(g)
+            e = _tf32_rn(e)
     f = tl.load(f_ptr + h64 * B + b64, mask=h_mask, other=0.0)
     lse = tl.load(lse_ptr + h64 * B + b64, mask=h_mask, other=0.0)
 
@@ -339,18 +365,32 @@ def _bwd_tokens_kernel(
         e3 = tl.load(dz_ptr + h64[None, None, :] * stride_zh + b64 * stride_zb + c3, mask=m3, other=0.0)
         es = tl.sum(tl.dot(x3, e3 * gam3, input_precision=SCORE_PRECISION), axis=0)  # (BLOCK_T, BLOCK_H)
         ds = a * (es + f[None, :])  # (BLOCK_T, BLOCK_H)
+        if ROUND_TF32:
+            a_op = _tf32_rn(a)
+            ds_op = _tf32_rn(ds)
+            xhat = _tf32_rn(xhat)
+        else:
+            a_op = a
+            ds_op = ds
         if RELOAD:
             e = _load_heads(dz_ptr, stride_zh, stride_zb, b64, h64, offs_c, hc_mask & (n0 >= 0), gamma)
-        dxhat = tl.dot(a, e, input_precision=PRECISION)
+            if ROUND_TF32:
+                e = _tf32_rn(e)
+        dxhat = tl.dot(a_op, e, input_precision=PRECISION)
         if RELOAD:
             g = _load_heads(u_ptr, stride_uh, stride_ub, b64, h64, offs_c, hc_mask & (n0 >= 0), gscale)
-        dxhat = tl.dot(ds, g, dxhat, input_precision=PRECISION)  # (BLOCK_T, BLOCK_C)
+            if ROUND_TF32:
+                g = _tf32_rn(g)
+        dxhat = tl.dot(ds_op, g, dxhat, input_precision=PRECISION)  # (BLOCK_T, BLOCK_C)
         c1 = tl.sum(dxhat, axis=1) / C
         c2 = tl.sum(dxhat * xhat, axis=1) / C
         dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]  # (BLOCK_T, BLOCK_C)
         d_ptrs = dtok_base + offs_n.to(tl.int64)[:, None] * stride_dn + offs_c.to(tl.int64)[None, :] * stride_dc
         tl.store(d_ptrs, dx.to(dtok_ptr.dtype.element_ty), mask=n_mask[:, None] & c_mask[None, :])
-        acc_du = tl.dot(tl.trans(ds), xhat, acc_du, input_precision=PRECISION)
+        if ROUND_TF32:
+            acc_du = tl.dot(tl.trans(ds_op), xhat, acc_du, input_precision=PRECISION)
+        else:
+            acc_du = tl.dot(tl.trans(ds), xhat, acc_du, input_precision=PRECISION)
         acc_ss += tl.sum(ds, axis=0)
 
     row = (pid_k.to(tl.int64) * H + offs_h) * B + b64  # (k, h, b) of a (n_chunks, H, B) partial
@@ -768,6 +808,7 @@ def cls_cross_attention_bwd(
                 p["bwd_warps"], p["bwd_stages"], p["bwd_maxnreg"],
                 BLOCK_T=p["BWD_BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
                 SCORE_PRECISION=_score_precision(dtype), KS=p["bwd_ks"], RELOAD=bool(p["bwd_reload"]),
+                ROUND_TF32=dtype != torch.float32,
             )
 
     # the CLS token (t = 0), whose LayerNorm output also feeds q

@@ -398,6 +398,16 @@ def test_fp16_wide_rows_forward_scores():
     _check_against_reference(Case(3, 7, 768, 12, "slice"), torch.float16)
 
 
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fp16_wide_rows_backward_operands_rounded(seed):
+    """fp16 at C = 768, two tokens: the backward's ``"tf32"`` dots (``a . e``, ``ds . g``, ``ds^T . xhat``) once
+    took fp32 operands that the tensor cores truncate, a bias that adds up in the sums over tokens and heads:
+    ``norm_weight`` at 1.03x the bound (seed 0), ``tokens`` at 1.11x (seed 1). The operands are now rounded to
+    tf32 first (``_tf32_rn``): <= 0.6x."""
+    torch.manual_seed(seed)
+    _check_against_reference(Case(1, 2, 768, 12, "slice"), torch.float16)
+
 # --------------------------------------------------------------------------------------------------------------
 # CUDA: the family's real shapes, all dtypes
 # --------------------------------------------------------------------------------------------------------------

@@ -514,7 +514,7 @@ def _launch(kernel, grid, args, key, num_warps: int, num_stages: int = 2, maxnre
 
 def _device_limit(e, key, num_warps: int) -> RuntimeError:
     """The error a caller gets where even one pipeline stage does not fit this GPU (shared memory: the 99 KB of
-    sm_86 / sm_89 parts from C = 384 up, an A100's 163 KB for the 16-bit and float32 backward at C = 768)."""
+    sm_86 / sm_89 parts for the backward from C = 384 up, an A100's 163 KB for the float32 backward at C = 768)."""
     dtype = str(key[-1]).replace("torch.", "") if isinstance(key[-1], torch.dtype) else "any dtype"
     width = f", widths C up to {key[2]}" if len(key) > 2 else f", widths C up to {key[1]}"
     return RuntimeError(

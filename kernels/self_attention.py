@@ -28,14 +28,32 @@ blocks of BLOCK_N::
 
     s = (q k^T) * scale * log2(e)            (base-2 exponent, so exp2 replaces exp)
     m' = max(m, rowmax(s));  a = 2^(m - m');  p = 2^(s - m')
-    l = a l + rowsum(p);     acc = a acc + p v;   m = m'
-    O = acc / l,   L = (m + log2 l) * ln 2
+    p~ = p rounded to the input dtype (the tl.dot operand)
+    l = a l + rowsum(p);     l~ = a l~ + rowsum(p~);     acc = a acc + p~ v;   m = m'
+    O = acc / l~,   L = (m + log2 l) * ln 2
 
-Nothing N x N ever reaches memory: the forward saves only O and L, ``(B, H, N)`` float32, contiguous.
+O is normalised by the sum of the weights the dot actually used (l~, not l), so they sum to 1 to float32 rounding
+and a component common to every value row (the qkv Linear's bias puts one there) passes through unchanged: with
+l, the 16-bit rounding of p scaled it by ``1 + O(2^-11 / sqrt(N))``. L keeps the unrounded l, which the backward's
+recomputed P needs.
 
-Backward, deterministic (no atomics), three launches:
+float32 keeps the scores in natural units instead: ``s = (q k^T) * scale``, ``p = 2^((s - m') * log2 e)``,
+``L = m + ln l``, so log2(e) multiplies the small differences and never a score of magnitude 20-40, and L is
+rounded once instead of three times (``* log2 e``, ``+ log2 l``, ``* ln 2``): each of those roundings moved every
+P of a row by up to ``2^-24 |L|``, a float32 error 2-3x the reference's.
 
-1. ``delta = rowsum(dO * O)``, ``(B, H, N)`` float32;
+Nothing N x N ever reaches memory: the forward saves only O and L, ``(B, H, N)`` float32, contiguous (and, when
+asked, O's rounding residual O_LO, below).
+
+Backward, deterministic (no atomics), three launches for float16/bfloat16 (float32: below):
+
+1. ``delta = rowsum(dO * O)``, ``(B, H, N)`` float32. For float16/bfloat16 the O the forward returns is rounded,
+   and ``delta`` from it is off by ``rowsum(dO * (O_fp32 - O))``, an error every dS element inherits as
+   ``P * error``: on a branch block's own gradients it made dQKV 2-3x less accurate than the float16 reference
+   (flash attention and SDPA take the same rounded O). So the forward can also write the residual
+   ``O_LO = O_fp32 - O`` in the input dtype (``out_lo``; the ``self_attention`` op does when it saves for a
+   backward) and ``delta`` reads ``O + O_LO``, float32 to within the residual's own rounding. The cost: one more
+   ``(B, N, H * D)`` 16-bit tensor written by the forward, kept and read once by the backward;
 2. dK, dV: one program per (key block of BLOCK_N, b, h); it loops over every query block, recomputes
    ``P^T = 2^(k q^T * scale * log2 e - L log2 e)`` from the saved L and accumulates ``dV += P^T dO`` and
    ``dK += dS^T Q`` in registers; each dK/dV row is written once, by its owner;
@@ -43,6 +61,13 @@ Backward, deterministic (no atomics), three launches:
 
 This recomputes ``Q K^T`` twice (7 matmuls per tile pair instead of the 5 of an atomic-add dQ) in exchange for
 bit-reproducible gradients.
+
+float32, two launches, dQ first. P recomputed from a float32 L sums to ``1 + O(2^-24 |L|)`` per row, not to 1, and
+``rowsum(dS) = delta * (1 - rowsum(P))`` is then no longer 0: with keys or values that share an offset it made dQ
+and dK 2-3x less accurate than the float32 reference. So the dQ kernel first streams over the key blocks once
+for ``r = 1 / rowsum(P)`` and ``delta = r * rowsum(P * dP)`` (two more matmuls per tile pair, 9 in all), stores
+both ``(B, H, N)`` and multiplies every P by r; the dK/dV kernel reads them. No delta kernel runs; ``out_lo`` is
+not needed (O is float32).
 
 Masking: keys past N score -inf (forward) or get P = 0 (backward, a padded query row loads L = +inf, so its P
 is 0); padded query rows are computed and never written. Full key/query blocks run an unmasked loop; only the
@@ -53,7 +78,7 @@ Limits
 * head dim D: a multiple of 16 up to 128 (16, 32, ..., 128); anything else raises ValueError. D that is not a
   power of two (48, 80, 96, 112) runs in a register tile of the next power of two with the extra columns masked
   (zeros in, never written); 16, 32, 64 and 128 run unpadded.
-* dtypes: float16, bfloat16, float32 (all tensors of a call the same dtype; L and delta are float32).
+* dtypes: float16, bfloat16, float32 (all tensors of a call the same dtype; L, delta and r are float32).
   Matmuls accumulate in float32; P and dS are rounded to the input dtype before their matmul (as in flash
   attention). float32 runs its matmuls with ``tl.dot(..., input_precision="ieee")``: true float32 products, never
   TF32 (whatever ``torch.backends.cuda.matmul.allow_tf32`` says), so it matches a float32 reference. Triton lowers
@@ -80,45 +105,46 @@ the capture). ``config=`` on the launchers (or ``AUTOTUNE = False`` / ``CROSSVIT
 tuning; under the CPU interpreter a fixed tile is used (16 x 16 below N = 128, 64 x 64 from there).
 The candidate tiles (``_TILES_16`` for float16/bfloat16, ``_TILES_32`` for float32) are filtered per call by
 ``early_config_prune``: the dtype's set, minus, for 16-bit 128-wide register tiles, the larger tiles and two
-that spill 8 B (``_SPILL_16_D128``); for float32 register tiles of 64 or more columns only the 8-warp 512-element
+that spill 8 B (``_SPILL_16_D128``), and for bfloat16 64-wide the one forward tile that spills 8 B
+(``_SPILL_BF16_D64``: 128 x 64, 4 warps); for float32 register tiles of 64 or more columns only the 8-warp 512-element
 tiles of ``_TILES_32_WIDE`` (the others spill 100-340 B there), and at 128 columns the one 16 x 16, 8-warp tile of
-``_TILES_32_D128`` (the least spill there: 0 / 248 / 168 B in fwd / dkdv / dq, against 0.6-3.4 KB). Every config the pruner keeps is compiled for
-sm_90 ahead of time by ``tests/sm90_compile.py``
-(CI: ``tests/test_sm90_compile.py``); the measured resources are listed below.
+``_TILES_32_D128`` (the least spill there: 0 / 248 / 204 B of stores in fwd / dkdv / dq, against 0.6-3.4 KB
+before dq's first pass). Every config the pruner keeps is compiled for sm_90 ahead of time by
+``tests/sm90_compile.py`` (CI: ``tests/test_sm90_compile.py``); the measured resources are listed below.
 
 Grid: 1-D, ``cdiv(N, BLOCK) * B * H`` programs with the block index fastest, so the programs of one (b, h) run
 side by side and share that head's K/V (or Q/dO) in L2; 1-D avoids the 65535 limit of grid axes 1 and 2.
 
 Measured sm_90 resources (ptxas -v of triton 3.6.0's own compile, ``python tests/sm90_compile.py --set ci --table``,
-batch 256; every config the pruner keeps at head dims 32 and 64 (the family's); `cfgs` configs, ranges over them,
+batch 256; every config the pruner keeps at head dims 32 and 64 (the family's); `cfgs` configs, ranges over them
+(for the 16-bit forward and delta kernels over both specialisations, with and without the ``out_lo`` store / load;
+float32 runs no delta kernel),
 spills as the worst config (how many of them spill); smem in bytes, limit 232,448; ``tests/test_sm90_compile.py`` holds
 the spill budgets)::
 
     kernel                 dtype width   cfgs     regs  spill st/ld (B)  stack        smem (B)
-    attn_bwd_delta_kernel  bf16  D=32       1       32                0      0             256
-    attn_bwd_delta_kernel  bf16  D=64       1       34                0      0             256
-    attn_bwd_delta_kernel  fp16  D=32       1       32                0      0             256
-    attn_bwd_delta_kernel  fp16  D=64       1       34                0      0             256
-    attn_bwd_delta_kernel  fp32  D=32       1       40                0      0             256
-    attn_bwd_delta_kernel  fp32  D=64       1       40                0      0             256
-    attn_bwd_dkdv_kernel   bf16  D=32       6   78-168                0      0     14592-33280
-    attn_bwd_dkdv_kernel   bf16  D=64       6  123-209                0      0     28928-66048
-    attn_bwd_dkdv_kernel   fp16  D=32       6   78-168                0      0     14592-33280
-    attn_bwd_dkdv_kernel   fp16  D=64       6  123-209                0      0     28928-66048
-    attn_bwd_dkdv_kernel   fp32  D=32       4  212-232                0      0     14464-20736
-    attn_bwd_dkdv_kernel   fp32  D=64       1      255          244/244    248           26752
-    attn_bwd_dq_kernel     bf16  D=32       6   58-116                0      0     14336-32768
-    attn_bwd_dq_kernel     bf16  D=64       6   74-128                0      0     28672-65536
-    attn_bwd_dq_kernel     fp16  D=32       6   58-116                0      0     14336-32768
-    attn_bwd_dq_kernel     fp16  D=64       6   74-128                0      0     28672-65536
-    attn_bwd_dq_kernel     fp32  D=32       4  168-220                0      0     14336-20480
-    attn_bwd_dq_kernel     fp32  D=64       1      255            20/20     24           26624
-    attn_fwd_kernel        bf16  D=32       9   68-179                0      0     16384-40960
-    attn_fwd_kernel        bf16  D=64       9   90-238                0      0     32768-81920
-    attn_fwd_kernel        fp16  D=32       9   68-179                0      0     16384-40960
-    attn_fwd_kernel        fp16  D=64       9   90-238                0      0     32768-81920
-    attn_fwd_kernel        fp32  D=32       6  128-218                0      0     10368-24576
-    attn_fwd_kernel        fp32  D=64       2  128-204                0      0     18432-22592
+    attn_bwd_delta_kernel  bf16  D=32     1       32                0      0             256
+    attn_bwd_delta_kernel  bf16  D=64     1    34-60                0      0             256
+    attn_bwd_delta_kernel  fp16  D=32     1       32                0      0             256
+    attn_bwd_delta_kernel  fp16  D=64     1    34-56                0      0             256
+    attn_bwd_dkdv_kernel   bf16  D=32     6   78-168                0      0     14592-33280
+    attn_bwd_dkdv_kernel   bf16  D=64     6  123-209                0      0     28928-66048
+    attn_bwd_dkdv_kernel   fp16  D=32     6   78-168                0      0     14592-33280
+    attn_bwd_dkdv_kernel   fp16  D=64     6  123-209                0      0     28928-66048
+    attn_bwd_dkdv_kernel   fp32  D=32     4  210-234                0      0     14528-20864
+    attn_bwd_dkdv_kernel   fp32  D=64     1      255          256/256    256           26816
+    attn_bwd_dq_kernel     bf16  D=32     6   58-116                0      0     14336-32768
+    attn_bwd_dq_kernel     bf16  D=64     6   74-128                0      0     28672-65536
+    attn_bwd_dq_kernel     fp16  D=32     6   58-116                0      0     14336-32768
+    attn_bwd_dq_kernel     fp16  D=64     6   74-128                0      0     28672-65536
+    attn_bwd_dq_kernel     fp32  D=32     4  174-228                0      0     14336-20480
+    attn_bwd_dq_kernel     fp32  D=64     1      255           68/124     72           26624
+    attn_fwd_kernel        bf16  D=32     9   71-243                0      0     16384-40960
+    attn_fwd_kernel        bf16  D=64     8   96-244                0      0     32768-81920
+    attn_fwd_kernel        fp16  D=32     9   69-187                0      0     16384-40960
+    attn_fwd_kernel        fp16  D=64     9   96-234                0      0     32768-81920
+    attn_fwd_kernel        fp32  D=32     6  128-220                0      0     10368-24576
+    attn_fwd_kernel        fp32  D=64     2  128-206                0      0     18432-22592
 """
 
 from __future__ import annotations
@@ -193,36 +219,44 @@ def _store_tile(base, x, rows, n_rows, cols, stride_row, stride_col, HEAD_DIM: t
 
 
 @triton.jit
-def _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, start_n, N, offs_n, offs_d, stride_n, stride_c, qk_scale,
+def _fwd_key_block(acc, l_i, l_r, m_i, q, k_base, v_base, start_n, N, offs_n, offs_d, stride_n, stride_c, qk_scale,
                    HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
                    IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr):
     rows = start_n + offs_n
     if IDX64:
         rows = rows.to(tl.int64)
     k = _load_tile(k_base, rows, N, offs_d, stride_n, stride_c, HEAD_DIM, MASK_N, EVEN_D)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N); fp32: natural units
     if MASK_N:
         s = tl.where(rows[None, :] < N, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    if DOT_PRECISION == "ieee":  # natural units: log2(e) multiplies the small differences, not the large scores
+        p = tl.math.exp2((s - m_new[:, None]) * 1.4426950408889634)
+        alpha = tl.math.exp2((m_i - m_new) * 1.4426950408889634)
+    else:
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+    p_in = p.to(k.dtype)
     l_i = l_i * alpha + tl.sum(p, 1)
+    l_r = l_r * alpha + tl.sum(p_in.to(tl.float32), 1)
     v = _load_tile(v_base, rows, N, offs_d, stride_n, stride_c, HEAD_DIM, MASK_N, EVEN_D)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    acc = tl.dot(p_in, v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, l_r, m_new
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    QKV, O, LSE,
+    QKV, O, O_LO, LSE,
     stride_qb, stride_qn, stride_qc, stride_qpart,
     stride_ob, stride_on, stride_oc,
+    stride_lob, stride_lon, stride_loc,
     N, H, N_BUCKET, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr, WRITE_LO: tl.constexpr,
 ):
-    """O, LSE of one (query block, b, h). Grid: (cdiv(N, BLOCK_M) * B * H,), query block fastest."""
+    """O, LSE (and with WRITE_LO the rounding residual O_LO = O_fp32 - O) of one (query block, b, h).
+    Grid: (cdiv(N, BLOCK_M) * B * H,), query block fastest."""
     num_m = tl.cdiv(N, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -246,33 +280,44 @@ def _attn_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_r = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, start_n, N, offs_n, offs_d,
+        acc, l_i, l_r, m_i = _fwd_key_block(acc, l_i, l_r, m_i, q, k_base, v_base, start_n, N, offs_n, offs_d,
                                        stride_qn, stride_qc, qk_scale,
                                        HEAD_DIM, False, EVEN_D, IDX64, DOT_PRECISION)
     if n_full < N:
-        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, n_full, N, offs_n, offs_d,
+        acc, l_i, l_r, m_i = _fwd_key_block(acc, l_i, l_r, m_i, q, k_base, v_base, n_full, N, offs_n, offs_d,
                                        stride_qn, stride_qc, qk_scale,
                                        HEAD_DIM, True, EVEN_D, IDX64, DOT_PRECISION)
 
-    acc = acc / l_i[:, None]
-    _store_tile(o_base, acc.to(O.dtype.element_ty), offs_m, N, offs_d, stride_on, stride_oc, HEAD_DIM, EVEN_D)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    acc = acc / l_r[:, None]
+    o = acc.to(O.dtype.element_ty)
+    _store_tile(o_base, o, offs_m, N, offs_d, stride_on, stride_oc, HEAD_DIM, EVEN_D)
+    if WRITE_LO:
+        _store_tile(O_LO + b * stride_lob + h * HEAD_DIM * stride_loc, (acc - o.to(tl.float32)).to(O.dtype.element_ty),
+                    offs_m, N, offs_d, stride_lon, stride_loc, HEAD_DIM, EVEN_D)
+    if DOT_PRECISION == "ieee":
+        lse = m_i + tl.math.log2(l_i) * 0.6931471805599453
+    else:
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O, DO, DELTA,
+    O, O_LO, DO, DELTA,
     stride_ob, stride_on, stride_oc,
+    stride_lob, stride_lon, stride_loc,
     stride_dob, stride_don, stride_doc,
     N, H,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, IDX64: tl.constexpr,
+    HAS_LO: tl.constexpr,
 ):
-    """delta = rowsum(dO * O), (B, H, N) float32. Grid: (cdiv(N, BLOCK_M) * B * H,)."""
+    """delta = rowsum(dO * (O + O_LO)) (O_LO only with HAS_LO), (B, H, N) float32.
+    Grid: (cdiv(N, BLOCK_M) * B * H,)."""
     num_m = tl.cdiv(N, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -288,13 +333,17 @@ def _attn_bwd_delta_kernel(
                    HEAD_DIM, True, EVEN_D)
     do = _load_tile(DO + b * stride_dob + h * HEAD_DIM * stride_doc, offs_m, N, offs_d, stride_don, stride_doc,
                     HEAD_DIM, True, EVEN_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    o = o.to(tl.float32)
+    if HAS_LO:
+        o += _load_tile(O_LO + b * stride_lob + h * HEAD_DIM * stride_loc, offs_m, N, offs_d, stride_lon, stride_loc,
+                        HEAD_DIM, True, EVEN_D).to(tl.float32)
+    delta = tl.sum(o * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
 
 
 @triton.jit
-def _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, N, offs_m, offs_d,
-                          stride_qn, stride_qc, stride_don, stride_doc, qk_scale,
+def _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rnorm_base, start_m, N, offs_m,
+                          offs_d, stride_qn, stride_qc, stride_don, stride_doc, qk_scale,
                           HEAD_DIM: tl.constexpr, MASK_M: tl.constexpr, EVEN_D: tl.constexpr,
                           IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr):
     rows = start_m + offs_m
@@ -309,7 +358,14 @@ def _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s
         lse = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-    p_t = tl.math.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
+    if DOT_PRECISION == "ieee":
+        if MASK_M:
+            rnorm = tl.load(rnorm_base + rows, mask=rows < N, other=0.0)
+        else:
+            rnorm = tl.load(rnorm_base + rows)
+        p_t = tl.math.exp2((s_t * qk_scale - lse[None, :]) * 1.4426950408889634) * rnorm[None, :]
+    else:
+        p_t = tl.math.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -319,7 +375,7 @@ def _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    QKV, DO, LSE, DELTA, DQKV,
+    QKV, DO, LSE, DELTA, RNORM, DQKV,
     stride_qb, stride_qn, stride_qc, stride_qpart,
     stride_dob, stride_don, stride_doc,
     stride_gb, stride_gn, stride_gc, stride_gpart,
@@ -340,6 +396,7 @@ def _attn_bwd_dkdv_kernel(
     v_base = k_base + stride_qpart
     do_base = DO + b * stride_dob + h * HEAD_DIM * stride_doc
     lse_base = LSE + bh.to(tl.int64) * N
+    rnorm_base = RNORM + bh.to(tl.int64) * N
     delta_base = DELTA + bh.to(tl.int64) * N
     dk_base = DQKV + b * stride_gb + h * HEAD_DIM * stride_gc + stride_gpart
     dv_base = dk_base + stride_gpart
@@ -358,12 +415,12 @@ def _attn_bwd_dkdv_kernel(
 
     m_full = (N // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, N, offs_m,
-                                       offs_d, stride_qn, stride_qc, stride_don, stride_doc, qk_scale,
+        dk, dv = _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rnorm_base, start_m,
+                                       N, offs_m, offs_d, stride_qn, stride_qc, stride_don, stride_doc, qk_scale,
                                        HEAD_DIM, False, EVEN_D, IDX64, DOT_PRECISION)
     if m_full < N:
-        dk, dv = _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m_full, N, offs_m,
-                                       offs_d, stride_qn, stride_qc, stride_don, stride_doc, qk_scale,
+        dk, dv = _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rnorm_base, m_full,
+                                       N, offs_m, offs_d, stride_qn, stride_qc, stride_don, stride_doc, qk_scale,
                                        HEAD_DIM, True, EVEN_D, IDX64, DOT_PRECISION)
 
     dk = dk * sm_scale
@@ -372,7 +429,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_key_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N, offs_n, offs_d, stride_qn, stride_qc,
+def _bwd_dq_key_block(dq, q, do, lse2, rnorm, delta, k_base, v_base, start_n, N, offs_n, offs_d, stride_qn, stride_qc,
                       qk_scale, HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
                       IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr):
     rows = start_n + offs_n
@@ -381,7 +438,10 @@ def _bwd_dq_key_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N, offs_n
     k = _load_tile(k_base, rows, N, offs_d, stride_qn, stride_qc, HEAD_DIM, MASK_N, EVEN_D)
     v = _load_tile(v_base, rows, N, offs_d, stride_qn, stride_qc, HEAD_DIM, MASK_N, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-    p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    if DOT_PRECISION == "ieee":
+        p = tl.math.exp2((s * qk_scale - lse2[:, None]) * 1.4426950408889634) * rnorm[:, None]
+    else:
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
     if MASK_N:
         p = tl.where(rows[None, :] < N, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -391,8 +451,26 @@ def _bwd_dq_key_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N, offs_n
 
 
 @triton.jit
+def _bwd_delta_key_block(delta, psum, q, do, lse2, k_base, v_base, start_n, N, offs_n, offs_d, stride_qn, stride_qc,
+                         qk_scale, HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                         IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """delta += rowsum(P * dP) over one key block, P recomputed as the gradient's blocks recompute it."""
+    rows = start_n + offs_n
+    if IDX64:
+        rows = rows.to(tl.int64)
+    k = _load_tile(k_base, rows, N, offs_d, stride_qn, stride_qc, HEAD_DIM, MASK_N, EVEN_D)
+    v = _load_tile(v_base, rows, N, offs_d, stride_qn, stride_qc, HEAD_DIM, MASK_N, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+    p = tl.math.exp2((s * qk_scale - lse2[:, None]) * 1.4426950408889634)
+    if MASK_N:
+        p = tl.where(rows[None, :] < N, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+    return delta + tl.sum(p * dp, 1), psum + tl.sum(p, 1)
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
-    QKV, DO, LSE, DELTA, DQKV,
+    QKV, DO, LSE, DELTA, RNORM, DQKV,
     stride_qb, stride_qn, stride_qc, stride_qpart,
     stride_dob, stride_don, stride_doc,
     stride_gb, stride_gn, stride_gc, stride_gpart,
@@ -400,7 +478,9 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ of one (query block, b, h), written into DQKV's q part. Grid: (cdiv(N, BLOCK_M) * B * H,)."""
+    """dQ of one (query block, b, h), written into DQKV's q part; float32 first also writes the block's delta and
+    r = 1 / rowsum(P) into DELTA and RNORM, which the dK/dV kernel (launched after it) reads.
+    Grid: (cdiv(N, BLOCK_M) * B * H,)."""
     num_m = tl.cdiv(N, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -424,16 +504,33 @@ def _attn_bwd_dq_kernel(
     q = _load_tile(q_base, offs_m, N, offs_d, stride_qn, stride_qc, HEAD_DIM, True, EVEN_D)
     do = _load_tile(do_base, offs_m, N, offs_d, stride_don, stride_doc, HEAD_DIM, True, EVEN_D)
     lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
-    lse2 = lse * 1.4426950408889634
-    delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+    lse2 = lse if DOT_PRECISION == "ieee" else lse * 1.4426950408889634  # the exponent's units (below)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     n_full = (N // BLOCK_N) * BLOCK_N
+    rnorm = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    if DOT_PRECISION == "ieee":  # float32: P renormalised and delta = rowsum(P * dP) from that P (header)
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+        psum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_n in range(0, n_full, BLOCK_N):
+            delta, psum = _bwd_delta_key_block(delta, psum, q, do, lse2, k_base, v_base, start_n, N, offs_n, offs_d,
+                                               stride_qn, stride_qc, qk_scale, HEAD_DIM, False, EVEN_D, IDX64,
+                                               DOT_PRECISION)
+        if n_full < N:
+            delta, psum = _bwd_delta_key_block(delta, psum, q, do, lse2, k_base, v_base, n_full, N, offs_n, offs_d,
+                                               stride_qn, stride_qc, qk_scale, HEAD_DIM, True, EVEN_D, IDX64,
+                                               DOT_PRECISION)
+        rnorm = tl.where(offs_m < N, 1.0 / tl.where(offs_m < N, psum, 1.0), 0.0)
+        delta = delta * rnorm
+        tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+        tl.store(RNORM + bh.to(tl.int64) * N + offs_m, rnorm, mask=offs_m < N)
+    else:
+        delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _bwd_dq_key_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N, offs_n, offs_d,
+        dq = _bwd_dq_key_block(dq, q, do, lse2, rnorm, delta, k_base, v_base, start_n, N, offs_n, offs_d,
                                stride_qn, stride_qc, qk_scale, HEAD_DIM, False, EVEN_D, IDX64, DOT_PRECISION)
     if n_full < N:
-        dq = _bwd_dq_key_block(dq, q, do, lse2, delta, k_base, v_base, n_full, N, offs_n, offs_d,
+        dq = _bwd_dq_key_block(dq, q, do, lse2, rnorm, delta, k_base, v_base, n_full, N, offs_n, offs_d,
                                stride_qn, stride_qc, qk_scale, HEAD_DIM, True, EVEN_D, IDX64, DOT_PRECISION)
 
     dq = dq * sm_scale
@@ -469,10 +566,11 @@ _TILES_32_WIDE = {
 }
 # 16-bit tiles that pass the rule above at 128-wide heads but spill 8 B there (sm_90, triton 3.6.0)
 # float32 at head dim 128 (beyond the family): the only tile that neither spills kilobytes nor runs out of registers
-# (sm_90, triton 3.6 / 3.9: fwd 0 B, dkdv 248+248 / 256+256 B, dq 168+168 / 184+184 B; every other 8-, 4- and 16-warp
-# tile tried spills 600-3400 B there)
+# (sm_90, triton 3.6 / 3.9: fwd 0 B, dkdv 248+248 / 264+264 B, dq 204+396 / 220+428 B with its first pass over the keys,
+# 168+168 / 184+184 B without; every other 8-, 4- and 16-warp tile tried, before that pass, spilled 600-3400 B there)
 _TILES_32_D128 = {"fwd": [(16, 16, 8, 2)], "dkdv": [(16, 16, 8, 2)], "dq": [(16, 16, 8, 2)]}
 _SPILL_16_D128 = {"fwd": {(128, 32, 4, 3)}, "dkdv": {(32, 64, 4, 3)}, "dq": set()}
+_SPILL_BF16_D64 = {"fwd": {(128, 64, 4, 3)}, "dkdv": set(), "dq": set()}  # 255 registers + 8 B (fp16: 234, none)
 _DEFAULTS_16 = {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
 _DEFAULTS_32 = {"fwd": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)}
 _DEFAULTS_32_WIDE = {"fwd": (16, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (16, 32, 8, 2)}
@@ -523,6 +621,8 @@ def _pruner(name: str):
         """The dtype's tile set (float32: by register tile width); for 128-wide 16-bit tiles, no tile that spills."""
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         fp32 = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee"
+        qkv = named_args.get("QKV", kwargs.get("QKV"))
+        bf16 = qkv is not None and qkv.dtype == torch.bfloat16
         if fp32:
             allowed = set(_tiles_32(block_d)[name])
         else:
@@ -537,12 +637,15 @@ def _pruner(name: str):
                     continue
                 if _tile(c) in _SPILL_16_D128[name]:
                     continue
+            if bf16 and block_d == 64 and _tile(c) in _SPILL_BF16_D64[name]:
+                continue
             keep.append(c)
         return keep or [_as_config(_defaults(name, fp32, block_d))]
     return prune
 
 
 _TUNE_KEY = ["N_BUCKET", "H", "HEAD_DIM"]
+_TUNE_KEYS = {"fwd": _TUNE_KEY + ["WRITE_LO"], "dkdv": _TUNE_KEY, "dq": _TUNE_KEY}  # the out_lo store: its own pick
 
 AUTOTUNE_CACHE = autotune_cache_from_env()
 """Module switch (CUDA only): True passes ``cache_results=True`` to ``triton.autotune`` (Triton 3.3 and later), which
@@ -553,7 +656,7 @@ configs left after pruning, so a later process loads it instead of timing; ``CRO
 def _autotuned(kernel, configs, name: str):
     """``kernel`` wrapped in ``triton.autotune`` over ``configs`` with pruner ``name`` (and the disk cache where
     asked for and this Triton has it; without it the picks stay in the process, the configs are the same)."""
-    kw = {"key": _TUNE_KEY, "prune_configs_by": {"early_config_prune": _pruner(name)}}
+    kw = {"key": _TUNE_KEYS[name], "prune_configs_by": {"early_config_prune": _pruner(name)}}
     if AUTOTUNE_CACHE:
         try:
             return triton.autotune(configs, cache_results=True, **kw)(kernel)
@@ -685,6 +788,11 @@ def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def _exponent_scale(scale: float, dtype: torch.dtype) -> float:
+    """The kernels' ``qk_scale``: scores in natural units for float32, in log2 units (exp2 directly) otherwise."""
+    return scale if dtype == torch.float32 else scale * _LOG2E
+
+
 def _common_meta(D: int, dtype: torch.dtype, idx64: bool) -> Dict[str, object]:
     return {"HEAD_DIM": D, "BLOCK_D": _next_pow2(D), "EVEN_D": D == _next_pow2(D),
             "IDX64": idx64,
@@ -698,6 +806,7 @@ def self_attention_fwd(
     *,
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
+    out_lo: Optional[torch.Tensor] = None,
     config: Optional[Dict[str, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(out, lse)`` with ``out`` ``(B, N, H * D)`` in qkv's dtype and ``lse`` ``(B, H, N)`` float32.
@@ -707,6 +816,8 @@ def self_attention_fwd(
         num_heads: H.
         scale: score scale, default ``D ** -0.5``.
         out: optional preallocated output (any strides); lse: optional preallocated contiguous float32 LSE.
+        out_lo: optional ``(B, N, H * D)`` tensor in qkv's dtype (any strides) that receives the rounding residual
+            ``O_fp32 - out``; handed to :func:`self_attention_bwd`, it makes ``delta`` exact (see the header).
         config: explicit ``{"BLOCK_M", "BLOCK_N"[, "num_warps", "num_stages"]}``, bypassing autotuning.
     """
     B, N, H, D, scale = check_self_attention_inputs(qkv, num_heads, scale)
@@ -714,6 +825,8 @@ def self_attention_fwd(
         out = torch.empty((B, N, H * D), dtype=qkv.dtype, device=qkv.device)
     else:
         _check_tensor("out", out, qkv.dtype, qkv.device, (B, N, H * D))
+    if out_lo is not None:
+        _check_tensor("out_lo", out_lo, qkv.dtype, qkv.device, (B, N, H * D))
     if lse is None:
         lse = torch.empty((B, H, N), dtype=torch.float32, device=qkv.device)
     else:
@@ -722,16 +835,19 @@ def self_attention_fwd(
             raise ValueError("self_attention: lse must be contiguous")
     if B == 0 or N == 0:
         return out, lse
-    idx64 = max(_span(qkv), _span(out)) > _INT32_MAX
-    meta = _common_meta(D, qkv.dtype, idx64)
+    lo = out if out_lo is None else out_lo
+    idx64 = max(_span(qkv), _span(out), _span(lo)) > _INT32_MAX
+    meta = {**_common_meta(D, qkv.dtype, idx64), "WRITE_LO": out_lo is not None}
     n_bucket = _next_pow2(N)
-    args = (qkv, out, lse, *qkv.stride(), H * D * qkv.stride(2), *out.stride(), N, H, n_bucket, scale * _LOG2E)
+    args = (qkv, out, lo, lse, *qkv.stride(), H * D * qkv.stride(2), *out.stride(), *lo.stride(), N, H, n_bucket,
+            _exponent_scale(scale, qkv.dtype))
 
     def grid(m):
         return (triton.cdiv(N, m["BLOCK_M"]) * B * H,)
 
     with _device_of(qkv):
-        _launch("fwd", grid, args, meta, (n_bucket, H, D, qkv.dtype, qkv.device), qkv.device, config)
+        _launch("fwd", grid, args, meta, (n_bucket, H, D, qkv.dtype, qkv.device, out_lo is not None), qkv.device,
+                config)
     return out, lse
 
 
@@ -744,17 +860,22 @@ def self_attention_bwd(
     scale: Optional[float] = None,
     *,
     dqkv: Optional[torch.Tensor] = None,
+    out_lo: Optional[torch.Tensor] = None,
     config: Optional[Dict[str, int]] = None,
 ) -> torch.Tensor:
     """Backward: ``dqkv`` ``(B, N, 3 * H * D)`` in qkv's dtype, from ``dout`` ``(B, N, H * D)``.
 
-    ``out`` and ``lse`` are the forward's results for the same ``qkv``/``num_heads``/``scale``. ``dqkv`` may be
+    ``out`` and ``lse`` are the forward's results for the same ``qkv``/``num_heads``/``scale``; ``out_lo``, if
+    given, the residual the forward wrote into its ``out_lo`` (``delta`` then reads ``out + out_lo``, not the
+    rounded ``out``; float32 ignores it: its delta comes from P and dP, see the header). ``dqkv`` may be
     preallocated (any strides); every element is written. ``config`` (``BLOCK_M``, ``BLOCK_N``, optional
     ``num_warps``/``num_stages``) applies to both the dK/dV and the dQ kernel, bypassing autotuning.
     """
     B, N, H, D, scale = check_self_attention_inputs(qkv, num_heads, scale)
     _check_tensor("dout", dout, qkv.dtype, qkv.device, (B, N, H * D))
     _check_tensor("out", out, qkv.dtype, qkv.device, (B, N, H * D))
+    if out_lo is not None:
+        _check_tensor("out_lo", out_lo, qkv.dtype, qkv.device, (B, N, H * D))
     _check_tensor("lse", lse, torch.float32, qkv.device, (B, H, N))
     if not lse.is_contiguous():
         raise ValueError("self_attention: lse must be contiguous (as self_attention_fwd returns it)")
@@ -764,15 +885,18 @@ def self_attention_bwd(
         _check_tensor("dqkv", dqkv, qkv.dtype, qkv.device, (B, N, 3 * H * D))
     if B == 0 or N == 0:
         return dqkv
-    idx64 = max(_span(qkv), _span(out), _span(dout), _span(dqkv)) > _INT32_MAX
+    lo = out if out_lo is None else out_lo
+    idx64 = max(_span(qkv), _span(out), _span(lo), _span(dout), _span(dqkv)) > _INT32_MAX
     meta = _common_meta(D, qkv.dtype, idx64)
     n_bucket = _next_pow2(N)
     tune_key = (n_bucket, H, D, qkv.dtype, qkv.device)
 
+    fp32 = qkv.dtype == torch.float32
     delta = torch.empty((B, H, N), dtype=torch.float32, device=qkv.device)
     delta_block = 16 if _INTERPRETED else _DELTA_BLOCK_M
-    args = (qkv, dout, lse, delta, dqkv, *qkv.stride(), H * D * qkv.stride(2), *dout.stride(), *dqkv.stride(),
-            H * D * dqkv.stride(2), N, H, n_bucket, scale, scale * _LOG2E)
+    rnorm = torch.empty_like(delta) if fp32 else delta  # r = 1 / rowsum(P), float32 only (16-bit: not read)
+    args = (qkv, dout, lse, delta, rnorm, dqkv, *qkv.stride(), H * D * qkv.stride(2), *dout.stride(), *dqkv.stride(),
+            H * D * dqkv.stride(2), N, H, n_bucket, scale, _exponent_scale(scale, qkv.dtype))
 
     def grid_dkdv(m):
         return (triton.cdiv(N, m["BLOCK_N"]) * B * H,)
@@ -781,9 +905,14 @@ def self_attention_bwd(
         return (triton.cdiv(N, m["BLOCK_M"]) * B * H,)
 
     with _device_of(qkv):
+        if fp32:  # the dQ kernel's first pass writes delta and r, which the dK/dV kernel reads
+            _launch("dq", grid_dq, args, meta, tune_key, qkv.device, config)
+            _launch("dkdv", grid_dkdv, args, meta, tune_key, qkv.device, config)
+            return dqkv
         _attn_bwd_delta_kernel[(triton.cdiv(N, delta_block) * B * H,)](
-            out, dout, delta, *out.stride(), *dout.stride(), N, H,
+            out, lo, dout, delta, *out.stride(), *lo.stride(), *dout.stride(), N, H,
             HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=delta_block, IDX64=idx64,
+            HAS_LO=out_lo is not None,
             num_warps=4, enable_fp_fusion=FP_FUSION,
         )
         _launch("dkdv", grid_dkdv, args, meta, tune_key, qkv.device, config)

@@ -75,13 +75,14 @@ SPILL_BUDGET: Dict[Tuple[str, str, str], int] = {
     ("_bwd_tokens_kernel", "fp32", "C1024"): 7040,
     ("_fwd_tokens_kernel", "fp32", "C1024"): 64,  # C = 768, 16 warps: 12+8 / 0
     # self-attention, float32 (FMA dots): head dim 32 fwd 0 / 8+8 (one 32x32 tile); head dim 64 (8-warp 16x32 tile)
-    # dkdv 244+244 / 272+272, dq 20+20 / 36+36; head dim 128 (beyond the family; 16x16 at 8 warps) fwd 0 / 0, dkdv
-    # 248+248 / 256+256, dq 168+168 / 184+184
+    # dkdv 256+256 / 276+276, dq 68+124 / 80+136; head dim 128 (beyond the family; 16x16 at 8 warps) fwd 0 / 0,
+    # dkdv 248+248 / 264+264, dq 204+396 / 220+428. The float32 dq kernel's first pass over the keys (delta and
+    # the row sums of P, kernels/self_attention.py) took its spills from 20+20 / 36+36 and 168+168 / 184+184.
     ("_attn_fwd_kernel", "fp32", "D32"): 48,
     ("_attn_bwd_dkdv_kernel", "fp32", "D64"): 608,
     ("_attn_bwd_dkdv_kernel", "fp32", "D128"): 576,
-    ("_attn_bwd_dq_kernel", "fp32", "D64"): 112,
-    ("_attn_bwd_dq_kernel", "fp32", "D128"): 416,
+    ("_attn_bwd_dq_kernel", "fp32", "D64"): 256,
+    ("_attn_bwd_dq_kernel", "fp32", "D128"): 704,
     # the fused block GEMMs (kernels/linear.py): with 3.6 (the GPU machines') 0 everywhere but the float32 dgrad
     # (4+4 with the bias gradient's sums); with 3.9 the float32 forward (FMA dots, 64x64x16) 8+8 at the narrow
     # widths (ragged K loop), the float32 dgrad 8+8, and the bfloat16 dgrad with the bias sums 16+8 to 44+32 on
@@ -350,9 +351,15 @@ def _drive(j: dict) -> None:
         m = mods[op]
         qkv = _tensor((B, N, 3 * C), dt)
         _W["tag"]["pass"] = "fwd"
-        out, lse = m.self_attention_fwd(qkv, H)
+        out, lse = m.self_attention_fwd(qkv, H)  # inference: no residual
+        # training, 16-bit: the forward also writes O's rounding residual and the backward's delta reads it
+        lo = _tensor((B, N, C), dt) if dt != torch.float32 else None
+        if lo is not None:
+            m.self_attention_fwd(qkv, H, out=out, lse=lse, out_lo=lo)
         _W["tag"]["pass"] = "bwd"
-        m.self_attention_bwd(_tensor((B, N, C), dt), qkv, out, lse, H)
+        m.self_attention_bwd(_tensor((B, N, C), dt), qkv, out, lse, H, out_lo=lo)
+        if lo is not None:  # the op called without save: delta from the rounded O
+            m.self_attention_bwd(_tensor((B, N, C), dt), qkv, out, lse, H)
     elif op == "cls_cross_attention":
         m = mods[op]
         w = [torch.zeros((C, C), dtype=dt) for _ in range(4)]

@@ -205,20 +205,22 @@ def test_backward_adds_the_residual_gradient_in_the_layer_norm_kernel():
 
 
 def test_opcheck():
-    for heads in (0, 2):
-        args, kw = make(2, 5, 32, torch.float32, heads=heads)
+    for heads, dtype in ((0, torch.float32), (2, torch.float32), (2, torch.float16)):
+        args, kw = make(2, 5, 32, dtype, heads=heads)
         a = [args[k].detach().requires_grad_() if args[k] is not None else None for k in ("x",) + PARAMS]
         x, lw, lb, w1, b1, w2, b2 = a
         op = torch.ops.crossvit_fast.block_half.default
         torch.library.opcheck(op, (x, lw, lb, 1e-6, w1, b1, w2, b2, kw["scale"], heads, None, True))
         torch.library.opcheck(op, (x.detach(), lw.detach(), lb.detach(), 1e-6, w1.detach(), None, w2.detach(), None,
                                    None, heads, 0.3, False))
-        out, y1, pre, o, lse, ahat, mean, rstd = op(x.detach(), lw.detach(), lb.detach(), 1e-6, w1.detach(),
-                                                    b1.detach(), w2.detach(), b2.detach(), kw["scale"], heads, None,
-                                                    True)
+        out, y1, pre, o, o_lo, lse, ahat, mean, rstd = op(x.detach(), lw.detach(), lb.detach(), 1e-6, w1.detach(),
+                                                          b1.detach(), w2.detach(), b2.detach(), kw["scale"], heads,
+                                                          None, True)
+        # the attention output's rounding residual: kept for a 16-bit compute dtype only
+        assert o_lo.shape == (o.shape if heads and w1.dtype != torch.float32 else (0,))
         torch.library.opcheck(torch.ops.crossvit_fast.block_half_backward.default,
                               (torch.randn_like(out), x.detach(), lw.detach(), w1.detach(), w2.detach(), y1, pre, o,
-                               lse, ahat, mean, rstd, kw["scale"], heads, None))
+                               o_lo, lse, ahat, mean, rstd, kw["scale"], heads, None))
 
 
 def test_compile_fullgraph_aot_eager():

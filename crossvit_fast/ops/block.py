@@ -22,15 +22,16 @@ Ops (``torch.ops.crossvit_fast``), each with a fake implementation:
 
 * ``block_half(Tensor x, Tensor ln_weight, Tensor ln_bias, float eps, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2,
   Tensor? scale, int num_heads, float? attn_scale, bool save) -> (Tensor out, Tensor y1, Tensor pre, Tensor o,
-  Tensor lse, Tensor ahat, Tensor mean, Tensor rstd)``. With ``save`` the forward also returns what the backward
-  reads: ``y1`` (the MLP's GELU output / the attention's qkv), ``pre`` (the MLP's z before GELU, ``(M, N1)``),
-  ``o`` and ``lse`` (the attention's output ``(B, N, N1 / 3)`` and float32 log-sum-exp ``(B, H, N)``), ``ahat``
+  Tensor o_lo, Tensor lse, Tensor ahat, Tensor mean, Tensor rstd)``. With ``save`` the forward also returns what
+  the backward reads: ``y1`` (the MLP's GELU output / the attention's qkv), ``pre`` (the MLP's z before GELU,
+  ``(M, N1)``), ``o``, ``o_lo`` and ``lse`` (the attention's output ``(B, N, N1 / 3)``, its rounding residual
+  for a 16-bit compute dtype (the ``self_attention`` op's ``out_lo``) and float32 log-sum-exp ``(B, H, N)``), ``ahat``
   (the rounded normalised input ``(M, C)``) and float32 ``mean`` / ``rstd`` ``(M,)``; each is an empty ``(0,)``
   tensor where it does not apply or without ``save``. Only ``out`` is differentiable.
 * ``block_half_backward(Tensor dout, Tensor x, Tensor ln_weight, Tensor w1, Tensor w2, Tensor y1, Tensor pre,
-  Tensor o, Tensor lse, Tensor ahat, Tensor mean, Tensor rstd, Tensor? scale, int num_heads, float? attn_scale)
-  -> (Tensor dx, Tensor dln_weight, Tensor dln_bias, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2)``: ``db1``,
-  ``db2`` float32.
+  Tensor o, Tensor o_lo, Tensor lse, Tensor ahat, Tensor mean, Tensor rstd, Tensor? scale, int num_heads,
+  float? attn_scale) -> (Tensor dx, Tensor dln_weight, Tensor dln_bias, Tensor dw1, Tensor db1, Tensor dw2,
+  Tensor db2)``: ``db1``, ``db2`` float32.
 
 Use :func:`block_half`.
 """
@@ -97,22 +98,24 @@ def _block_half(
     num_heads: int,
     attn_scale: Optional[float],
     save: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     k = _linear_kernels()
     y1, pre, ahat, mean, rstd = k.linear_fwd(x, w1, b1, ln_weight, ln_bias, eps, num_heads == 0, save=save)
-    o = lse = None
+    o = o_lo = lse = None
     if num_heads:
         from crossvit_fast.kernels.self_attention import self_attention_fwd
 
-        o, lse = self_attention_fwd(y1, num_heads, attn_scale)  # (B, N, N1 / 3), (B, H, N)
+        if save and w1.dtype != torch.float32:
+            o_lo = y1.new_empty(y1.shape[:-1] + (y1.shape[-1] // 3,))
+        o, lse = self_attention_fwd(y1, num_heads, attn_scale, out_lo=o_lo)  # (B, N, N1 / 3), (B, H, N)
     out = k.linear_fwd(o if num_heads else y1, w2, b2, scale=scale, residual=x)[0]
 
     def kept(t, dtype):
         return t if save and t is not None else x.new_empty((0,), dtype=dtype)
 
     ct, f32 = w1.dtype, torch.float32
-    return (out, kept(y1, ct), kept(pre, ct), kept(o, ct), kept(lse, f32), kept(ahat, ct), kept(mean, f32),
-            kept(rstd, f32))
+    return (out, kept(y1, ct), kept(pre, ct), kept(o, ct), kept(o_lo, ct), kept(lse, f32), kept(ahat, ct),
+            kept(mean, f32), kept(rstd, f32))
 
 
 @_block_half.register_fake
@@ -127,7 +130,9 @@ def _block_half_fake(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, scale, num_head
 
     out = x.new_empty((B, N, C), dtype=torch.promote_types(x.dtype, ct))
     return (out, saved((B, N, N1), ct), saved((M, N1) if not num_heads else (0,), ct),
-            saved((B, N, K2) if num_heads else (0,), ct), saved((B, num_heads, N) if num_heads else (0,), f32),
+            saved((B, N, K2) if num_heads else (0,), ct),
+            saved((B, N, K2) if num_heads and ct != f32 else (0,), ct),
+            saved((B, num_heads, N) if num_heads else (0,), f32),
             saved((M, C), ct), saved((M,), f32), saved((M,), f32))
 
 
@@ -141,6 +146,7 @@ def _block_half_backward(
     y1: Tensor,
     pre: Tensor,
     o: Tensor,
+    o_lo: Tensor,
     lse: Tensor,
     ahat: Tensor,
     mean: Tensor,
@@ -158,7 +164,8 @@ def _block_half_backward(
     if num_heads:
         from crossvit_fast.kernels.self_attention import self_attention_bwd
 
-        dy1 = self_attention_bwd(dmid, y1, o, lse, num_heads, attn_scale)  # (B, N, N1)
+        dy1 = self_attention_bwd(dmid, y1, o, lse, num_heads, attn_scale,
+                                 out_lo=o_lo if o_lo.numel() else None)  # (B, N, N1)
         da, dz1, db1 = dgrad(dy1, w1, None, None, torch.float32)
     else:
         da, dz1, db1 = dgrad(dmid, w1, pre, None, torch.float32)  # GELU' in the dgrad prologue
@@ -170,7 +177,7 @@ def _block_half_backward(
 
 
 @_block_half_backward.register_fake
-def _block_half_backward_fake(dout, x, ln_weight, w1, w2, y1, pre, o, lse, ahat, mean, rstd, scale, num_heads,
+def _block_half_backward_fake(dout, x, ln_weight, w1, w2, y1, pre, o, o_lo, lse, ahat, mean, rstd, scale, num_heads,
                               attn_scale):
     if tuple(dout.shape) != tuple(x.shape):
         raise ValueError(f"block_half_backward: dout has shape {tuple(dout.shape)}, expected {tuple(x.shape)}")
@@ -182,14 +189,14 @@ def _block_half_backward_fake(dout, x, ln_weight, w1, w2, y1, pre, o, lse, ahat,
 
 def _setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, eps, w1, b1, w2, b2, scale, num_heads, attn_scale, save = inputs
-    out, y1, pre, o, lse, ahat, mean, rstd = output
+    out, y1, pre, o, o_lo, lse, ahat, mean, rstd = output
     ctx.unsaved = not save
     if not save:
         return
-    ctx.save_for_backward(x, ln_weight, w1, w2, y1, pre, o, lse, ahat, mean, rstd, scale)
+    ctx.save_for_backward(x, ln_weight, w1, w2, y1, pre, o, o_lo, lse, ahat, mean, rstd, scale)
     ctx.num_heads, ctx.attn_scale = num_heads, attn_scale
     ctx.dtypes = (ln_bias.dtype, b1.dtype if b1 is not None else None, b2.dtype if b2 is not None else None)
-    ctx.mark_non_differentiable(y1, pre, o, lse, ahat, mean, rstd)
+    ctx.mark_non_differentiable(y1, pre, o, o_lo, lse, ahat, mean, rstd)
 
 
 def _backward(ctx, dout, *_):
@@ -197,9 +204,9 @@ def _backward(ctx, dout, *_):
         raise RuntimeError("crossvit_fast::block_half: backward through a call made with save=False (the forward did "
                            "not keep what the backward reads); call crossvit_fast.ops.block.block_half(), which sets "
                            "it")
-    x, ln_weight, w1, w2, y1, pre, o, lse, ahat, mean, rstd, scale = ctx.saved_tensors
+    x, ln_weight, w1, w2, y1, pre, o, o_lo, lse, ahat, mean, rstd, scale = ctx.saved_tensors
     dx, dlw, dlb, dw1, db1, dw2, db2 = torch.ops.crossvit_fast.block_half_backward(
-        dout, x, ln_weight, w1, w2, y1, pre, o, lse, ahat, mean, rstd, scale, ctx.num_heads, ctx.attn_scale)
+        dout, x, ln_weight, w1, w2, y1, pre, o, o_lo, lse, ahat, mean, rstd, scale, ctx.num_heads, ctx.attn_scale)
     lb_dt, b1_dt, b2_dt = ctx.dtypes
     return (dx, dlw, dlb.to(lb_dt), None, dw1, db1.to(b1_dt) if b1_dt is not None else None, dw2,
             db2.to(b2_dt) if b2_dt is not None else None, None, None, None, None)

@@ -457,28 +457,33 @@ def test_cuda_int64_offsets():
         pytest.skip(f"needs {need / 2**30:.1f} GiB free GPU memory, {free / 2**30:.1f} GiB free")
     assert B * N * C > 2**31
     dt = torch.bfloat16
-    x = torch.randn(B, 1 + N, C, device="cuda", dtype=dt)
-    case = Case(1, N, C, H, "slice")
-    _, small = case.leaves(dt, requires_grad=False)
-    cls = torch.randn(B, 1, C, device="cuda", dtype=dt)
-    args = [cls, x[:, 1:]] + small[2:]
-    res = K.cls_cross_attention_fwd(*args, H)
-    go = torch.randn(B, 1, C, device="cuda", dtype=dt)
-    grads = K.cls_cross_attention_bwd(go, cls, x[:, 1:], args[2], args[3], args[4], args[6], args[8], args[10],
-                                      *res[1:], H)
-    for b in (0, B - 1):
-        row = [cls[b:b + 1], x[b:b + 1, 1:]] + small[2:]
-        row64 = [a.double() if a is not None else None for a in row]
-        row64[0].requires_grad_(), row64[1].requires_grad_()
-        ref64 = cls_cross_attention_ref(*row64, H)
-        g64 = torch.autograd.grad(ref64, row64[:2], go[b:b + 1].double())
-        row_lp = [a.clone() if a is not None else None for a in row]
-        row_lp[0].requires_grad_(), row_lp[1].requires_grad_()
-        ref_lp = cls_cross_attention_ref(*row_lp, H)
-        g_lp = torch.autograd.grad(ref_lp, row_lp[:2], go[b:b + 1])
-        assert_within_rule(res[0][b:b + 1], ref64, ref_lp, what=f"output row {b}")
-        assert_within_rule(grads[0][b:b + 1], g64[0], g_lp[0], what=f"grad of cls row {b}")
-        assert_within_rule(grads[1][b:b + 1], g64[1], g_lp[1], what=f"grad of tokens row {b}")
+    x = args = row = res = grads = None
+    try:
+        x = torch.randn(B, 1 + N, C, device="cuda", dtype=dt)
+        case = Case(1, N, C, H, "slice")
+        _, small = case.leaves(dt, requires_grad=False)
+        cls = torch.randn(B, 1, C, device="cuda", dtype=dt)
+        args = [cls, x[:, 1:]] + small[2:]
+        res = K.cls_cross_attention_fwd(*args, H)
+        go = torch.randn(B, 1, C, device="cuda", dtype=dt)
+        grads = K.cls_cross_attention_bwd(go, cls, x[:, 1:], args[2], args[3], args[4], args[6], args[8], args[10],
+                                          *res[1:], H)
+        for b in (0, B - 1):
+            row = [cls[b:b + 1], x[b:b + 1, 1:]] + small[2:]
+            row64 = [a.double() if a is not None else None for a in row]
+            row64[0].requires_grad_(), row64[1].requires_grad_()
+            ref64 = cls_cross_attention_ref(*row64, H)
+            g64 = torch.autograd.grad(ref64, row64[:2], go[b:b + 1].double())
+            row_lp = [a.clone() if a is not None else None for a in row]
+            row_lp[0].requires_grad_(), row_lp[1].requires_grad_()
+            ref_lp = cls_cross_attention_ref(*row_lp, H)
+            g_lp = torch.autograd.grad(ref_lp, row_lp[:2], go[b:b + 1])
+            assert_within_rule(res[0][b:b + 1], ref64, ref_lp, what=f"output row {b}")
+            assert_within_rule(grads[0][b:b + 1], g64[0], g_lp[0], what=f"grad of cls row {b}")
+            assert_within_rule(grads[1][b:b + 1], g64[1], g_lp[1], what=f"grad of tokens row {b}")
+    finally:  # ~10 GB (x, its views, the gradients): a failure's traceback would keep them for the session
+        del x, args, row, res, grads
+        torch.cuda.empty_cache()
 
 
 def test_launch_retries_with_one_stage_then_names_the_device_limit(monkeypatch):

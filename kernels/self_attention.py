@@ -219,6 +219,15 @@ def _store_tile(base, x, rows, n_rows, cols, stride_row, stride_col, HEAD_DIM: t
 
 
 @triton.jit
+def _exp_units(x, DOT_PRECISION: tl.constexpr):
+    """exp of a score difference in the kernels' units: natural for float32 (log2(e) applied here, to the small
+    difference), log2 for 16-bit (exp2 directly). Every P of forward and backward goes through it."""
+    if DOT_PRECISION == "ieee":
+        return tl.math.exp2(x * 1.4426950408889634)
+    return tl.math.exp2(x)
+
+
+@triton.jit
 def _fwd_key_block(acc, l_i, l_r, m_i, q, k_base, v_base, start_n, N, offs_n, offs_d, stride_n, stride_c, qk_scale,
                    HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
                    IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -230,15 +239,14 @@ def _fwd_key_block(acc, l_i, l_r, m_i, q, k_base, v_base, start_n, N, offs_n, of
     if MASK_N:
         s = tl.where(rows[None, :] < N, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if DOT_PRECISION == "ieee":  # natural units: log2(e) multiplies the small differences, not the large scores
-        p = tl.math.exp2((s - m_new[:, None]) * 1.4426950408889634)
-        alpha = tl.math.exp2((m_i - m_new) * 1.4426950408889634)
-    else:
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+    p = _exp_units(s - m_new[:, None], DOT_PRECISION)
+    alpha = _exp_units(m_i - m_new, DOT_PRECISION)
     p_in = p.to(k.dtype)
     l_i = l_i * alpha + tl.sum(p, 1)
-    l_r = l_r * alpha + tl.sum(p_in.to(tl.float32), 1)
+    if DOT_PRECISION == "ieee":  # float32: p is the dot's operand unrounded, l~ = l
+        l_r = l_i
+    else:
+        l_r = l_r * alpha + tl.sum(p_in.to(tl.float32), 1)
     v = _load_tile(v_base, rows, N, offs_d, stride_n, stride_c, HEAD_DIM, MASK_N, EVEN_D)
     acc = acc * alpha[:, None]
     acc = tl.dot(p_in, v, acc, input_precision=DOT_PRECISION)
@@ -358,14 +366,14 @@ def _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r
         lse = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-    if DOT_PRECISION == "ieee":
+    lse_u = lse if DOT_PRECISION == "ieee" else lse * 1.4426950408889634  # the exponent's units
+    p_t = _exp_units(s_t * qk_scale - lse_u[None, :], DOT_PRECISION)
+    if DOT_PRECISION == "ieee":  # float32: P renormalised by the dQ kernel's r
         if MASK_M:
             rnorm = tl.load(rnorm_base + rows, mask=rows < N, other=0.0)
         else:
             rnorm = tl.load(rnorm_base + rows)
-        p_t = tl.math.exp2((s_t * qk_scale - lse[None, :]) * 1.4426950408889634) * rnorm[None, :]
-    else:
-        p_t = tl.math.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
+        p_t = p_t * rnorm[None, :]
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -438,10 +446,9 @@ def _bwd_dq_key_block(dq, q, do, lse2, rnorm, delta, k_base, v_base, start_n, N,
     k = _load_tile(k_base, rows, N, offs_d, stride_qn, stride_qc, HEAD_DIM, MASK_N, EVEN_D)
     v = _load_tile(v_base, rows, N, offs_d, stride_qn, stride_qc, HEAD_DIM, MASK_N, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+    p = _exp_units(s * qk_scale - lse2[:, None], DOT_PRECISION)
     if DOT_PRECISION == "ieee":
-        p = tl.math.exp2((s * qk_scale - lse2[:, None]) * 1.4426950408889634) * rnorm[:, None]
-    else:
-        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        p = p * rnorm[:, None]
     if MASK_N:
         p = tl.where(rows[None, :] < N, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -461,7 +468,7 @@ def _bwd_delta_key_block(delta, psum, q, do, lse2, k_base, v_base, start_n, N, o
     k = _load_tile(k_base, rows, N, offs_d, stride_qn, stride_qc, HEAD_DIM, MASK_N, EVEN_D)
     v = _load_tile(v_base, rows, N, offs_d, stride_qn, stride_qc, HEAD_DIM, MASK_N, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-    p = tl.math.exp2((s * qk_scale - lse2[:, None]) * 1.4426950408889634)
+    p = _exp_units(s * qk_scale - lse2[:, None], DOT_PRECISION)
     if MASK_N:
         p = tl.where(rows[None, :] < N, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)

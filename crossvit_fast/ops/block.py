@@ -47,7 +47,7 @@ from crossvit_fast.config import LN_EPS
 from crossvit_fast.ops.linear import _check as _check_linear
 from crossvit_fast.ops.linear import _kernels as _linear_kernels
 from crossvit_fast.ops.linear import _DTYPES, _ln_kernels, dgrad
-from crossvit_fast.ops.self_attention import SUPPORTED_HEAD_DIMS
+from crossvit_fast.ops.self_attention import SUPPORTED_HEAD_DIMS, _saves_residual
 
 __all__ = ["block_half", "OP_NAME", "BACKWARD_OP_NAME"]
 
@@ -105,7 +105,7 @@ def _block_half(
     if num_heads:
         from crossvit_fast.kernels.self_attention import self_attention_fwd
 
-        if save and w1.dtype != torch.float32:
+        if _saves_residual(y1, save):
             o_lo = y1.new_empty(y1.shape[:-1] + (y1.shape[-1] // 3,))
         o, lse = self_attention_fwd(y1, num_heads, attn_scale, out_lo=o_lo)  # (B, N, N1 / 3), (B, H, N)
     out = k.linear_fwd(o if num_heads else y1, w2, b2, scale=scale, residual=x)[0]

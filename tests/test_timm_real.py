@@ -7,7 +7,8 @@ and timm) runs these; without timm they skip.
   runs), logits and every gradient in float64 against the untouched timm model;
 * ``optimize(backend="triton")`` in Triton's CPU interpreter on two small shrunk timm models, logits and every
   gradient, under the tolerance rule (timm in float32 is the low-precision reference);
-* ``revert`` round trips: the same state_dict tensors, timm's own module objects back, every train/eval flag kept.
+* ``revert`` round trips: the same state_dict tensors, timm's own module objects back, every train/eval flag kept;
+* the torch path (what ``"auto"`` runs where no kernel is fused) dispatches no aten op more often than timm does.
 
 The weights are drawn by the fixtures' rule (``fill_like_fixtures_``) with seeds other than the fixtures' own (0), so
 this checks timm's computation live, not a recording. ``CROSSVIT_FAST_TEST_SEED`` moves every seed.
@@ -182,3 +183,46 @@ def test_optimize_real_timm_to_triton_in_the_interpreter(name, monkeypatch):
     assert set(gf) == set(g64)
     for k in g64:
         assert_within_rule(gf[k], g64[k], g32[k], what=f"{what}: gradient of {k}")
+
+
+class _OpCounts(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        key = str(func.overloadpacket)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "train"])
+def test_torch_path_runs_no_op_timm_does_not(train, autocast):
+    """What "auto" gives where no fused kernel runs (a CPU, a GPU not yet verified) is never more work than timm:
+    every aten op the optimized model dispatches, forward and backward, at most as often as in timm's model. The
+    one it runs more, ``copy_``, writes the fused CLS into the token tensor in place of a ``cat``; the GEMMs,
+    attention, LayerNorm and GELU are the same calls."""
+    name = "crossvit_9_dagger_240"
+    t = _timm(name, _seed(name), **SHRUNK)
+    fast = crossvit_fast.optimize(copy.deepcopy(t), backend="torch")  # what "auto" falls back to
+    assert {b for per in fast.crossvit_fast_ops.values() for b in per} == {"torch"}
+    x = torch.randn(2, 3, 120, 120)
+    counts = []
+    for m in (t, fast):
+        m.train(train)
+        torch.manual_seed(0)
+        mode = _OpCounts()
+        with mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if train:
+                m(x).float().square().mean().backward()
+            else:
+                with torch.no_grad():
+                    m(x)
+        counts.append(mode.counts)
+    ct, cf = counts
+    more = {k: (ct.get(k, 0), n) for k, n in cf.items() if n > ct.get(k, 0) and k != "aten.copy_"}
+    assert not more, f"ops the optimized model runs more often than timm (timm, optimized): {more}"
+    assert cf.get("aten.copy_", 0) - ct.get("aten.copy_", 0) <= ct.get("aten.cat", 0) - cf.get("aten.cat", 0)
+    heavy = [k for k in ct if any(s in k for s in ("mm", "scaled_dot_product", "layer_norm", "gelu", "conv"))]
+    assert heavy and all(cf.get(k, 0) == ct[k] for k in heavy), {k: (ct[k], cf.get(k, 0)) for k in heavy}

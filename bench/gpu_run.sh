@@ -18,6 +18,12 @@
 #   bash bench/gpu_run.sh graphs                  CUDA-graph parity tests; batch-1 and batch-8 latency
 #   GPU_RUN_DRY=1 bash bench/gpu_run.sh PHASE      no GPU: collect the tests and list the bench cases (tests/test_bench.py)
 #
+# With 15 minutes of device time (the budget now, machine starts and idle time included; a machine stays warm 30 s
+# after a call): build the prebuilt cache here first (below), then call 1 `smoke` (timeout_s 540), then at once,
+# while the machine is warm, call 2 `tests-ops` with PHASE_BUDGET set to what `status` says is left minus 90 s
+# (its verified_ops.py line is what item 3 of the bring-up needs); the other phases are for later sessions, in the
+# order above. Read each call's output before the next; commit every record as it comes back.
+#
 # Where things go: with the device tool's $OUT set, records are written into $OUT/results/ as each case finishes (a
 # phase cut off still returns its partial records), logs and pytest's junit XML into $OUT; at the end everything is
 # packed into one $OUT/<phase>.tgz (the tool returns at most 8 files). Without $OUT, records go to bench/results/.

@@ -22,8 +22,21 @@ Out of the box that costs the CPU tests every bfloat16 path and every tf32 round
   ``dot(big, small_b) + dot(small_a, big_b) + dot(big, big)``, the small x small product dropped.
   ``"ieee"`` is exact float32, as before.
 
-Left as the interpreter has them: float32 transcendentals (the GPU's ``ex2.approx`` / ``rsqrt.approx`` differ by an
-ulp or two), the order of a dot's sums, reductions over bfloat16 values (the kernels here reduce in float32).
+* float32 fast math, as Triton (3.6 and 3.9) compiles it for sm_90 (read off the PTX): ``tl.exp2`` is
+  ``ex2.approx.ftz.f32``; ``tl.exp`` is ``ex2.approx.f32`` of ``fl(x * log2 e)``; ``tl.sqrt`` / ``tl.rsqrt`` are
+  ``sqrt.approx.ftz.f32`` / ``rsqrt.approx.ftz.f32``; ``/`` is ``div.full.f32``; ``tl.log`` / ``tl.log2`` are
+  libdevice polynomials. None is correctly rounded. The model rounds the exact value to float32, then moves it by
+  ``k`` ulps, ``k`` in ``[-APPROX_ULPS[op], APPROX_ULPS[op]]`` drawn from a hash of the operands' bits
+  (deterministic: the same inputs give the same result in every kernel, as on the GPU), and flushes subnormal
+  ``exp2`` results to zero. The rounding of ``x * log2 e`` alone moves ``exp(x)`` by up to ``|x| / 2`` ulps: the
+  model multiplies as the GPU does. The bounds are the documented order of these instructions' errors (about 2
+  ulp for ex2, div.full and the approximate square roots; 1 for libdevice's logs): a conservative model, not the
+  hardware's exact error. Exact cases stay exact (``2^n``, zeros, division by a power of two); ``tl.div_rn`` /
+  ``tl.sqrt_rn`` (``div.rn`` / ``sqrt.rn``) stay correctly rounded. ``test_gpu_numerics.py`` checks the model
+  against the GPU.
+
+Left as the interpreter has them: the order of a dot's sums, reductions over bfloat16 values (the kernels here
+reduce in float32), libdevice functions (``erf``).
 ``conftest.py`` installs it in every test session under the interpreter, so the kernel tests run their bfloat16 cases on the CPU;
 the launchers' bfloat16 refusal under the interpreter yields to it (``crossvit_fast.config.interpreter_runs_bf16``).
 """
@@ -62,6 +75,50 @@ def tf32_round_away(x: np.ndarray) -> np.ndarray:
     special = (bits & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
     rounded = (bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)
     return np.where(special, bits, rounded).view(np.float32)
+
+
+APPROX_ULPS = {"exp2": 2, "exp": 2, "log2": 1, "log": 1, "sqrt": 2, "rsqrt": 2, "div": 2}
+"""The model's largest error, in float32 ulps, of each fast-math instruction (see the module docstring)."""
+
+
+def _hash_k(key: np.ndarray, ulps: int) -> np.ndarray:
+    """A deterministic ``k`` in ``[-ulps, ulps]`` per element, from 32-bit keys."""
+    h = (key.astype(np.uint64) * np.uint64(2654435761)) & np.uint64(0xFFFFFFFF)
+    return ((h >> np.uint64(13)) % np.uint64(2 * ulps + 1)).astype(np.int64) - ulps
+
+
+def approx_f32(out: np.ndarray, key: np.ndarray, ulps: int, ftz: bool = False) -> np.ndarray:
+    """float32 ``out`` moved by ``k`` ulps (``k`` from :func:`_hash_k` of ``key``); zeros, Inf and NaN unchanged;
+    ``ftz``: results below float32's smallest normal become zero."""
+    out = np.ascontiguousarray(out, dtype=np.float32)
+    bits = out.view(np.uint32).astype(np.int64)
+    sign, mag = bits & 0x80000000, bits & 0x7FFFFFFF
+    moved = np.clip(mag + _hash_k(np.broadcast_to(key, out.shape), ulps), 1, 0x7F7FFFFF)
+    regular = np.isfinite(out) & (out != 0)
+    res = np.where(regular, sign | moved, bits).astype(np.uint32).view(np.float32).reshape(out.shape)
+    if ftz:
+        res = np.where(np.abs(res) < np.float32(2.0 ** -126), np.float32(0.0), res).astype(np.float32)
+    return res
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+
+
+def fast_math(name: str, x: np.ndarray) -> np.ndarray:
+    """float32 ``name(x)`` as sm_90 computes it, in the model (module docstring): ``exp(x) = ex2(fl(x * log2 e))``,
+    every result moved by up to ``APPROX_ULPS[name]`` ulps."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    with np.errstate(all="ignore"):
+        if name in ("exp2", "exp"):
+            t = x if name == "exp2" else (x * np.float32(1.4426950408889634)).astype(np.float32)
+            exact = np.exp2(t.astype(np.float64)).astype(np.float32)  # correctly rounded, then moved
+            out = approx_f32(exact, _bits(t), APPROX_ULPS[name], ftz=name == "exp2")
+            return np.where(t == np.round(t), exact, out).astype(np.float32)  # 2^n exact
+        if name in ("log2", "log", "sqrt"):
+            f = {"log2": np.log2, "log": np.log, "sqrt": np.sqrt}[name]
+            return approx_f32(f(x.astype(np.float64)).astype(np.float32), _bits(x), APPROX_ULPS[name])
+    raise KeyError(name)
 
 
 def install() -> None:
@@ -109,9 +166,16 @@ def install() -> None:
             return Handle(out, tl.int1)
         return Handle(f32_to_bf16_bits(out.astype(np.float32)).reshape(out.shape), tl.bfloat16)
 
+    fast = {np.exp2: "exp2", np.exp: "exp", np.log2: "log2", np.log: "log", np.sqrt: "sqrt"}
+
     def unary_op(self, arg, op):
         if not is_bf16(arg):
-            return orig_unary(self, arg, op)
+            out = orig_unary(self, arg, op)
+            name = fast.get(op)
+            if name is None or out.dtype.scalar != tl.float32:
+                return out
+            x = np.asarray(arg.data, dtype=np.float32)
+            return Handle(fast_math(name, x).reshape(np.shape(out.data)), tl.float32)
         out = np.asarray(op(to_f32(arg)), dtype=np.float32)
         return Handle(f32_to_bf16_bits(out).reshape(out.shape), tl.bfloat16)
 
@@ -148,6 +212,36 @@ def install() -> None:
             return Handle(f32_to_bf16_bits(out).reshape(out.shape), tl.bfloat16)
         return Handle(out.astype(d.data.dtype), d.dtype.scalar)
 
+    orig_sqrt_exact, orig_rsqrt, orig_fdiv = builder.create_precise_sqrt, builder.create_rsqrt, builder.create_fdiv
+
+    def create_precise_sqrt(self, arg):  # sqrt.rn: correctly rounded, no model error
+        if is_bf16(arg):
+            return unary_op(self, arg, np.sqrt)
+        return orig_unary(self, arg, np.sqrt)
+
+    def create_rsqrt(self, arg):
+        if arg.dtype.scalar != tl.float32:
+            return orig_rsqrt(self, arg)
+        x = np.asarray(arg.data, dtype=np.float32)
+        with np.errstate(all="ignore"):
+            exact = (1.0 / np.sqrt(x.astype(np.float64))).astype(np.float32)
+        moved = approx_f32(exact, _bits(x), APPROX_ULPS["rsqrt"])
+        return Handle(moved.reshape(np.shape(x)), tl.float32)
+
+    def create_fdiv(self, lhs, rhs):
+        out = orig_fdiv(self, lhs, rhs)
+        if out.dtype.scalar != tl.float32:
+            return out
+        a, b = np.broadcast_arrays(np.asarray(lhs.data, dtype=np.float32), np.asarray(rhs.data, dtype=np.float32))
+        bb = _bits(b)
+        key = _bits(a) ^ ((bb << np.uint32(7)) | (bb >> np.uint32(25)))
+        pow2 = (bb & np.uint32(0x007FFFFF)) == 0  # a power of two (or zero, Inf): div.full is exact
+        moved = np.where(pow2, out.data, approx_f32(out.data, key, APPROX_ULPS["div"])).astype(np.float32)
+        return Handle(moved.reshape(np.shape(out.data)), tl.float32)
+
+    builder.create_precise_sqrt = create_precise_sqrt
+    builder.create_rsqrt = create_rsqrt
+    builder.create_fdiv = create_fdiv
     builder.cast_impl = cast_impl
     builder.create_fp_to_fp = create_fp_to_fp
     builder.binary_op = binary_op

@@ -1,9 +1,9 @@
-"""``tests/gpu_numerics.py``: the interpreter computes what the GPU computes for bfloat16 and tf32.
+"""``tests/gpu_numerics.py``: the interpreter computes what the GPU computes (bfloat16, tf32, float32 fast math).
 
 On the CPU the patched interpreter is checked against torch (bfloat16 rounding, exact sums) and against its own
-models of tf32 (truncated operands) and tf32x3 (Triton's split). On CUDA the same kernels run on the GPU and are
-checked against the same models: if a GPU check fails, the emulation's model is what is wrong (not a kernel of
-the library), and ``gpu_numerics.py`` is where to mend it.
+models of tf32 (truncated operands), tf32x3 (Triton's split) and the fast-math instructions (bounded ulps). On
+CUDA the same kernels run on the GPU and are checked against the same models: if a GPU check fails, the
+emulation's model is what is wrong (not a kernel of the library), and ``gpu_numerics.py`` is where to mend it.
 """
 
 from __future__ import annotations
@@ -168,3 +168,71 @@ def test_cuda_runs_draw_their_inputs_on_the_cpu():
     big(conftest.CPU_DRAW_LIMIT + 1, device="cpu:0")
     big(8, device="cpu:0")
     assert calls == ["cpu:0", "cpu"]
+
+
+@triton.jit
+def _fast_math_kernel(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Rows of out (8, n): exp2(x), exp(x), log2|y|, log|y|, sqrt|y|, rsqrt|y|, x / y, div_rn(x, y); float32."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=1.0)
+    y = tl.abs(tl.load(y_ptr + offs, mask=mask, other=1.0)) + 1e-3
+    tl.store(out_ptr + offs, tl.math.exp2(x), mask=mask)
+    tl.store(out_ptr + n + offs, tl.exp(x), mask=mask)
+    tl.store(out_ptr + 2 * n + offs, tl.math.log2(y), mask=mask)
+    tl.store(out_ptr + 3 * n + offs, tl.log(y), mask=mask)
+    tl.store(out_ptr + 4 * n + offs, tl.sqrt(y), mask=mask)
+    tl.store(out_ptr + 5 * n + offs, tl.rsqrt(y), mask=mask)
+    tl.store(out_ptr + 6 * n + offs, x / y, mask=mask)
+    tl.store(out_ptr + 7 * n + offs, tl.div_rn(x, y), mask=mask)
+
+
+def _fast_math(x, y):
+    n = x.numel()
+    out = torch.full((8, n), float("nan"), device=DEV)
+    _fast_math_kernel[(1,)](x, y, out, n, BLOCK=triton.next_power_of_2(n))
+    return out.cpu().double()
+
+
+def _ulp_err(got, want64):
+    """|got - want| in float32 ulps at want (float64 in, float64 out)."""
+    spacing = torch.from_numpy(np.spacing(np.abs(want64.float().numpy())).astype(np.float64))
+    return ((got - want64) / spacing).abs()
+
+
+def test_fast_math_within_the_model():
+    """float32 exp2 / exp / log2 / log / sqrt / rsqrt / division within the model's ulps (``APPROX_ULPS``, one more
+    for the correct rounding the model starts from and the ulp's size changing across a power of two) of what
+    the model says the instruction approximates: exp2(fl(x log2 e)) for exp. div_rn is
+    correctly rounded. On CUDA this checks the model against the hardware: a failure there means the model (and
+    so what the CPU tests predict for float32 kernels on a GPU) is wrong."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(3000, generator=g) * 40 - 30).to(DEV)  # exp2 results from 2^-30 to 2^10
+    y = (torch.randn(3000, generator=g) * 3).to(DEV)
+    out = _fast_math(x, y)
+    x64 = x.cpu().double()
+    y64 = y.cpu().abs().add(1e-3).double()  # the kernel's y, rounded in float32 as there
+    t64 = (x.cpu() * 1.4426950408889634).double()  # fl(x * log2 e)
+    want = {"exp2": torch.exp2(x64), "exp": torch.exp2(t64), "log2": torch.log2(y64), "log": torch.log(y64),
+            "sqrt": y64.sqrt(), "rsqrt": y64.rsqrt(), "div": x64 / y64}
+    for row, (name, w) in enumerate(want.items()):
+        err = _ulp_err(out[row], w)
+        bound = gn.APPROX_ULPS[name] + 1.0
+        assert float(err.max()) <= bound, (name, float(err.max()), bound)
+    assert float(_ulp_err(out[7], x64 / y64).max()) <= 0.5
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's model")
+def test_fast_math_model_is_deterministic_with_exact_cases():
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(500, generator=g) * 20 - 10
+    x[:6] = torch.tensor([0.0, 1.0, -3.0, 7.0, -200.0, -126.5])  # integers exact; 2^-200 and 2^-126.5 flushed
+    y = torch.randn(500, generator=g)
+    y[:3] = torch.tensor([2.0, -0.5, 1.0]) - 1e-3 * torch.tensor([1.0, -1.0, 1.0])  # |y| + 1e-3 = 2, 0.5, 1
+    a, b = _fast_math(x, y), _fast_math(x, y)
+    assert torch.equal(a, b)
+    assert a[0, :6].tolist() == [1.0, 2.0, 0.125, 128.0, 0.0, 0.0]
+    yk = y.abs() + 1e-3
+    assert torch.equal(a[6, :3], (x[:3] / yk[:3]).double())  # by a power of two: exact
+    moved = _ulp_err(a[0, 6:], torch.exp2(x[6:].double()))
+    assert float(moved.max()) > 1.0  # the model moves results (else the test above proves nothing)

@@ -517,3 +517,20 @@ def test_launch_retries_with_one_stage_then_names_the_device_limit(monkeypatch):
                                            r"backend=\"torch\"") as info:
         K._launch(Kernel(fits_at=0), (1,), (), key, 16, num_stages=2)
     assert isinstance(info.value.__cause__, OutOfResources) and key not in K._stages_ok
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_caller_autocast_does_not_reach_inside(dtype):
+    """The op called under autocast (its inputs already in the autocast dtype, as the module passes them) computes
+    bit for bit what it computes without: its launchers' float32 torch math (the query, folded keys, weight
+    gradients) stays float32. Regression: under autocast it ran in the autocast dtype, and the backward refused the
+    bf16 ``q`` it had saved."""
+    case = Case(2, 9, 48, 3)
+    results = []
+    for ac in (False, True):
+        _, args = case.leaves(dtype)
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=ac):
+            out, grads = _run(ops.cls_cross_attention, args, case.H, case.go(dtype))
+        results.append([out] + [g for g in grads if g is not None])
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)

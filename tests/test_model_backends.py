@@ -67,3 +67,33 @@ HEADLINE = "crossvit_18_dagger_240"  # its cases are in the first-GPU smoke set 
                                   for n in crossvit_fast.list_models()])
 def test_cuda_all_models(name, dtype):
     _check(name, dtype, "cuda", batch=3, grad=(dtype != torch.float16))
+
+
+@pytest.mark.parametrize("name", [pytest.param("crossvit_9_dagger_240", marks=pytest.mark.slow)]  # ~30 s here
+                         if not torch.cuda.is_available()
+                         else [pytest.param(HEADLINE, marks=pytest.mark.smoke), "crossvit_tiny_240"])
+def test_bf16_autocast_training_step(name):
+    """How people train: float32 weights under bf16 autocast, in train mode (every op saves for its backward). The
+    reference model under the same autocast is the rule's low-precision run. Regression: the ops' float32 torch
+    math (the CLS op's projections) ran in bf16 under the caller's autocast, and the CLS backward refused its
+    saved tensors."""
+    cuda = torch.cuda.is_available()
+    kw = {} if cuda else dict(img_size=120, depth=((1, 1, 0), (1, 1, 0)))  # interpreter: shrunk (as test_timm_real)
+    device = "cuda" if cuda else "cpu"
+    ref64, ref32, fused = _models(name, torch.float32, device, **kw)
+    for m in (ref64, ref32, fused):
+        m.train()
+    h, w = fused.img_size
+    x64 = torch.randn(2, 3, h, w, dtype=torch.float64, device=device)
+    outs = []
+    for m, x, ac in ((ref64, x64, False), (ref32, x64.float(), True), (fused, x64.float(), True)):
+        x = x.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=ac):
+            y = m(x)
+        y.float().square().mean().backward()
+        flat = torch.cat([p.grad.double().flatten() for _, p in sorted(m.named_parameters())])
+        outs.append((y.detach().double(), x.grad.double(), flat))
+    (y64, g64, p64), (yl, gl, pl), (yf, gf, pf) = outs
+    assert_within_rule(yf, y64, yl, what=f"{name} logits (bf16 autocast, train)")
+    assert_within_rule(gf, g64, gl, what=f"{name} input gradient (bf16 autocast, train)")
+    assert_within_rule(pf, p64, pl, what=f"{name} parameter gradients (bf16 autocast, train)")

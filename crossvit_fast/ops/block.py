@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from crossvit_fast.config import LN_EPS
+from crossvit_fast.ops import autocast_off
 from crossvit_fast.ops.linear import _check as _check_linear
 from crossvit_fast.ops.linear import _kernels as _linear_kernels
 from crossvit_fast.ops.linear import _DTYPES, _ln_kernels, dgrad
@@ -99,6 +100,11 @@ def _block_half(
     attn_scale: Optional[float],
     save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with autocast_off(x):
+        return _block_half_impl(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, scale, num_heads, attn_scale, save)
+
+
+def _block_half_impl(x, ln_weight, ln_bias, eps, w1, b1, w2, b2, scale, num_heads, attn_scale, save):
     k = _linear_kernels()
     y1, pre, ahat, mean, rstd = k.linear_fwd(x, w1, b1, ln_weight, ln_bias, eps, num_heads == 0, save=save)
     o = o_lo = lse = None
@@ -155,6 +161,13 @@ def _block_half_backward(
     num_heads: int,
     attn_scale: Optional[float],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with autocast_off(x):
+        return _block_half_backward_impl(dout, x, ln_weight, w1, w2, y1, pre, o, o_lo, lse, ahat, mean, rstd, scale,
+                                         num_heads, attn_scale)
+
+
+def _block_half_backward_impl(dout, x, ln_weight, w1, w2, y1, pre, o, o_lo, lse, ahat, mean, rstd, scale, num_heads,
+                              attn_scale):
     B, N, C = x.shape
     M, N1, K2 = B * N, w1.shape[0], w2.shape[1]
     ct = w1.dtype

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from crossvit_fast.config import LN_EPS
+from crossvit_fast.ops import autocast_off
 
 __all__ = ["cls_cross_attention", "OP_NAME", "BACKWARD_OP_NAME"]
 
@@ -56,11 +57,12 @@ def _cls_cross_attention(
     num_heads: int,
     eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(
-        _kernels().cls_cross_attention_fwd(
-            cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wproj, bproj, num_heads, eps
+    with autocast_off(tokens):
+        return tuple(
+            _kernels().cls_cross_attention_fwd(
+                cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wproj, bproj, num_heads, eps
+            )
         )
-    )
 
 
 @_cls_cross_attention.register_fake
@@ -100,11 +102,12 @@ def _cls_cross_attention_backward(
     num_heads: int,
     eps: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(
-        _kernels().cls_cross_attention_bwd(
-            grad_out, cls, tokens, norm_weight, norm_bias, wq, wk, wv, wproj, q, u, xbar, lse, o, num_heads, eps
+    with autocast_off(tokens):
+        return tuple(
+            _kernels().cls_cross_attention_bwd(
+                grad_out, cls, tokens, norm_weight, norm_bias, wq, wk, wv, wproj, q, u, xbar, lse, o, num_heads, eps
+            )
         )
-    )
 
 
 @_cls_cross_attention_backward.register_fake

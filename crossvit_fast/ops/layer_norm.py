@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from crossvit_fast.config import LN_EPS
+from crossvit_fast.ops import autocast_off
 
 __all__ = ["layer_norm", "OP_NAME", "BACKWARD_OP_NAME"]
 
@@ -61,7 +62,8 @@ def _check(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, 
 def _layer_norm(
     x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, eps: float, out_dtype: Optional[torch.dtype]
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    out, r, mean, rstd = _kernels().layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
+    with autocast_off(x):
+        out, r, mean, rstd = _kernels().layer_norm_fwd(x, residual, weight, bias, eps, out_dtype)
     if r is None:
         r = x.new_empty((0,))
     return out, r, mean, rstd
@@ -88,7 +90,8 @@ def _layer_norm_backward(
     x_dtype: torch.dtype,
     y_dtype: Optional[torch.dtype],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dy, dw, db = _kernels().layer_norm_bwd(dout, dr, xin, weight, mean, rstd, x_dtype, y_dtype)
+    with autocast_off(xin):
+        dx, dy, dw, db = _kernels().layer_norm_bwd(dout, dr, xin, weight, mean, rstd, x_dtype, y_dtype)
     if dy is None:
         dy = xin.new_empty((0,))
     return dx, dy, dw, db

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from crossvit_fast.config import LN_EPS
+from crossvit_fast.ops import autocast_off
 
 __all__ = ["linear", "OP_NAME", "BACKWARD_OP_NAME"]
 
@@ -108,8 +109,9 @@ def _linear(
     out_dtype: Optional[torch.dtype],
     save: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out, pre, ahat, mean, rstd = _kernels().linear_fwd(x, weight, bias, ln_weight, ln_bias, eps, gelu, scale,
-                                                       residual, out_dtype, save)
+    with autocast_off(x):
+        out, pre, ahat, mean, rstd = _kernels().linear_fwd(x, weight, bias, ln_weight, ln_bias, eps, gelu, scale,
+                                                           residual, out_dtype, save)
     def empty(dtype):
         return x.new_empty((0,), dtype=dtype)
 
@@ -156,6 +158,11 @@ def _linear_backward(
     rstd: Optional[Tensor],
     scale: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with autocast_off(x):
+        return _linear_backward_impl(dout, x, weight, pre, ahat, ln_weight, mean, rstd, scale)
+
+
+def _linear_backward_impl(dout, x, weight, pre, ahat, ln_weight, mean, rstd, scale):
     ct = weight.dtype
     N, K = weight.shape
     M = x.numel() // K

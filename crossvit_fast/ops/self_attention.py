@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 from crossvit_fast.config import FUSED_DTYPES, SELF_ATTENTION_HEAD_DIMS
+from crossvit_fast.ops import autocast_off
 
 __all__ = ["self_attention", "SUPPORTED_HEAD_DIMS"]
 
@@ -60,7 +61,8 @@ def _self_attention_op(
 
     B, N, H, D = _check(qkv, num_heads)
     out_lo = qkv.new_empty((B, N, H * D) if _saves_residual(qkv, save) else (0,))
-    out, lse = self_attention_fwd(qkv, num_heads, scale, out_lo=out_lo if out_lo.numel() else None)
+    with autocast_off(qkv):
+        out, lse = self_attention_fwd(qkv, num_heads, scale, out_lo=out_lo if out_lo.numel() else None)
     return out, lse, out_lo
 
 
@@ -85,7 +87,8 @@ def _self_attention_backward_op(
 ) -> torch.Tensor:
     from crossvit_fast.kernels.self_attention import self_attention_bwd
 
-    return self_attention_bwd(dout, qkv, out, lse, num_heads, scale, out_lo=out_lo if out_lo.numel() else None)
+    with autocast_off(qkv):
+        return self_attention_bwd(dout, qkv, out, lse, num_heads, scale, out_lo=out_lo if out_lo.numel() else None)
 
 
 @_self_attention_backward_op.register_fake

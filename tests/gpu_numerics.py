@@ -35,6 +35,9 @@ Out of the box that costs the CPU tests every bfloat16 path and every tf32 round
   ``tl.sqrt_rn`` (``div.rn`` / ``sqrt.rn``) stay correctly rounded. ``test_gpu_numerics.py`` checks the model
   against the GPU.
 
+One fix is not about rounding: triton 3.6's interpreter fails under numpy 2.4+ on loops with runtime bounds
+(``int()`` of a 1-element array); ``install`` gives it triton 3.7's squeeze.
+
 Left as the interpreter has them: the order of a dot's sums, reductions over bfloat16 values (the kernels here
 reduce in float32), libdevice functions (``erf``).
 ``conftest.py`` installs it in every test session under the interpreter, so the kernel tests run their bfloat16 cases on the CPU;
@@ -238,6 +241,16 @@ def install() -> None:
         pow2 = (bb & np.uint32(0x007FFFFF)) == 0  # a power of two (or zero, Inf): div.full is exact
         moved = np.where(pow2, out.data, approx_f32(out.data, key, APPROX_ULPS["div"])).astype(np.float32)
         return Handle(moved.reshape(np.shape(out.data)), tl.float32)
+
+    # Not rounding, compatibility: triton < 3.7's interpreter takes a scalar's index as int(data) of a 1-element
+    # array, a TypeError from numpy 2.4 on (loops with runtime bounds); 3.7+ squeezes first, as here.
+    orig_patch_tensor = getattr(interp, "_patch_lang_tensor", None)
+    if orig_patch_tensor is not None:
+        def patch_lang_tensor(tensor, scope):
+            orig_patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+        interp._patch_lang_tensor = patch_lang_tensor
 
     builder.create_precise_sqrt = create_precise_sqrt
     builder.create_rsqrt = create_rsqrt

@@ -19,6 +19,7 @@ if INTERPRETED:
     gpu_numerics.install()
 
 import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -40,6 +41,26 @@ def forbid_launches(monkeypatch, module, *names):
     before any launch."""
     for name in names:
         monkeypatch.setattr(module, name, _NoLaunch())
+
+
+class DispatchLog(TorchDispatchMode):
+    """Records the name of every aten (or custom) op dispatched while it is active, in order (``names``);
+    ``counts()`` tallies them. For tests of which ops a path runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = getattr(func, "overloadpacket", None)
+        self.names.append(str(packet) if packet is not None else str(func))
+        return func(*args, **(kwargs or {}))
+
+    def counts(self):
+        out = {}
+        for n in self.names:
+            out[n] = out.get(n, 0) + 1
+        return out
 
 
 @pytest.fixture

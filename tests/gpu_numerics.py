@@ -215,7 +215,7 @@ def install() -> None:
             return Handle(f32_to_bf16_bits(out).reshape(out.shape), tl.bfloat16)
         return Handle(out.astype(d.data.dtype), d.dtype.scalar)
 
-    orig_sqrt_exact, orig_rsqrt, orig_fdiv = builder.create_precise_sqrt, builder.create_rsqrt, builder.create_fdiv
+    orig_rsqrt, orig_fdiv = builder.create_rsqrt, builder.create_fdiv
 
     def create_precise_sqrt(self, arg):  # sqrt.rn: correctly rounded, no model error
         if is_bf16(arg):

@@ -23,7 +23,7 @@ from crossvit_fast.testing import assert_within_rule, default_atol, poison_
 
 kl = pytest.importorskip("crossvit_fast.kernels.linear", reason="triton is not installed")
 from crossvit_fast.ops.linear import linear  # noqa: E402
-from conftest import forbid_launches  # noqa: E402
+from conftest import DispatchLog, forbid_launches  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -530,17 +530,10 @@ def test_block_runs_five_kernels_and_keeps_state(monkeypatch):
     ref, fused = _block_pair(True)
     assert list(ref.state_dict()) == list(fused.state_dict())
     assert [n for n, _ in ref.named_modules()] == [n for n, _ in fused.named_modules()]
-    seen = []
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func))
-            return func(*args, **(kwargs or {}))
-
     x = torch.randn(2, 5, 32, device=DEV)
-    with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16), Record():
+    with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16), DispatchLog() as log:
         fused(x)
+    seen = [n.rsplit(".", 1)[-1] for n in log.names]  # "crossvit_fast.block_half" -> "block_half"
     assert seen.count("block_half") >= 1 and seen.count("linear") + 2 * seen.count("block_half") == 4, seen
     assert not {"layer_norm", "native_layer_norm", "add", "gelu"} & set(seen), seen
     assert Block(32, 2, backend="auto").linear_backend == "torch"  # not GPU-verified

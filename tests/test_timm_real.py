@@ -24,6 +24,7 @@ timm = pytest.importorskip("timm", reason="timm is not installed (the README's c
 
 import crossvit_fast  # noqa: E402
 from crossvit_fast.testing import assert_within_rule, fill_like_fixtures_  # noqa: E402
+from conftest import DispatchLog  # noqa: E402
 
 MODELS = crossvit_fast.list_models()
 BASE_SEED = int(os.environ.get("CROSSVIT_FAST_TEST_SEED", "1100"))
@@ -185,17 +186,6 @@ def test_optimize_real_timm_to_triton_in_the_interpreter(name, monkeypatch):
         assert_within_rule(gf[k], g64[k], g32[k], what=f"{what}: gradient of {k}")
 
 
-class _OpCounts(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        key = str(func.overloadpacket)
-        self.counts[key] = self.counts.get(key, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "train"])
 def test_torch_path_runs_no_op_timm_does_not(train, autocast):
@@ -212,14 +202,13 @@ def test_torch_path_runs_no_op_timm_does_not(train, autocast):
     for m in (t, fast):
         m.train(train)
         torch.manual_seed(0)
-        mode = _OpCounts()
-        with mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with DispatchLog() as log, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             if train:
                 m(x).float().square().mean().backward()
             else:
                 with torch.no_grad():
                     m(x)
-        counts.append(mode.counts)
+        counts.append(log.counts())
     ct, cf = counts
     more = {k: (ct.get(k, 0), n) for k, n in cf.items() if n > ct.get(k, 0) and k != "aten.copy_"}
     assert not more, f"ops the optimized model runs more often than timm (timm, optimized): {more}"

@@ -25,3 +25,19 @@ def autocast_off(t: torch.Tensor):
             yield
     else:
         yield
+
+
+def refuse_double_backward(backward_op, op: str) -> None:
+    """Give ``backward_op`` (an op's ``*_backward`` custom op) an autograd formula that refuses, in crossvit_fast's
+    words, to be differentiated: a gradient of the fused op's gradient (``autograd.grad(..., create_graph=True)``
+    and then a backward through the result, as gradient penalties do) is not implemented. The first-order gradient
+    with ``create_graph=True`` still works; the refusal comes where the second backward reaches this op. Without
+    it torch says only that no autograd formula was registered."""
+
+    def _backward(ctx, *grads):
+        raise RuntimeError(
+            f"crossvit_fast: the fused {op} op has no double backward (a backward through its gradient, as "
+            f"torch.autograd.grad(..., create_graph=True) followed by a backward computes); build the model or module "
+            f"with backend='torch' (what timm runs) for such training, or backend='reference'")
+
+    backward_op.register_autograd(_backward)

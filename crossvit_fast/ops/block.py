@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from crossvit_fast.config import LN_EPS
-from crossvit_fast.ops import autocast_off
+from crossvit_fast.ops import autocast_off, refuse_double_backward
 from crossvit_fast.ops.linear import _check as _check_linear
 from crossvit_fast.ops.linear import _kernels as _linear_kernels
 from crossvit_fast.ops.linear import _DTYPES, _ln_kernels, dgrad
@@ -226,6 +226,7 @@ def _backward(ctx, dout, *_):
 
 
 _block_half.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_block_half_backward, "block_half")
 
 
 def block_half(

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from crossvit_fast.config import LN_EPS
-from crossvit_fast.ops import autocast_off
+from crossvit_fast.ops import autocast_off, refuse_double_backward
 
 __all__ = ["cls_cross_attention", "OP_NAME", "BACKWARD_OP_NAME"]
 
@@ -171,6 +171,7 @@ def _backward(ctx, grad_out, *_grads_of_saved):
 
 
 _cls_cross_attention.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_cls_cross_attention_backward, "cls_cross_attention")
 
 
 def cls_cross_attention(

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from crossvit_fast.config import LN_EPS
-from crossvit_fast.ops import autocast_off
+from crossvit_fast.ops import autocast_off, refuse_double_backward
 
 __all__ = ["layer_norm", "OP_NAME", "BACKWARD_OP_NAME"]
 
@@ -128,6 +128,7 @@ def _backward(ctx, dout, dr, dmean, drstd):
 
 
 _layer_norm.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_layer_norm_backward, "layer_norm")
 
 
 def layer_norm(

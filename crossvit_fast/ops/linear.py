@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from crossvit_fast.config import LN_EPS
-from crossvit_fast.ops import autocast_off
+from crossvit_fast.ops import autocast_off, refuse_double_backward
 
 __all__ = ["linear", "OP_NAME", "BACKWARD_OP_NAME"]
 
@@ -226,6 +226,7 @@ def _backward(ctx, dout, dpre, dahat, dmean, drstd):
 
 
 _linear.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_linear_backward, "linear")
 
 
 def linear(

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 from crossvit_fast.config import FUSED_DTYPES, SELF_ATTENTION_HEAD_DIMS
-from crossvit_fast.ops import autocast_off
+from crossvit_fast.ops import autocast_off, refuse_double_backward
 
 __all__ = ["self_attention", "SUPPORTED_HEAD_DIMS"]
 
@@ -120,6 +120,7 @@ def _backward(ctx, dout, dlse, dout_lo):
 
 
 _self_attention_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_self_attention_backward_op, "self_attention")
 
 
 def self_attention(qkv: torch.Tensor, num_heads: int, scale: Optional[float] = None) -> torch.Tensor:

@@ -5,8 +5,9 @@ What it computes
 For rows ``x`` (and optionally a residual branch ``y`` of the same shape), per row of C channels::
 
     r = x + y                       (stored in torch.result_type(x, y); skipped when there is no y: r = x)
-    mean = sum(r) / C,   var = sum((r - mean)^2) / C,   rstd = 1 / sqrt(var + eps)
-    out = (r - mean) * rstd * w + b (stored in out_dtype: default r's dtype)
+    m1 = sum(r) / C,   d = r - m1,   corr = sum(d) / C,   mean = m1 + corr   (a two-term mean: row_moments)
+    var = (sum(d^2) - sum(d) * corr) / C,   rstd = 1 / sqrt(var + eps)
+    out = (d - corr) * rstd * w + b (stored in out_dtype: default r's dtype)
 
 which is ``r = x + y; out = F.layer_norm(r, (C,), w, b, eps)`` and, with ``out_dtype`` = the autocast dtype,
 what ``Linear(LayerNorm(r))`` feeds its matmul under ``torch.autocast`` (LayerNorm runs in float32 there and the
@@ -16,11 +17,18 @@ float32 whatever the storage dtypes; ``r`` is rounded to its dtype *before* it i
 Rounding: the row statistics use correctly rounded division and square root (``tl.div_rn``, ``tl.sqrt_rn``; sm_90
 would otherwise compile ``/`` to ``div.full.f32`` and ``sqrt`` to ``sqrt.approx.ftz.f32``), so mean and rstd are the
 same on every GPU and in the interpreter. They are not bit-equal to torch's LayerNorm (Welford, ``rsqrtf``): the
-tests bound both against a float64 reference by the tolerance rule, never against each other bit for bit.
+tests bound both against a float64 reference by the tolerance rule, never against each other bit for bit. The mean
+is kept as two terms, ``m1 + corr``: ``r - m1`` is exact wherever r is within a factor of two of m1, so the centred
+row ``d - corr`` is accurate to an ulp of the row's *spread*. A constant row gives exactly the bias (as torch's
+Welford does), and a row whose mean is far above its spread (a blank image's patches, padding tokens) loses nothing
+to the mean's rounding, which rstd (up to ``1 / sqrt(eps)``) would scale into the output: the plain two-pass mean
+put constant rows up to 190x over the tolerance rule's bound. The backward takes the saved mean ``fl(m1 + corr)``
+as the first term and recomputes the correction from the row, as the forward did.
 
 Backward, with ``xhat = (r - mean) * rstd``, ``g = dout * w`` and ``dr_in`` the gradient reaching ``r`` from its
 other uses (the residual stream)::
 
+    xhat = (d - mean_c(d)) * rstd with d = r - mean (the saved mean, corrected again from the row)
     dr = rstd * (g - xhat * mean_c(xhat * g) - mean_c(g)) + dr_in,    dx = dr (x's dtype),  dy = dr (y's dtype)
     dw = sum_rows(dout * xhat),   db = sum_rows(dout)
 
@@ -34,7 +42,8 @@ bf16 (read 4, write 2): 24 bytes per element. Fused it is 12 (read 4 + 2, write 
 Algorithm
 ---------
 Forward: one program per BLOCK_R rows; a whole row (C <= MAX_DIM) sits in registers (BLOCK_C = next power of two
-of C, the extra columns masked), so it is one read and one write, two-pass mean/variance (no Welford needed).
+of C, the extra columns masked), so it is one read and one write, corrected two-pass mean/variance (no Welford
+needed).
 Saves mean and rstd, float32, one per row.
 
 Backward: a fixed number of persistent programs; each walks row blocks ``pid, pid + G, ...``, writes dx (and dy)
@@ -129,6 +138,41 @@ def _row_offsets(rows, N, s0, s1):
 
 
 @triton.jit
+def row_moments(r, mask, C, AXIS: tl.constexpr):
+    """Moments over ``AXIS`` of the float32 tile ``r`` (zero where ``mask`` is off, ``C`` valid entries a row):
+    ``(m1, corr, M2)``, the mean as two terms ``m1 + corr`` and ``M2 = sum((r - mean)^2)``, by the corrected
+    two-pass algorithm (Chan, Golub and LeVeque)::
+
+        m1 = sum(r) / C,   d = r - m1,   corr = sum(d) / C,   M2 = sum(d^2) - sum(d) * corr
+
+    ``r - m1`` is exact wherever r is within a factor of two of m1 (Sterbenz), so ``(r - m1) - corr`` is the
+    centred row to about an ulp of the *spread*, not of the mean: a constant row centres to exactly 0 (as torch's
+    Welford LayerNorm gives) and a row whose mean is far above its spread loses nothing to the mean's rounding,
+    which ``rstd`` (up to ``1 / sqrt(eps)``) would otherwise scale into the output. Partial moments of row chunks
+    merge by Chan et al.'s update."""
+    s = tl.sum(r, axis=AXIS)
+    c = tl.zeros_like(s) + C
+    m1 = tl.div_rn(s, c)
+    d = tl.where(mask, r - tl.expand_dims(m1, AXIS), 0.0)
+    s1 = tl.sum(d, axis=AXIS)
+    corr = tl.div_rn(s1, c)
+    return m1, corr, tl.maximum(tl.sum(d * d, axis=AXIS) - s1 * corr, 0.0)
+
+
+@triton.jit
+def rstd_of(m2, C, eps):
+    """``1 / sqrt(M2 / C + eps)``, correctly rounded division and square root (the same on every GPU and in the
+    interpreter; sm_90 would otherwise compile ``/`` to ``div.full.f32`` and ``sqrt`` to an approximation)."""
+    return tl.div_rn(tl.zeros_like(m2) + 1.0, tl.sqrt_rn(tl.div_rn(m2, tl.zeros_like(m2) + C) + eps))
+
+
+@triton.jit
+def centred(r, mask, m1, corr, AXIS: tl.constexpr):
+    """``(r - m1) - corr``, zero where ``mask`` is off: the row minus its two-term mean (:func:`row_moments`)."""
+    return tl.where(mask, (r - tl.expand_dims(m1, AXIS)) - tl.expand_dims(corr, AXIS), 0.0)
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(
     X, Y, W, Bias, R, Out, Mean, Rstd,  # Y, R unused without HAS_Y
     sx0, sx1, sx2,  # x strides, (B, N, C) view
@@ -158,10 +202,10 @@ def _layer_norm_fwd_kernel(
         tl.store(R + _row_offsets(rows, N, sr0, sr1)[:, None] + cols[None, :] * sr2, r_st, mask=mask)
         r = r_st.to(tl.float32)
 
-    c = tl.zeros((BLOCK_R,), dtype=tl.float32) + C
-    mean = tl.div_rn(tl.sum(r, axis=1), c)
-    d = tl.where(mask, r - mean[:, None], 0.0)
-    rstd = tl.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), tl.sqrt_rn(tl.div_rn(tl.sum(d * d, axis=1), c) + eps))
+    m1, corr, m2 = row_moments(r, mask, C, 1)
+    rstd = rstd_of(m2, C, eps)
+    d = centred(r, mask, m1, corr, 1)
+    mean = m1 + corr
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)
     out = d * rstd[:, None] * w[None, :] + b[None, :]
@@ -204,7 +248,10 @@ def _layer_norm_bwd_kernel(
                        other=0.0).to(tl.float32)
         mean = tl.load(Mean + rows, mask=rmask, other=0.0)
         rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
-        xhat = tl.where(mask, (xin.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+        # the saved (rounded) mean as the pivot of one more correction step: xhat to about an ulp of the row's
+        # spread, as in the forward, whichever kernel computed the statistics
+        d = tl.where(mask, xin.to(tl.float32) - mean[:, None], 0.0)
+        xhat = centred(d, mask, tl.zeros_like(mean), tl.sum(d, axis=1) / C, 1) * rstd[:, None]
         g = dout * w[None, :]
         c1 = tl.sum(xhat * g, axis=1) / C
         c2 = tl.sum(g, axis=1) / C
@@ -239,6 +286,12 @@ def _as3d(t: torch.Tensor) -> torch.Tensor:
 
 def _span(t: torch.Tensor) -> int:
     return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def _unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A ``(C,)`` parameter (LayerNorm affine, bias, drop-path scale) with unit stride: the kernels index these
+    vectors as contiguous, so a strided view (a slice of a packed tensor, ``w[::2]``) is copied (C elements)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -284,6 +337,8 @@ def check_layer_norm_inputs(
                              f"{tuple(x.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"layer_norm: residual has shape {tuple(residual.shape)}, expected x's {tuple(x.shape)}")
+    if weight.dtype != bias.dtype:
+        raise TypeError(f"layer_norm: weight is {weight.dtype} and bias {bias.dtype}; expected one dtype")
     if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"layer_norm: out_dtype {out_dtype}; expected float16, bfloat16 or float32")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
@@ -344,6 +399,7 @@ def layer_norm_fwd(
     for the backward (``mean=`` / ``rstd=`` take preallocated contiguous float32 tensors of that many elements).
     """
     C = check_layer_norm_inputs(x, residual, weight, bias, eps, out_dtype)
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
     r_dtype = torch.result_type(x, residual) if residual is not None else x.dtype
     if out is None:
         out = torch.empty(x.shape, dtype=out_dtype or r_dtype, device=x.device)
@@ -406,6 +462,7 @@ def layer_norm_bwd(
     preallocated gradients (any strides).
     """
     C = check_layer_norm_inputs(xin, None, weight, weight, 0.0, None)
+    weight = _unit_stride(weight)
     for name, t in (("dout", dout), ("dr", dr)):
         if t is None:
             continue

@@ -29,7 +29,9 @@ Algorithm
 ---------
 One program per (BLOCK_M x BLOCK_N) output tile, tiles ordered in groups of GROUP_M row tiles so that a group's
 rows of x stay in L2 while it sweeps N. With the LayerNorm prologue a program first walks its BLOCK_M rows over K
-once for the statistics (chunked mean / M2 merged as Chan et al.: no catastrophic cancellation, one pass), then walks
+once for the statistics of ``x - p``, ``p`` the row's first element (per-chunk two-term mean and M2 as the
+``layer_norm`` kernel's ``row_moments``, merged as Chan et al.: one pass; the centred row ``(x - p) - mean`` keeps
+the precision of the row's spread, so constant rows normalise to exactly the bias), then walks
 K again normalising each (BLOCK_M x BLOCK_K) chunk in float32 in registers, rounding it to ``ct`` and feeding
 ``tl.dot`` (the second read hits L2: the row block was just read). Weight chunks are ``(BLOCK_K, BLOCK_N)`` views of
 the ``(N, K)`` Linear weight (no transpose copy). The epilogue is applied to the float32 accumulator in registers.
@@ -120,7 +122,7 @@ from crossvit_fast.config import LAYER_NORM_MAX_DIM
 from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION, interpreter_runs_bf16
 from crossvit_fast.config import autotune_cache_from_env, autotune_from_env
 
-from .layer_norm import _as3d, _device_of, _span, layer_norm_fwd
+from .layer_norm import _as3d, _device_of, _span, _unit_stride, layer_norm_fwd, row_moments, rstd_of
 
 __all__ = ["linear_fwd", "linear_dgrad", "check_linear_inputs", "SUPPORTED_DTYPES", "AUTOTUNE", "CONFIGS",
            "TUNE_CONFIGS", "LN_FIRST", "DZ_FIRST", "pick_config", "tune_configs", "fwd_candidates",
@@ -227,24 +229,28 @@ def _linear_fwd_kernel(
     w_ptrs = W + cols[None, :] * swn + ks[:, None] * swk  # (BLOCK_K, BLOCK_N)
 
     if HAS_LN:
-        # one pass over the row block: per-chunk mean and M2 merged (Chan et al.)
-        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        # one pass over the row block for the statistics of x - p, p = the row's first element (exact for rows
+        # within a factor of two of p): per-chunk two-term mean and M2 (row_moments) merged (Chan et al.), so the
+        # centred row keeps the precision of the row's spread, not of its mean
+        piv = tl.load(X + bt * sx0 + tt * sx1, mask=rmask, other=0.0).to(tl.float32)  # (BLOCK_M,)
+        mean = tl.zeros((BLOCK_M,), dtype=tl.float32)  # of x - p
         m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         p = x_ptrs
         for k0 in range(0, K, BLOCK_K):
             kmask = ks < K - k0
             xk = tl.load(p, mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            xk = tl.where(kmask[None, :], xk - piv[:, None], 0.0)
             cnt = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
-            cmean = tl.sum(xk, axis=1) / cnt
-            d = tl.where(kmask[None, :], xk - cmean[:, None], 0.0)
+            cm1, ccorr, cm2 = row_moments(xk, kmask[None, :], cnt, 1)
             tot = k0 + cnt
-            delta = cmean - mean
-            mean += delta * (cnt / tot)
-            m2 += tl.sum(d * d, axis=1) + delta * delta * (k0 * cnt / tot)
+            delta = (cm1 + ccorr) - mean
+            mean += delta * tl.div_rn(cnt, tot)
+            m2 += cm2 + delta * delta * tl.div_rn(k0 * cnt, tot)
             p += BLOCK_K * sxk
-        rstd = 1.0 / tl.sqrt(m2 / K + eps)
+        rstd = rstd_of(m2, K, eps)
+        shift = -mean * rstd  # LayerNorm(x) = ((x - p) * rstd + shift) * g + b
         if SAVE:
-            tl.store(Mean + rows, mean, mask=rmask & first_col_tile)
+            tl.store(Mean + rows, piv + mean, mask=rmask & first_col_tile)
             tl.store(Rstd + rows, rstd, mask=rmask & first_col_tile)
         if SAVE:
             ahat_ptrs = Ahat + rows[:, None] * K + ks[None, :]
@@ -262,7 +268,7 @@ def _linear_fwd_kernel(
         if HAS_LN:
             g = tl.load(LnW + k0 + ks, mask=kmask, other=0.0).to(tl.float32)
             bb = tl.load(LnB + k0 + ks, mask=kmask, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + bb[None, :]
+            a = ((a.to(tl.float32) - piv[:, None]) * rstd[:, None] + shift[:, None]) * g[None, :] + bb[None, :]
         a = a.to(CT)
         if HAS_LN:
             if SAVE:
@@ -767,6 +773,11 @@ def check_linear_inputs(x, weight, bias=None, ln_weight=None, ln_bias=None, eps=
                 raise ValueError(f"linear: {name} has shape {tuple(t.shape)}, expected ({K},)")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
             raise ValueError(f"linear: eps must be a float >= 0, got {eps!r}")
+        if ln_weight.dtype != ln_bias.dtype:
+            raise TypeError(f"linear: ln_weight is {ln_weight.dtype} and ln_bias {ln_bias.dtype}; expected one dtype")
+        if K > LAYER_NORM_MAX_DIM:
+            raise ValueError(f"linear: {K} input features with the LayerNorm prologue; its backward (and the "
+                             f"LayerNorm-first forward) holds a row in registers, at most {LAYER_NORM_MAX_DIM}")
     out_shape = tuple(x.shape[:-1]) + (N,)
     if residual is not None and tuple(residual.shape) != out_shape:
         raise ValueError(f"linear: residual has shape {tuple(residual.shape)}, expected {out_shape}")
@@ -819,6 +830,7 @@ def linear_fwd(
     float32 ``(M,)`` (LayerNorm only); otherwise None.
     """
     K, N = check_linear_inputs(x, weight, bias, ln_weight, ln_bias, eps, scale, residual, out_dtype)
+    bias, ln_weight, ln_bias, scale = (_unit_stride(t) for t in (bias, ln_weight, ln_bias, scale))
     ct = weight.dtype
     odt = out_dtype or default_out_dtype(ct, residual)
     out_shape = tuple(x.shape[:-1]) + (N,)
@@ -968,6 +980,7 @@ def linear_dgrad(
         lead = dout.shape[0] if dout.dim() >= 2 else 1
         if scale.numel() != lead:
             raise ValueError(f"linear backward: scale has {scale.numel()} values, expected {lead}")
+        scale = _unit_stride(scale)
     if da_dtype is not None and da_dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"linear backward: da_dtype {da_dtype}; expected float16, bfloat16 or float32")
     ct = weight.dtype

@@ -80,6 +80,11 @@ test whose tolerance holds only for the CPU's draw fails on a GPU: ``CROSSVIT_FA
 suite on other draws (``bench/seed_sweep.sh``) to find such tests here."""
 
 
+RANDOM_CASES = int(os.environ.get("CROSSVIT_FAST_RANDOM_CASES", "12"))
+"""Cases per op of ``tests/test_random_inputs.py`` (each test: the judged cases and the bad-input cases). CI runs
+the default; a sweep sets a few hundred, over several ``CROSSVIT_FAST_TEST_SEED`` values."""
+
+
 CPU_DRAW_LIMIT = 1 << 24
 """On CUDA, ``torch.randn`` / ``torch.rand`` / ``torch.randint`` and their ``_like`` forms asked for a CUDA tensor of
 at most this many elements draw it from the CPU generator and move it (``_draws_on_the_cpu``): a CUDA run of a test

@@ -27,6 +27,15 @@ def autocast_off(t: torch.Tensor):
         yield
 
 
+def check_one_device(op: str, x: torch.Tensor, named) -> None:
+    """Refuse tensors that are not all on ``x``'s device, meta included: the dispatcher sends a call with one meta
+    argument to the op's fake implementation, which would return uninitialised memory on ``x``'s device. ``named``:
+    ``(name, tensor or None)`` pairs. The fakes run this too, where a FakeTensor carries its real device."""
+    other = [f"{name} ({t.device})" for name, t in named if t is not None and t.device != x.device]
+    if other:
+        raise ValueError(f"{op}: every tensor must be on x's device {x.device}; these are not: {', '.join(other)}")
+
+
 def refuse_double_backward(backward_op, op: str) -> None:
     """Give ``backward_op`` (an op's ``*_backward`` custom op) an autograd formula that refuses, in crossvit_fast's
     words, to be differentiated: a gradient of the fused op's gradient (``autograd.grad(..., create_graph=True)``

@@ -38,13 +38,14 @@ Use :func:`block_half`.
 
 from __future__ import annotations
 
+import re
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from crossvit_fast.config import LN_EPS
-from crossvit_fast.ops import autocast_off, refuse_double_backward
+from crossvit_fast.ops import autocast_off, check_one_device, refuse_double_backward
 from crossvit_fast.ops.linear import _check as _check_linear
 from crossvit_fast.ops.linear import _kernels as _linear_kernels
 from crossvit_fast.ops.linear import _DTYPES, _ln_kernels, dgrad
@@ -62,7 +63,11 @@ def _check(x, ln_weight, ln_bias, w1, b1, w2, b2, scale, num_heads) -> Tuple[int
         raise ValueError(f"block_half: x must be (B, N, C), got shape {tuple(x.shape)}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 0:
         raise ValueError(f"block_half: num_heads must be an int >= 0 (0: the MLP half), got {num_heads!r}")
-    _check_linear(x, w1, b1, ln_weight, ln_bias, None, None, None)
+    try:
+        _check_linear(x, w1, b1, ln_weight, ln_bias, None, None, None)
+    except (TypeError, ValueError) as err:  # in block_half's words: its names for the first GEMM's arguments
+        msg = re.sub(r"\bbias\b", "b1", re.sub(r"\bweight\b", "w1", str(err).removeprefix("linear: ")))
+        raise type(err)(f"block_half: {msg}") from None
     C, N1 = x.shape[-1], w1.shape[0]
     if num_heads:
         D = N1 // (3 * num_heads)
@@ -82,6 +87,7 @@ def _check(x, ln_weight, ln_bias, w1, b1, w2, b2, scale, num_heads) -> Tuple[int
             raise TypeError(f"block_half: {name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
         if t.numel() != shape[0] or (t.dim() > 0 and t.shape[0] != shape[0]) or t.dim() > 1:
             raise ValueError(f"block_half: {name} has shape {tuple(t.shape)}, expected {shape}")
+    check_one_device("block_half", x, (("w2", w2), ("b2", b2), ("scale", scale)))
     return C, N1, K2
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from crossvit_fast.config import LN_EPS
-from crossvit_fast.ops import autocast_off, refuse_double_backward
+from crossvit_fast.ops import autocast_off, check_one_device, refuse_double_backward
 
 __all__ = ["layer_norm", "OP_NAME", "BACKWARD_OP_NAME"]
 
@@ -54,6 +54,10 @@ def _check(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, 
                              f"{tuple(x.shape)}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"layer_norm: residual has shape {tuple(residual.shape)}, expected x's {tuple(x.shape)}")
+    if weight.dtype != bias.dtype:
+        raise TypeError(f"layer_norm: weight is {weight.dtype} and bias {bias.dtype}; expected one dtype, as "
+                        f"torch's LayerNorm")
+    check_one_device("layer_norm", x, (("residual", residual), ("weight", weight), ("bias", bias)))
     if out_dtype is not None and out_dtype not in _DTYPES:
         raise TypeError(f"layer_norm: out_dtype {out_dtype}; expected float16, bfloat16 or float32")
 

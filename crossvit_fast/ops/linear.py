@@ -35,8 +35,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from crossvit_fast.config import LN_EPS
-from crossvit_fast.ops import autocast_off, refuse_double_backward
+from crossvit_fast.config import LAYER_NORM_MAX_DIM, LN_EPS
+from crossvit_fast.ops import autocast_off, check_one_device, refuse_double_backward
 
 __all__ = ["linear", "OP_NAME", "BACKWARD_OP_NAME"]
 
@@ -83,6 +83,13 @@ def _check(x, weight, bias, ln_weight, ln_bias, scale, residual, out_dtype) -> N
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if t is not None and tuple(t.shape) != (K,):
             raise ValueError(f"linear: {name} has shape {tuple(t.shape)}, expected ({K},)")
+    if ln_weight is not None:
+        if ln_weight.dtype != ln_bias.dtype:
+            raise TypeError(f"linear: ln_weight is {ln_weight.dtype} and ln_bias {ln_bias.dtype}; expected one dtype "
+                            f"(the LayerNorm prologue's gradients come from one kernel)")
+        if K > LAYER_NORM_MAX_DIM:
+            raise ValueError(f"linear: {K} input features with the LayerNorm prologue; its backward (and the "
+                             f"LayerNorm-first forward) holds a row in registers, at most {LAYER_NORM_MAX_DIM}")
     out_shape = tuple(x.shape[:-1]) + (N,)
     if residual is not None and tuple(residual.shape) != out_shape:
         raise ValueError(f"linear: residual has shape {tuple(residual.shape)}, expected {out_shape}")
@@ -93,6 +100,8 @@ def _check(x, weight, bias, ln_weight, ln_bias, scale, residual, out_dtype) -> N
                              f"first dimension ({lead},) (drop-path's per-sample scale)")
     if out_dtype is not None and out_dtype not in _DTYPES:
         raise TypeError(f"linear: out_dtype {out_dtype}; expected float16, bfloat16 or float32")
+    check_one_device("linear", x, (("weight", weight), ("bias", bias), ("ln_weight", ln_weight),
+                                   ("ln_bias", ln_bias), ("scale", scale), ("residual", residual)))
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())

@@ -3,7 +3,9 @@
 Without a CUDA device the fused kernels run in Triton's CPU interpreter, which must be switched on before the
 module defining the ``@triton.jit`` functions is imported: it is switched on here, before any test module loads.
 Tests that need CUDA skip with a reason. The interpreter is also given the GPU's bfloat16 and tf32 rounding
-(``tests/gpu_numerics.py``), so the kernel tests run their bfloat16 cases on the CPU too.
+(``tests/gpu_numerics.py``), so the kernel tests run their bfloat16 cases on the CPU too, and a memory checker
+(``tests/memcheck.py``): a load or store outside the launch's tensor arguments fails the test, as an illegal address
+would fail it on the GPU.
 """
 
 import os
@@ -15,8 +17,10 @@ if not torch.cuda.is_available():
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 if INTERPRETED:
     import gpu_numerics
+    import memcheck
 
     gpu_numerics.install()
+    memcheck.install()
 
 import pytest  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402

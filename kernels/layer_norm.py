@@ -5,9 +5,9 @@ What it computes
 For rows ``x`` (and optionally a residual branch ``y`` of the same shape), per row of C channels::
 
     r = x + y                       (stored in torch.result_type(x, y); skipped when there is no y: r = x)
-    m1 = sum(r) / C,   d = r - m1,   corr = sum(d) / C,   mean = m1 + corr   (a two-term mean: row_moments)
-    var = (sum(d^2) - sum(d) * corr) / C,   rstd = 1 / sqrt(var + eps)
-    out = (d - corr) * rstd * w + b (stored in out_dtype: default r's dtype)
+    p = r[0],   mean = p + sum(r - p) / C,   d = (r - p) - sum(r - p) / C     (pivoted: row_moments)
+    var = sum(d^2) / C,   rstd = 1 / sqrt(var + eps)
+    out = d * rstd * w + b          (stored in out_dtype: default r's dtype)
 
 which is ``r = x + y; out = F.layer_norm(r, (C,), w, b, eps)`` and, with ``out_dtype`` = the autocast dtype,
 what ``Linear(LayerNorm(r))`` feeds its matmul under ``torch.autocast`` (LayerNorm runs in float32 there and the
@@ -17,18 +17,19 @@ float32 whatever the storage dtypes; ``r`` is rounded to its dtype *before* it i
 Rounding: the row statistics use correctly rounded division and square root (``tl.div_rn``, ``tl.sqrt_rn``; sm_90
 would otherwise compile ``/`` to ``div.full.f32`` and ``sqrt`` to ``sqrt.approx.ftz.f32``), so mean and rstd are the
 same on every GPU and in the interpreter. They are not bit-equal to torch's LayerNorm (Welford, ``rsqrtf``): the
-tests bound both against a float64 reference by the tolerance rule, never against each other bit for bit. The mean
-is kept as two terms, ``m1 + corr``: ``r - m1`` is exact wherever r is within a factor of two of m1, so the centred
-row ``d - corr`` is accurate to an ulp of the row's *spread*. A constant row gives exactly the bias (as torch's
-Welford does), and a row whose mean is far above its spread (a blank image's patches, padding tokens) loses nothing
-to the mean's rounding, which rstd (up to ``1 / sqrt(eps)``) would scale into the output: the plain two-pass mean
-put constant rows up to 190x over the tolerance rule's bound. The backward takes the saved mean ``fl(m1 + corr)``
-as the first term and recomputes the correction from the row, as the forward did.
+tests bound both against a float64 reference by the tolerance rule, never against each other bit for bit. The row is
+centred about its first element ``p`` before it is summed: ``r - p`` is exact wherever r is within a factor of two
+of p, so the centred row is accurate to an ulp of the row's *spread*, not of its mean. A constant row gives exactly
+the bias (as torch's Welford does), and a row whose mean is far above its spread (a blank image's patches, padding
+tokens) loses nothing to the mean's rounding, which rstd (up to ``1 / sqrt(eps)``) would scale into the output: the
+plain two-pass mean put constant rows up to 190x over the tolerance rule's bound. The backward centres about the
+saved mean ``fl(p + mean(r - p))`` and corrects once more by the centred row's own mean, recovering that precision
+whichever kernel (this one or the GEMM prologue) computed the statistics.
 
 Backward, with ``xhat = (r - mean) * rstd``, ``g = dout * w`` and ``dr_in`` the gradient reaching ``r`` from its
 other uses (the residual stream)::
 
-    xhat = (d - mean_c(d)) * rstd with d = r - mean (the saved mean, corrected again from the row)
+    xhat = (d - mean_c(d)) * rstd with d = r - mean (the saved mean, corrected once more from the row)
     dr = rstd * (g - xhat * mean_c(xhat * g) - mean_c(g)) + dr_in,    dx = dr (x's dtype),  dy = dr (y's dtype)
     dw = sum_rows(dout * xhat),   db = sum_rows(dout)
 
@@ -42,7 +43,7 @@ bf16 (read 4, write 2): 24 bytes per element. Fused it is 12 (read 4 + 2, write 
 Algorithm
 ---------
 Forward: one program per BLOCK_R rows; a whole row (C <= MAX_DIM) sits in registers (BLOCK_C = next power of two
-of C, the extra columns masked), so it is one read and one write, corrected two-pass mean/variance (no Welford
+of C, the extra columns masked), so it is one read and one write, pivoted two-pass mean/variance (no Welford
 needed).
 Saves mean and rstd, float32, one per row.
 
@@ -66,44 +67,46 @@ Limits
 * CUDA; CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
   Plain pointer arithmetic with masks; only APIs present in both triton 3.6 and 3.9.
 
-Measured sm_90 resources (ptxas -v of triton 3.6.0's own compile, ``python tests/sm90_compile.py --set ci --table``,
-batch 256; two launches per pass (without/with the residual; ``amp`` = float32 stream, bfloat16 output/gradient, as
-under autocast); widths of one power-of-two class compile alike; smem in bytes, limit 232,448;
-``tests/test_sm90_compile.py`` holds the spill budgets)::
+Measured sm_90 resources, a static reading (ptxas -v of triton 3.6.0's own compile, ``python tests/sm90_compile.py
+--set ci --table --ops layer_norm linear cls_cross_attention``, batch 256; launches without/with the residual, and
+the ``linear`` op's; ``amp`` = float32 stream, bfloat16 output/gradient, as under autocast); widths of one
+power-of-two class compile alike; smem in bytes, limit 232,448; ``tests/sm90_compile.py`` holds the spill budgets.
+The pivot of the exact centring costs the forward one load per row: with triton 3.6, 4+4 B of spills in one fp16
+C = 448 config (none with 3.9))::
 
     kernel                 dtype width   cfgs     regs  spill st/ld (B)  stack        smem (B)
-    layer_norm_bwd_kernel  amp   C=96       2    80-98                0      0            8192
-    layer_norm_bwd_kernel  amp   C=224      2   93-100                0      0            8192
-    layer_norm_bwd_kernel  amp   C=448      2   97-102                0      0            8192
-    layer_norm_bwd_kernel  amp   C=768      2    80-99                0      0            8192
-    layer_norm_bwd_kernel  bf16  C=96       2    80-94                0      0            4096
-    layer_norm_bwd_kernel  bf16  C=224      2    73-80                0      0            8192
-    layer_norm_bwd_kernel  bf16  C=448      2    80-98                0      0            8192
-    layer_norm_bwd_kernel  bf16  C=768      2    80-96                0      0            8192
-    layer_norm_bwd_kernel  fp16  C=96       2   78-100                0      0            4096
-    layer_norm_bwd_kernel  fp16  C=224      2    73-80                0      0            8192
-    layer_norm_bwd_kernel  fp16  C=448      2    80-98                0      0            8192
-    layer_norm_bwd_kernel  fp16  C=768      2    80-96                0      0            8192
-    layer_norm_bwd_kernel  fp32  C=96       2    64-74                0      0            4096
-    layer_norm_bwd_kernel  fp32  C=224      2    76-80                0      0            4096
-    layer_norm_bwd_kernel  fp32  C=448      2    76-80                0      0            4096
-    layer_norm_bwd_kernel  fp32  C=768      2    64-78                0      0              64
-    layer_norm_fwd_kernel  amp   C=96       2    72-96                0      0        512-4096
-    layer_norm_fwd_kernel  amp   C=224      2    78-94                0      0        512-4096
-    layer_norm_fwd_kernel  amp   C=448      2    77-96                0      0       2048-4096
-    layer_norm_fwd_kernel  amp   C=768      2    72-80                0      0            4096
-    layer_norm_fwd_kernel  bf16  C=96       2       64                0      0             256
-    layer_norm_fwd_kernel  bf16  C=224      2       64                0      0             512
-    layer_norm_fwd_kernel  bf16  C=448      2    64-66                0      0            1024
-    layer_norm_fwd_kernel  bf16  C=768      2       56                0      0              64
-    layer_norm_fwd_kernel  fp16  C=96       2    64-72                0      0             256
-    layer_norm_fwd_kernel  fp16  C=224      2       64                0      0             512
-    layer_norm_fwd_kernel  fp16  C=448      2    64-69                0      0            1024
-    layer_norm_fwd_kernel  fp16  C=768      2    56-64                0      0              64
-    layer_norm_fwd_kernel  fp32  C=96       2    70-90                0      0             512
-    layer_norm_fwd_kernel  fp32  C=224      2    88-90                0      0            1024
-    layer_norm_fwd_kernel  fp32  C=448      2    71-72                0      0             128
-    layer_norm_fwd_kernel  fp32  C=768      2       68                0      0              64
+    _layer_norm_bwd_kernel amp   C=96      4    64-97                0      0       4096-8192
+    _layer_norm_bwd_kernel amp   C=224     4   79-100                0      0       4096-8192
+    _layer_norm_bwd_kernel amp   C=448     4   76-101                0      0       4096-8192
+    _layer_norm_bwd_kernel amp   C=768     4   64-101                0      0         64-8192
+    _layer_norm_bwd_kernel bf16  C=96      4    64-94                0      0            4096
+    _layer_norm_bwd_kernel bf16  C=224     4    64-80                0      0            8192
+    _layer_norm_bwd_kernel bf16  C=448     4   80-101                0      0            8192
+    _layer_norm_bwd_kernel bf16  C=768     4   80-101                0      0            8192
+    _layer_norm_bwd_kernel fp16  C=96      4    64-98                0      0            4096
+    _layer_norm_bwd_kernel fp16  C=224     4    64-80                0      0            8192
+    _layer_norm_bwd_kernel fp16  C=448     4    80-99                0      0            8192
+    _layer_norm_bwd_kernel fp16  C=768     4    80-97                0      0            8192
+    _layer_norm_bwd_kernel fp32  C=96      1       76                0      0            4096
+    _layer_norm_bwd_kernel fp32  C=224     1       80                0      0            4096
+    _layer_norm_bwd_kernel fp32  C=448     1       94                0      0            4096
+    _layer_norm_bwd_kernel fp32  C=768     1       75                0      0              64
+    _layer_norm_fwd_kernel amp   C=96      2   75-120                0      0        512-4096
+    _layer_norm_fwd_kernel amp   C=224     2   79-118                0      0        512-4096
+    _layer_norm_fwd_kernel amp   C=448     2   91-119                0      0       2048-4096
+    _layer_norm_fwd_kernel amp   C=768     2    69-94                0      0            4096
+    _layer_norm_fwd_kernel bf16  C=96      2       72                0      0             256
+    _layer_norm_fwd_kernel bf16  C=224     2    76-80                0      0             512
+    _layer_norm_fwd_kernel bf16  C=448     2    80-86                0      0            1024
+    _layer_norm_fwd_kernel bf16  C=768     2    56-59                0      0              64
+    _layer_norm_fwd_kernel fp16  C=96      2       72                0      0             256
+    _layer_norm_fwd_kernel fp16  C=224     2    72-76                0      0             512
+    _layer_norm_fwd_kernel fp16  C=448     2       80              4/4    0-8            1024
+    _layer_norm_fwd_kernel fp16  C=768     2       62                0      0              64
+    _layer_norm_fwd_kernel fp32  C=96      2       96                0      0             512
+    _layer_norm_fwd_kernel fp32  C=224     2  117-128                0      0            1024
+    _layer_norm_fwd_kernel fp32  C=448     2    79-80                0      0             128
+    _layer_norm_fwd_kernel fp32  C=768     2       66                0      0              64
 """
 
 from __future__ import annotations
@@ -138,25 +141,24 @@ def _row_offsets(rows, N, s0, s1):
 
 
 @triton.jit
-def row_moments(r, mask, C, AXIS: tl.constexpr):
-    """Moments over ``AXIS`` of the float32 tile ``r`` (zero where ``mask`` is off, ``C`` valid entries a row):
-    ``(m1, corr, M2)``, the mean as two terms ``m1 + corr`` and ``M2 = sum((r - mean)^2)``, by the corrected
-    two-pass algorithm (Chan, Golub and LeVeque)::
+def row_moments(xs, mask, C, AXIS: tl.constexpr, EXACT: tl.constexpr = True):
+    """``(mean, M2, d)`` over ``AXIS`` of the float32 tile ``xs = x - p`` (zero where ``mask`` is off, ``C`` valid
+    entries a row), ``p`` a pivot per row, the row's first element: ``d = xs - mean`` is the centred row and
+    ``M2 = sum(d^2)``, two-pass. The row's mean is ``p + mean``.
 
-        m1 = sum(r) / C,   d = r - m1,   corr = sum(d) / C,   M2 = sum(d^2) - sum(d) * corr
-
-    ``r - m1`` is exact wherever r is within a factor of two of m1 (Sterbenz), so ``(r - m1) - corr`` is the
-    centred row to about an ulp of the *spread*, not of the mean: a constant row centres to exactly 0 (as torch's
-    Welford LayerNorm gives) and a row whose mean is far above its spread loses nothing to the mean's rounding,
-    which ``rstd`` (up to ``1 / sqrt(eps)``) would otherwise scale into the output. Partial moments of row chunks
-    merge by Chan et al.'s update."""
-    s = tl.sum(r, axis=AXIS)
+    ``x - p`` is exact wherever x is within a factor of two of p (Sterbenz), so the mean of ``xs`` and the centred
+    row are accurate to about an ulp of the row's *spread*, not of its mean: a constant row centres to exactly 0 (as
+    torch's Welford LayerNorm gives) and a row whose mean is far above its spread loses nothing to the mean's
+    rounding, which ``rstd`` (up to ``1 / sqrt(eps)``) would otherwise scale into the output (the plain two-pass
+    mean put constant rows at up to 190x the tolerance rule's bound). It costs one load per row and one subtraction
+    per element, no extra reduction. Partial moments of row chunks merge by Chan et al.'s update. ``EXACT``: the
+    mean by correctly rounded division (the ``layer_norm`` kernel's, the same on every GPU and in the
+    interpreter), else by ``/`` (``div.full.f32`` on sm_90)."""
+    s = tl.sum(xs, axis=AXIS)
     c = tl.zeros_like(s) + C
-    m1 = tl.div_rn(s, c)
-    d = tl.where(mask, r - tl.expand_dims(m1, AXIS), 0.0)
-    s1 = tl.sum(d, axis=AXIS)
-    corr = tl.div_rn(s1, c)
-    return m1, corr, tl.maximum(tl.sum(d * d, axis=AXIS) - s1 * corr, 0.0)
+    mean = tl.div_rn(s, c) if EXACT else s / c
+    d = tl.where(mask, xs - tl.expand_dims(mean, AXIS), 0.0)
+    return mean, tl.sum(d * d, axis=AXIS), d
 
 
 @triton.jit
@@ -164,12 +166,6 @@ def rstd_of(m2, C, eps):
     """``1 / sqrt(M2 / C + eps)``, correctly rounded division and square root (the same on every GPU and in the
     interpreter; sm_90 would otherwise compile ``/`` to ``div.full.f32`` and ``sqrt`` to an approximation)."""
     return tl.div_rn(tl.zeros_like(m2) + 1.0, tl.sqrt_rn(tl.div_rn(m2, tl.zeros_like(m2) + C) + eps))
-
-
-@triton.jit
-def centred(r, mask, m1, corr, AXIS: tl.constexpr):
-    """``(r - m1) - corr``, zero where ``mask`` is off: the row minus its two-term mean (:func:`row_moments`)."""
-    return tl.where(mask, (r - tl.expand_dims(m1, AXIS)) - tl.expand_dims(corr, AXIS), 0.0)
 
 
 @triton.jit
@@ -194,18 +190,21 @@ def _layer_norm_fwd_kernel(
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
 
-    r = tl.load(X + _row_offsets(rows, N, sx0, sx1)[:, None] + cols[None, :] * sx2, mask=mask, other=0.0)
+    x_rows = X + _row_offsets(rows, N, sx0, sx1)
+    r = tl.load(x_rows[:, None] + cols[None, :] * sx2, mask=mask, other=0.0)
     r = r.to(tl.float32)
+    piv = tl.load(x_rows, mask=rmask, other=0.0).to(tl.float32)  # (BLOCK_R,): each row's first channel
     if HAS_Y:
-        y = tl.load(Y + _row_offsets(rows, N, sy0, sy1)[:, None] + cols[None, :] * sy2, mask=mask, other=0.0)
+        y_rows = Y + _row_offsets(rows, N, sy0, sy1)
+        y = tl.load(y_rows[:, None] + cols[None, :] * sy2, mask=mask, other=0.0)
         r_st = (r + y.to(tl.float32)).to(R.dtype.element_ty)
         tl.store(R + _row_offsets(rows, N, sr0, sr1)[:, None] + cols[None, :] * sr2, r_st, mask=mask)
         r = r_st.to(tl.float32)
+        piv = (piv + tl.load(y_rows, mask=rmask, other=0.0).to(tl.float32)).to(R.dtype.element_ty).to(tl.float32)
 
-    m1, corr, m2 = row_moments(r, mask, C, 1)
+    mean, m2, d = row_moments(tl.where(mask, r - piv[:, None], 0.0), mask, C, 1)
     rstd = rstd_of(m2, C, eps)
-    d = centred(r, mask, m1, corr, 1)
-    mean = m1 + corr
+    mean += piv
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)
     out = d * rstd[:, None] * w[None, :] + b[None, :]
@@ -251,7 +250,7 @@ def _layer_norm_bwd_kernel(
         # the saved (rounded) mean as the pivot of one more correction step: xhat to about an ulp of the row's
         # spread, as in the forward, whichever kernel computed the statistics
         d = tl.where(mask, xin.to(tl.float32) - mean[:, None], 0.0)
-        xhat = centred(d, mask, tl.zeros_like(mean), tl.sum(d, axis=1) / C, 1) * rstd[:, None]
+        xhat = tl.where(mask, d - (tl.sum(d, axis=1) / C)[:, None], 0.0) * rstd[:, None]
         g = dout * w[None, :]
         c1 = tl.sum(xhat * g, axis=1) / C
         c2 = tl.sum(g, axis=1) / C

@@ -29,9 +29,9 @@ Algorithm
 ---------
 One program per (BLOCK_M x BLOCK_N) output tile, tiles ordered in groups of GROUP_M row tiles so that a group's
 rows of x stay in L2 while it sweeps N. With the LayerNorm prologue a program first walks its BLOCK_M rows over K
-once for the statistics of ``x - p``, ``p`` the row's first element (per-chunk two-term mean and M2 as the
-``layer_norm`` kernel's ``row_moments``, merged as Chan et al.: one pass; the centred row ``(x - p) - mean`` keeps
-the precision of the row's spread, so constant rows normalise to exactly the bias), then walks
+once for the statistics of ``x - p``, ``p`` the row's first element (per-chunk mean and M2 by the ``layer_norm``
+kernel's ``row_moments``, merged as Chan et al.: one pass; the centred row ``(x - p) - mean`` keeps the precision
+of the row's spread, so constant rows normalise to exactly the bias), then walks
 K again normalising each (BLOCK_M x BLOCK_K) chunk in float32 in registers, rounding it to ``ct`` and feeding
 ``tl.dot`` (the second read hits L2: the row block was just read). Weight chunks are ``(BLOCK_K, BLOCK_N)`` views of
 the ``(N, K)`` Linear weight (no transpose copy). The epilogue is applied to the float32 accumulator in registers.
@@ -230,8 +230,8 @@ def _linear_fwd_kernel(
 
     if HAS_LN:
         # one pass over the row block for the statistics of x - p, p = the row's first element (exact for rows
-        # within a factor of two of p): per-chunk two-term mean and M2 (row_moments) merged (Chan et al.), so the
-        # centred row keeps the precision of the row's spread, not of its mean
+        # within a factor of two of p; row_moments): per-chunk mean and M2 merged (Chan et al.), so the centred row
+        # keeps the precision of the row's spread, not of its mean
         piv = tl.load(X + bt * sx0 + tt * sx1, mask=rmask, other=0.0).to(tl.float32)  # (BLOCK_M,)
         mean = tl.zeros((BLOCK_M,), dtype=tl.float32)  # of x - p
         m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -241,9 +241,9 @@ def _linear_fwd_kernel(
             xk = tl.load(p, mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
             xk = tl.where(kmask[None, :], xk - piv[:, None], 0.0)
             cnt = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
-            cm1, ccorr, cm2 = row_moments(xk, kmask[None, :], cnt, 1)
+            cmean, cm2, _ = row_moments(xk, kmask[None, :], cnt, 1)
             tot = k0 + cnt
-            delta = (cm1 + ccorr) - mean
+            delta = cmean - mean
             mean += delta * tl.div_rn(cnt, tot)
             m2 += cm2 + delta * delta * tl.div_rn(k0 * cnt, tot)
             p += BLOCK_K * sxk

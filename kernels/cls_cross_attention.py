@@ -73,8 +73,9 @@ the sum is the same function as the reference, but not the same fp32 computation
 (std 0.2, scores of tens; C = 192-448) that order, in torch with every operation correctly rounded, is up to 4.7x
 further from float64 than the reference's order (``test_folded_order_is_worse_conditioned_in_fp32``), and the
 kernels up to 7.7x (1.0-1.6x the tolerance rule's bound; interpreter, seeds 0-4): the fold explains part of the
-miss, not all of it. Not fixed yet; the candidates are ``u`` in float64 in the launcher (in torch that brought the
-folded scores to within 1.0-1.4x of the reference's) and a compensated score dot. At std 0.05 the kernels are within
+miss, not all of it. Not fixed yet. Tried: ``u`` in float64 in the launcher (in torch alone that brings the folded
+scores to within 1.0-1.4x of the reference's error): no better in the kernels (up to 6.7x), so the rest lies in
+the kernels' own sums (the score dot, the online softmax, the backward's ``ds``), to be found per tensor. At std 0.05 the kernels are within
 the rule (worst 0.77 in the probe that found this); the 16-bit dtypes are not affected (their rounding dominates).
 With no patch tokens (N = 0) the softmax has one entry and ``ds`` is set to exactly zero (its value; a rounding
 residue otherwise).

@@ -9,7 +9,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_skips_are_summarised_per_reason(tmp_path):
-    for name in ("conftest.py", "gpu_numerics.py"):
+    for name in ("conftest.py", "gpu_numerics.py", "memcheck.py"):
         shutil.copy(os.path.join(HERE, name), tmp_path / name)
     shutil.copy(os.path.join(os.path.dirname(HERE), "pytest.ini"), tmp_path / "pytest.ini")
     (tmp_path / "tests").mkdir()

@@ -192,16 +192,17 @@ def install() -> None:
     orig_load, orig_store = builder.create_masked_load, builder.create_masked_store
     orig_init, orig_call = interp.GridExecutor._init_args_hst, interp.GridExecutor.__call__
 
-    def create_masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    # the trailing arguments (cache policy, volatility, eviction...) differ between triton versions: passed through
+    def create_masked_load(self, ptrs, mask, *rest, **kw):
         _check("load", ptrs, mask)
-        return orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return orig_load(self, ptrs, mask, *rest, **kw)
 
-    def create_masked_store(self, ptrs, value, mask, cache_policy):
+    def create_masked_store(self, ptrs, value, mask, *rest, **kw):
         _check("store", ptrs, mask)
-        return orig_store(self, ptrs, value, mask, cache_policy)
+        return orig_store(self, ptrs, value, mask, *rest, **kw)
 
-    def _init_args_hst(self, args_dev, kwargs):
-        args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
+    def _init_args_hst(self, *a, **kw):
+        args_hst, kwargs_hst = orig_init(self, *a, **kw)
         _current.append((self, _regions(self.arg_names, args_hst, kwargs_hst)))
         return args_hst, kwargs_hst
 

@@ -241,11 +241,12 @@ def _linear_fwd_kernel(
             xk = tl.load(p, mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
             xk = tl.where(kmask[None, :], xk - piv[:, None], 0.0)
             cnt = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
-            cmean, cm2, _ = row_moments(xk, kmask[None, :], cnt, 1)
+            # plain division: the pivot, not the rounding of these means, keeps the centred row exact
+            cmean, cm2, _ = row_moments(xk, kmask[None, :], cnt, 1, False)
             tot = k0 + cnt
             delta = cmean - mean
-            mean += delta * tl.div_rn(cnt, tot)
-            m2 += cm2 + delta * delta * tl.div_rn(k0 * cnt, tot)
+            mean += delta * (cnt / tot)
+            m2 += cm2 + delta * delta * (k0 * cnt / tot)
             p += BLOCK_K * sxk
         rstd = rstd_of(m2, K, eps)
         shift = -mean * rstd  # LayerNorm(x) = ((x - p) * rstd + shift) * g + b

@@ -20,6 +20,10 @@ import sys
 from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from crossvit_fast.ops.registry import OPS  # noqa: E402
+
 RESULTS = os.path.join(HERE, "results")
 README = os.path.join(os.path.dirname(HERE), "README.md")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -129,7 +133,7 @@ def summary(records: List[Dict[str, object]], folder: str = RESULTS) -> str:
     parts = []
     for rec in newest(records, "model"):
         parts += ["### Whole models", "", model_table(rec)]
-    for op in ("cls_cross_attention", "self_attention", "layer_norm", "linear"):
+    for op in OPS:
         for rec in newest(records, op):
             parts += [f"### `{op}`", "", op_table(rec)]
     if not parts:
@@ -145,7 +149,6 @@ def plot(records: List[Dict[str, object]], path: str) -> Optional[str]:
     recs = newest(records, "model")
     if not recs:
         return None
-    sys.path.insert(0, os.path.dirname(HERE))
     from crossvit_fast.bench_model import plot as model_plot
 
     return model_plot(recs[0], path)

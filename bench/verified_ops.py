@@ -19,12 +19,10 @@ from typing import Dict, List
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-OP_TEST_FILES: Dict[str, List[str]] = {
-    "cls_cross_attention": ["test_cls_cross_attention"],
-    "self_attention": ["test_self_attention"],
-    "layer_norm": ["test_layer_norm"],
-    "linear": ["test_linear", "test_block"],
-}
+from crossvit_fast.ops.registry import OPS  # noqa: E402
+
+OP_TEST_FILES: Dict[str, List[str]] = {name: list(spec.tests) for name, spec in OPS.items()}
+"""op -> the test modules whose CUDA run verifies it (the registry's)."""
 
 
 def count(paths: List[str]) -> Dict[str, Dict[str, int]]:

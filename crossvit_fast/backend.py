@@ -26,13 +26,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
-import os
 import warnings
 from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 import torch
 
-from crossvit_fast.config import ENV_BACKEND
+from crossvit_fast.config import ENV_BACKEND, env_raw, interpreter_enabled
+from crossvit_fast.ops.registry import OPS
 
 __all__ = [
     "BACKENDS",
@@ -51,6 +51,8 @@ __all__ = [
     "interpreter_enabled",
     "fused_runs_on",
     "op_backends",
+    "module_backends",
+    "count_backends",
     "describe_op_backends",
     "TORCH_PATH",
     "warn_once",
@@ -61,21 +63,13 @@ BACKENDS = ("reference", "torch", "triton", "auto")
 
 RESOLVED_BACKENDS = ("reference", "torch", "triton")
 
-FUSED_OPS: dict = {
-    "cls_cross_attention": "crossvit_fast.ops.cls_cross_attention",
-    "self_attention": "crossvit_fast.ops.self_attention",
-    "layer_norm": "crossvit_fast.ops.layer_norm",
-    "linear": "crossvit_fast.ops.linear",
-}
-"""Ops with a fused Triton kernel in this version: op name -> the ``crossvit_fast.ops`` module that registers it."""
+FUSED_OPS: Dict[str, str] = {name: spec.op_modules[0] for name, spec in OPS.items()}
+"""Ops with a fused Triton kernel in this version: op name -> the ``crossvit_fast.ops`` module that registers it
+(a view of :data:`crossvit_fast.ops.registry.OPS`)."""
 
-TORCH_PATH: dict = {
-    "cls_cross_attention": "timm's CrossAttention math: LayerNorm, the CLS query's scores, softmax, weighted sum",
-    "self_attention": "F.scaled_dot_product_attention, as timm's Attention",
-    "layer_norm": "torch.nn.LayerNorm, as timm's Block",
-    "linear": "the block's nn.Linear layers, GELU and residual adds, as timm's Block",
-}
-"""What each op runs on the ``"torch"`` backend (where it does not run fused): what timm runs."""
+TORCH_PATH: Dict[str, str] = {name: spec.torch_path for name, spec in OPS.items()}
+"""What each op runs on the ``"torch"`` backend (where it does not run fused): what timm runs (a view of the
+registry)."""
 
 GPU_VERIFIED_OPS: Dict[str, FrozenSet[str]] = {}
 """Fused op -> the GPU architectures (:func:`device_arch` names: ``"sm_90"`` for H100 / H200) on which its CUDA
@@ -164,15 +158,10 @@ def backend_request() -> Tuple[str, str]:
     ctx = _context_backend.get()
     if ctx is not None:
         return ctx, "use_backend()"
-    env = os.environ.get(ENV_BACKEND, "").strip()
+    env = env_raw(ENV_BACKEND).strip()
     if env:
         return _check_name(env, f"environment variable {ENV_BACKEND}"), f"the environment variable {ENV_BACKEND}"
     return "auto", "the default"
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton's CPU interpreter is switched on (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
 def triton_status(op: Optional[str] = None, allow_interpreter: bool = True) -> Tuple[bool, str]:
@@ -224,20 +213,29 @@ def resolve_backend(requested: Optional[str] = None, op: Optional[str] = None) -
     return "triton" if ok and verified_on(op, device_arch()) else "torch"
 
 
-def op_backends(model: torch.nn.Module) -> Dict[str, Dict[str, int]]:
-    """How the fused-capable seams of ``model`` run, by op: ``{op: {resolved backend: number of modules}}``,
-    e.g. ``{"self_attention": {"torch": 15}, ...}``; ``"triton"`` is fused, ``"torch"`` is what timm runs,
-    ``"reference"`` the explicit math."""
-    out: Dict[str, Dict[str, int]] = {}
+def module_backends(model: torch.nn.Module) -> Dict[str, List[str]]:
+    """The one report of what runs fused: op -> the resolved backend of each module that can run it, in module
+    order (``"triton"``: fused; ``"torch"``: what timm runs; ``"reference"``: the explicit math). Every op a module
+    chooses a backend for is listed (a branch Block: ``layer_norm`` and ``linear``). ``CrossViT.backends``,
+    :func:`op_backends` and ``optimize``'s ``crossvit_fast_ops`` are this report."""
+    out: Dict[str, List[str]] = {}
     for m in model.modules():
-        seams = [(getattr(m, "op_name", ""), getattr(m, "backend", None))]
-        if hasattr(m, "linear_backend"):  # a branch Block: its GEMMs are a seam of their own
-            seams.append(("linear", m.linear_backend))
-        for op, resolved in seams:
-            if op and resolved in RESOLVED_BACKENDS:
-                per_op = out.setdefault(op, {})
-                per_op[resolved] = per_op.get(resolved, 0) + 1
+        chosen = m.__dict__.get("backends")
+        if isinstance(chosen, dict):
+            for op, resolved in chosen.items():
+                out.setdefault(op, []).append(resolved)
     return out
+
+
+def op_backends(model: torch.nn.Module) -> Dict[str, Dict[str, int]]:
+    """:func:`module_backends` counted: ``{op: {resolved backend: number of modules}}``, e.g.
+    ``{"self_attention": {"torch": 15}, "linear": {"torch": 15}, ...}``."""
+    return count_backends(module_backends(model))
+
+
+def count_backends(report: Dict[str, List[str]]) -> Dict[str, Dict[str, int]]:
+    """A :func:`module_backends` report as ``{op: {resolved backend: number of modules}}``."""
+    return {op: {b: names.count(b) for b in dict.fromkeys(names)} for op, names in report.items()}
 
 
 def describe_op_backends(counts: Dict[str, Dict[str, int]]) -> List[str]:

@@ -113,8 +113,10 @@ def cmd_info(args) -> int:
         ENV_AUTOTUNE,
         ENV_AUTOTUNE_CACHE,
         ENV_BACKEND,
+        SETTINGS,
         autotune_cache_from_env,
         autotune_from_env,
+        env_raw,
     )
 
     print(f"crossvit_fast {crossvit_fast.__version__}")
@@ -128,7 +130,7 @@ def cmd_info(args) -> int:
     else:
         build = "a CPU-only build of torch" if torch.version.cuda is None else f"torch built for CUDA {torch.version.cuda}"
         print(f"devices       cpu only (torch.cuda.is_available() is False; {build})")
-    env = os.environ.get(ENV_BACKEND, "")
+    env = env_raw(ENV_BACKEND)
     try:
         asked, source = backend_request()
         print(f"default backend asked for: {asked!r} (from {source}; {ENV_BACKEND}={env!r})")
@@ -136,14 +138,14 @@ def cmd_info(args) -> int:
         asked = None
         print(f"default backend asked for: none valid: {e}; modules built without backend= will raise until it is fixed")
     tune = "on" if autotune_from_env() else "off (fixed default tiles)"
-    print(f"autotuning: {tune} ({ENV_AUTOTUNE}={os.environ.get(ENV_AUTOTUNE, '')!r}; CUDA only: the self-attention "
+    print(f"autotuning: {tune} ({ENV_AUTOTUNE}={env_raw(ENV_AUTOTUNE)!r}; CUDA only: the self-attention "
           "and block-GEMM tiles, timed on the first call of each shape)")
     if autotune_cache_from_env():
         where = os.environ.get("TRITON_CACHE_DIR") or os.path.join("~", ".triton", "cache")
         cache = f"on (each pick also kept in Triton's cache dir {where}, loaded by later processes)"
     else:
         cache = "off (picks kept in the process only)"
-    print(f"autotune cache: {cache} ({ENV_AUTOTUNE_CACHE}={os.environ.get(ENV_AUTOTUNE_CACHE, '')!r})")
+    print(f"autotune cache: {cache} ({ENV_AUTOTUNE_CACHE}={env_raw(ENV_AUTOTUNE_CACHE)!r})")
     print("backends:")
     print("  reference    can run (plain PyTorch: the explicit math, the tests' oracle)")
     print("  torch        can run (what timm runs: SDPA, PyTorch's LayerNorm)")
@@ -172,6 +174,11 @@ def cmd_info(args) -> int:
         print(f"note: {ENV_BACKEND}=triton asks for the fused kernels, which cannot run here: models built without "
               f"backend= will raise; unset it or set it to 'auto'")
     print("\n".join(fused_ops_lines()))
+    print("environment variables (unset: the default):")
+    for s in SETTINGS:
+        if s.scope != "test":
+            value = repr(env_raw(s.name)) if env_raw(s.name) else f"unset ({s.default!r})"
+            print(f"  {s.name:<29} {value}: {s.doc}")
     return 0
 
 
@@ -248,13 +255,14 @@ def _time_ms(fn, device: torch.device, reps: int) -> float:
 
 def cmd_check(args) -> int:
     from crossvit_fast.backend import FUSED_OPS, BackendUnavailableError, triton_status
+    from crossvit_fast.config import interpreter_enabled
     from crossvit_fast.models import create_model
     from crossvit_fast.testing import default_atol, fill_seeded_
 
     device = _device(args.device)
     interpreter = False
     triton_installed = importlib.util.find_spec("triton") is not None
-    if device.type == "cpu" and FUSED_OPS and triton_installed and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if device.type == "cpu" and FUSED_OPS and triton_installed and not interpreter_enabled():
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
         interpreter = True
 

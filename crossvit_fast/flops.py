@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from crossvit_fast.ops.registry import OPS
+
 __all__ = ["flops", "OP_HANDLES", "sdpa_flop_jit", "self_attention_flop_jit", "cls_cross_attention_flop_jit",
            "layer_norm_flop_jit", "linear_flop_jit", "block_half_flop_jit"]
 
@@ -86,13 +88,10 @@ def block_half_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
 
 OP_HANDLES: Dict[str, Callable[[List[Any], List[Any]], int]] = {
     "aten::scaled_dot_product_attention": sdpa_flop_jit,
-    "crossvit_fast::self_attention": self_attention_flop_jit,
-    "crossvit_fast::cls_cross_attention": cls_cross_attention_flop_jit,
-    "crossvit_fast::layer_norm": layer_norm_flop_jit,
-    "crossvit_fast::linear": linear_flop_jit,
-    "crossvit_fast::block_half": block_half_flop_jit,
+    **{traced: globals()[fn] for spec in OPS.values() for traced, fn in spec.flop_handles.items()},
 }
-"""fvcore handles by traced op name; each fused op's handle counts what its reference computation counts."""
+"""fvcore handles by traced op name (the fused ops' from the registry); each fused op's handle counts what its
+reference computation counts."""
 
 
 def _input_shape(model: torch.nn.Module, input_size) -> tuple:

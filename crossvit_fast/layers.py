@@ -11,7 +11,7 @@ Everything else is plain PyTorch modules laid out exactly as in timm's ``crossvi
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -28,14 +28,8 @@ from crossvit_fast.backend import (
     verified_on,
     warn_once,
 )
-from crossvit_fast.config import (
-    CLS_CROSS_ATTENTION_MAX_DIM,
-    CLS_CROSS_ATTENTION_MAX_HEAD_DIM,
-    FUSED_DTYPES,
-    LAYER_NORM_MAX_DIM,
-    LN_EPS,
-    SELF_ATTENTION_HEAD_DIMS,
-)
+from crossvit_fast.config import LN_EPS
+from crossvit_fast.ops import registry as op_registry
 from crossvit_fast.reference import cls_cross_attention_ref, self_attention_ref
 
 __all__ = [
@@ -110,73 +104,90 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
-class _BackendMixin:
-    """Backend bookkeeping shared by the two seams: what was asked for, what it resolved to, when to use it."""
+class _FusedSeams:
+    """The backend choice of a module with fused-op seams, made once when it is built (or re-made by
+    :meth:`set_backend`): ``backends`` maps each op the module can run fused (``ops``, its main op first) to
+    ``"triton"``, ``"torch"`` or ``"reference"``. At call time :meth:`_fused_call` is the one check that may still
+    send a call off the fused path: a torch.fx trace, dropout in training, an input dtype or device the kernels do
+    not take, an architecture the kernel is not verified on ("auto" only). Off the path it warns once ("auto") or
+    raises (an explicit "triton")."""
 
-    op_name: str = ""
+    ops: Tuple[str, ...] = ()
+    __jit_unused_properties__ = ["backend"]
 
-    def _fused_unsupported(self) -> str:
-        """Why the fused kernel cannot take this module's shapes ("" when it can)."""
-        return ""
+    @property
+    def backend(self) -> str:
+        """The resolved backend of the module's main op."""
+        return self.backends[self.ops[0]]
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self.backends = {**self.backends, self.ops[0]: value}
+
+    def _dims(self) -> Dict[str, int]:
+        """The module's sizes, as the registry's shape checks take them."""
+        return {}
+
+    def _unsupported(self, op: str) -> str:
+        """Why ``op``'s kernel cannot take this module ("" when it can)."""
+        return op_registry.get(op).unsupported(**self._dims())
+
+    def _resolve(self, op: str, arg: Optional[str], requested: str, chosen: Dict[str, str]) -> str:
+        resolved = resolve_backend(arg, op=op)
+        if resolved != "triton":
+            return resolved
+        why = self._unsupported(op)
+        if why and requested == "triton":
+            raise BackendUnavailableError(f"{type(self).__name__}: backend='triton' cannot take this module: {why}")
+        return "torch" if why else "triton"
 
     def set_backend(self, backend: Optional[str] = None) -> None:
-        """(Re)choose this module's backend: ``backend``, or the current default when None (see crossvit_fast.backend)."""
-        resolved = resolve_backend(None if backend is None else str(backend).lower(), op=self.op_name)
-        requested = get_backend() if backend is None else str(backend).lower()
-        if resolved == "triton":
-            why = self._fused_unsupported()
-            if why and requested == "triton":
-                raise BackendUnavailableError(f"{type(self).__name__}: backend='triton' cannot take this module: {why}")
-            if why:
-                resolved = "torch"
-        self.backend_requested, self.backend = requested, resolved
+        """(Re)choose this module's backends: ``backend``, or the current default when None (see crossvit_fast.backend)."""
+        arg = None if backend is None else str(backend).lower()
+        requested = get_backend() if arg is None else arg
+        chosen: Dict[str, str] = {}
+        for op in self.ops:
+            chosen[op] = self._resolve(op, arg, requested, chosen)
+        self.backend_requested, self.backends = requested, chosen
+
+    def _dropout_active(self, op: str) -> str:
+        """The dropout that would draw masks in this call and that ``op``'s kernel does not implement ("" if none)."""
+        return ""
+
+    def _instead(self, op: str) -> str:
+        """What runs where ``op`` does not run fused, for messages."""
+        return "the torch path (what timm runs)"
 
     @torch.jit.unused
-    def _use_fused(self, x):
-        # type: (torch.Tensor) -> bool
-        """Whether this call runs the fused op; off the kernels' dtypes or devices it warns once ("auto") or
-        raises (explicit "triton"). Not under TorchScript (the callers skip it) nor torch.fx tracing, which trace
+    def _fused_call(self, op, x):
+        # type: (str, torch.Tensor) -> bool
+        """Whether this call runs ``op`` fused, ``x`` being the tensor the kernel will see (its device, and its
+        dtype or the autocast one). Not under TorchScript (the callers skip it) nor torch.fx tracing, which trace
         the unfused path (with a warning where the fused one was chosen)."""
-        if self.backend != "triton":
+        if self.backends.get(op) != "triton":
             return False
         name = type(self).__name__
         if isinstance(x, torch.fx.Proxy):
-            warn_once(
-                f"{self.op_name}-fx",
-                f"crossvit_fast: torch.fx traces {name}'s unfused path (the fused {self.op_name} kernel needs the "
-                f"tensors' dtype and device, which a traced graph does not have)",
-            )
+            warn_once(f"{op}-fx", f"crossvit_fast: torch.fx traces {name}'s unfused path (the fused {op} kernel "
+                      f"needs the tensors' dtype and device, which a traced graph does not have)")
             return False
-        if self.training and self._dropout_active():
-            warn_once(
-                f"{self.op_name}-dropout",
-                f"crossvit_fast: {name} has attention dropout > 0 in training mode, which the fused {self.op_name} "
-                f"kernel does not implement; using the torch path (what timm runs) for those calls",
-            )
+        dropout = self._dropout_active(op)
+        if dropout:
+            warn_once(f"{op}-dropout", f"crossvit_fast: {name} has {dropout} in training mode, which the fused {op} "
+                      f"kernel does not implement; using {self._instead(op)} for those calls")
             return False
         dtype = _autocast_dtype(x) or x.dtype
         problem = ""
-        if str(dtype).replace("torch.", "") not in FUSED_DTYPES:
-            problem = f"a {dtype} input (the fused kernels take {', '.join(FUSED_DTYPES)})"
+        if str(dtype).replace("torch.", "") not in op_registry.get(op).dtypes:
+            problem = f"a {dtype} input (the fused kernels take {', '.join(op_registry.get(op).dtypes)})"
         elif not fused_runs_on(x):
             problem = f"a tensor on {x.device} (the fused kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU ones)"
-        if not problem:
-            return self._verified_here(self.op_name, x, name)
-        if self.backend_requested == "triton":
-            raise ValueError(f"{name} was built with backend='triton' but got {problem}")
-        warn_once(
-            f"{self.op_name}-{dtype}-{x.device.type}",
-            f"crossvit_fast: backend 'auto' chose the fused {self.op_name} kernel for {name}, but it got {problem}; "
-            f"using the torch path (what timm runs) for such calls",
-        )
-        return False
-
-    @torch.jit.unused
-    def _verified_here(self, op, x, name, instead="the torch path (what timm runs)"):
-        # type: (str, torch.Tensor, str, str) -> bool
-        """Explicit "triton": always. "auto": whether ``op``'s kernel has passed its parity tests on the
-        architecture of ``x``'s device (a model built where it had may run on another GPU); if not, warn once and
-        take ``instead``."""
+        if problem:
+            if self.backend_requested == "triton":
+                raise ValueError(f"{name} was built with backend='triton' but got {problem}")
+            warn_once(f"{op}-{dtype}-{x.device.type}", f"crossvit_fast: backend 'auto' chose the fused {op} kernel "
+                      f"for {name}, but it got {problem}; using {self._instead(op)} for such calls")
+            return False
         if self.backend_requested == "triton":
             return True
         arch = device_arch(x.device)
@@ -184,21 +195,15 @@ class _BackendMixin:
             return True
         problem = (f"a tensor on {x.device} ({arch or 'not a CUDA device'}), an architecture the {op} kernel has "
                    f"not passed its parity tests on (verified on: {verified_archs(op)})")
-        warn_once(
-            f"{op}: {problem}",
-            f"crossvit_fast: backend 'auto' chose the fused {op} kernel for {name}, but it got {problem}; "
-            f"using {instead} for such calls",
-        )
-        return False
-
-    def _dropout_active(self) -> bool:
+        warn_once(f"{op}: {problem}", f"crossvit_fast: backend 'auto' chose the fused {op} kernel for {name}, but it "
+                  f"got {problem}; using {self._instead(op)} for such calls")
         return False
 
 
-class Attention(_BackendMixin, nn.Module):
+class Attention(_FusedSeams, nn.Module):
     """Branch multi-head self-attention: timm's ``Attention`` keys (``qkv``, ``proj``)."""
 
-    op_name = "self_attention"
+    ops = ("self_attention",)
 
     def __init__(
         self,
@@ -223,13 +228,11 @@ class Attention(_BackendMixin, nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.set_backend(backend)
 
-    def _dropout_active(self) -> bool:
-        return self.attn_drop.p > 0.0
+    def _dropout_active(self, op: str) -> str:
+        return "attention dropout > 0" if self.training and self.attn_drop.p > 0.0 else ""
 
-    def _fused_unsupported(self) -> str:
-        if self.head_dim not in SELF_ATTENTION_HEAD_DIMS:
-            return f"head_dim {self.head_dim} is not one of the fused self-attention's {SELF_ATTENTION_HEAD_DIMS}"
-        return ""
+    def _dims(self) -> Dict[str, int]:
+        return {"head_dim": self.head_dim}
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: Optional[str] = None) -> "Attention":
@@ -256,9 +259,9 @@ class Attention(_BackendMixin, nn.Module):
         if attn_mask is not None:
             raise ValueError("crossvit_fast Attention: attn_mask is not supported (CrossViT attends to every token)")
         qkv = self.qkv(x)  # (B, N, 3 * C)
-        if not torch.jit.is_scripting() and self._use_fused(qkv):
+        if not torch.jit.is_scripting() and self._fused_call("self_attention", qkv):
             out = self._fused(qkv)
-        elif self.backend == "reference":
+        elif self.backends["self_attention"] == "reference":
             p = self.attn_drop.p if self.training else 0.0
             out = self_attention_ref(qkv, self.num_heads, self.scale, dropout_p=p)
         else:
@@ -286,7 +289,7 @@ def _is_affine_layer_norm(m) -> bool:
     )
 
 
-class Block(_BackendMixin, nn.Module):
+class Block(_FusedSeams, nn.Module):
     """Pre-norm ViT block: ``x + attn(LN(x))`` then ``x + mlp(LN(x))``; timm's ``Block`` keys.
 
     Under ``backend="triton"`` its two LayerNorms run as the fused ``layer_norm`` op: ``norm1`` writes its output
@@ -294,7 +297,8 @@ class Block(_BackendMixin, nn.Module):
     add is fused with ``norm2``. The attention chooses its own backend (``self_attention``).
     """
 
-    op_name = "layer_norm"
+    ops = ("layer_norm", "linear")
+    __jit_unused_properties__ = ["backend", "linear_backend"]
 
     def __init__(
         self,
@@ -318,10 +322,17 @@ class Block(_BackendMixin, nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.set_backend(backend)
 
-    def _fused_unsupported(self) -> str:
-        if self.norm1.normalized_shape[0] > LAYER_NORM_MAX_DIM:
-            return f"width {self.norm1.normalized_shape[0]} is over the fused LayerNorm's {LAYER_NORM_MAX_DIM}"
-        return ""
+    def _dims(self) -> Dict[str, int]:
+        return {"dim": self.norm1.normalized_shape[0]}
+
+    @property
+    def linear_backend(self) -> str:
+        """The resolved backend of the block's GEMMs (op ``linear``)."""
+        return self.backends["linear"]
+
+    @linear_backend.setter
+    def linear_backend(self, value: str) -> None:
+        self.backends = {**self.backends, "linear": value}
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: Optional[str] = None) -> "Block":
@@ -347,18 +358,22 @@ class Block(_BackendMixin, nn.Module):
         new.set_backend(backend)
         return new
 
-    def set_backend(self, backend: Optional[str] = None) -> None:
-        super().set_backend(backend)
-        # The five-GEMM path (op "linear") is chosen on its own: "auto" takes it only once it is GPU-verified. Off
-        # it, the Linears, GELU and residual adds are timm's own modules and ops ("torch"; "reference" on that path).
-        self.linear_backend = "reference" if self.backend == "reference" else "torch"
-        if self.backend == "triton" and resolve_backend(self.backend_requested, op="linear") == "triton":
-            why = self._linear_unsupported()
-            if why:
-                warn_once(f"linear-structure-{why}", f"crossvit_fast: Block runs its LayerNorms fused but not the "
-                          f"fused GEMMs (op 'linear'): {why}")
-            else:
-                self.linear_backend = "triton"
+    def _resolve(self, op: str, arg: Optional[str], requested: str, chosen: Dict[str, str]) -> str:
+        if op != "linear":
+            return super()._resolve(op, arg, requested, chosen)
+        # The GEMMs run fused only beside the fused LayerNorms, and "auto" takes them only once GPU-verified. Off
+        # that path the Linears, GELU and residual adds are timm's own modules and ops ("reference" beside a
+        # reference block).
+        if chosen["layer_norm"] != "triton":
+            return "reference" if chosen["layer_norm"] == "reference" else "torch"
+        if resolve_backend(arg, op="linear") != "triton":
+            return "torch"
+        why = self._linear_unsupported() or super()._unsupported("linear")
+        if why:
+            warn_once(f"linear-structure-{why}", f"crossvit_fast: Block runs its LayerNorms fused but not the "
+                      f"fused GEMMs (op 'linear'): {why}")
+            return "torch"
+        return "triton"
 
     def _linear_unsupported(self) -> str:
         """Why this block's modules do not fit the five-kernel path ("" when they do)."""
@@ -376,31 +391,21 @@ class Block(_BackendMixin, nn.Module):
             return "mlp.norm is not Identity"
         return ""
 
-    def _dropout_modules_active(self) -> bool:
+    def _dropout_active(self, op: str) -> str:
         """Attention or MLP dropout that would draw masks in this call (the fused GEMMs do not implement it)."""
-        if not self.training:
-            return False
+        if op != "linear" or not self.training:
+            return ""
         mods = [getattr(self.attn, n, None) for n in ("attn_drop", "proj_drop")] + list(self.mlp.modules())
-        return any(isinstance(m, nn.Dropout) and m.p > 0.0 for m in mods)
+        return "attention or MLP dropout > 0" if any(isinstance(m, nn.Dropout) and m.p > 0.0 for m in mods) else ""
 
-    @torch.jit.unused
-    def _use_fused_linear(self, x):
-        # type: (torch.Tensor) -> bool
-        if getattr(self, "linear_backend", "torch") != "triton":
-            return False
-        if self._dropout_modules_active():
-            warn_once(
-                "linear-dropout",
-                "crossvit_fast: Block has attention or MLP dropout > 0 in training mode, which the fused GEMMs "
-                "(op 'linear') do not implement; using the reference path for those calls",
-            )
-            return False
-        return self._verified_here("linear", x, type(self).__name__,
-                                   "timm's Linears, GELU and residual adds (the LayerNorms still fused)")
+    def _instead(self, op: str) -> str:
+        if op == "linear":
+            return "timm's Linears, GELU and residual adds (the LayerNorms still fused)"
+        return super()._instead(op)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._use_fused(x):
-            if self._use_fused_linear(x):
+        if not torch.jit.is_scripting() and self._fused_call("layer_norm", x):
+            if self._fused_call("linear", x):
                 return self._forward_fused_linear(x)
             return self._forward_fused(x)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
@@ -445,7 +450,7 @@ class Block(_BackendMixin, nn.Module):
             return lin.weight if lin.weight.dtype == dt else lin.weight.to(dt)  # autocast's per-call cast
 
         attn_backend = getattr(a, "backend", "torch")  # a foreign (timm) attention: what it runs is SDPA
-        if attn_backend == "triton" and a._use_fused(x):  # x: the device and (autocast) dtype qkv will have
+        if attn_backend == "triton" and a._fused_call("self_attention", x):  # x: the device and (autocast) dtype qkv will have
             x = block_half(x, n1.weight, n1.bias, weight(a.qkv), a.qkv.bias, weight(a.proj), a.proj.bias, eps=n1.eps,
                            scale=self._drop_path_scale(self.drop_path1, x, dt), num_heads=a.num_heads,
                            attn_scale=a.scale)
@@ -555,7 +560,7 @@ class CrossAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
 
-class CrossAttentionBlock(_BackendMixin, nn.Module):
+class CrossAttentionBlock(_FusedSeams, nn.Module):
     """CrossViT's fusion attention: ``cls + attn(LN(concat(cls, tokens)))`` for the CLS query only.
 
     Keys as timm's ``CrossAttentionBlock`` (``norm1``, ``attn.wq/wk/wv/proj``). Call it as
@@ -564,7 +569,7 @@ class CrossAttentionBlock(_BackendMixin, nn.Module):
     concatenation ``(B, 1 + N, C)``. Returns the new CLS ``(B, 1, C)``.
     """
 
-    op_name = "cls_cross_attention"
+    ops = ("cls_cross_attention",)
 
     def __init__(
         self,
@@ -582,16 +587,12 @@ class CrossAttentionBlock(_BackendMixin, nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.set_backend(backend)
 
-    def _dropout_active(self) -> bool:
-        return self.attn.attn_drop.p > 0.0
+    def _dropout_active(self, op: str) -> str:
+        return "attention dropout > 0" if self.training and self.attn.attn_drop.p > 0.0 else ""
 
-    def _fused_unsupported(self) -> str:
+    def _dims(self) -> Dict[str, int]:
         C = self.norm1.normalized_shape[0]
-        D = C // self.attn.num_heads
-        if C > CLS_CROSS_ATTENTION_MAX_DIM or D > CLS_CROSS_ATTENTION_MAX_HEAD_DIM:
-            return (f"dim {C} / head_dim {D} is above the fused cross-attention's limits "
-                    f"({CLS_CROSS_ATTENTION_MAX_DIM} / {CLS_CROSS_ATTENTION_MAX_HEAD_DIM})")
-        return ""
+        return {"dim": C, "head_dim": C // self.attn.num_heads}
 
     @classmethod
     def from_module(cls, m: nn.Module, backend: Optional[str] = None) -> "CrossAttentionBlock":
@@ -614,7 +615,7 @@ class CrossAttentionBlock(_BackendMixin, nn.Module):
             tokens = cls[:, 1:]
             cls = cls[:, 0:1]
         a = self.attn
-        if not torch.jit.is_scripting() and self._use_fused(tokens):
+        if not torch.jit.is_scripting() and self._fused_call("cls_cross_attention", tokens):
             out = self._fused(cls, tokens)
         else:
             p = a.attn_drop.p if self.training else 0.0

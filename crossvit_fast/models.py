@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from crossvit_fast.backend import count_backends, module_backends
 from crossvit_fast.config import LN_EPS
 from crossvit_fast.layers import MultiScaleBlock, PatchEmbed
 
@@ -42,12 +43,7 @@ class BackendMap(dict):
 
     def summary(self) -> Dict[str, Dict[str, int]]:
         """op -> {backend: number of seams}."""
-        out: Dict[str, Dict[str, int]] = {}
-        for op, names in self.items():
-            for n in names:
-                out.setdefault(op, {}).setdefault(n, 0)
-                out[op][n] += 1
-        return out
+        return count_backends(self)
 
     def __repr__(self) -> str:
         parts = [
@@ -245,15 +241,11 @@ class CrossViT(nn.Module):
 
     @property
     def backends(self) -> "BackendMap":
-        """The resolved backend of every fused-op seam, by op: e.g. ``{"self_attention": ["torch"], ...}``
+        """:func:`crossvit_fast.backend.module_backends`: the resolved backend of every fused-op seam, by op, e.g.
+        ``{"self_attention": ["torch"], ..., "linear": ["torch"], ...}``
         (``"triton"``: fused; ``"torch"``: what timm runs; ``"reference"``: the explicit math); printed as a per-op
         count (``self_attention: 27 x torch``)."""
-        out = BackendMap()
-        for m in self.modules():
-            op = getattr(m, "op_name", "")
-            if op:
-                out.setdefault(op, []).append(m.backend)
-        return out
+        return BackendMap(module_backends(self))
 
     def no_weight_decay(self):
         out = set()

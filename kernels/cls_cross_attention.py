@@ -141,7 +141,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -151,7 +150,7 @@ import triton.language as tl
 
 from crossvit_fast.config import CLS_CROSS_ATTENTION_MAX_DIM as MAX_DIM
 from crossvit_fast.config import CLS_CROSS_ATTENTION_MAX_HEAD_DIM as MAX_HEAD_DIM
-from crossvit_fast.config import LN_EPS
+from crossvit_fast.config import LN_EPS, interpreter_enabled
 from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION
 
 from .layer_norm import row_moments
@@ -166,7 +165,7 @@ __all__ = [
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+_INTERPRET = interpreter_enabled()
 
 COMPILE_ONLY = False
 """Set only by ``tests/sm90_compile.py`` (ahead-of-time sm_90 compiles under a Triton driver that compiles and never

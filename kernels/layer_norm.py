@@ -112,7 +112,6 @@ C = 448 config (none with 3.9))::
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -120,12 +119,12 @@ import triton
 import triton.language as tl
 
 from crossvit_fast.config import LAYER_NORM_MAX_DIM as MAX_DIM
-from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION, interpreter_runs_bf16
+from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION, interpreter_enabled, interpreter_runs_bf16
 
 __all__ = ["layer_norm_fwd", "layer_norm_bwd", "check_layer_norm_inputs", "MAX_DIM", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+_INTERPRETED = interpreter_enabled()
 COMPILE_ONLY = False
 """Set only by ``tests/sm90_compile.py`` (ahead-of-time sm_90 compiles under a Triton driver that compiles and never
 launches): CPU tensors then pass the device check, so the real launchers pick and compile their GPU configs."""

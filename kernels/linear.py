@@ -110,7 +110,6 @@ win a key (they are there so that no key runs slower than cuBLAS would).
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -119,7 +118,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from crossvit_fast.config import LAYER_NORM_MAX_DIM
-from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION, interpreter_runs_bf16
+from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION, interpreter_enabled, interpreter_runs_bf16
 from crossvit_fast.config import autotune_cache_from_env, autotune_from_env
 
 from .layer_norm import _as3d, _device_of, _span, _unit_stride, layer_norm_fwd, row_moments, rstd_of
@@ -129,7 +128,7 @@ __all__ = ["linear_fwd", "linear_dgrad", "check_linear_inputs", "SUPPORTED_DTYPE
            "dgrad_candidates", "tuned_configs", "config_name", "aot_cases"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+_INTERPRETED = interpreter_enabled()
 COMPILE_ONLY = False
 """tests/sm90_compile.py sets it: CPU tensors pass the device check so that a stand-in sm_90 driver compiles the
 kernels through these launchers (nothing is launched)."""

@@ -14,7 +14,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+from crossvit_fast.config import env_flag, env_int, interpreter_enabled  # noqa: E402
+
+INTERPRETED = interpreter_enabled()
 if INTERPRETED:
     import gpu_numerics
     import memcheck
@@ -78,13 +80,13 @@ def plain_interpreter(monkeypatch):
     yield
 
 
-SEED = int(os.environ.get("CROSSVIT_FAST_TEST_SEED", "0"))
+SEED = env_int("CROSSVIT_FAST_TEST_SEED")
 """Every test starts from ``torch.manual_seed(SEED)``. CUDA draws other numbers than the CPU from one seed, so a
 test whose tolerance holds only for the CPU's draw fails on a GPU: ``CROSSVIT_FAST_TEST_SEED=1 2 3 ...`` runs the
 suite on other draws (``bench/seed_sweep.sh``) to find such tests here."""
 
 
-RANDOM_CASES = int(os.environ.get("CROSSVIT_FAST_RANDOM_CASES", "12"))
+RANDOM_CASES = env_int("CROSSVIT_FAST_RANDOM_CASES")
 """Cases per op of ``tests/test_random_inputs.py`` (each test: the judged cases and the bad-input cases). CI runs
 the default; a sweep sets a few hundred, over several ``CROSSVIT_FAST_TEST_SEED`` values."""
 
@@ -138,7 +140,7 @@ def _cpu_draw_like(fn, target="cuda"):
 
 @pytest.fixture(autouse=True)
 def _draws_on_the_cpu(monkeypatch):
-    if torch.cuda.is_available() and os.environ.get("CROSSVIT_FAST_TEST_CUDA_DRAWS", "0") in ("", "0"):
+    if torch.cuda.is_available() and not env_flag("CROSSVIT_FAST_TEST_CUDA_DRAWS"):
         for name, size_at in DRAW_SIZES.items():
             monkeypatch.setattr(torch, name, _cpu_draw(getattr(torch, name), size_at))
         for name in ("randn_like", "rand_like"):

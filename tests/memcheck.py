@@ -182,7 +182,9 @@ def _check(kind: str, ptrs, mask) -> None:
 
 def install() -> None:
     """Patch the interpreter (idempotent). Call before or after the kernel modules are imported."""
-    if os.environ.get("CROSSVIT_FAST_MEMCHECK", "1").strip() in ("", "0"):
+    from crossvit_fast.config import env_flag
+
+    if not env_flag("CROSSVIT_FAST_MEMCHECK"):
         return
     from triton.runtime import interpreter as interp
 

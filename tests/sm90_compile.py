@@ -45,6 +45,10 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from crossvit_fast.ops.registry import OPS  # noqa: E402  (the registry imports no triton)
+
 MAX_SHARED = 232448  # bytes of shared memory an sm_90 block may use (227 KB)
 
 # --arch: compute capability -> (shared memory a block may opt into, SM count of a typical part, ptxas's GPU name).
@@ -274,15 +278,14 @@ def _init_worker(cache_root: str, shared: bool = False, arch: int = 90) -> None:
     JITFunction.run = run
     Autotuner.run = autotune_run
 
-    from crossvit_fast.kernels import cls_cross_attention, layer_norm, linear, self_attention
+    import importlib
 
-    for mod in (cls_cross_attention, layer_norm, linear, self_attention):
+    mods = {name: importlib.import_module(spec.kernel_module) for name, spec in OPS.items() if spec.sm90}
+    for mod in mods.values():
         mod.COMPILE_ONLY = True
-    self_attention.AUTOTUNE = True
-    linear.AUTOTUNE = True  # compile every tile the GEMM autotuner may time
-    _W.update(torch=torch, triton=triton, seen=set(), records=[], tag=None, arch=arch,
-              mods={"cls_cross_attention": cls_cross_attention, "layer_norm": layer_norm,
-                    "self_attention": self_attention, "linear": linear})
+    mods["self_attention"].AUTOTUNE = True
+    mods["linear"].AUTOTUNE = True  # compile every tile the GEMM autotuner may time
+    _W.update(torch=torch, triton=triton, seen=set(), records=[], tag=None, arch=arch, mods=mods)
 
 
 _RE_REGS = re.compile(r"Used (\d+) registers")
@@ -608,7 +611,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", help="write every record (and the totals) to this file")
     ap.add_argument("--check", action="store_true", help="exit 1 on errors, shared memory or spills over budget")
     ap.add_argument("--table", action="store_true", help="print every compile, not only the summary per kernel")
-    ap.add_argument("--ops", nargs="+", choices=("self_attention", "cls_cross_attention", "layer_norm", "linear"),
+    ap.add_argument("--ops", nargs="+", choices=[n for n, s in OPS.items() if s.sm90],
                     help="only these ops (default all)")
     ap.add_argument("--cache-dir", help="compile into this Triton cache and keep it (default: a fresh temporary one "
                                         "per worker, removed after)")

@@ -171,15 +171,15 @@ def test_auto_module_on_an_unverified_architecture_takes_the_torch_path(monkeypa
     attn.backend, attn.backend_requested = "triton", "auto"  # as "auto" resolves on an H100
     x = torch.randn(2, 5, 16)
     with pytest.warns(RuntimeWarning, match=r"sm_80\), an architecture the self_attention kernel has not passed"):
-        assert not attn._use_fused(attn.qkv(x))
+        assert not attn._fused_call("self_attention", attn.qkv(x))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not attn._use_fused(attn.qkv(x))  # warned once only
+        assert not attn._fused_call("self_attention", attn.qkv(x))  # warned once only
     monkeypatch.setattr(L, "device_arch", lambda device: "sm_90")
-    assert attn._use_fused(attn.qkv(x))
+    assert attn._fused_call("self_attention", attn.qkv(x))
     monkeypatch.setattr(L, "device_arch", lambda device: "sm_80")
     attn.backend_requested = "triton"
-    assert attn._use_fused(attn.qkv(x))  # explicit: the user's choice, no architecture check
+    assert attn._fused_call("self_attention", attn.qkv(x))  # explicit: the user's choice, no architecture check
 
     # a Block: its LayerNorm seam and its GEMMs ("linear") are checked each for its own op
     blk = Block(16, 2, backend="reference").eval()
@@ -188,9 +188,9 @@ def test_auto_module_on_an_unverified_architecture_takes_the_torch_path(monkeypa
     blk.linear_backend = "triton"
     monkeypatch.setattr(B, "GPU_VERIFIED_OPS", {"layer_norm": frozenset({"sm_80"})})
     with pytest.warns(RuntimeWarning, match="the linear kernel has not passed"):
-        assert blk._use_fused(x) and not blk._use_fused_linear(x)
+        assert blk._fused_call("layer_norm", x) and not blk._fused_call("linear", x)
     monkeypatch.setattr(B, "GPU_VERIFIED_OPS", {"layer_norm": frozenset({"sm_80"}), "linear": frozenset({"sm_80"})})
-    assert blk._use_fused_linear(x)
+    assert blk._fused_call("linear", x)
     ref = Block(16, 2, backend="reference").eval()
     ref.load_state_dict(blk.state_dict())
     # GEMMs fused, self-attention not verified here: the attention between them is the torch path (SDPA), not the

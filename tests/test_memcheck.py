@@ -1,17 +1,16 @@
 """tests/memcheck.py: under the interpreter, a load or store outside a launch's tensor arguments fails, and so does
 one program touching bytes another program of the same launch wrote (or, for a store, read)."""
 
-import os
-
 import pytest
 import torch
 
 from conftest import INTERPRETED
+from crossvit_fast.config import env_flag
 
 pytestmark = [
     pytest.mark.skipif(not INTERPRETED, reason="the memory checker is for Triton's CPU interpreter"),
     # the cases below make the out-of-bounds accesses the checker refuses: without it they would touch real memory
-    pytest.mark.skipif(os.environ.get("CROSSVIT_FAST_MEMCHECK", "1").strip() in ("", "0"),
+    pytest.mark.skipif(not env_flag("CROSSVIT_FAST_MEMCHECK"),
                        reason="CROSSVIT_FAST_MEMCHECK=0 leaves the memory checker out"),
 ]
 

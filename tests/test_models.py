@@ -181,5 +181,6 @@ def test_backends_print_as_a_count_per_op():
     model = crossvit_fast.create_model("crossvit_9_240", backend="reference")
     b = model.backends
     assert b["self_attention"] == ["reference"] * 12  # still a dict of lists
-    assert repr(b) == "{layer_norm: 12 x reference; self_attention: 12 x reference; cls_cross_attention: 6 x reference}"
+    assert repr(b) == ("{layer_norm: 12 x reference; linear: 12 x reference; self_attention: 12 x reference; "
+                       "cls_cross_attention: 6 x reference}")
     assert b.summary()["cls_cross_attention"] == {"reference": 6}

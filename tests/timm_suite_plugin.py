@@ -20,8 +20,9 @@ import os
 import timm.models._registry as _registry
 
 import crossvit_fast
+from crossvit_fast.config import env
 
-_MODE = os.environ.get("CROSSVIT_FAST_TIMM_SUITE", "timm").strip().lower()
+_MODE = env("CROSSVIT_FAST_TIMM_SUITE").lower()
 if _MODE not in ("timm", "models", "optimize"):
     raise ValueError(f"CROSSVIT_FAST_TIMM_SUITE must be 'timm', 'models' or 'optimize', got {_MODE!r}")
 

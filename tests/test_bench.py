@@ -32,6 +32,61 @@ def test_dry_run_lists_cases(script):
     assert " cases x " in r.stdout.splitlines()[-1]
 
 
+def _load_bench(script):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(ROOT, "bench", script))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+OP_RUNS = [  # (script, arguments of one small run, the rate its rows carry, rows expected)
+    ("bench_cls_cross_attention.py", ["--models", "crossvit_9_240", "--directions", "S->L", "--batch", "2",
+                                      "--dtype", "float32", "--providers", "reference"], "gb_per_s", 2),
+    ("bench_self_attention.py", ["--cases", "17:2:8", "--batch", "2", "--dtype", "float32", "--providers",
+                                 "reference", "sdpa-math"], "tflops", 4),
+    ("bench_layer_norm.py", ["--nc", "17:32", "--residual", "1", "0", "--batch", "2", "--dtype", "bfloat16",
+                             "--providers", "reference"], "gb_per_s", 4),
+    ("bench_linear.py", ["--models", "crossvit_9_240", "--gemms", "qkv", "fc2", "--batch", "1", "--passes",
+                         "forward+backward", "--providers", "reference", "cublas"], "tflops", 10),
+]
+
+
+@pytest.mark.parametrize("script,argv,rate,n_rows", OP_RUNS, ids=[r[0] for r in OP_RUNS])
+def test_op_bench_writes_its_record(script, argv, rate, n_rows, tmp_path, monkeypatch):
+    """The op benchmarks through the shared runner, the CPU standing in for the GPU (each provider's callable run
+    once instead of timed): a row per case and provider with the record format's fields."""
+    from crossvit_fast import bench_utils
+
+    calls = []
+
+    def run_once(call, provider, what, warmup_ms, rep_ms):
+        call()
+        calls.append(provider)
+        return [1.0, 2.0, 3.0], 0.5
+
+    monkeypatch.setattr(bench_utils, "require_cuda", lambda name: None)
+    monkeypatch.setattr(bench_utils, "measure_ceilings", lambda: {"copy_gb_per_s": 1.0, "bf16_matmul_tflops": 1.0})
+    monkeypatch.setattr(bench_utils, "time_provider", run_once)
+    bench = _load_bench(script).BENCH
+    assert bench_utils.run_op_bench(bench, argv + ["--out-dir", str(tmp_path), "--no-plot"], device="cpu") == 0
+    [path] = os.listdir(tmp_path)
+    with open(tmp_path / path) as f:
+        data = json.load(f)
+    assert {"benchmark", "device", "torch", "triton", "commit", "created", "ceilings", "rows"} <= set(data)
+    assert data["benchmark"] == bench.name and data["complete"] and set(bench.conventions) <= set(data)
+    assert len(data["rows"]) == len(calls) == n_rows
+    for row in data["rows"]:
+        assert {"batch", "dtype", "pass", "provider", "median_ms", "samples_ms", "peak_mem_mb"} <= set(row)
+        assert row["median_ms"] == 2.0 and row["peak_mem_mb"] == 0.5
+        assert rate in row or row.get("kind") == "block"
+    if script == "bench_linear.py":
+        assert "gemm_tiles" in data and {r["provider"] for r in data["rows"] if r["kind"] == "block"} == {"reference"}
+    if script == "bench_cls_cross_attention.py":
+        assert all(r["speedup"] == 1.0 and r["bytes"] > 0 for r in data["rows"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_no_gpu_no_timings(capsys):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):

@@ -114,7 +114,7 @@ def _reference_gemm(x, w, b, lw, lb, scale, res, gelu):
     if gelu:
         y = F.gelu(y)
     if scale is not None:
-        y = y * scale.view(-1, 1, 1)
+        y = y * scale.view(-1, 1, 1)  # (B, 1, 1) against (B, T, N)
     return res + y if res is not None else y
 
 

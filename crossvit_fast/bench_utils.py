@@ -1,6 +1,6 @@
 """Benchmark plumbing shared by ``bench/`` and ``crossvit-fast bench``: device timing, the ceilings, the records.
 
-Record format (DEVELOPERS.md): top-level ``benchmark, device, torch, triton, commit, created, ceilings, rows``;
+Record format: top-level ``benchmark, device, torch, triton, commit, created, ceilings, rows``;
 each row holds its settings (``model, batch, dtype, pass`` and shape fields), ``provider``, ``median_ms``,
 ``samples_ms`` and, where they fit, ``images_per_s, gb_per_s, tflops, peak_mem_mb``.
 

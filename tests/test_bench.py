@@ -424,6 +424,15 @@ def test_report_tables(tmp_path):
     assert readme.read_text() == f"intro\n{report.BEGIN}\n{text.rstrip()}\n{report.END}\nrest\n"
 
 
+def test_cpu_time_samples_interleaves_after_the_warm_up():
+    from crossvit_fast.bench_utils import cpu_time_samples
+
+    order = []
+    res = cpu_time_samples({"a": lambda: order.append("a"), ("b", 1): lambda: order.append("b")}, reps=3)
+    assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert all(len(cpu) == len(wall) == 3 and min(cpu + wall) >= 0 for cpu, wall in res.values())
+
+
 def test_time_provider_skips_a_failing_provider(capsys):
     """A provider that cannot run a case (a compile or launch error, OOM) gets no row and the benchmark goes on; an
     eager fallback of a compiled provider still ends the run (its timing would be a wrong baseline)."""

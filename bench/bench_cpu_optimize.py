@@ -2,21 +2,27 @@
 
 timm's model, the same after ``crossvit_fast.optimize`` (default backend: on a CPU, what timm runs) and after
 ``optimize(backend="reference")`` (the explicit math): inference (eval, no_grad) and a training step (train mode,
-forward, cross-entropy backward, SGD step), interleaved, medians. With one intra-op thread (the default here) the
-calling thread's CPU time (``time.thread_time``) measures the work even on a shared machine; wall time is printed
-too. CPU numbers only: no GPU claim comes from this script. Needs timm.
+forward, cross-entropy backward, SGD step), interleaved, medians, timed by
+``crossvit_fast.bench_utils.cpu_time_samples``: with one intra-op thread (the default here) the calling thread's CPU
+time measures the work even on a shared machine; wall time is printed too. CPU numbers only: no GPU claim comes from
+this script. Needs timm.
 
     python bench/bench_cpu_optimize.py [--model crossvit_9_240] [--batch 8] [--reps 15] [--threads 1]
 """
 
 import argparse
 import copy
+import functools
+import os
 import statistics
-import time
+import sys
 
 import torch
 
-import crossvit_fast
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import crossvit_fast  # noqa: E402
+from crossvit_fast.bench_utils import cpu_time_samples  # noqa: E402
 
 
 def main() -> None:
@@ -53,24 +59,15 @@ def main() -> None:
         torch.nn.functional.cross_entropy(m(x), y).backward()
         opt.step()
 
-    res = {k: {"infer": ([], []), "train": ([], [])} for k in variants}
-    for k, m in variants.items():  # warm-up
-        for _ in range(2):
-            infer(m, None)
-            train(m, opts[k])
-    for _ in range(args.reps):
-        for k, m in variants.items():
-            for what, fn in (("infer", infer), ("train", train)):
-                c0, w0 = time.thread_time(), time.perf_counter()
-                fn(m, opts[k])
-                res[k][what][0].append((time.thread_time() - c0) * 1e3)
-                res[k][what][1].append((time.perf_counter() - w0) * 1e3)
+    calls = {(k, what): functools.partial(fn, m, opts[k]) for k, m in variants.items()
+             for what, fn in (("infer", infer), ("train", train))}
+    res = cpu_time_samples(calls, args.reps)
     med = statistics.median
     print(f"torch {torch.__version__}, timm {timm.__version__}, {args.model}, batch {args.batch}, "
           f"{args.threads} thread(s), {args.reps} reps; median ms, CPU time | wall")
-    for k, r in res.items():
-        print(f"{k:<32} inference {med(r['infer'][0]):8.1f} | {med(r['infer'][1]):8.1f}"
-              f"   train step {med(r['train'][0]):8.1f} | {med(r['train'][1]):8.1f}")
+    for k in variants:
+        (ic, iw), (tc, tw) = res[k, "infer"], res[k, "train"]
+        print(f"{k:<32} inference {med(ic):8.1f} | {med(iw):8.1f}   train step {med(tc):8.1f} | {med(tw):8.1f}")
 
 
 if __name__ == "__main__":

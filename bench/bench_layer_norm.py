@@ -26,7 +26,6 @@ dout, dr, r read, dx, dy written; weights ignored), the same count for every pro
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import sys
@@ -37,22 +36,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (  # noqa: E402
-    DTYPES,
-    compile_fresh,
-    measure_ceilings,
-    median,
-    new_record,
-    require_cuda,
-    time_provider,
-    timed_row,
-    write_record,
-)
+from crossvit_fast.bench_utils import DTYPES, OpBench, compile_fresh, pass_call, run_op_bench  # noqa: E402
 
 NAME = "layer_norm"
 FAMILY_NC = ((401, 192), (401, 224), (197, 384), (197, 448), (197, 768), (577, 384))
-BATCHES = (64, 256)
-PASSES = ("forward", "forward+backward")
 PROVIDERS = ("crossvit_fast", "reference", "reference-compiled")
 EPS = 1e-6
 
@@ -89,95 +76,58 @@ def moved_bytes(B: int, N: int, C: int, dtype: torch.dtype, residual: bool, pass
     return fwd + bwd
 
 
+def arguments(p) -> None:
+    p.add_argument("--nc", nargs="+", default=[f"{n}:{c}" for n, c in FAMILY_NC], help="tokens:channels pairs")
+    p.add_argument("--residual", type=int, nargs="+", default=[1, 0], choices=[0, 1])
+
+
 def cases(args) -> List[Dict[str, object]]:
+    nc = [tuple(int(v) for v in s.split(":")) for s in args.nc]
     out = []
-    for batch, dtype, (N, C), residual, pass_ in itertools.product(
-        args.batch, args.dtype, args.nc, args.residual, args.passes
-    ):
+    for batch, dtype, (N, C), residual, pass_ in itertools.product(args.batch, args.dtype, nc, args.residual,
+                                                                   args.passes):
         out.append({"batch": batch, "dtype": dtype, "pass": pass_, "N": N, "C": C, "residual": bool(residual)})
     return out
 
 
-def run_case(case: Dict[str, object], providers, warmup_ms: float, rep_ms: float) -> List[Dict[str, object]]:
+def inputs(case: Dict[str, object], device: str) -> Dict[str, object]:
+    """x (float32 residual stream), y (the branch output, None without a residual), w, b, and the gradients of out
+    and r."""
     B, N, C, residual = case["batch"], case["N"], case["C"], case["residual"]
     dtype = DTYPES[case["dtype"]]
     bwd = case["pass"] == "forward+backward"
     torch.manual_seed(0)
-    x = torch.randn(B, N, C, device="cuda").requires_grad_(bwd)
-    y = torch.randn(B, N, C, device="cuda", dtype=dtype).requires_grad_(bwd) if residual else None
-    w = torch.randn(C, device="cuda").requires_grad_(bwd)
-    b = torch.randn(C, device="cuda").requires_grad_(bwd)
-    dout = torch.randn(B, N, C, device="cuda", dtype=dtype)
-    dr = torch.randn(B, N, C, device="cuda") if residual else None
-    leaves = [t for t in (x, y, w, b) if t is not None]
-    nbytes = moved_bytes(B, N, C, dtype, residual, case["pass"])
-    rows = []
-    for provider in providers:
-        f = provider_fn(provider)
-        if bwd:
-            def call(f=f):
-                res = f(x, y, w, b, dtype)
-                outs, grads = ((res[1], res[0]), (dout, dr)) if residual else ((res,), (dout,))
-                return torch.autograd.grad(outs, leaves, grads)
-        else:
-            def call(f=f):
-                with torch.no_grad():
-                    return f(x, y, w, b, dtype)
-        timed = time_provider(call, provider, str(case), warmup_ms, rep_ms)
-        if timed is None:
-            continue
-        samples, peak_mb = timed
-        ms = median(samples)
-        row = timed_row(case, provider, samples, gb_per_s=round(nbytes / (ms * 1e-3) / 1e9, 1),
-                        peak_mem_mb=round(peak_mb, 1))
-        rows.append(row)
-        print(f"  {provider:20s} {ms:9.4f} ms  {row['gb_per_s']:8.1f} GB/s  peak +{peak_mb:8.1f} MB", flush=True)
-    torch.cuda.empty_cache()
-    return rows
+    return {
+        "x": torch.randn(B, N, C, device=device).requires_grad_(bwd),
+        "y": torch.randn(B, N, C, device=device, dtype=dtype).requires_grad_(bwd) if residual else None,
+        "w": torch.randn(C, device=device).requires_grad_(bwd),
+        "b": torch.randn(C, device=device).requires_grad_(bwd),
+        "dout": torch.randn(B, N, C, device=device, dtype=dtype),
+        "dr": torch.randn(B, N, C, device=device) if residual else None,
+    }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="list the cases and exit (no GPU needed)")
-    p.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
-    p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=sorted(DTYPES))
-    p.add_argument("--nc", nargs="+", default=[f"{n}:{c}" for n, c in FAMILY_NC], help="tokens:channels pairs")
-    p.add_argument("--residual", type=int, nargs="+", default=[1, 0], choices=[0, 1])
-    p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    p.add_argument("--warmup-ms", type=float, default=25)
-    p.add_argument("--rep-ms", type=float, default=100)
-    p.add_argument("--out-dir", default=None, help="where the JSON record goes (default bench/results/)")
-    p.add_argument("--no-plot", action="store_true", help="accepted for symmetry with the other benches (no plot)")
-    args = p.parse_args(argv)
-    args.nc = [tuple(int(v) for v in s.split(":")) for s in args.nc]
-    return args
+def setup(case: Dict[str, object], provider: str, t: Dict[str, object]) -> Callable[[], object]:
+    f = provider_fn(provider)
+    x, y, w, b, dtype = t["x"], t["y"], t["w"], t["b"], DTYPES[case["dtype"]]
+    leaves = [v for v in (x, y, w, b) if v is not None]
+    res = case["residual"]
+    return pass_call(lambda: f(x, y, w, b, dtype), case["pass"] == "forward+backward", leaves,
+                     (t["dout"], t["dr"]) if res else t["dout"],
+                     outputs=(lambda r_out: (r_out[1], r_out[0])) if res else None)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    todo = cases(args)
-    if args.dry_run:
-        for c in todo:
-            print(f"{NAME}: batch={c['batch']} dtype={c['dtype']} pass={c['pass']} N={c['N']} C={c['C']} "
-                  f"residual={c['residual']} providers={','.join(args.providers)}")
-        print(f"{len(todo)} cases x {len(args.providers)} providers")
-        return 0
-    require_cuda(f"bench/{os.path.basename(__file__)}")
-    ceilings = measure_ceilings()
-    print(f"device {torch.cuda.get_device_name()}, ceilings {ceilings}", flush=True)
-    record = new_record(NAME, ceilings)
-    record["bytes_convention"] = ("one fused pass: forward reads x, y and writes r, out; backward reads dout, dr, r "
-                                  "and writes dx, dy (weights ignored)")
-    for c in todo:
-        print(f"batch={c['batch']} {c['dtype']} {c['pass']} N={c['N']} C={c['C']} residual={c['residual']}",
-              flush=True)
-        record["rows"].extend(run_case(c, args.providers, args.warmup_ms, args.rep_ms))
-        write_record(record, args.out_dir)  # a partial record survives a time limit
-    path = write_record(record, args.out_dir, complete=True)
-    print(f"wrote {path}")
-    return 0
+def metrics(case: Dict[str, object], ms: float, ceilings: Dict[str, float]) -> Dict[str, object]:
+    nbytes = moved_bytes(case["batch"], case["N"], case["C"], DTYPES[case["dtype"]], case["residual"], case["pass"])
+    return {"gb_per_s": round(nbytes / (ms * 1e-3) / 1e9, 1)}
 
+
+BENCH = OpBench(
+    NAME, __doc__, PROVIDERS, cases, inputs, setup, metrics, arguments, dtypes=("bfloat16", "float32"),
+    warmup_ms=25, rep_ms=100,
+    conventions={"bytes_convention": "one fused pass: forward reads x, y and writes r, out; backward reads dout, dr, "
+                                     "r and writes dx, dy (weights ignored)"},
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_op_bench(BENCH))

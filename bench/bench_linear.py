@@ -34,7 +34,6 @@ with a fixed random ``dout``). TFLOP/s counts ``2 M N K`` per GEMM (x3 with back
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import sys
@@ -45,23 +44,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (  # noqa: E402
-    compile_fresh,
-    gemm_tiles,
-    measure_ceilings,
-    median,
-    new_record,
-    require_cuda,
-    time_provider,
-    timed_row,
-    write_record,
-)
+from crossvit_fast.bench_utils import OpBench, compile_fresh, pass_call, run_op_bench  # noqa: E402
 
 NAME = "linear"
 MODELS = ("crossvit_18_dagger_240", "crossvit_9_240")
 GEMMS = ("qkv", "proj", "fc1", "fc2")
-BATCHES = (256,)
-PASSES = ("forward", "forward+backward")
 GEMM_PROVIDERS = ("crossvit_fast", "reference", "reference-compiled", "cublas")
 BLOCK_PROVIDERS = ("crossvit_fast", "reference", "reference-compiled")
 EPS = 1e-6
@@ -92,6 +79,12 @@ def gemm_dims(gemm: str, C: int, hidden: int):
     }[gemm]
 
 
+def arguments(p) -> None:
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--what", nargs="+", default=["gemm", "block"], choices=["gemm", "block"])
+    p.add_argument("--gemms", nargs="+", default=list(GEMMS), choices=GEMMS)
+
+
 def cases(args) -> List[Dict[str, object]]:
     out = []
     for model, batch, pass_ in itertools.product(args.models, args.batch, args.passes):
@@ -110,6 +103,10 @@ def cases(args) -> List[Dict[str, object]]:
     return out
 
 
+def case_providers(case: Dict[str, object], providers) -> List[str]:
+    return [p for p in (GEMM_PROVIDERS if case["kind"] == "gemm" else BLOCK_PROVIDERS) if p in providers]
+
+
 def _reference_gemm(x, w, b, lw, lb, scale, res, gelu):
     """timm's ops under autocast, written out: LN in float32, cast, Linear in bf16, GELU, drop-path scale, add."""
     h = F.layer_norm(x, (x.shape[-1],), lw, lb, EPS) if lw is not None else x
@@ -117,7 +114,7 @@ def _reference_gemm(x, w, b, lw, lb, scale, res, gelu):
     if gelu:
         y = F.gelu(y)
     if scale is not None:
-        y = y * scale.view(-1, 1, 1)
+        y = y * scale.view(-1, 1, 1)  # (B, 1, 1) against (B, T, N)
     return res + y if res is not None else y
 
 
@@ -136,147 +133,97 @@ def gemm_provider(provider: str) -> Callable:
     raise ValueError(provider)
 
 
-def run_gemm(case, providers, warmup_ms, rep_ms):
+def gemm_inputs(case: Dict[str, object], device: str) -> Dict[str, object]:
     B, T, K, N = case["batch"], case["T"], case["K"], case["N"]
     flags = gemm_dims(case["gemm"], 1, 1)[2]
     bwd = case["pass"] == "forward+backward"
     torch.manual_seed(0)
-    ln, res, gelu = flags.get("ln", False), flags.get("res", False), flags.get("gelu", False)
-    x = torch.randn(B, T, K, device="cuda", dtype=torch.float32 if ln else torch.bfloat16).requires_grad_(bwd)
-    a16 = torch.randn(B, T, K, device="cuda", dtype=torch.bfloat16).requires_grad_(bwd)  # cuBLAS's ready input
-    w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(torch.bfloat16).requires_grad_(bwd)
-    b = torch.randn(N, device="cuda").requires_grad_(bwd)
-    lw = torch.randn(K, device="cuda").requires_grad_(bwd) if ln else None
-    lb = torch.randn(K, device="cuda").requires_grad_(bwd) if ln else None
-    r = torch.randn(B, T, N, device="cuda").requires_grad_(bwd) if res else None
-    # drop-path's per-sample scale in training (forward+backward); inference has none
-    scale = (torch.rand(B, device="cuda") < DROP_KEEP).to(torch.bfloat16) / DROP_KEEP if res and bwd else None
-    flops = 2 * B * T * N * K * (3 if bwd else 1)
-    rows = []
-    for provider in providers:
-        f = gemm_provider(provider)
-        xin = a16 if provider == "cublas" else x
-        leaves = [t for t in ((xin, w) if provider == "cublas" else (x, w, b, lw, lb, r)) if t is not None]
-        if bwd:
-            dout = torch.randn(B, T, N, device="cuda", dtype=torch.float32 if res and provider != "cublas"
-                               else torch.bfloat16)
-
-            def call(f=f, xin=xin, leaves=leaves, dout=dout):
-                return torch.autograd.grad(f(xin, w, b, lw, lb, scale, r, gelu), leaves, dout)
-        else:
-            def call(f=f, xin=xin):
-                with torch.no_grad():
-                    return f(xin, w, b, lw, lb, scale, r, gelu)
-        before = gemm_tiles()
-        timed = time_provider(call, provider, str(case), warmup_ms, rep_ms)
-        if timed is None:
-            continue
-        samples, peak_mb = timed
-        ms = median(samples)
-        row = timed_row(case, provider, samples, tflops=round(flops / (ms * 1e-3) / 1e12, 1),
-                        peak_mem_mb=round(peak_mb, 1))
-        tiles = {t["kernel"]: t["tile"] for t in gemm_tiles() if t not in before}  # "fwd" / "dgrad" -> the pick
-        if tiles:
-            row["tiles"] = tiles
-        rows.append(row)
-        print(f"  {provider:20s} {ms:9.4f} ms  {row['tflops']:7.1f} TFLOP/s  peak +{peak_mb:8.1f} MB"
-              f"{'  tiles ' + str(tiles) if tiles else ''}", flush=True)
-    base = {r["provider"]: r["median_ms"] for r in rows}
-    if "crossvit_fast" in base and "cublas" in base:
-        print(f"  crossvit_fast / cublas = {base['crossvit_fast'] / base['cublas']:.2f} (target <= 1.1)")
-    torch.cuda.empty_cache()
-    return rows
+    ln, res = flags.get("ln", False), flags.get("res", False)
+    return {
+        "x": torch.randn(B, T, K, device=device, dtype=torch.float32 if ln else torch.bfloat16).requires_grad_(bwd),
+        "a16": torch.randn(B, T, K, device=device, dtype=torch.bfloat16).requires_grad_(bwd),  # cuBLAS's ready input
+        "w": (torch.randn(N, K, device=device) / K ** 0.5).to(torch.bfloat16).requires_grad_(bwd),
+        "b": torch.randn(N, device=device).requires_grad_(bwd),
+        "lw": torch.randn(K, device=device).requires_grad_(bwd) if ln else None,
+        "lb": torch.randn(K, device=device).requires_grad_(bwd) if ln else None,
+        "r": torch.randn(B, T, N, device=device).requires_grad_(bwd) if res else None,
+        # drop-path's per-sample scale in training (forward+backward); inference has none
+        "scale": (torch.rand(B, device=device) < DROP_KEEP).to(torch.bfloat16) / DROP_KEEP if res and bwd else None,
+        "gelu": flags.get("gelu", False),
+    }
 
 
-def run_block(case, providers, warmup_ms, rep_ms):
+def gemm_setup(case: Dict[str, object], provider: str, t: Dict[str, object]) -> Callable[[], object]:
+    f = gemm_provider(provider)
+    cublas = provider == "cublas"
+    xin, w = t["a16"] if cublas else t["x"], t["w"]
+    leaves = [v for v in ((xin, w) if cublas else (t["x"], w, t["b"], t["lw"], t["lb"], t["r"])) if v is not None]
+    bwd = case["pass"] == "forward+backward"
+    dout = torch.randn(case["batch"], case["T"], case["N"], device=w.device,
+                       dtype=torch.float32 if t["r"] is not None and not cublas else torch.bfloat16) if bwd else None
+    return pass_call(lambda: f(xin, w, t["b"], t["lw"], t["lb"], t["scale"], t["r"], t["gelu"]), bwd, leaves, dout)
+
+
+def block_inputs(case: Dict[str, object], device: str) -> Dict[str, object]:
+    """The reference block (eval), its input x and dout."""
     from crossvit_fast.layers import Block
 
     B, T, C = case["batch"], case["T"], case["C"]
-    bwd = case["pass"] == "forward+backward"
     torch.manual_seed(0)
-    ref = Block(C, case["heads"], case["mlp_ratio"], qkv_bias=True, backend="reference").cuda().eval()
-    x = torch.randn(B, T, C, device="cuda").requires_grad_(bwd)
-    dout = torch.randn(B, T, C, device="cuda")
-    rows = []
-    for provider in providers:
-        if provider == "crossvit_fast":
-            m = Block(C, case["heads"], case["mlp_ratio"], qkv_bias=True, backend="triton").cuda().eval()
-            m.load_state_dict(ref.state_dict())
-        elif provider == "reference":
-            m = ref
-        else:
-            m = compile_fresh(ref, dynamic=False)
-        params = list(ref.parameters()) if provider != "crossvit_fast" else list(m.parameters())
-        if bwd:
-            def call(m=m, params=params):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    y = m(x)
-                return torch.autograd.grad(y, [x] + params, dout)
-        else:
-            def call(m=m):
-                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                    return m(x)
-        timed = time_provider(call, provider, str(case), warmup_ms, rep_ms)
-        if timed is None:
-            continue
-        samples, peak_mb = timed
-        ms = median(samples)
-        row = timed_row(case, provider, samples, peak_mem_mb=round(peak_mb, 1))
-        rows.append(row)
-        print(f"  {provider:20s} {ms:9.4f} ms  peak +{peak_mb:8.1f} MB", flush=True)
+    ref = Block(C, case["heads"], case["mlp_ratio"], qkv_bias=True, backend="reference").to(device).eval()
+    x = torch.randn(B, T, C, device=device).requires_grad_(case["pass"] == "forward+backward")
+    return {"ref": ref, "x": x, "dout": torch.randn(B, T, C, device=device)}
+
+
+def block_setup(case: Dict[str, object], provider: str, t: Dict[str, object]) -> Callable[[], object]:
+    from crossvit_fast.layers import Block
+
+    ref, x = t["ref"], t["x"]
+    if provider == "crossvit_fast":
+        m = Block(case["C"], case["heads"], case["mlp_ratio"], qkv_bias=True, backend="triton").to(x.device).eval()
+        m.load_state_dict(ref.state_dict())
+    else:
+        m = ref if provider == "reference" else compile_fresh(ref, dynamic=False)
+    params = list(m.parameters()) if provider == "crossvit_fast" else list(ref.parameters())
+
+    def run():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return m(x)
+
+    return pass_call(run, case["pass"] == "forward+backward", [x] + params, t["dout"])
+
+
+def inputs(case: Dict[str, object], device: str) -> Dict[str, object]:
+    return (gemm_inputs if case["kind"] == "gemm" else block_inputs)(case, device)
+
+
+def setup(case: Dict[str, object], provider: str, t: Dict[str, object]) -> Callable[[], object]:
+    return (gemm_setup if case["kind"] == "gemm" else block_setup)(case, provider, t)
+
+
+def metrics(case: Dict[str, object], ms: float, ceilings: Dict[str, float]) -> Dict[str, object]:
+    if case["kind"] != "gemm":
+        return {}
+    flops = 2 * case["M"] * case["N"] * case["K"] * (3 if case["pass"] == "forward+backward" else 1)
+    return {"tflops": round(flops / (ms * 1e-3) / 1e12, 1)}
+
+
+def targets(case: Dict[str, object], rows: List[Dict[str, object]]) -> None:
+    """The targets: each fused GEMM at most 1.1x cuBLAS's bare GEMM, the block 1.3x faster than compiled timm."""
     base = {r["provider"]: r["median_ms"] for r in rows}
-    if "crossvit_fast" in base and "reference-compiled" in base:
+    if "crossvit_fast" in base and "cublas" in base:
+        print(f"  crossvit_fast / cublas = {base['crossvit_fast'] / base['cublas']:.2f} (target <= 1.1)")
+    if case["kind"] == "block" and "crossvit_fast" in base and "reference-compiled" in base:
         print(f"  reference-compiled / crossvit_fast = {base['reference-compiled'] / base['crossvit_fast']:.2f} "
               f"(target >= 1.3)")
-    torch.cuda.empty_cache()
-    return rows
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="list the cases and exit (no GPU needed)")
-    p.add_argument("--models", nargs="+", default=list(MODELS))
-    p.add_argument("--batch", type=int, nargs="+", default=list(BATCHES))
-    p.add_argument("--what", nargs="+", default=["gemm", "block"], choices=["gemm", "block"])
-    p.add_argument("--gemms", nargs="+", default=list(GEMMS), choices=GEMMS)
-    p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
-    p.add_argument("--providers", nargs="+", default=None,
-                   help=f"subset of {GEMM_PROVIDERS} (GEMMs) / {BLOCK_PROVIDERS} (blocks)")
-    p.add_argument("--warmup-ms", type=float, default=25)
-    p.add_argument("--rep-ms", type=float, default=100)
-    p.add_argument("--out-dir", default=None, help="where the JSON record goes (default bench/results/)")
-    p.add_argument("--no-plot", action="store_true", help="accepted for symmetry with the other benches (no plot)")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    todo = cases(args)
-    gp = [p for p in GEMM_PROVIDERS if args.providers is None or p in args.providers]
-    bp = [p for p in BLOCK_PROVIDERS if args.providers is None or p in args.providers]
-    if args.dry_run:
-        for c in todo:
-            desc = " ".join(f"{k}={v}" for k, v in c.items())
-            print(f"{NAME}: {desc} providers={','.join(gp if c['kind'] == 'gemm' else bp)}")
-        print(f"{len(todo)} cases x {len(gp)} (GEMM) / {len(bp)} (block) providers")
-        return 0
-    require_cuda(f"bench/{os.path.basename(__file__)}")
-    ceilings = measure_ceilings()
-    print(f"device {torch.cuda.get_device_name()}, ceilings {ceilings}", flush=True)
-    record = new_record(NAME, ceilings)
-    record["flops_convention"] = "2 M N K per GEMM forward, x3 with backward; blocks: time only"
-    for c in todo:
-        print(" ".join(f"{k}={v}" for k, v in c.items()), flush=True)
-        if c["kind"] == "gemm":
-            record["rows"].extend(run_gemm(c, gp, args.warmup_ms, args.rep_ms))
-        else:
-            record["rows"].extend(run_block(c, bp, args.warmup_ms, args.rep_ms))
-        record["gemm_tiles"] = gemm_tiles()  # every pick so far (a row's tiles name only those its case tuned)
-        write_record(record, args.out_dir)  # a partial record survives a time limit
-    path = write_record(record, args.out_dir, complete=True)
-    print(f"wrote {path}")
-    return 0
-
+BENCH = OpBench(
+    NAME, __doc__, GEMM_PROVIDERS, cases, inputs, setup, metrics, arguments, batches=(256,), warmup_ms=25,
+    rep_ms=100, providers_help=f"subset of {GEMM_PROVIDERS} (GEMMs) / {BLOCK_PROVIDERS} (blocks)",
+    case_providers=case_providers, finish=targets, tiles=lambda case: case["kind"] == "gemm",
+    conventions={"flops_convention": "2 M N K per GEMM forward, x3 with backward; blocks: time only"},
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_op_bench(BENCH))

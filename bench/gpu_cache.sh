@@ -24,15 +24,17 @@
 # leaves out the aotautograd/ entries of an archive whose hash differs (the FX graphs and kernels still load;
 # AOTAutograd only re-traces, in seconds). The device tool carries at most 64 MiB and returns at most 8 files of 16
 # MiB: pack splits an archive over 15 MiB into parts and drops one over 45 MiB (the phase still returns its results);
-# add warns above CARRY_WARN_MIB (default 48) and lists the archives to choose from (the oldest are the likeliest to
-# miss).
+# add warns above CVF_BENCH_CARRY_WARN_MIB (default 48; the older name CARRY_WARN_MIB is read where it is unset) and
+# lists the archives to choose from (the oldest are the likeliest to miss). CVF_BENCH_CARRY_DIR (default
+# bench/.gpu-carry), CVF_BENCH_CACHE_BASE (default /tmp) and CVF_BENCH_CACHE_PART_BYTES (default 15 MiB) move the
+# carry, the caches' parent folder and the part size (tests/test_bench.py sets them).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-carry=${GPU_CARRY_DIR:-$root/bench/.gpu-carry}
-base=${GPU_CACHE_BASE:-/tmp}
+carry=${CVF_BENCH_CARRY_DIR:-$root/bench/.gpu-carry}
+base=${CVF_BENCH_CACHE_BASE:-/tmp}
 # the paths gpu_run.sh gives TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR
 dirs=(crossvit_fast-triton-cache crossvit_fast-inductor-cache)
-max_bytes=${GPU_CACHE_PART_BYTES:-$((15 * 1024 * 1024))}  # a returned file: 16 MiB at most
+max_bytes=${CVF_BENCH_CACHE_PART_BYTES:-$((15 * 1024 * 1024))}  # a returned file: 16 MiB at most
 stamp=crossvit_fast-cache-source.txt  # inside each archive: the source hash it was made under
 source_hash() {
   (cd "$root" && cat $(ls crossvit_fast/*.py crossvit_fast/ops/*.py kernels/*.py | LC_ALL=C sort)) \
@@ -110,8 +112,9 @@ case "$cmd" in
     rm -rf "$joined"
     total=$(du -cb "$carry" | tail -1 | cut -f1)
     echo "gpu_cache: the carry weighs $((total / 1048576)) MiB"
-    if [ "$total" -gt $(( ${CARRY_WARN_MIB:-48} * 1048576 )) ]; then
-      echo "gpu_cache: over ${CARRY_WARN_MIB:-48} MiB (the device tool carries 64 MiB with the tree):" \
+    warn_mib=${CVF_BENCH_CARRY_WARN_MIB:-${CARRY_WARN_MIB:-48}}
+    if [ "$total" -gt $((warn_mib * 1048576)) ]; then
+      echo "gpu_cache: over $warn_mib MiB (the device tool carries 64 MiB with the tree):" \
         "delete the oldest of"
       ls -1 "$carry"/run-*.tar.xz
     fi ;;

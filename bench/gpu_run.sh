@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU runs, one device call per phase. Every phase ends inside its own budget (PHASE_BUDGET, default 480 s, so
-# 8 minutes of the device tool's 10-minute command limit): each step gets what is left, a step that runs out is
-# interrupted (pytest still writes its report), and the phase always packs what it made.
+# The GPU runs, one device call per phase. Every phase ends inside its own budget (CVF_BENCH_PHASE_BUDGET, default
+# 480 s, so 8 minutes of the device tool's 10-minute command limit): each step gets what is left, a step that runs out
+# is interrupted (pytest still writes its report), and the phase always packs what it made.
 #
 #   bash bench/gpu_run.sh smoke                   first call on a cold GPU: env, the smoke tests, check, headline benches
 #   bash bench/gpu_run.sh tests-ops               every CUDA test of the four kernel files (four processes at once)
@@ -16,13 +16,17 @@
 #                                                 reference: no Inductor compile)
 #   bash bench/gpu_run.sh profile                 time by kernel kind: timm eager, timm compiled, crossvit_fast
 #   bash bench/gpu_run.sh graphs                  CUDA-graph parity tests; batch-1 and batch-8 latency
-#   GPU_RUN_DRY=1 bash bench/gpu_run.sh PHASE      no GPU: collect the tests and list the bench cases (tests/test_bench.py)
+#   CVF_BENCH_DRY=1 bash bench/gpu_run.sh PHASE    no GPU: collect the tests and list the bench cases (tests/test_bench.py)
+#
+# Settings (environment): CVF_BENCH_DRY, CVF_BENCH_PHASE_BUDGET, CVF_BENCH_PRECOMPILE and CVF_BENCH_PRECOMPILE_S (see
+# precompile below); the older names GPU_RUN_DRY, PHASE_BUDGET, PRECOMPILE and PRECOMPILE_S are read where these are
+# unset. OUT is the device tool's; TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR are Triton's and Inductor's.
 #
 # With 15 minutes of device time (the budget now, machine starts and idle time included; a machine stays warm 30 s
 # after a call): build the prebuilt cache here first (below), then call 1 `smoke` (timeout_s 540), then at once,
-# while the machine is warm, call 2 `tests-ops` with PHASE_BUDGET set to what `status` says is left minus 90 s
-# (its verified_ops.py line is what item 3 of the bring-up needs); the other phases are for later sessions, in the
-# order above. Read each call's output before the next; commit every record as it comes back.
+# while the machine is warm, call 2 `tests-ops` with CVF_BENCH_PHASE_BUDGET set to what `status` says is left minus
+# 90 s (its verified_ops.py line is what item 3 of the bring-up needs); the other phases are for later sessions, in
+# the order above. Read each call's output before the next; commit every record as it comes back.
 #
 # Where things go: with the device tool's $OUT set, records are written into $OUT/results/ as each case finishes (a
 # phase cut off still returns its partial records), logs and pytest's junit XML into $OUT; at the end everything is
@@ -59,8 +63,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 phase=${1:-smoke}
 shift || true
-dry=${GPU_RUN_DRY:-0}
-budget=${PHASE_BUDGET:-480}
+dry=${CVF_BENCH_DRY:-${GPU_RUN_DRY:-0}}
+budget=${CVF_BENCH_PHASE_BUDGET:-${PHASE_BUDGET:-480}}
 start=$SECONDS
 OUT=${OUT:-}
 if [ -n "$OUT" ]; then res="$OUT/results"; logdir="$OUT"; else res="bench/results"; logdir=$(mktemp -d); fi
@@ -147,16 +151,18 @@ parallel() {
 # Triton cache on all cores at once, before anything launches. With a carried cache that hits: lookups only (seconds);
 # without one, or if it misses (another triton build): the compiles the tests and benches would otherwise make one at
 # a time, in-process, each autotuned key compiling its 8 GEMM tiles serially. Always in smoke (its log line says
-# whether the carried cache hit); in the other phases when the cache holds fewer than 100 kernels, or PRECOMPILE=1.
-precompile() {  # a speed-up only: its exit status (e.g. 124 when cut at PRECOMPILE_S) does not fail the phase
+# whether the carried cache hit); in the other phases when the cache holds fewer than 100 kernels, or
+# CVF_BENCH_PRECOMPILE=1. CVF_BENCH_PRECOMPILE_S (default 240) caps its seconds.
+precompile() {  # a speed-up only: its exit status (e.g. 124 when cut at CVF_BENCH_PRECOMPILE_S) does not fail the phase
   local before st=$status
   before=$(kernels_in "$TRITON_CACHE_DIR")
-  step precompile timeout --signal=INT --kill-after=15 "${PRECOMPILE_S:-240}" \
+  step precompile timeout --signal=INT --kill-after=15 "${CVF_BENCH_PRECOMPILE_S:-${PRECOMPILE_S:-240}}" \
     python tests/sm90_compile.py --set family --jobs "$(nproc)" --cache-dir "$TRITON_CACHE_DIR"
   status=$st
   say "precompile: $(( $(kernels_in "$TRITON_CACHE_DIR") - before )) kernels compiled, $before were in the cache"
 }
-if [ "$dry" != 1 ] && { [ "$phase" = smoke ] || [ "${PRECOMPILE:-0}" = 1 ] || [ "$tcache_before" -lt 100 ]; }; then
+if [ "$dry" != 1 ] && { [ "$phase" = smoke ] || [ "${CVF_BENCH_PRECOMPILE:-${PRECOMPILE:-0}}" = 1 ] \
+                         || [ "$tcache_before" -lt 100 ]; }; then
   precompile
 fi
 

@@ -10,13 +10,16 @@
 #
 #   bash bench/prebuild_triton_cache.sh          then name bench/.gpu-carry in the device call's `carry`
 #
+# Settings (environment): CVF_BENCH_PYTHON312 (default python3.12), CVF_BENCH_PY312_VENV (default
+# /tmp/crossvit_fast-py312), CVF_BENCH_JOBS (compile processes, default 2).
+#
 # Rebuild after any kernel change (a changed kernel simply misses: it compiles on the GPU as without the cache).
 # Each gpu_run.sh phase logs how many kernels it found and how many it compiled; all compiled, none found = the
 # key does not match (another triton build on the GPU image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=${PYTHON312:-python3.12}
-venv=${CROSSVIT_FAST_PY312_VENV:-/tmp/crossvit_fast-py312}
+py=${CVF_BENCH_PYTHON312:-python3.12}
+venv=${CVF_BENCH_PY312_VENV:-/tmp/crossvit_fast-py312}
 cache=/tmp/crossvit_fast-triton-cache  # must equal gpu_run.sh's tcache
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
@@ -25,5 +28,5 @@ fi
 "$venv/bin/python" -c "import triton, sys; assert triton.__version__ == '3.6.0' and sys.version_info[:2] == (3, 12), \
   (triton.__version__, sys.version)"
 rm -rf "$cache"
-"$venv/bin/python" tests/sm90_compile.py --set family --jobs "${JOBS:-2}" --cache-dir "$cache" \
+"$venv/bin/python" tests/sm90_compile.py --set family --jobs "${CVF_BENCH_JOBS:-2}" --cache-dir "$cache" \
   --pack bench/.gpu-carry/triton-cache.tar.xz "$@"

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from crossvit_fast.bench_utils import (
     EagerFallbackError,
     assert_compiled,
+    bar_plot,
     compile_fresh,
     do_bench_samples,
     gemm_tiles,
     measure_ceilings,
     median,
     new_record,
-    pyplot,
     require_cuda,
     timed_row,
     write_record,
@@ -199,28 +199,13 @@ def markdown(record: Dict[str, object]) -> str:
 def plot(record: Dict[str, object], path: str) -> Optional[str]:
     """Images/s per provider of a model record (CUDA graphs off), grouped by model, pass, dtype and batch; also the
     README's plot (``bench/report.py --plot``)."""
-    plt = pyplot()
     rows = [r for r in record["rows"] if r.get("graphs", "none") == "none"]
-    if plt is None or not rows:
-        return None
-    keys = sorted({(r["model"], r["pass"], r["dtype"], r["batch"]) for r in rows})
-    provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(keys)), 4.5))
-    width = 0.8 / max(len(provs), 1)
-    for j, p in enumerate(provs):
-        vals = [next((r["images_per_s"] for r in rows if r["provider"] == p
-                      and (r["model"], r["pass"], r["dtype"], r["batch"]) == k), 0) for k in keys]
-        ax.bar([i + j * width for i in range(len(keys))], vals, width, label=p)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
-    ax.set_xticklabels([f"{m.replace('crossvit_', '')}\n{p} {d}\nbatch {b}" for m, p, d, b in keys], fontsize=7)
-    ax.set_ylabel("images/s")
-    ax.set_title(f"CrossViT, {record['device']} (torch {record['torch']}, triton {record['triton']}, "
-                 f"{str(record['created'])[:10]})", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return bar_plot(
+        {**record, "rows": rows}, path, PROVIDERS, (), ("model", "pass", "dtype", "batch"), "images_per_s",
+        lambda k: f"{k['model'].replace('crossvit_', '')}\n{k['pass']} {k['dtype']}\nbatch {k['batch']}",
+        lambda _: f"CrossViT, {record['device']} (torch {record['torch']}, triton {record['triton']}, "
+                  f"{str(record['created'])[:10]})",
+        "images/s")
 
 
 KERNEL_KINDS = (  # (kind, pattern on the CUDA kernel's name); the first match wins

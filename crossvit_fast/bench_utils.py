@@ -1,6 +1,6 @@
 """Benchmark plumbing shared by ``bench/`` and ``crossvit-fast bench``: device timing, the ceilings, the records.
 
-Record format (DEVELOPERS.md): top-level ``benchmark, device, torch, triton, commit, created, ceilings, rows``;
+Record format: top-level ``benchmark, device, torch, triton, commit, created, ceilings, rows``;
 each row holds its settings (``model, batch, dtype, pass`` and shape fields), ``provider``, ``median_ms``,
 ``samples_ms`` and, where they fit, ``images_per_s, gb_per_s, tflops, peak_mem_mb``.
 
@@ -10,6 +10,10 @@ CPU timings never stand in for GPU claims.
 Records are written as they grow: a script calls :func:`write_record` after every case (same path each time, an
 atomic replace), so a run cut off by a time limit leaves a valid partial record (``"complete": false``).
 
+Op benchmarks (``bench/bench_<op>.py``) are each an :class:`OpBench`, its cases, a setup per provider and its
+bytes/FLOP formulas; :func:`run_op_bench` gives them one command line, provider selection, timing, ceilings, rows
+and records. :func:`cpu_time_samples` is the CPU timing (``bench/bench_cpu_optimize.py``).
+
 Compiled baselines: dynamo keeps its compiled graphs per code object and, past ``recompile_limit`` (8) of them,
 silently runs the function eagerly. :func:`compile_fresh` gives each case its own compiled callable (the caches are
 reset first) and :func:`assert_compiled` fails loudly when a call still ran any frame eagerly.
@@ -17,11 +21,14 @@ reset first) and :func:`assert_compiled` fails loudly when a call still ran any 
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -251,3 +258,214 @@ def pyplot():
         print("matplotlib is not installed: no plot")
         return None
     return plt
+
+
+def cpu_time_samples(calls: Dict[object, Callable[[], object]], reps: int,
+                     warm_calls: int = 2) -> Dict[object, Tuple[List[float], List[float]]]:
+    """CPU timings: ``(cpu_ms, wall_ms)`` samples of each of ``calls``, ``reps`` interleaved rounds after
+    ``warm_calls`` warm-up calls each. With one intra-op thread the calling thread's CPU time
+    (``time.thread_time``) measures the work even on a shared machine; the wall time is kept beside it."""
+    for call in calls.values():
+        for _ in range(warm_calls):
+            call()
+    out: Dict[object, Tuple[List[float], List[float]]] = {k: ([], []) for k in calls}
+    for _ in range(reps):
+        for k, call in calls.items():
+            c0, w0 = time.thread_time(), time.perf_counter()
+            call()
+            out[k][0].append((time.thread_time() - c0) * 1e3)
+            out[k][1].append((time.perf_counter() - w0) * 1e3)
+    return out
+
+
+def bar_plot(record: Dict[str, object], path: str, providers: Sequence[str], group_by: Sequence[str],
+             x_by: Sequence[str], value: str, x_label: Callable[[Dict[str, object]], str],
+             title: Callable[[Dict[str, object]], str], ylabel: str,
+             ceiling: Optional[Tuple[float, str]] = None, annotate: Optional[str] = None) -> Optional[str]:
+    """Bars of the rows' ``value`` per provider (in ``providers`` order): one panel per distinct ``group_by``
+    settings (titled ``title(settings)``), one bar group per distinct ``x_by`` settings (labelled
+    ``x_label(settings)``); ``ceiling`` ``(value, label)`` adds a dashed line, ``annotate`` names a row field written
+    as ``x<value>`` over its bar. Saved as ``path`` with a ``.png`` suffix; None without matplotlib or rows."""
+    plt = pyplot()
+    rows = record["rows"]
+    groups = sorted({tuple(r[k] for k in group_by) for r in rows})
+    if plt is None or not groups:
+        return None
+    n_x = len({tuple(r[k] for k in x_by) for r in rows})
+    fig, axes = plt.subplots(len(groups), 1, figsize=(max(8.0, 0.6 * n_x), 4.0 * len(groups)), squeeze=False)
+    for ax, group in zip(axes[:, 0], groups):
+        sub = [r for r in rows if tuple(r[k] for k in group_by) == group]
+        keys = sorted({tuple(r[k] for k in x_by) for r in sub})
+        provs = [p for p in providers if any(r["provider"] == p for r in sub)]
+        width = 0.8 / max(1, len(provs))
+        for i, p in enumerate(provs):
+            by_key = {tuple(r[k] for k in x_by): r for r in sub if r["provider"] == p}
+            shown = [(j, by_key[k]) for j, k in enumerate(keys) if k in by_key]
+            bars = ax.bar([j + i * width for j, _ in shown], [r[value] for _, r in shown], width, label=p)
+            for bar, (_, r) in zip(bars, shown):
+                if annotate in r:
+                    ax.annotate(f"x{r[annotate]:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=6)
+        if ceiling is not None:
+            ax.axhline(ceiling[0], color="k", lw=0.8, ls="--", label=ceiling[1])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+        ax.set_xticklabels([x_label(dict(zip(x_by, k))) for k in keys], fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title(dict(zip(group_by, group))), fontsize=9)
+        ax.legend(fontsize=7, ncol=len(provs) + (ceiling is not None))
+    fig.tight_layout()
+    out = os.path.splitext(path)[0] + ".png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+PASSES = ("forward", "forward+backward")
+
+
+def pass_call(run: Callable[[], object], backward: bool, leaves: Sequence[torch.Tensor] = (),
+              grads: object = None, outputs: Optional[Callable[[object], object]] = None) -> Callable[[], object]:
+    """The callable an op benchmark times: ``run()`` under ``no_grad`` (``forward``), or ``torch.autograd.grad`` of
+    its outputs (``outputs(result)``, by default the result) w.r.t. ``leaves`` with ``grads`` (``forward+backward``:
+    nothing accumulates)."""
+    if not backward:
+        def forward():
+            with torch.no_grad():
+                return run()
+
+        return forward
+
+    def forward_backward():
+        res = run()
+        return torch.autograd.grad(outputs(res) if outputs else res, list(leaves), grads)
+
+    return forward_backward
+
+
+@dataclass
+class OpBench:
+    """One op benchmark, what ``bench/bench_<op>.py`` gives :func:`run_op_bench`.
+
+    ``cases(args)``: the cases, each a dict of settings that starts its rows; ``inputs(case, device)``: the tensors a
+    case's providers share; ``setup(case, provider, inputs)``: the callable to time (:func:`pass_call`), or None where
+    the provider is not available here; ``metrics(case, median_ms, ceilings)``: the row's rates (``gb_per_s``,
+    ``tflops``, ...); ``arguments(parser)``: the op's own flags. Optional: ``case_providers(case, providers)`` (the
+    providers that apply to a case, default all requested), ``finish(case, rows)`` (fields across a case's rows,
+    ratios printed), ``plot(record, path)``, ``tiles(case)`` (whether a row names the GEMM tiles its provider tuned;
+    set, the record keeps ``gemm_tiles``), ``conventions`` (record keys saying how bytes or FLOPs are counted).
+    """
+
+    name: str
+    doc: str
+    providers: Sequence[str]
+    cases: Callable[[argparse.Namespace], List[Dict[str, object]]]
+    inputs: Callable[[Dict[str, object], str], object]
+    setup: Callable[[Dict[str, object], str, object], Optional[Callable[[], object]]]
+    metrics: Callable[[Dict[str, object], float, Dict[str, float]], Dict[str, object]]
+    arguments: Callable[[argparse.ArgumentParser], None]
+    batches: Sequence[int] = (64, 256)
+    dtypes: Optional[Sequence[str]] = None
+    warmup_ms: float = 50
+    rep_ms: float = 300
+    conventions: Dict[str, str] = field(default_factory=dict)
+    providers_help: Optional[str] = None
+    case_providers: Optional[Callable[[Dict[str, object], Sequence[str]], List[str]]] = None
+    finish: Optional[Callable[[Dict[str, object], List[Dict[str, object]]], None]] = None
+    plot: Optional[Callable[[Dict[str, object], str], Optional[str]]] = None
+    tiles: Optional[Callable[[Dict[str, object]], bool]] = None
+
+
+def op_parser(bench: OpBench) -> argparse.ArgumentParser:
+    """The command line every op benchmark shares, with the op's own flags; ``--dtype`` where the op has dtypes."""
+    p = argparse.ArgumentParser(description=bench.doc.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="list the cases and exit (no GPU needed)")
+    bench.arguments(p)
+    p.add_argument("--batch", type=int, nargs="+", default=list(bench.batches))
+    if bench.dtypes is not None:
+        p.add_argument("--dtype", nargs="+", default=list(bench.dtypes), choices=sorted(DTYPES))
+    p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
+    p.add_argument("--providers", nargs="+", default=list(bench.providers), choices=bench.providers,
+                   help=bench.providers_help)
+    p.add_argument("--warmup-ms", type=float, default=bench.warmup_ms)
+    p.add_argument("--rep-ms", type=float, default=bench.rep_ms)
+    p.add_argument("--out-dir", default=None, help="where the JSON record goes (default bench/results/)")
+    p.add_argument("--no-plot", action="store_true",
+                   help=None if bench.plot else "accepted for symmetry with the other benches (no plot)")
+    return p
+
+
+def _describe(case: Dict[str, object]) -> str:
+    return " ".join(f"{k}={v}" for k, v in case.items())
+
+
+def _row_line(row: Dict[str, object]) -> str:
+    parts = [f"  {row['provider']:20s} {row['median_ms']:9.4f} ms"]
+    if "gb_per_s" in row:
+        parts.append(f"{row['gb_per_s']:8.1f} GB/s")
+    if "frac_of_copy" in row:
+        parts.append(f"({100 * row['frac_of_copy']:5.1f}% of copy)")
+    if "tflops" in row:
+        parts.append(f"{row['tflops']:7.1f} TFLOP/s")
+    parts.append(f"peak +{row['peak_mem_mb']:8.1f} MB")
+    if "tiles" in row:
+        parts.append(f"tiles {row['tiles']}")
+    return "  ".join(parts)
+
+
+def _time_case(bench: OpBench, case: Dict[str, object], providers: Sequence[str], args: argparse.Namespace,
+               ceilings: Dict[str, float], device: str) -> List[Dict[str, object]]:
+    shared = bench.inputs(case, device)
+    rows = []
+    for provider in providers:
+        call = bench.setup(case, provider, shared)
+        if call is None:
+            continue
+        tuned = gemm_tiles() if bench.tiles is not None and bench.tiles(case) else None
+        timed = time_provider(call, provider, str(case), args.warmup_ms, args.rep_ms)
+        if timed is None:
+            continue
+        samples, peak_mb = timed
+        row = timed_row(case, provider, samples, **bench.metrics(case, median(samples), ceilings),
+                        peak_mem_mb=round(peak_mb, 1))
+        if tuned is not None:
+            picks = {t["kernel"]: t["tile"] for t in gemm_tiles() if t not in tuned}
+            if picks:
+                row["tiles"] = picks
+        rows.append(row)
+        print(_row_line(row), flush=True)
+    if bench.finish is not None:
+        bench.finish(case, rows)
+    return rows
+
+
+def run_op_bench(bench: OpBench, argv: Optional[Sequence[str]] = None, device: str = "cuda") -> int:
+    """An op benchmark's command line: list the cases (``--dry-run``), or measure the ceilings, time each case's
+    providers on ``device`` and rewrite the record after every case; the plot beside it where the op has one."""
+    args = op_parser(bench).parse_args(argv)
+    plan = [(case, bench.case_providers(case, args.providers) if bench.case_providers else list(args.providers))
+            for case in bench.cases(args)]
+    if args.dry_run:
+        for case, providers in plan:
+            print(f"{bench.name}: {_describe(case)} providers={','.join(providers)}")
+        counts = " / ".join(str(n) for n in dict.fromkeys(len(p) for _, p in plan)) or "0"
+        print(f"{len(plan)} cases x {counts} providers")
+        return 0
+    require_cuda(f"bench/bench_{bench.name}.py")
+    ceilings = measure_ceilings()
+    record = new_record(bench.name, ceilings)
+    record.update(bench.conventions)
+    print(f"device {record['device']}, ceilings {ceilings}", flush=True)
+    for case, providers in plan:
+        print(_describe(case), flush=True)
+        record["rows"].extend(_time_case(bench, case, providers, args, ceilings, device))
+        torch.cuda.empty_cache()
+        if bench.tiles is not None:
+            record["gemm_tiles"] = gemm_tiles()
+        write_record(record, args.out_dir)
+    path = write_record(record, args.out_dir, complete=True)
+    print(f"wrote {path}")
+    if bench.plot is not None and not args.no_plot:
+        png = bench.plot(record, path)
+        if png:
+            print(f"wrote {png}")
+    return 0

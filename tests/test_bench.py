@@ -32,6 +32,61 @@ def test_dry_run_lists_cases(script):
     assert " cases x " in r.stdout.splitlines()[-1]
 
 
+def _load_bench(script):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(ROOT, "bench", script))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+OP_RUNS = [  # (script, arguments of one small run, the rate its rows carry, rows expected)
+    ("bench_cls_cross_attention.py", ["--models", "crossvit_9_240", "--directions", "S->L", "--batch", "2",
+                                      "--dtype", "float32", "--providers", "reference"], "gb_per_s", 2),
+    ("bench_self_attention.py", ["--cases", "17:2:8", "--batch", "2", "--dtype", "float32", "--providers",
+                                 "reference", "sdpa-math"], "tflops", 4),
+    ("bench_layer_norm.py", ["--nc", "17:32", "--residual", "1", "0", "--batch", "2", "--dtype", "bfloat16",
+                             "--providers", "reference"], "gb_per_s", 4),
+    ("bench_linear.py", ["--models", "crossvit_9_240", "--gemms", "qkv", "fc2", "--batch", "1", "--passes",
+                         "forward+backward", "--providers", "reference", "cublas"], "tflops", 10),
+]
+
+
+@pytest.mark.parametrize("script,argv,rate,n_rows", OP_RUNS, ids=[r[0] for r in OP_RUNS])
+def test_op_bench_writes_its_record(script, argv, rate, n_rows, tmp_path, monkeypatch):
+    """The op benchmarks through the shared runner, the CPU standing in for the GPU (each provider's callable run
+    once instead of timed): a row per case and provider with the record format's fields."""
+    from crossvit_fast import bench_utils
+
+    calls = []
+
+    def run_once(call, provider, what, warmup_ms, rep_ms):
+        call()
+        calls.append(provider)
+        return [1.0, 2.0, 3.0], 0.5
+
+    monkeypatch.setattr(bench_utils, "require_cuda", lambda name: None)
+    monkeypatch.setattr(bench_utils, "measure_ceilings", lambda: {"copy_gb_per_s": 1.0, "bf16_matmul_tflops": 1.0})
+    monkeypatch.setattr(bench_utils, "time_provider", run_once)
+    bench = _load_bench(script).BENCH
+    assert bench_utils.run_op_bench(bench, argv + ["--out-dir", str(tmp_path), "--no-plot"], device="cpu") == 0
+    [path] = os.listdir(tmp_path)
+    with open(tmp_path / path) as f:
+        data = json.load(f)
+    assert {"benchmark", "device", "torch", "triton", "commit", "created", "ceilings", "rows"} <= set(data)
+    assert data["benchmark"] == bench.name and data["complete"] and set(bench.conventions) <= set(data)
+    assert len(data["rows"]) == len(calls) == n_rows
+    for row in data["rows"]:
+        assert {"batch", "dtype", "pass", "provider", "median_ms", "samples_ms", "peak_mem_mb"} <= set(row)
+        assert row["median_ms"] == 2.0 and row["peak_mem_mb"] == 0.5
+        assert rate in row or row.get("kind") == "block"
+    if script == "bench_linear.py":
+        assert "gemm_tiles" in data and {r["provider"] for r in data["rows"] if r["kind"] == "block"} == {"reference"}
+    if script == "bench_cls_cross_attention.py":
+        assert all(r["speedup"] == 1.0 and r["bytes"] > 0 for r in data["rows"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_no_gpu_no_timings(capsys):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
@@ -116,16 +171,27 @@ PHASES = ["smoke", "tests-ops", "tests-models", "bench-cls", "bench-sa", "bench-
 def test_gpu_run_phases_are_ready(phase):
     """Each phase of bench/gpu_run.sh, dry (no GPU): its pytest selections collect and its bench cases list, so the
     GPU's first minutes are not lost to a typo."""
-    env = {**os.environ, "GPU_RUN_DRY": "1", "OUT": ""}
+    env = {**os.environ, "CVF_BENCH_DRY": "1", "OUT": ""}
     r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_run.sh"), phase], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "FAILED" not in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
-    assert f"phase {phase} done" in r.stdout
+    assert f"phase {phase} done" in r.stdout and "(dry)" in r.stdout
     if phase == "smoke":
         import re
 
         picked = sum(int(n) for n in re.findall(r"(\d+)/\d+ tests collected", r.stdout))
         assert picked >= 21, r.stdout[-2000:]  # 3 ops x 2 shapes x 3 dtypes + 3 model cases
+
+
+def test_gpu_run_reads_its_documented_old_names():
+    """GPU_RUN_DRY and PHASE_BUDGET (the names the README and older sessions use) still work where the CVF_BENCH_
+    names are unset."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CVF_BENCH_")}
+    env.update(GPU_RUN_DRY="1", PHASE_BUDGET="300", OUT="")
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_run.sh"), "bench-ln"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "bench_layer_norm (dry)" in r.stdout and "phase bench-ln done" in r.stdout, \
+        r.stdout[-3000:] + r.stderr[-2000:]
 
 
 def _cache_sh(*args, env):
@@ -138,7 +204,7 @@ def test_gpu_cache_round_trip(tmp_path):
     unpack restores them; an archive made under other source keeps its kernels and FX graphs but not its
     AOTAutograd entries (their key does not cover a custom op's backward formula)."""
     gpu, here, carry = tmp_path / "gpu", tmp_path / "here", tmp_path / "carry"
-    env = {**os.environ, "GPU_CACHE_BASE": str(gpu), "GPU_CARRY_DIR": str(carry)}
+    env = {**os.environ, "CVF_BENCH_CACHE_BASE": str(gpu), "CVF_BENCH_CARRY_DIR": str(carry)}
     old = gpu / "crossvit_fast-triton-cache" / "aaa" / "old.cubin"
     old.parent.mkdir(parents=True)
     old.write_text("old")
@@ -170,7 +236,7 @@ def test_gpu_cache_round_trip(tmp_path):
     assert sorted(os.listdir(carry)) == ["run-001-cache-bench-model.tar.xz", "run-002-cache-bench-model.tar.xz"]
     os.remove(carry / "run-002-cache-bench-model.tar.xz")
 
-    env_here = {**env, "GPU_CACHE_BASE": str(here)}
+    env_here = {**env, "CVF_BENCH_CACHE_BASE": str(here)}
     here.mkdir()
     r = _cache_sh("unpack", env=env_here)
     assert r.returncode == 0 and "1 run archive(s)" in r.stdout, r.stdout + r.stderr
@@ -186,7 +252,7 @@ def test_gpu_cache_round_trip(tmp_path):
                     "crossvit_fast-triton-cache", "crossvit_fast-inductor-cache"], check=True)
     other = tmp_path / "other"
     other.mkdir()
-    r = _cache_sh("unpack", env={**env, "GPU_CACHE_BASE": str(other)})
+    r = _cache_sh("unpack", env={**env, "CVF_BENCH_CACHE_BASE": str(other)})
     assert r.returncode == 0 and "made under source 0123456789abcdef" in r.stdout, r.stdout + r.stderr
     assert "aotautograd entries are left out" in r.stdout
     assert (other / "crossvit_fast-triton-cache/bbb/k.cubin").exists()
@@ -197,7 +263,8 @@ def test_gpu_cache_round_trip(tmp_path):
 def test_gpu_cache_splits_what_one_returned_file_cannot_hold(tmp_path):
     """An archive over the part size comes back in parts (NAME.part-a, -b, ...); add joins them into one archive."""
     gpu, carry = tmp_path / "gpu", tmp_path / "carry"
-    env = {**os.environ, "GPU_CACHE_BASE": str(gpu), "GPU_CARRY_DIR": str(carry), "GPU_CACHE_PART_BYTES": "40000"}
+    env = {**os.environ, "CVF_BENCH_CACHE_BASE": str(gpu), "CVF_BENCH_CARRY_DIR": str(carry),
+           "CVF_BENCH_CACHE_PART_BYTES": "40000"}
     marker = tmp_path / "marker"
     marker.write_text("")
     blob = gpu / "crossvit_fast-inductor-cache" / "fxgraph" / "blob"
@@ -210,9 +277,10 @@ def test_gpu_cache_splits_what_one_returned_file_cannot_hold(tmp_path):
     parts = sorted(os.listdir(out.parent))
     assert parts == ["cache-tests-ops.tar.xz.part-a", "cache-tests-ops.tar.xz.part-b", "cache-tests-ops.tar.xz.part-c"]
     assert all(os.path.getsize(out.parent / p) <= 40000 for p in parts)
-    r = _cache_sh("add", *[str(out.parent / p) for p in parts], env=env)
+    r = _cache_sh("add", *[str(out.parent / p) for p in parts], env={**env, "CARRY_WARN_MIB": "0"})
     assert r.returncode == 0 and os.listdir(carry) == ["run-001-cache-tests-ops.tar.xz"], r.stdout + r.stderr
-    r = _cache_sh("unpack", env={**env, "GPU_CACHE_BASE": str(tmp_path / "here")})
+    assert "over 0 MiB" in r.stdout  # the older name of CVF_BENCH_CARRY_WARN_MIB, documented, still read
+    r = _cache_sh("unpack", env={**env, "CVF_BENCH_CACHE_BASE": str(tmp_path / "here")})
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "here" / "crossvit_fast-inductor-cache" / "fxgraph" / "blob").read_bytes() == blob.read_bytes()
 
@@ -354,6 +422,15 @@ def test_report_tables(tmp_path):
     readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\nrest\n")
     report.rewrite_readme(text, str(readme))
     assert readme.read_text() == f"intro\n{report.BEGIN}\n{text.rstrip()}\n{report.END}\nrest\n"
+
+
+def test_cpu_time_samples_interleaves_after_the_warm_up():
+    from crossvit_fast.bench_utils import cpu_time_samples
+
+    order = []
+    res = cpu_time_samples({"a": lambda: order.append("a"), ("b", 1): lambda: order.append("b")}, reps=3)
+    assert order == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert all(len(cpu) == len(wall) == 3 and min(cpu + wall) >= 0 for cpu, wall in res.values())
 
 
 def test_time_provider_skips_a_failing_provider(capsys):

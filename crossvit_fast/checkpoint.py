@@ -1,6 +1,6 @@
 """Loading timm and IBM/CrossViT checkpoints, with position-embedding resampling and precise mismatch reports.
 
-Formats (spec, "Checkpoint formats"):
+Formats:
 
 * timm: ``pos_embed_0``, ``cls_token_0``, ``pos_embed_1``, ``cls_token_1`` + the module keys;
 * IBM release ``.pth``: the same module keys with ``pos_embed.0``, ``cls_token.0``, ... (a ParameterList), usually
@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from crossvit_fast.model_registry import MODEL_CONFIGS
 
 __all__ = ["CheckpointError", "LoadResult", "load_checkpoint", "resample_pos_embed", "to_timm_keys", "to_ibm_keys"]
 
@@ -195,8 +197,6 @@ def _shape_of(sd: Mapping[str, torch.Tensor]) -> Optional[Dict[str, Any]]:
 
 def _looks_like(shape: Dict[str, Any]) -> Optional[str]:
     """The released model with this architecture (the one at its image size when there are two), or None."""
-    from crossvit_fast.models import MODEL_CONFIGS
-
     found = [
         (name, cfg["kwargs"]["img_size"])
         for name, cfg in MODEL_CONFIGS.items()

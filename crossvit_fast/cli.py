@@ -72,7 +72,8 @@ def _table(rows: List[List[str]], header: List[str]) -> str:
 
 
 def cmd_list(args) -> int:
-    from crossvit_fast.models import MODEL_CONFIGS, MODEL_GMACS, create_model
+    from crossvit_fast.model_registry import MODEL_CONFIGS, MODEL_GMACS
+    from crossvit_fast.models import create_model
 
     rows = []
     for name, cfg in MODEL_CONFIGS.items():

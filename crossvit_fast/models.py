@@ -1,4 +1,5 @@
-"""The CrossViT family: the model class, the 11 released configurations, ``create_model`` and ``list_models``.
+"""The CrossViT model class and ``create_model``, which builds the configurations of
+:mod:`crossvit_fast.model_registry` (its tables and name functions are importable from here too).
 
 Module tree and state_dict keys are timm's (``timm/models/crossvit.py``), so timm state dicts load with
 ``strict=True``; IBM's release checkpoints load through :func:`crossvit_fast.load_checkpoint`.
@@ -15,15 +16,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from crossvit_fast import pretrained as pt
 from crossvit_fast.backend import count_backends, module_backends
+from crossvit_fast.checkpoint import load_checkpoint
 from crossvit_fast.config import LN_EPS
 from crossvit_fast.layers import MultiScaleBlock, PatchEmbed
+from crossvit_fast.model_registry import (
+    ALIASES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MODEL_CONFIGS,
+    MODEL_GMACS,
+    TAGS,
+    _canonical,
+    list_models,
+    model_config,
+    parse_model_name,
+)
+from crossvit_fast.pretrained import _take_indices
 
 __all__ = ["CrossViT", "MODEL_CONFIGS", "MODEL_GMACS", "ALIASES", "TAGS", "create_model", "list_models", "model_config",
            "parse_model_name"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _pair(x) -> Tuple[int, int]:
@@ -100,31 +113,6 @@ def check_image_dtype(x: torch.Tensor, weight: torch.Tensor) -> None:
 torch.fx.wrap("check_image")
 torch.fx.wrap("check_image_dtype")
 torch.fx.wrap("scale_image")
-
-
-def _take_indices(num_features: int, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
-    """timm's feature index rule: None -> all, an int n -> the last n, a sequence -> those (negative from the end)."""
-    if indices is None:
-        indices = num_features
-    if isinstance(indices, bool) or not isinstance(indices, (int, list, tuple)):
-        raise TypeError(f"indices must be None, an int or a list of ints, got {indices!r}")
-    if isinstance(indices, int):
-        if not 0 < indices <= num_features:
-            raise ValueError(f"indices={indices} asks for the last {indices} of {num_features} features "
-                             f"(expected 1 to {num_features})")
-        return list(range(num_features - indices, num_features))
-    if len(indices) == 0:
-        raise ValueError("indices is an empty list; expected at least one feature index")
-    out = []
-    for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"indices must hold ints, got {i!r} in {indices!r}")
-        idx = num_features + i if i < 0 else i
-        if not 0 <= idx < num_features:
-            raise ValueError(f"feature index {i} is out of range for {num_features} features "
-                             f"(expected {-num_features} to {num_features - 1})")
-        out.append(idx)
-    return out
 
 
 class CrossViT(nn.Module):
@@ -407,130 +395,6 @@ class CrossViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# --- the family -------------------------------------------------------------------------------------------------
-
-_S240 = Fraction(224, 240)  # the large branch sees 224x224 of a 240x240 image
-_S408 = Fraction(384, 408)  # and 384x384 of 408x408
-
-
-def _cfg(img, dims, heads, m, mlp, dagger, ibm):
-    return {
-        "kwargs": dict(
-            img_size=img,
-            img_scale=(Fraction(1), _S240 if img == 240 else _S408),
-            patch_size=(12, 16),
-            embed_dim=dims,
-            depth=((1, m, 0),) * 3,
-            num_heads=heads,
-            mlp_ratio=(mlp, mlp, 1.0),
-            multi_conv=dagger,
-        ),
-        "pretrained_cfg": dict(
-            input_size=(3, img, img),
-            crop_pct=0.875 if img == 240 else 1.0,
-            interpolation="bicubic",
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-        ),
-        "ibm_name": ibm,
-    }
-
-
-MODEL_CONFIGS: Dict[str, dict] = {
-    "crossvit_tiny_240": _cfg(240, (96, 192), (3, 3), 4, 4.0, False, "crossvit_tiny_224"),
-    "crossvit_small_240": _cfg(240, (192, 384), (6, 6), 4, 4.0, False, "crossvit_small_224"),
-    "crossvit_base_240": _cfg(240, (384, 768), (12, 12), 4, 4.0, False, "crossvit_base_224"),
-    "crossvit_9_240": _cfg(240, (128, 256), (4, 4), 3, 3.0, False, "crossvit_9_224"),
-    "crossvit_15_240": _cfg(240, (192, 384), (6, 6), 5, 3.0, False, "crossvit_15_224"),
-    "crossvit_18_240": _cfg(240, (224, 448), (7, 7), 6, 3.0, False, "crossvit_18_224"),
-    "crossvit_9_dagger_240": _cfg(240, (128, 256), (4, 4), 3, 3.0, True, "crossvit_9_dagger_224"),
-    "crossvit_15_dagger_240": _cfg(240, (192, 384), (6, 6), 5, 3.0, True, "crossvit_15_dagger_224"),
-    "crossvit_18_dagger_240": _cfg(240, (224, 448), (7, 7), 6, 3.0, True, "crossvit_18_dagger_224"),
-    "crossvit_15_dagger_408": _cfg(408, (192, 384), (6, 6), 5, 3.0, True, "crossvit_15_dagger_384"),
-    "crossvit_18_dagger_408": _cfg(408, (224, 448), (7, 7), 6, 3.0, True, "crossvit_18_dagger_384"),
-}
-
-ALIASES: Dict[str, str] = {cfg["ibm_name"]: name for name, cfg in MODEL_CONFIGS.items()}
-"""IBM/CrossViT's model names (named after the large branch's size) -> timm's names."""
-
-
-TAGS = ("in1k",)
-"""timm's pretrained tags of the CrossViT family (``crossvit_9_240.in1k``): accepted and mapped to the model."""
-
-MODEL_GMACS: Dict[str, float] = {
-    "crossvit_tiny_240": 1.57, "crossvit_small_240": 5.63, "crossvit_base_240": 21.22,
-    "crossvit_9_240": 1.85, "crossvit_15_240": 5.81, "crossvit_18_240": 9.05,
-    "crossvit_9_dagger_240": 1.99, "crossvit_15_dagger_240": 6.13, "crossvit_18_dagger_240": 9.50,
-    "crossvit_15_dagger_408": 21.45, "crossvit_18_dagger_408": 32.47,
-}
-"""fvcore multiply-adds per image at the model's own size, in billions (``flops(model).total() / 1e9``; the paper's
-"FLOPs"); tests/test_cli.py checks them against fvcore."""
-
-_HUB_PREFIXES = ("hf_hub:", "hf-hub:")
-
-
-def _did_you_mean(word: str, choices) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def parse_model_name(name: str) -> Tuple[str, Optional[str]]:
-    """``(model name, pretrained tag or None)`` of a timm or IBM name, with timm's spellings accepted:
-    ``crossvit_9_240``, ``crossvit_9_240.in1k``, ``timm/crossvit_9_240.in1k``, ``hf_hub:timm/crossvit_9_240``
-    (``hf-hub:`` too). IBM names (``crossvit_9_224``) map to timm's. An unknown model or tag raises ``ValueError``
-    with the nearest known name."""
-    if not isinstance(name, str):
-        raise ValueError(f"a CrossViT model name must be a string, got {type(name).__name__}")
-    key = name.strip()
-    for prefix in _HUB_PREFIXES:
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            if not key.startswith("timm/"):
-                raise ValueError(
-                    f"{name!r}: crossvit_fast knows timm's CrossViT models only ({prefix}timm/<model>[.tag])"
-                )
-    if "/" in key:
-        org, key = key.split("/", 1)
-        if org != "timm":
-            raise ValueError(f"{name!r}: crossvit_fast knows timm's CrossViT weights ('timm/<name>.<tag>'), "
-                             f"not those of Hub organisation {org!r}")
-    base, _, tag = key.partition(".")
-    if base in MODEL_CONFIGS:
-        canonical = base
-    elif base in ALIASES:
-        canonical = ALIASES[base]
-    else:
-        raise ValueError(
-            f"unknown CrossViT model {name!r}{_did_you_mean(base, list_models(include_aliases=True))}; "
-            f"known: {', '.join(list_models())} (IBM names: {', '.join(ALIASES)}); see crossvit-fast list"
-        )
-    if not tag:
-        return canonical, None
-    if tag not in TAGS:
-        hint = _did_you_mean(tag, TAGS) or f" (did you mean {base + '.' + TAGS[0]!r}?)"
-        raise ValueError(f"unknown pretrained tag {tag!r} in {name!r}{hint}; timm's CrossViT tags: {', '.join(TAGS)}")
-    return canonical, tag
-
-
-def _canonical(name: str) -> str:
-    return parse_model_name(name)[0]
-
-
-def model_config(name: str) -> dict:
-    """The configuration of ``name`` (timm or IBM name): constructor kwargs, pretrained_cfg, IBM name."""
-    canonical = _canonical(name)
-    cfg = MODEL_CONFIGS[canonical]
-    return {"name": canonical, **{k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}}
-
-
-def list_models(include_aliases: bool = False) -> List[str]:
-    """The 11 model names (timm's); with ``include_aliases``, IBM's names too."""
-    names = list(MODEL_CONFIGS)
-    return names + list(ALIASES) if include_aliases else names
-
-
 def _check_device_dtype(device, dtype) -> Tuple[Optional[torch.device], Optional[torch.dtype]]:
     dev = None
     if device is not None:
@@ -600,9 +464,6 @@ def create_model(
     flags, accepted for compatibility (these models always script and export). The model's ``pretrained_cfg``
     (and its alias ``default_cfg``) holds timm's fields, ``input_size`` being the model's own.
     """
-    from crossvit_fast import pretrained as pt
-    from crossvit_fast.checkpoint import load_checkpoint
-
     overrides = {k: v for k, v in overrides.items() if v is not None}  # as timm.create_model
     if not (isinstance(pretrained, (bool, str)) or isinstance(pretrained, os.PathLike)):
         raise TypeError(f"pretrained must be True/False or a checkpoint path, got {type(pretrained).__name__}")

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+
+from crossvit_fast.checkpoint import CheckpointError, _unwrap, load_checkpoint, to_timm_keys
+from crossvit_fast.model_registry import MODEL_CONFIGS, parse_model_name
+from crossvit_fast.model_registry import TAGS as PRETRAINED_TAGS
 
 __all__ = [
     "PRETRAINED_CFG_KEYS",
@@ -38,9 +42,6 @@ __all__ = [
     "parse_model_name",
     "resolve_pretrained_cfg",
 ]
-
-PRETRAINED_TAGS = ("in1k",)
-"""The tags timm releases CrossViT weights under (``timm/crossvit_9_240.in1k``)."""
 
 # Every field of timm's PretrainedCfg with its default (None: left out of the dict, as timm's to_dict does).
 _CFG_FIELDS: Dict[str, Any] = {
@@ -61,14 +62,7 @@ HUB_SAFE_FILE = "model.safetensors"
 HUB_PICKLE_FILE = "pytorch_model.bin"
 
 
-# --- names and configs --------------------------------------------------------------------------------------------
-def parse_model_name(name: str) -> Tuple[str, Optional[str]]:
-    """``(architecture, tag or None)``: :func:`crossvit_fast.models.parse_model_name` (timm, Hub and IBM spellings)."""
-    from crossvit_fast.models import parse_model_name as parse
-
-    return parse(name)
-
-
+# --- configs ------------------------------------------------------------------------------------------------------
 def _to_dict(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """timm's ``PretrainedCfg.to_dict()``: field order, None values dropped (pool_size kept)."""
     return {k: cfg[k] for k in PRETRAINED_CFG_KEYS if cfg.get(k) is not None or k in _KEEP_WHEN_NONE}
@@ -76,8 +70,6 @@ def _to_dict(cfg: Mapping[str, Any]) -> Dict[str, Any]:
 
 def default_pretrained_cfg(architecture: str, tag: str = "in1k") -> Dict[str, Any]:
     """timm's registered pretrained cfg of ``architecture.tag`` (the 17 keys timm's model carries)."""
-    from crossvit_fast.models import MODEL_CONFIGS
-
     cfg = MODEL_CONFIGS[architecture]
     img = cfg["kwargs"]["img_size"]
     dagger = cfg["kwargs"]["multi_conv"]
@@ -214,8 +206,6 @@ def _hub_download(repo_id: str, cache_dir: Optional[Union[str, os.PathLike]], fi
 def read_weights(path: Union[str, os.PathLike], weights_only: bool = True) -> Dict[str, Any]:
     """A weights file: ``.safetensors`` (needs safetensors) or a torch file (``weights_only=False`` unpickles any
     object, for IBM's release files, which keep their training args: only for files you trust)."""
-    from crossvit_fast.checkpoint import CheckpointError
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
@@ -268,8 +258,6 @@ def load_pretrained(
     the weights' (``warn=False``: silently, for a features model whose head is pruned anyway). Raises
     :class:`crossvit_fast.CheckpointError` and changes nothing when the rest does not fit (``strict=False``: loads
     what fits and returns the lists, as :func:`crossvit_fast.load_checkpoint`)."""
-    from crossvit_fast.checkpoint import _unwrap, load_checkpoint, to_timm_keys
-
     source = to_timm_keys(_unwrap(state_dict))
     target = model.state_dict()
     base_chans = int((cfg.get("input_size") or (3,))[0])
@@ -299,6 +287,31 @@ def load_pretrained(
 
 
 # --- features_only ------------------------------------------------------------------------------------------------
+def _take_indices(num_features: int, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+    """timm's feature index rule: None -> all, an int n -> the last n, a sequence -> those (negative from the end)."""
+    if indices is None:
+        indices = num_features
+    if isinstance(indices, bool) or not isinstance(indices, (int, list, tuple)):
+        raise TypeError(f"indices must be None, an int or a list of ints, got {indices!r}")
+    if isinstance(indices, int):
+        if not 0 < indices <= num_features:
+            raise ValueError(f"indices={indices} asks for the last {indices} of {num_features} features "
+                             f"(expected 1 to {num_features})")
+        return list(range(num_features - indices, num_features))
+    if len(indices) == 0:
+        raise ValueError("indices is an empty list; expected at least one feature index")
+    out = []
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"indices must hold ints, got {i!r} in {indices!r}")
+        idx = num_features + i if i < 0 else i
+        if not 0 <= idx < num_features:
+            raise ValueError(f"feature index {i} is out of range for {num_features} features "
+                             f"(expected {-num_features} to {num_features - 1})")
+        out.append(idx)
+    return out
+
+
 class FeatureInfo:
     """timm's ``FeatureInfo`` for the features a :class:`FeatureGetter` returns (channels, reduction, module)."""
 
@@ -351,8 +364,6 @@ class FeatureGetter(nn.ModuleDict):
         if prune:
             out_indices = model.prune_intermediate_layers(out_indices, prune_norm=not norm)
         else:
-            from crossvit_fast.models import _take_indices
-
             out_indices = _take_indices(len(model.feature_info), out_indices)
         self.feature_info = FeatureInfo(model.feature_info, out_indices)
         self.model = model

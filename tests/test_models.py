@@ -184,3 +184,52 @@ def test_backends_print_as_a_count_per_op():
     assert repr(b) == ("{layer_norm: 12 x reference; linear: 12 x reference; self_attention: 12 x reference; "
                        "cls_cross_attention: 6 x reference}")
     assert b.summary()["cls_cross_attention"] == {"reference": 6}
+
+
+def test_registry_tables_are_the_ones_reexported():
+    from crossvit_fast import model_registry as reg
+    from crossvit_fast import models, pretrained
+
+    for name in ("MODEL_CONFIGS", "MODEL_GMACS", "ALIASES", "TAGS", "parse_model_name", "model_config", "list_models"):
+        assert getattr(models, name) is getattr(reg, name), name
+    assert pretrained.PRETRAINED_TAGS is reg.TAGS and pretrained.parse_model_name is reg.parse_model_name
+    assert crossvit_fast.ALIASES is reg.ALIASES and crossvit_fast.list_models is reg.list_models
+
+
+def _package_imports():
+    """Module -> the crossvit_fast modules it imports anywhere (functions included), by the source's import lines."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(crossvit_fast.__file__).parent
+    mods = {p.stem: p for p in root.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "crossvit_fast":
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("crossvit_fast."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps.update(a.name.split(".")[1] for a in node.names if a.name.startswith("crossvit_fast."))
+        graph[name] = sorted((deps & set(mods)) - {name})
+    return graph
+
+
+def test_model_modules_import_no_cycle():
+    graph = _package_imports()
+    assert graph["model_registry"] == []
+    state = {}
+
+    def visit(name, path):
+        if state.get(name) == "done":
+            return
+        assert state.get(name) != "open", f"import cycle: {' -> '.join(path + [name])}"
+        state[name] = "open"
+        for dep in graph[name]:
+            visit(dep, path + [name])
+        state[name] = "done"
+
+    for name in ("model_registry", "checkpoint", "pretrained", "models", "convert", "flops"):
+        visit(name, [])

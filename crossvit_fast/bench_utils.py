@@ -33,6 +33,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from crossvit_fast.config import env
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO_BENCH = os.path.join(os.path.dirname(_HERE), "bench")
 RESULTS_DIR = os.path.join(_REPO_BENCH, "results") if os.path.isdir(_REPO_BENCH) else os.path.join(os.getcwd(), "bench_results")
@@ -50,8 +52,8 @@ def require_cuda(name: str) -> None:
 def _git_commit() -> str:
     """The checkout's commit (``-dirty`` when tracked files changed); ``CROSSVIT_FAST_COMMIT`` when set (a copy of the
     tree without ``.git``, such as the GPU machine's)."""
-    if os.environ.get("CROSSVIT_FAST_COMMIT", "").strip():
-        return os.environ["CROSSVIT_FAST_COMMIT"].strip()
+    if env("CROSSVIT_FAST_COMMIT"):
+        return env("CROSSVIT_FAST_COMMIT")
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],

@@ -25,34 +25,23 @@ class Setting:
     doc: str
 
 
-SETTINGS: Tuple[Setting, ...] = (
-    Setting("CROSSVIT_FAST_BACKEND", "auto", "user",
-            "the default backend of modules built without backend=: reference, torch, triton or auto; read each "
-            "time a module is built"),
-    Setting("CROSSVIT_FAST_AUTOTUNE", "1", "user",
-            "0 turns the kernels' autotuning off (a launch takes the config already tuned for its key, else the "
-            "fixed default); read when a kernel module is imported"),
-    Setting("CROSSVIT_FAST_AUTOTUNE_CACHE", "1", "user",
-            "0 keeps autotune picks in the process only; otherwise each pick is also written to Triton's cache "
-            "directory (TRITON_CACHE_DIR) and loaded by later processes on the same GPU model and versions; read "
-            "at import"),
-    Setting("TRITON_INTERPRET", "0", "user",
-            "Triton's own switch: 1 runs the kernels in its CPU interpreter (tests only: correct but slow); must be "
-            "set before a kernel module is imported"),
-    Setting("CROSSVIT_FAST_COMMIT", "", "bench",
-            "the commit a benchmark record names, where the run has no git checkout (the GPU machine)"),
-    Setting("CROSSVIT_FAST_TEST_SEED", "0", "test",
-            "moves every seed of the test suite (randomized tests, random weights, timm comparisons)"),
-    Setting("CROSSVIT_FAST_RANDOM_CASES", "12", "test",
-            "cases per op and test of tests/test_random_inputs.py"),
-    Setting("CROSSVIT_FAST_TEST_CUDA_DRAWS", "0", "test",
-            "1: on CUDA, draw every test tensor on the device instead of on the CPU's generator"),
-    Setting("CROSSVIT_FAST_MEMCHECK", "1", "test",
-            "0 leaves the interpreter's out-of-bounds memory checker out of the test session"),
-    Setting("CROSSVIT_FAST_SM90_SET", "ci", "test",
-            "which sm_90 compile set tests/test_sm90_compile.py checks: ci, smoke or family"),
-    Setting("CROSSVIT_FAST_TIMM_SUITE", "timm", "test",
-            "what timm's own test suite builds under tests/timm_suite_plugin.py: timm, models or optimize"),
+_TABLE = """
+CROSSVIT_FAST_BACKEND         auto   user   the default backend of modules built without backend=: reference, torch, triton or auto; read each time a module is built
+CROSSVIT_FAST_AUTOTUNE        1      user   0 turns the kernels' autotuning off (a launch takes the config already tuned for its key, else the fixed default); read when a kernel module is imported
+CROSSVIT_FAST_AUTOTUNE_CACHE  1      user   0 keeps autotune picks in the process only; otherwise each pick is also written to Triton's cache directory (TRITON_CACHE_DIR) and loaded by later processes on the same GPU model and versions; read at import
+TRITON_INTERPRET              0      user   Triton's own switch: 1 runs the kernels in its CPU interpreter (tests only: correct but slow); set it before a kernel module is imported
+CROSSVIT_FAST_COMMIT          -      bench  the commit a benchmark record names, where the run has no git checkout (the GPU machine)
+CROSSVIT_FAST_TEST_SEED       0      test   moves every seed of the test suite (randomized tests, random weights, timm comparisons)
+CROSSVIT_FAST_RANDOM_CASES    12     test   cases per op and test of tests/test_random_inputs.py
+CROSSVIT_FAST_TEST_CUDA_DRAWS 0      test   1: on CUDA, draw every test tensor on the device instead of on the CPU's generator
+CROSSVIT_FAST_MEMCHECK        1      test   0 leaves the interpreter's out-of-bounds memory checker out of the test session
+CROSSVIT_FAST_SM90_SET        ci     test   the sm_90 compile set tests/test_sm90_compile.py checks: ci, smoke or family
+CROSSVIT_FAST_TIMM_SUITE      timm   test   what timm's own test suite builds under tests/timm_suite_plugin.py: timm, models or optimize
+"""
+
+SETTINGS: Tuple[Setting, ...] = tuple(
+    Setting(name, "" if default == "-" else default, scope, doc)
+    for name, default, scope, doc in (line.split(None, 3) for line in _TABLE.strip().splitlines())
 )
 """Every environment variable crossvit_fast, its benchmarks and its tests read; ``crossvit-fast info`` lists the
 user and bench ones with their values."""

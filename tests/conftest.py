@@ -29,7 +29,22 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+cpu_only = pytest.mark.skipif(CUDA, reason="CPU-interpreter variant; the CUDA tests cover this on a GPU")
+LOW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_compiled_like_eager(f, args, backend="aot_eager"):
+    """``torch.compile(f, fullgraph=True)`` gives eager's output and input gradients (of its sum) on ``args``."""
+    y = torch.compile(f, fullgraph=True, backend=backend)(*args)
+    g = torch.autograd.grad(y.sum(), args)
+    y_eager = f(*args)
+    g_eager = torch.autograd.grad(y_eager.sum(), args)
+    torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
+    for a, c in zip(g, g_eager):
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
 
 
 class _NoLaunch:

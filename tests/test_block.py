@@ -19,12 +19,8 @@ kl = pytest.importorskip("crossvit_fast.kernels.linear", reason="triton is not i
 from crossvit_fast.kernels import layer_norm as kln  # noqa: E402
 from crossvit_fast.kernels import self_attention as ksa  # noqa: E402
 from crossvit_fast.ops.block import block_half  # noqa: E402
-from conftest import forbid_launches  # noqa: E402
+from conftest import CUDA, DEV, LOW_DTYPES, assert_compiled_like_eager, forbid_launches, requires_cuda  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEV = torch.device("cuda" if CUDA else "cpu")
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-LOW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PARAMS = ("ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
 
 
@@ -235,13 +231,7 @@ def test_compile_fullgraph_aot_eager():
         x = block_half(x, *p[:6], scale=kw["scale"], num_heads=2)
         return block_half(x, *p[6:], scale=kw["scale"])
 
-    y = torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves)
-    g = torch.autograd.grad(y.sum(), leaves)
-    y_eager = f(*leaves)
-    g_eager = torch.autograd.grad(y_eager.sum(), leaves)
-    torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
-    for a, c in zip(g, g_eager):
-        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+    assert_compiled_like_eager(f, leaves)
 
 
 def test_flop_handle_counts_like_the_reference():

@@ -19,13 +19,8 @@ from crossvit_fast.testing import assert_within_rule, poison_
 
 kln = pytest.importorskip("crossvit_fast.kernels.layer_norm", reason="triton is not installed")
 from crossvit_fast.ops.layer_norm import layer_norm  # noqa: E402
-from conftest import forbid_launches  # noqa: E402
+from conftest import CUDA, DEV, LOW_DTYPES, assert_compiled_like_eager, cpu_only, forbid_launches, requires_cuda  # noqa: E402,E501
 
-CUDA = torch.cuda.is_available()
-DEV = torch.device("cuda" if CUDA else "cpu")
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-cpu_only = pytest.mark.skipif(CUDA, reason="CPU-interpreter variant; the CUDA tests cover this on a GPU")
-LOW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ("contiguous", "slice", "transposed")
 
 
@@ -244,14 +239,7 @@ def test_compile_fullgraph(backend):
 
     args = [torch.randn(2, 7, 32, device=DEV, requires_grad=True) for _ in range(2)]
     args += [torch.randn(32, device=DEV, requires_grad=True) for _ in range(2)]
-    compiled = torch.compile(f, fullgraph=True, backend=backend)
-    y = compiled(*args)
-    g = torch.autograd.grad(y.sum(), args)
-    y_eager = f(*args)
-    g_eager = torch.autograd.grad(y_eager.sum(), args)
-    torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
-    for a, c in zip(g, g_eager):
-        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+    assert_compiled_like_eager(f, args, backend)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -454,12 +442,16 @@ def test_cuda_headline(N, C, dtype):
     check(x, w, b, out_dtype=out_dtype)
 
 
+def mixed_inputs(B, N, C):
+    """A float32 stream x, a bfloat16 branch output y (B, N, C) and float32 LayerNorm weight and bias, as a block."""
+    w, b = torch.randn(C, device=DEV), torch.randn(C, device=DEV)
+    return rand((B, N, C), torch.float32), rand((B, N, C), torch.bfloat16), w, b
+
+
 @requires_cuda
 def test_cuda_large_row_count_backward_deterministic():
     C = 448
-    x = rand((64, 197, C), torch.float32)
-    y = rand((64, 197, C), torch.bfloat16)
-    w, b = torch.randn(C, device=DEV), torch.randn(C, device=DEV)
+    x, y, w, b = mixed_inputs(64, 197, C)
     out, r, mean, rstd = kln.layer_norm_fwd(x, y, w, b, 1e-6, torch.bfloat16)
     g, dr = torch.randn_like(out), torch.randn_like(r)
     a = kln.layer_norm_bwd(g, dr, r, w, mean, rstd, x.dtype, y.dtype)
@@ -471,9 +463,7 @@ def test_cuda_large_row_count_backward_deterministic():
 @requires_cuda
 def test_cuda_graph_capture():
     C = 224
-    x = rand((8, 401, C), torch.float32)
-    y = rand((8, 401, C), torch.bfloat16)
-    w, b = torch.randn(C, device=DEV), torch.randn(C, device=DEV)
+    x, y, w, b = mixed_inputs(8, 401, C)
     kln.layer_norm_fwd(x, y, w, b, 1e-6, torch.bfloat16)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -23,13 +23,9 @@ from crossvit_fast.testing import assert_within_rule, default_atol, poison_
 
 kl = pytest.importorskip("crossvit_fast.kernels.linear", reason="triton is not installed")
 from crossvit_fast.ops.linear import linear  # noqa: E402
-from conftest import DispatchLog, forbid_launches  # noqa: E402
+from conftest import (  # noqa: E402
+    CUDA, DEV, LOW_DTYPES, DispatchLog, assert_compiled_like_eager, cpu_only, forbid_launches, requires_cuda)
 
-CUDA = torch.cuda.is_available()
-DEV = torch.device("cuda" if CUDA else "cpu")
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-cpu_only = pytest.mark.skipif(CUDA, reason="CPU-interpreter variant; the CUDA tests cover this on a GPU")
-LOW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLAGS = ("ln", "bias", "gelu", "scale", "res")
 SMALL_TILES = (16, 16, 16, 1, 1)  # interpreter: several row/column tiles, K loops and ragged edges
 
@@ -337,13 +333,7 @@ def test_compile_fullgraph_aot_eager():
     args = [torch.randn(2, 7, 16, device=DEV), torch.randn(16, 16, device=DEV), torch.randn(16, device=DEV),
             torch.randn(16, device=DEV), torch.randn(16, device=DEV), torch.randn(2, 7, 16, device=DEV)]
     args = [a.requires_grad_() for a in args]
-    y = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
-    g = torch.autograd.grad(y.sum(), args)
-    y_eager = f(*args)
-    g_eager = torch.autograd.grad(y_eager.sum(), args)
-    torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
-    for a, c in zip(g, g_eager):
-        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+    assert_compiled_like_eager(f, args)
 
 
 def test_flop_handle_counts_like_the_reference():

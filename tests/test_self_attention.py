@@ -17,12 +17,8 @@ from crossvit_fast.testing import assert_within_rule, default_atol, poison_
 ksa = pytest.importorskip("crossvit_fast.kernels.self_attention", reason="triton is not installed")
 from crossvit_fast.graphs import warm_up  # noqa: E402
 from crossvit_fast.ops.self_attention import self_attention  # noqa: E402
-from conftest import forbid_launches  # noqa: E402
+from conftest import CUDA, DEV, cpu_only, forbid_launches, requires_cuda  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEV = torch.device("cuda" if CUDA else "cpu")
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-cpu_only = pytest.mark.skipif(CUDA, reason="CPU-interpreter variant; the CUDA tests cover this on a GPU")
 
 LAYOUTS = ("contiguous", "slice", "transposed", "tokens_major")
 
@@ -125,13 +121,18 @@ SMALL_CASES = [  # (B, N, H, D)
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("B,N,H,D", SMALL_CASES)
-def test_kernels_small(B, N, H, D, dtype):
+def check_case(B, N, H, D, dtype):
+    """Forward and backward launchers on random qkv of (B, N, H, D), judged against the float64 reference."""
     qkv = make_qkv(B, N, H, D, dtype)
     dout = torch.randn(B, N, H * D, device=DEV, dtype=dtype)
     out, lse, dqkv = run_launchers(qkv, H, dout)
     check_all(out, lse, dqkv, qkv, H, dout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("B,N,H,D", SMALL_CASES)
+def test_kernels_small(B, N, H, D, dtype):
+    check_case(B, N, H, D, dtype)
 
 
 @pytest.mark.parametrize("config", [{"BLOCK_M": 32, "BLOCK_N": 16}, {"BLOCK_M": 16, "BLOCK_N": 32},
@@ -453,10 +454,7 @@ CUDA_CASES = [  # (B, N, H, D): every N and every family head dim at least once,
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("B,N,H,D", CUDA_CASES)
 def test_cuda_grid(B, N, H, D, dtype):
-    qkv = make_qkv(B, N, H, D, dtype)
-    dout = torch.randn(B, N, H * D, device=DEV, dtype=dtype)
-    out, lse, dqkv = run_launchers(qkv, H, dout)
-    check_all(out, lse, dqkv, qkv, H, dout)
+    check_case(B, N, H, D, dtype)
 
 
 # The headline model's shapes (crossvit_18_dagger_240: S branch C=224, 7 heads, 400 patch tokens; L branch C=448,

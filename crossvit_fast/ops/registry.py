@@ -29,35 +29,40 @@ __all__ = ["OpSpec", "OPS", "op_names", "get", "custom_op_names"]
 class OpSpec:
     """One fused op.
 
-    ``name``: the op's one name (``kernels/<name>.py``, ``crossvit_fast/ops/<name>.py``, ``tests/test_<name>.py``,
-    ``bench/bench_<name>.py``). ``op_modules``: the ``crossvit_fast.ops`` modules that register its custom ops,
-    ``custom_ops`` their names (forward ops; each has a ``*_backward`` beside it). ``kernel_module``: its Triton
-    kernels and launchers. ``reference``: ``module:function`` of the explicit math the tests compare against.
-    ``torch_path``: what the ``"torch"`` backend runs where the op does not run fused. ``dtypes``: input dtypes
-    (torch names). ``limits``: the kernel's shape limits in words; ``unsupported(**dims)`` the same as a check
-    (``""`` where the kernel takes the shape, else why not). ``flop_handles``: traced op -> the
-    ``crossvit_fast.flops`` function counting it. ``tests``: the test modules whose CUDA run verifies the op.
-    ``bench``: its benchmark script. ``sm90``: whether ``tests/sm90_compile.py`` compiles its kernels."""
+    ``name``: the op's one name, from which the rest follows unless given: ``kernels/<name>.py`` (``kernel_module``),
+    ``crossvit_fast/ops/<name>.py`` (the first of ``op_modules``, the ``crossvit_fast.ops`` modules that register its
+    custom ops), ``crossvit_fast::<name>`` (``custom_ops``: forward ops, each with a ``*_backward`` beside it),
+    ``crossvit_fast.reference:<name>_ref`` (``reference``: the explicit math the tests compare against),
+    ``tests/test_<name>.py`` (``tests``: the test modules whose CUDA run verifies the op), ``bench/bench_<name>.py``
+    (``bench``), ``crossvit_fast.flops.<name>_flop_jit`` (``flop_handles``: traced op -> the function counting it).
+    ``torch_path``: what the ``"torch"`` backend runs where the op does not run fused. ``limits``: the kernel's shape
+    limits in words; ``unsupported(**dims)`` the same as a check (``""`` where the kernel takes the shape, else why
+    not). ``dtypes``: input dtypes (torch names). ``sm90``: whether ``tests/sm90_compile.py`` compiles its kernels."""
 
     name: str
-    op_modules: Tuple[str, ...]
-    custom_ops: Tuple[str, ...]
-    reference: str
     torch_path: str
     limits: str
     unsupported: Callable[..., str]
-    flop_handles: Dict[str, str]
-    tests: Tuple[str, ...]
+    op_modules: Tuple[str, ...] = ()
+    custom_ops: Tuple[str, ...] = ()
+    tests: Tuple[str, ...] = ()
+    flop_handles: Dict[str, str] = field(default_factory=dict)
+    reference: str = ""
+    kernel_module: str = ""
+    bench: str = ""
     dtypes: Tuple[str, ...] = FUSED_DTYPES
     sm90: bool = True
-    kernel_module: str = field(default="")
-    bench: str = field(default="")
 
     def __post_init__(self):
-        if not self.kernel_module:
-            object.__setattr__(self, "kernel_module", f"crossvit_fast.kernels.{self.name}")
-        if not self.bench:
-            object.__setattr__(self, "bench", f"bench/bench_{self.name}.py")
+        n = self.name
+        defaults = dict(op_modules=(f"crossvit_fast.ops.{n}",), custom_ops=(f"crossvit_fast::{n}",),
+                        tests=(f"test_{n}",), reference=f"crossvit_fast.reference:{n}_ref",
+                        kernel_module=f"crossvit_fast.kernels.{n}", bench=f"bench/bench_{n}.py")
+        for key, value in defaults.items():
+            if not getattr(self, key):
+                object.__setattr__(self, key, value)
+        if not self.flop_handles:
+            object.__setattr__(self, "flop_handles", {op: f"{op.split('::')[1]}_flop_jit" for op in self.custom_ops})
 
     def supports(self, dtype: str, **dims: int) -> str:
         """``""`` when the kernel takes ``dtype`` (a torch name: ``"bfloat16"``) at these dims, else why not."""
@@ -94,52 +99,22 @@ def _linear(dim: int, **_) -> str:
 OPS: Dict[str, OpSpec] = {
     spec.name: spec
     for spec in (
-        OpSpec(
-            name="cls_cross_attention",
-            op_modules=("crossvit_fast.ops.cls_cross_attention",),
-            custom_ops=("crossvit_fast::cls_cross_attention",),
-            reference="crossvit_fast.reference:cls_cross_attention_ref",
-            torch_path="timm's CrossAttention math: LayerNorm, the CLS query's scores, softmax, weighted sum",
-            limits=f"C <= {CLS_CROSS_ATTENTION_MAX_DIM}, head dim <= {CLS_CROSS_ATTENTION_MAX_HEAD_DIM}, C > 0",
-            unsupported=_cls_cross_attention,
-            flop_handles={"crossvit_fast::cls_cross_attention": "cls_cross_attention_flop_jit"},
-            tests=("test_cls_cross_attention",),
-        ),
-        OpSpec(
-            name="self_attention",
-            op_modules=("crossvit_fast.ops.self_attention",),
-            custom_ops=("crossvit_fast::self_attention",),
-            reference="crossvit_fast.reference:self_attention_ref",
-            torch_path="F.scaled_dot_product_attention, as timm's Attention",
-            limits=f"head dim in {SELF_ATTENTION_HEAD_DIMS[0]}..{SELF_ATTENTION_HEAD_DIMS[-1]}, a multiple of 16",
-            unsupported=_self_attention,
-            flop_handles={"crossvit_fast::self_attention": "self_attention_flop_jit"},
-            tests=("test_self_attention",),
-        ),
-        OpSpec(
-            name="layer_norm",
-            op_modules=("crossvit_fast.ops.layer_norm",),
-            custom_ops=("crossvit_fast::layer_norm",),
-            reference="crossvit_fast.reference:layer_norm_ref",
-            torch_path="torch.nn.LayerNorm, as timm's Block",
-            limits=f"C <= {LAYER_NORM_MAX_DIM}",
-            unsupported=_layer_norm,
-            flop_handles={"crossvit_fast::layer_norm": "layer_norm_flop_jit"},
-            tests=("test_layer_norm",),
-        ),
-        OpSpec(
-            name="linear",
-            op_modules=("crossvit_fast.ops.linear", "crossvit_fast.ops.block"),
-            custom_ops=("crossvit_fast::linear", "crossvit_fast::block_half"),
-            reference="crossvit_fast.reference:linear_ref",
-            torch_path="the block's nn.Linear layers, GELU and residual adds, as timm's Block",
-            limits=f"K <= {LAYER_NORM_MAX_DIM} with the LayerNorm prologue; the block half (block_half) also the "
-                   f"self-attention's head dims",
-            unsupported=_linear,
-            flop_handles={"crossvit_fast::linear": "linear_flop_jit",
-                          "crossvit_fast::block_half": "block_half_flop_jit"},
-            tests=("test_linear", "test_block"),
-        ),
+        OpSpec("cls_cross_attention",
+               torch_path="timm's CrossAttention math: LayerNorm, the CLS query's scores, softmax, weighted sum",
+               limits=f"C <= {CLS_CROSS_ATTENTION_MAX_DIM}, head dim <= {CLS_CROSS_ATTENTION_MAX_HEAD_DIM}, C > 0",
+               unsupported=_cls_cross_attention),
+        OpSpec("self_attention", torch_path="F.scaled_dot_product_attention, as timm's Attention",
+               limits=f"head dim in {SELF_ATTENTION_HEAD_DIMS[0]}..{SELF_ATTENTION_HEAD_DIMS[-1]}, a multiple of 16",
+               unsupported=_self_attention),
+        OpSpec("layer_norm", torch_path="torch.nn.LayerNorm, as timm's Block", limits=f"C <= {LAYER_NORM_MAX_DIM}",
+               unsupported=_layer_norm),
+        OpSpec("linear", torch_path="the block's nn.Linear layers, GELU and residual adds, as timm's Block",
+               limits=f"K <= {LAYER_NORM_MAX_DIM} with the LayerNorm prologue; the block half (block_half) also the "
+                      f"self-attention's head dims",
+               unsupported=_linear,
+               op_modules=("crossvit_fast.ops.linear", "crossvit_fast.ops.block"),
+               custom_ops=("crossvit_fast::linear", "crossvit_fast::block_half"),
+               tests=("test_linear", "test_block")),
     )
 }
 """op name -> :class:`OpSpec`, in the order reports list them."""

@@ -309,6 +309,24 @@ def _check_out(name: str, t: torch.Tensor, dtype: torch.dtype, like: torch.Tenso
         raise ValueError(f"layer_norm: a preallocated {name} of more than 3 dimensions must be contiguous")
 
 
+def check_layer_norm_shapes(x, residual, weight, bias, max_dim: Optional[int] = None) -> int:
+    """The shape checks of the forward's arguments (no device needed: the ``layer_norm`` op's fakes run them too):
+    x has a channel dimension C (at most ``max_dim``, where given), weight and bias are ``(C,)``, a residual has x's
+    shape. Returns C."""
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"layer_norm: x must have a last (channel) dimension >= 1, got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    if max_dim is not None and C > max_dim:
+        raise ValueError(f"layer_norm: {C} channels; the fused LayerNorm holds a row in registers, at most {max_dim}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)}, expected ({C},) for x of shape "
+                             f"{tuple(x.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"layer_norm: residual has shape {tuple(residual.shape)}, expected x's {tuple(x.shape)}")
+    return C
+
+
 def check_layer_norm_inputs(
     x: torch.Tensor,
     residual: Optional[torch.Tensor],
@@ -324,17 +342,7 @@ def check_layer_norm_inputs(
             raise TypeError(f"layer_norm: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"layer_norm: {name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"layer_norm: x must have a last (channel) dimension >= 1, got shape {tuple(x.shape)}")
-    C = x.shape[-1]
-    if C > MAX_DIM:
-        raise ValueError(f"layer_norm: {C} channels; the fused LayerNorm holds a row in registers, at most {MAX_DIM}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if tuple(t.shape) != (C,):
-            raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)}, expected ({C},) for x of shape "
-                             f"{tuple(x.shape)}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"layer_norm: residual has shape {tuple(residual.shape)}, expected x's {tuple(x.shape)}")
+    C = check_layer_norm_shapes(x, residual, weight, bias, MAX_DIM)
     if weight.dtype != bias.dtype:
         raise TypeError(f"layer_norm: weight is {weight.dtype} and bias {bias.dtype}; expected one dtype")
     if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:

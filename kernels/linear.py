@@ -123,9 +123,9 @@ from crossvit_fast.config import autotune_cache_from_env, autotune_from_env
 
 from .layer_norm import _as3d, _device_of, _span, _unit_stride, layer_norm_fwd, row_moments, rstd_of
 
-__all__ = ["linear_fwd", "linear_dgrad", "check_linear_inputs", "SUPPORTED_DTYPES", "AUTOTUNE", "CONFIGS",
-           "TUNE_CONFIGS", "LN_FIRST", "DZ_FIRST", "pick_config", "tune_configs", "fwd_candidates",
-           "dgrad_candidates", "tuned_configs", "config_name", "aot_cases"]
+__all__ = ["linear_fwd", "linear_dgrad", "check_linear_inputs", "check_linear_shapes", "check_linear_epilogue",
+           "SUPPORTED_DTYPES", "AUTOTUNE", "CONFIGS", "TUNE_CONFIGS", "LN_FIRST", "DZ_FIRST", "pick_config",
+           "tune_configs", "fwd_candidates", "dgrad_candidates", "tuned_configs", "config_name", "aot_cases"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETED = interpreter_enabled()
@@ -747,15 +747,10 @@ def _check_device_kind(device: torch.device, dtypes) -> None:
     raise ValueError(f"linear: x is on {device}; expected a CUDA device")
 
 
-def check_linear_inputs(x, weight, bias=None, ln_weight=None, ln_bias=None, eps=1e-6, scale=None, residual=None,
-                        out_dtype=None) -> Tuple[int, int]:
-    """Every check of the forward, before any allocation or launch; returns (K, N)."""
-    _check_tensor("x", x, None)
-    _check_tensor("weight", weight, x.device)
-    for name, t in (("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias), ("scale", scale),
-                    ("residual", residual)):
-        if t is not None:
-            _check_tensor(name, t, x.device)
+def check_linear_shapes(x, weight, bias, ln_weight, ln_bias) -> Tuple[int, int]:
+    """x's features K, the weight ``(N, K)``, the bias ``(N,)``, the LayerNorm prologue's pair ``(K,)`` (both or
+    neither); returns (K, N). No device needed: the ``linear`` op's fakes run it (with
+    :func:`check_linear_epilogue`) too."""
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"linear: x must have a last (feature) dimension >= 1, got shape {tuple(x.shape)}")
     K = x.shape[-1]
@@ -767,17 +762,19 @@ def check_linear_inputs(x, weight, bias=None, ln_weight=None, ln_bias=None, eps=
         raise ValueError(f"linear: bias has shape {tuple(bias.shape)}, expected ({N},)")
     if (ln_weight is None) != (ln_bias is None):
         raise ValueError("linear: the LayerNorm prologue needs both ln_weight and ln_bias (an affine LayerNorm)")
-    if ln_weight is not None:
-        for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-            if tuple(t.shape) != (K,):
-                raise ValueError(f"linear: {name} has shape {tuple(t.shape)}, expected ({K},)")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
-            raise ValueError(f"linear: eps must be a float >= 0, got {eps!r}")
-        if ln_weight.dtype != ln_bias.dtype:
-            raise TypeError(f"linear: ln_weight is {ln_weight.dtype} and ln_bias {ln_bias.dtype}; expected one dtype")
-        if K > LAYER_NORM_MAX_DIM:
-            raise ValueError(f"linear: {K} input features with the LayerNorm prologue; its backward (and the "
-                             f"LayerNorm-first forward) holds a row in registers, at most {LAYER_NORM_MAX_DIM}")
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is not None and tuple(t.shape) != (K,):
+            raise ValueError(f"linear: {name} has shape {tuple(t.shape)}, expected ({K},)")
+    return K, N
+
+
+def check_linear_epilogue(x, N: int, ln_weight, scale, residual, out_dtype) -> None:
+    """After :func:`check_linear_shapes` (and the LayerNorm pair's dtypes): the prologue's width limit, the
+    residual ``x.shape[:-1] + (N,)``, one drop-path scale per index of x's first dimension, the output dtype."""
+    K = x.shape[-1]
+    if ln_weight is not None and K > LAYER_NORM_MAX_DIM:
+        raise ValueError(f"linear: {K} input features with the LayerNorm prologue; its backward (and the "
+                         f"LayerNorm-first forward) holds a row in registers, at most {LAYER_NORM_MAX_DIM}")
     out_shape = tuple(x.shape[:-1]) + (N,)
     if residual is not None and tuple(residual.shape) != out_shape:
         raise ValueError(f"linear: residual has shape {tuple(residual.shape)}, expected {out_shape}")
@@ -788,6 +785,24 @@ def check_linear_inputs(x, weight, bias=None, ln_weight=None, ln_bias=None, eps=
                              f"first dimension ({lead},) (drop-path's per-sample scale)")
     if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"linear: out_dtype {out_dtype}; expected float16, bfloat16 or float32")
+
+
+def check_linear_inputs(x, weight, bias=None, ln_weight=None, ln_bias=None, eps=1e-6, scale=None, residual=None,
+                        out_dtype=None) -> Tuple[int, int]:
+    """Every check of the forward, before any allocation or launch; returns (K, N)."""
+    _check_tensor("x", x, None)
+    _check_tensor("weight", weight, x.device)
+    for name, t in (("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias), ("scale", scale),
+                    ("residual", residual)):
+        if t is not None:
+            _check_tensor(name, t, x.device)
+    K, N = check_linear_shapes(x, weight, bias, ln_weight, ln_bias)
+    if ln_weight is not None:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
+            raise ValueError(f"linear: eps must be a float >= 0, got {eps!r}")
+        if ln_weight.dtype != ln_bias.dtype:
+            raise TypeError(f"linear: ln_weight is {ln_weight.dtype} and ln_bias {ln_bias.dtype}; expected one dtype")
+    check_linear_epilogue(x, N, ln_weight, scale, residual, out_dtype)
     dtypes = {t.dtype for t in (x, weight, bias, ln_weight, ln_bias, scale, residual) if t is not None}
     _check_device_kind(x.device, dtypes | ({out_dtype} if out_dtype is not None else set()))
     return K, N

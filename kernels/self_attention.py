@@ -228,6 +228,42 @@ def _exp_units(x, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _program_bh(N, H, BLOCK_OWN: tl.constexpr):
+    """This program's ``(pid_own, bh, b, h)`` on the 1-D grid ``(cdiv(N, BLOCK_OWN) * B * H,)``, row block fastest:
+    ``pid_own`` the block of BLOCK_OWN rows it owns; b and h 64-bit."""
+    num_blocks = tl.cdiv(N, BLOCK_OWN)
+    pid = tl.program_id(0)
+    pid_own = pid % num_blocks
+    bh = pid // num_blocks
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    return pid_own, bh, b, h
+
+
+@triton.jit
+def _tile_offsets(pid_own, BLOCK_OWN: tl.constexpr, BLOCK_STEP: tl.constexpr, BLOCK_D: tl.constexpr,
+                  IDX64: tl.constexpr):
+    """``(offs_own, offs_step, offs_d)``: the BLOCK_OWN rows the program owns, the BLOCK_STEP rows of a block it
+    steps over, the head-dim columns (IDX64: the row and column offsets 64-bit)."""
+    offs_own = pid_own * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
+    offs_step = tl.arange(0, BLOCK_STEP)
+    offs_d = tl.arange(0, BLOCK_D)
+    if IDX64:
+        offs_own = offs_own.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
+    return offs_own, offs_step, offs_d
+
+
+@triton.jit
+def _qkv_bases(QKV, b, h, stride_qb, stride_qc, stride_qpart, HEAD_DIM: tl.constexpr):
+    """Bases of head h of batch b in ``qkv``'s q, k and v parts."""
+    q_base = QKV + b * stride_qb + h * HEAD_DIM * stride_qc
+    k_base = q_base + stride_qpart
+    v_base = k_base + stride_qpart
+    return q_base, k_base, v_base
+
+
+@triton.jit
 def _fwd_key_block(acc, l_i, l_r, m_i, q, k_base, v_base, start_n, N, offs_n, offs_d, stride_n, stride_c, qk_scale,
                    HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
                    IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -265,24 +301,10 @@ def _attn_fwd_kernel(
 ):
     """O, LSE (and with WRITE_LO the rounding residual O_LO = O_fp32 - O) of one (query block, b, h).
     Grid: (cdiv(N, BLOCK_M) * B * H,), query block fastest."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
-    q_base = QKV + b * stride_qb + h * HEAD_DIM * stride_qc
-    k_base = q_base + stride_qpart
-    v_base = k_base + stride_qpart
+    pid_m, bh, b, h = _program_bh(N, H, BLOCK_M)
+    q_base, k_base, v_base = _qkv_bases(QKV, b, h, stride_qb, stride_qc, stride_qpart, HEAD_DIM)
     o_base = O + b * stride_ob + h * HEAD_DIM * stride_oc
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    if IDX64:
-        offs_m = offs_m.to(tl.int64)
-        offs_d = offs_d.to(tl.int64)
+    offs_m, offs_n, offs_d = _tile_offsets(pid_m, BLOCK_M, BLOCK_N, BLOCK_D, IDX64)
 
     q = _load_tile(q_base, offs_m, N, offs_d, stride_qn, stride_qc, HEAD_DIM, True, EVEN_D)
 
@@ -326,17 +348,8 @@ def _attn_bwd_delta_kernel(
 ):
     """delta = rowsum(dO * (O + O_LO)) (O_LO only with HAS_LO), (B, H, N) float32.
     Grid: (cdiv(N, BLOCK_M) * B * H,)."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    if IDX64:
-        offs_m = offs_m.to(tl.int64)
-        offs_d = offs_d.to(tl.int64)
+    pid_m, bh, b, h = _program_bh(N, H, BLOCK_M)
+    offs_m, _, offs_d = _tile_offsets(pid_m, BLOCK_M, BLOCK_M, BLOCK_D, IDX64)
     o = _load_tile(O + b * stride_ob + h * HEAD_DIM * stride_oc, offs_m, N, offs_d, stride_on, stride_oc,
                    HEAD_DIM, True, EVEN_D)
     do = _load_tile(DO + b * stride_dob + h * HEAD_DIM * stride_doc, offs_m, N, offs_d, stride_don, stride_doc,
@@ -392,29 +405,15 @@ def _attn_bwd_dkdv_kernel(
     IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one (key block, b, h), written into DQKV's k and v parts. Grid: (cdiv(N, BLOCK_N) * B * H,)."""
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_n = pid % num_n
-    bh = pid // num_n
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
-    q_base = QKV + b * stride_qb + h * HEAD_DIM * stride_qc
-    k_base = q_base + stride_qpart
-    v_base = k_base + stride_qpart
+    pid_n, bh, b, h = _program_bh(N, H, BLOCK_N)
+    q_base, k_base, v_base = _qkv_bases(QKV, b, h, stride_qb, stride_qc, stride_qpart, HEAD_DIM)
     do_base = DO + b * stride_dob + h * HEAD_DIM * stride_doc
     lse_base = LSE + bh.to(tl.int64) * N
     rnorm_base = RNORM + bh.to(tl.int64) * N
     delta_base = DELTA + bh.to(tl.int64) * N
     dk_base = DQKV + b * stride_gb + h * HEAD_DIM * stride_gc + stride_gpart
     dv_base = dk_base + stride_gpart
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    if IDX64:
-        offs_n = offs_n.to(tl.int64)
-        offs_d = offs_d.to(tl.int64)
+    offs_n, offs_m, offs_d = _tile_offsets(pid_n, BLOCK_N, BLOCK_M, BLOCK_D, IDX64)
 
     k = _load_tile(k_base, offs_n, N, offs_d, stride_qn, stride_qc, HEAD_DIM, True, EVEN_D)
     v = _load_tile(v_base, offs_n, N, offs_d, stride_qn, stride_qc, HEAD_DIM, True, EVEN_D)
@@ -488,25 +487,11 @@ def _attn_bwd_dq_kernel(
     """dQ of one (query block, b, h), written into DQKV's q part; float32 first also writes the block's delta and
     r = 1 / rowsum(P) into DELTA and RNORM, which the dK/dV kernel (launched after it) reads.
     Grid: (cdiv(N, BLOCK_M) * B * H,)."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
-    q_base = QKV + b * stride_qb + h * HEAD_DIM * stride_qc
-    k_base = q_base + stride_qpart
-    v_base = k_base + stride_qpart
+    pid_m, bh, b, h = _program_bh(N, H, BLOCK_M)
+    q_base, k_base, v_base = _qkv_bases(QKV, b, h, stride_qb, stride_qc, stride_qpart, HEAD_DIM)
     do_base = DO + b * stride_dob + h * HEAD_DIM * stride_doc
     dq_base = DQKV + b * stride_gb + h * HEAD_DIM * stride_gc
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    if IDX64:
-        offs_m = offs_m.to(tl.int64)
-        offs_d = offs_d.to(tl.int64)
+    offs_m, offs_n, offs_d = _tile_offsets(pid_m, BLOCK_M, BLOCK_N, BLOCK_D, IDX64)
 
     q = _load_tile(q_base, offs_m, N, offs_d, stride_qn, stride_qc, HEAD_DIM, True, EVEN_D)
     do = _load_tile(do_base, offs_m, N, offs_d, stride_don, stride_doc, HEAD_DIM, True, EVEN_D)

@@ -45,15 +45,7 @@ def _check(x: Tensor, residual: Optional[Tensor], weight: Tensor, bias: Tensor, 
     for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in _DTYPES:
             raise TypeError(f"layer_norm: {name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"layer_norm: x must have a last (channel) dimension >= 1, got shape {tuple(x.shape)}")
-    C = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if tuple(t.shape) != (C,):
-            raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)}, expected ({C},) for x of shape "
-                             f"{tuple(x.shape)}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"layer_norm: residual has shape {tuple(residual.shape)}, expected x's {tuple(x.shape)}")
+    _kernels().check_layer_norm_shapes(x, residual, weight, bias)
     if weight.dtype != bias.dtype:
         raise TypeError(f"layer_norm: weight is {weight.dtype} and bias {bias.dtype}; expected one dtype, as "
                         f"torch's LayerNorm")

@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from crossvit_fast.config import LAYER_NORM_MAX_DIM, LN_EPS
+from crossvit_fast.config import LN_EPS
 from crossvit_fast.ops import autocast_off, check_one_device, refuse_double_backward
 
 __all__ = ["linear", "OP_NAME", "BACKWARD_OP_NAME"]
@@ -69,37 +69,12 @@ def _check(x, weight, bias, ln_weight, ln_bias, scale, residual, out_dtype) -> N
                     ("scale", scale), ("residual", residual)):
         if t is not None and t.dtype not in _DTYPES:
             raise TypeError(f"linear: {name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
-    if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"linear: x must have a last (feature) dimension >= 1, got shape {tuple(x.shape)}")
-    K = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != K or weight.shape[0] < 1:
-        raise ValueError(f"linear: weight has shape {tuple(weight.shape)}, expected (N, {K}) with N >= 1 (nn.Linear's "
-                         f"(out_features, in_features)) for x of shape {tuple(x.shape)}")
-    N = weight.shape[0]
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"linear: bias has shape {tuple(bias.shape)}, expected ({N},)")
-    if (ln_weight is None) != (ln_bias is None):
-        raise ValueError("linear: the LayerNorm prologue needs both ln_weight and ln_bias (an affine LayerNorm)")
-    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        if t is not None and tuple(t.shape) != (K,):
-            raise ValueError(f"linear: {name} has shape {tuple(t.shape)}, expected ({K},)")
-    if ln_weight is not None:
-        if ln_weight.dtype != ln_bias.dtype:
-            raise TypeError(f"linear: ln_weight is {ln_weight.dtype} and ln_bias {ln_bias.dtype}; expected one dtype "
-                            f"(the LayerNorm prologue's gradients come from one kernel)")
-        if K > LAYER_NORM_MAX_DIM:
-            raise ValueError(f"linear: {K} input features with the LayerNorm prologue; its backward (and the "
-                             f"LayerNorm-first forward) holds a row in registers, at most {LAYER_NORM_MAX_DIM}")
-    out_shape = tuple(x.shape[:-1]) + (N,)
-    if residual is not None and tuple(residual.shape) != out_shape:
-        raise ValueError(f"linear: residual has shape {tuple(residual.shape)}, expected {out_shape}")
-    if scale is not None:
-        lead = x.shape[0] if x.dim() >= 2 else 1
-        if scale.numel() != lead or (scale.dim() > 0 and scale.shape[0] != lead):
-            raise ValueError(f"linear: scale has shape {tuple(scale.shape)}, expected one value per index of x's "
-                             f"first dimension ({lead},) (drop-path's per-sample scale)")
-    if out_dtype is not None and out_dtype not in _DTYPES:
-        raise TypeError(f"linear: out_dtype {out_dtype}; expected float16, bfloat16 or float32")
+    kernels = _kernels()
+    K, N = kernels.check_linear_shapes(x, weight, bias, ln_weight, ln_bias)
+    if ln_weight is not None and ln_weight.dtype != ln_bias.dtype:
+        raise TypeError(f"linear: ln_weight is {ln_weight.dtype} and ln_bias {ln_bias.dtype}; expected one dtype "
+                        f"(the LayerNorm prologue's gradients come from one kernel)")
+    kernels.check_linear_epilogue(x, N, ln_weight, scale, residual, out_dtype)
     check_one_device("linear", x, (("weight", weight), ("bias", bias), ("ln_weight", ln_weight),
                                    ("ln_bias", ln_bias), ("scale", scale), ("residual", residual)))
 

@@ -33,23 +33,14 @@ __all__ = ["CUDAGraphRunner", "tuned_configs_pinned", "warm_up"]
 @contextlib.contextmanager
 def tuned_configs_pinned() -> Iterator[None]:
     """Launch the autotuned kernels (self-attention, the block GEMMs) with the configs already tuned (or the
-    defaults), never autotuning: the launches a CUDA-graph capture makes. Run a step under it before capturing (``CUDAGraphRunner`` does; for
-    ``torch.compile(mode="reduce-overhead")`` run every call under it, after one autotuned eager step), so that the
-    kernels the capture launches are compiled and loaded outside it."""
-    try:
-        from crossvit_fast.kernels import linear, self_attention
-    except ImportError:  # no triton: nothing is autotuned
+    defaults), never autotuning: the launches a CUDA-graph capture makes (``crossvit_fast.kernels.tuning.pinned``).
+    Run a step under it before capturing (``CUDAGraphRunner`` does; for ``torch.compile(mode="reduce-overhead")``
+    run every call under it, after one autotuned eager step), so that the kernels the capture launches are compiled
+    and loaded outside it."""
+    from crossvit_fast.kernels.tuning import pinned
+
+    with pinned():
         yield
-        return
-    mods = (self_attention, linear)
-    old = [m.AUTOTUNE for m in mods]
-    for m in mods:
-        m.AUTOTUNE = False
-    try:
-        yield
-    finally:
-        for m, v in zip(mods, old):
-            m.AUTOTUNE = v
 
 
 def warm_up(forward: Callable[[], object], warmup: int) -> None:

@@ -91,49 +91,9 @@ forward ``BLOCK_T`` 64 to 16 (at most 32 in fp32), backward ``BLOCK_T = 16`` at 
 backward rebuilds its ``g``/``e`` operands inside the token loop, and from 512 it runs at 1 stage (shared memory). A
 config the device still cannot hold falls back to fewer pipeline stages.
 
-Measured sm_90 resources, a static reading (ptxas -v of triton 3.6.0's own compile, ``python tests/sm90_compile.py
---set ci --table``, batch 256; one config per width (the plan's); the LayerNorm's pivot load took the forward at
-C = 448 bf16 from 127 registers to 128 and 16/8 B of spills, and at C = 768 fp32 from 12/8 to 100/116 (none with
-triton 3.9); widths of one power-of-two class (BLOCK_C) compile alike: 96/128,
-192/224/256, 384/448, 768; smem in bytes, limit 232,448; ``tests/test_sm90_compile.py`` holds the spill budgets)::
+Static sm_90 readings (registers, spills, shared memory per config: ptxas -v of triton 3.6.0's compile, the
+output of ``python tests/sm90_compile.py --set ci --table``) live in docs/sm90.md, not here.
 
-    kernel                 dtype width   cfgs     regs  spill st/ld (B)  stack        smem (B)
-    bwd_tokens_kernel      bf16  C=96      1      195                0      0           70144
-    bwd_tokens_kernel      bf16  C=224     1      246                0      0          107520
-    bwd_tokens_kernel      bf16  C=448     1      255          172/156    160          133120
-    bwd_tokens_kernel      bf16  C=768     1      128        2800/2876   1912          135168
-    bwd_tokens_kernel      fp16  C=96      1      195                0      0           70144
-    bwd_tokens_kernel      fp16  C=224     1      246                0      0          107520
-    bwd_tokens_kernel      fp16  C=448     1      255          172/156    160          133120
-    bwd_tokens_kernel      fp16  C=768     1      128        2800/2876   1912          135168
-    bwd_tokens_kernel      fp32  C=96      1      216                0      0           66112
-    bwd_tokens_kernel      fp32  C=224     1      255              8/4      8          132160
-    bwd_tokens_kernel      fp32  C=448     1      128          684/720    536          163840
-    bwd_tokens_kernel      fp32  C=768     1      128        2500/2976   1976          196608
-    fwd_combine_kernel     bf16  C=96      1       34                0      0               0
-    fwd_combine_kernel     bf16  C=224     1       32                0      0               8
-    fwd_combine_kernel     bf16  C=448     1       32                0      0              16
-    fwd_combine_kernel     bf16  C=768     1       46                0      0            4096
-    fwd_combine_kernel     fp16  C=96      1       34                0      0               0
-    fwd_combine_kernel     fp16  C=224     1       32                0      0               8
-    fwd_combine_kernel     fp16  C=448     1       32                0      0              16
-    fwd_combine_kernel     fp16  C=768     1       46                0      0            4096
-    fwd_combine_kernel     fp32  C=96      1       34                0      0               0
-    fwd_combine_kernel     fp32  C=224     1       31                0      0               8
-    fwd_combine_kernel     fp32  C=448     1       31                0      0              16
-    fwd_combine_kernel     fp32  C=768     1       40                0      0              16
-    fwd_tokens_kernel      bf16  C=96      1      186                0      0           90112
-    fwd_tokens_kernel      bf16  C=224     1       90                0      0           67648
-    fwd_tokens_kernel      bf16  C=448     1      128             16/8      8           83008
-    fwd_tokens_kernel      bf16  C=768     1      128                0      0          164928
-    fwd_tokens_kernel      fp16  C=96      1      144                0      0           38912
-    fwd_tokens_kernel      fp16  C=224     1      116                0      0           41984
-    fwd_tokens_kernel      fp16  C=448     1      128                0      0           49664
-    fwd_tokens_kernel      fp16  C=768     1      128                0      0           98816
-    fwd_tokens_kernel      fp32  C=96      1       64                0      0           43648
-    fwd_tokens_kernel      fp32  C=224     1      126                0      0           84608
-    fwd_tokens_kernel      fp32  C=448     1      179                0      0           99904
-    fwd_tokens_kernel      fp32  C=768     1      128          100/116     96          198208
 """
 
 from __future__ import annotations

@@ -67,46 +67,9 @@ Limits
 * CUDA; CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
   Plain pointer arithmetic with masks; only APIs present in both triton 3.6 and 3.9.
 
-Measured sm_90 resources, a static reading (ptxas -v of triton 3.6.0's own compile, ``python tests/sm90_compile.py
---set ci --table --ops layer_norm linear cls_cross_attention``, batch 256; launches without/with the residual, and
-the ``linear`` op's; ``amp`` = float32 stream, bfloat16 output/gradient, as under autocast); widths of one
-power-of-two class compile alike; smem in bytes, limit 232,448; ``tests/sm90_compile.py`` holds the spill budgets.
-The pivot of the exact centring costs the forward one load per row: with triton 3.6, 4+4 B of spills in one fp16
-C = 448 config (none with 3.9))::
+Static sm_90 readings (registers, spills, shared memory per config: ptxas -v of triton 3.6.0's compile, the
+output of ``python tests/sm90_compile.py --set ci --table``) live in docs/sm90.md, not here.
 
-    kernel                 dtype width   cfgs     regs  spill st/ld (B)  stack        smem (B)
-    _layer_norm_bwd_kernel amp   C=96      4    64-97                0      0       4096-8192
-    _layer_norm_bwd_kernel amp   C=224     4   79-100                0      0       4096-8192
-    _layer_norm_bwd_kernel amp   C=448     4   76-101                0      0       4096-8192
-    _layer_norm_bwd_kernel amp   C=768     4   64-101                0      0         64-8192
-    _layer_norm_bwd_kernel bf16  C=96      4    64-94                0      0            4096
-    _layer_norm_bwd_kernel bf16  C=224     4    64-80                0      0            8192
-    _layer_norm_bwd_kernel bf16  C=448     4   80-101                0      0            8192
-    _layer_norm_bwd_kernel bf16  C=768     4   80-101                0      0            8192
-    _layer_norm_bwd_kernel fp16  C=96      4    64-98                0      0            4096
-    _layer_norm_bwd_kernel fp16  C=224     4    64-80                0      0            8192
-    _layer_norm_bwd_kernel fp16  C=448     4    80-99                0      0            8192
-    _layer_norm_bwd_kernel fp16  C=768     4    80-97                0      0            8192
-    _layer_norm_bwd_kernel fp32  C=96      1       76                0      0            4096
-    _layer_norm_bwd_kernel fp32  C=224     1       80                0      0            4096
-    _layer_norm_bwd_kernel fp32  C=448     1       94                0      0            4096
-    _layer_norm_bwd_kernel fp32  C=768     1       75                0      0              64
-    _layer_norm_fwd_kernel amp   C=96      2   75-120                0      0        512-4096
-    _layer_norm_fwd_kernel amp   C=224     2   79-118                0      0        512-4096
-    _layer_norm_fwd_kernel amp   C=448     2   91-119                0      0       2048-4096
-    _layer_norm_fwd_kernel amp   C=768     2    69-94                0      0            4096
-    _layer_norm_fwd_kernel bf16  C=96      2       72                0      0             256
-    _layer_norm_fwd_kernel bf16  C=224     2    76-80                0      0             512
-    _layer_norm_fwd_kernel bf16  C=448     2    80-86                0      0            1024
-    _layer_norm_fwd_kernel bf16  C=768     2    56-59                0      0              64
-    _layer_norm_fwd_kernel fp16  C=96      2       72                0      0             256
-    _layer_norm_fwd_kernel fp16  C=224     2    72-76                0      0             512
-    _layer_norm_fwd_kernel fp16  C=448     2       80              4/4    0-8            1024
-    _layer_norm_fwd_kernel fp16  C=768     2       62                0      0              64
-    _layer_norm_fwd_kernel fp32  C=96      2       96                0      0             512
-    _layer_norm_fwd_kernel fp32  C=224     2  117-128                0      0            1024
-    _layer_norm_fwd_kernel fp32  C=448     2    79-80                0      0             128
-    _layer_norm_fwd_kernel fp32  C=768     2       66                0      0              64
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ parts, every tensor's dtype, whether each input is row-contiguous, the device --
 ``_chosen`` and in Triton's cache dir (``AUTOTUNE_CACHE``; a later process with the same GPU model, software and
 candidates loads the pick instead of timing), then launches it once more, so the result is the winner's. A tile that
 cannot launch is skipped. No timing (the pick for the key, from memory or disk, else :func:`pick_config`'s default):
-``CROSSVIT_FAST_AUTOTUNE=0``, CUDA-graph capture, an explicit ``config=``, an output that shares memory with an
+``CROSSVIT_FAST_AUTOTUNE=0``, CUDA-graph capture or a ``kernels.tuning.pinned()`` block (``kernels/tuning.py``
+decides both, for this module and the self-attention's), an explicit ``config=``, an output that shares memory with an
 input (``out=`` the residual: the timed launches would add the branch again and again). float32 has one tile. The
 interpreter runs one large tile. :func:`tuned_configs` lists the picks (the GEMM benchmark records them per row).
 
@@ -99,9 +100,10 @@ flag sets of qkv / proj / fc1 / fc2 (fc2 compiles to the same specialisation as 
 448, batch 256) under every change. All compile; every 16-bit dot lowers to Hopper's warp-group MMA (``wgmma`` in
 the PTX, forward and dgrad); with 3.6 no 16-bit tile of ``TUNE_CONFIGS`` spills (0 bytes spill stores / loads),
 the float32 dgrad spills 4+4 bytes (since it sums the bias gradient); shared memory and registers per tile in
-``AOT_SM90`` below. (triton 3.9 allocates differently: the bfloat16 dgrad spills 16-76 bytes on most tiles, the
-float32 kernels 8+8; tests/sm90_compile.py's budgets.) float32 (``ieee``) dots are FMA loops (no wgmma, by design);
-the float32 tile was shrunk to BLOCK_K = 16 after BLOCK_K = 32 spilled 4 bytes in the dgrad.
+docs/sm90.md (the compile check's output). (triton 3.9 allocates differently: the bfloat16 dgrad spills 16-76
+bytes on most tiles, the float32 kernels 8+8; tests/sm90_compile.py's budgets.) float32 (``ieee``) dots are FMA
+loops (no wgmma, by design); the float32 tile was shrunk to BLOCK_K = 16 after BLOCK_K = 32 spilled 4 bytes in
+the dgrad.
 
 Not yet timed on a GPU: which tiles win (the GEMM benchmark's ``tiles`` field will say), whether the LayerNorm
 prologue's second read of the row block keeps up with cuBLAS on a ready input, and whether CUBLAS / DZ_FIRST ever
@@ -120,6 +122,7 @@ from triton.runtime.errors import OutOfResources
 from crossvit_fast.config import LAYER_NORM_MAX_DIM
 from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION, interpreter_enabled, interpreter_runs_bf16
 from crossvit_fast.config import autotune_cache_from_env, autotune_from_env
+from crossvit_fast.kernels import tuning
 
 from .layer_norm import _as3d, _device_of, _span, _unit_stride, layer_norm_fwd, row_moments, rstd_of
 
@@ -149,7 +152,7 @@ CONFIGS: Dict[str, Config] = {
 }
 TUNE_CONFIGS: Dict[str, List[Config]] = {
     # none spilled on sm_90 (triton 3.6 and 3.9, every flag set) before the dgrad summed the bias gradient; with
-    # 3.6 none does now (AOT_SM90). Tried and left out for spilling
+    # 3.6 none does now (docs/sm90.md). Tried and left out for spilling
     # with 3.6: 128x128x64 at 4 warps (fwd 8-490 B, dgrad ~1.2 KB), 128x256x64 and 256x128x64 at 8 warps (fwd
     # 16-270 B, dgrad 0.16-1.3 KB), 128x64x64/w4/s4 (dgrad ~0.9 KB), 128x128x128/w8/s2 (dgrad ~1 KB at K = 224);
     # with 3.9: 64x256x64/w8/s3 (dgrad 16-24 B at K = 224; 255 registers, no spill, with 3.6)
@@ -508,10 +511,6 @@ def _bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median")
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _shares_storage(outs, ins) -> bool:
     ptrs = {t.untyped_storage().data_ptr() for t in ins if t is not None}
     return any(t.untyped_storage().data_ptr() in ptrs for t in outs if t is not None)
@@ -542,7 +541,7 @@ def _launch_with_tuning(launch, key: tuple, default: Config, candidates: List[Co
     of shared memory; sm_86 / sm_89 parts allow 99 KB), the first of ``fallbacks()`` that can, remembered for the
     key. Returns the config used."""
     chosen = _chosen.get(key)
-    if chosen is None and AUTOTUNE and len(candidates) > 1 and not _capturing(device):
+    if chosen is None and tuning.may_tune(AUTOTUNE, device) and len(candidates) > 1:
         if _disk_cache_on(device):
             chosen = _disk_load(key, candidates)
             if chosen is not None:
@@ -693,7 +692,7 @@ def _launch(launch, key_of, M: int, n_cols: int, ct: torch.dtype, ref: torch.Ten
     elif COMPILE_ONLY:  # as the tuner: a candidate that cannot compile or launch is skipped, the default never
         default = pick_config(M, n_cols, ct, _sm_count(ref))
         fit = 0
-        for c in candidates() if AUTOTUNE else []:
+        for c in candidates() if AUTOTUNE and not tuning.is_pinned() else []:
             try:
                 launch(c)
                 fit += 1
@@ -703,7 +702,8 @@ def _launch(launch, key_of, M: int, n_cols: int, ct: torch.dtype, ref: torch.Ten
             launch(default)
     else:
         key = key_of()
-        cands = candidates() if AUTOTUNE and key not in _chosen else []  # only a launch that may tune needs them
+        tunable = AUTOTUNE and not tuning.is_pinned() and key not in _chosen
+        cands = candidates() if tunable else []  # only a launch that may tune needs them
         _launch_with_tuning(launch, key, pick_config(M, n_cols, ct, _sm_count(ref)), cands, ref.device, may_tune,
                             fallbacks=candidates)
 
@@ -1128,122 +1128,3 @@ def aot_cases() -> List[Dict[str, object]]:
     return out
 
 
-AOT_SM90 = """
-sm_90a, triton 3.6.0, ptxas -v, the ci scope (C = 224 and 448, batch 256: ragged and even K loops), each GEMM called
-as the Block calls it: "amp" is bfloat16 autocast (float32 residual stream, LayerNorm parameters and biases; the
-weights in bfloat16), bf16 / fp32 everything in that dtype (a dgrad compiled for both appears once, under bf16).
-Per kernel, GEMM, dtype and tile: the register range over inference / training (SAVE) and the two K loops, spill
-bytes (stores + loads, worst), shared memory in bytes (worst; H100 limit 232,448) and wgmma instructions in the
-PTX (fewest). float16 is within a few registers of bfloat16. fc2 compiles to proj's specialisation. The dgrad
-writes the bias gradient's partial sums (db). "dz": DZ_FIRST's elementwise kernel (DZ_ROWS x DZ_BLOCK_N per
-program in DZ_BLOCK_M-row steps; for qkv dz is dout itself: the bias sums only). "lnk": the LN_FIRST candidates'
-GEMM (its A the layer_norm kernel's bfloat16 output, no prologue: fewer registers and less shared memory than the
-prologue's float32 x stages).
-kernel gemm flags           dtype tile              regs     spill   smem wgmma
-fwd    qkv  ln,bias         amp   128x128x32/w8/s4  150-162     0   90880   2
-fwd    qkv  ln,bias         amp   128x128x64/w8/s3  220-240     0  132096   4
-fwd    qkv  ln,bias         amp   128x128x64/w8/s4  220-240     0  181760   4
-fwd    qkv  ln,bias         amp   128x64x64/w8/s4   148-188     0  148992   4
-fwd    qkv  ln,bias         amp   64x128x32/w4/s4   149-164     0   62208   2
-fwd    qkv  ln,bias         amp   64x128x64/w4/s3   234-238     0   91136   4
-fwd    qkv  ln,bias         amp   64x128x64/w4/s4   232-236     0  124416   4
-fwd    qkv  ln,bias         amp   64x64x64/w4/s4    168-186     0   91648   4
-fwd    proj bias,scale,res  amp   128x128x32/w8/s4      216     0   65536   2
-fwd    proj bias,scale,res  amp   128x128x64/w8/s3      216     0   98304   4
-fwd    proj bias,scale,res  amp   128x128x64/w8/s4      216     0  131072   4
-fwd    proj bias,scale,res  amp   128x64x64/w8/s4       128     0   98304   4
-fwd    proj bias,scale,res  amp   64x128x32/w4/s4       188     0   49152   2
-fwd    proj bias,scale,res  amp   64x128x64/w4/s3       188     0   73728   4
-fwd    proj bias,scale,res  amp   64x128x64/w4/s4       188     0   98304   4
-fwd    proj bias,scale,res  amp   64x64x64/w4/s4    124-126     0   65536   4
-fwd    fc1  ln,bias,gelu    amp   128x128x32/w8/s4  147-173     0   90880   2
-fwd    fc1  ln,bias,gelu    amp   128x128x64/w8/s3  216-234     0  132096   4
-fwd    fc1  ln,bias,gelu    amp   128x128x64/w8/s4  213-238     0  181760   4
-fwd    fc1  ln,bias,gelu    amp   128x64x64/w8/s4   147-188     0  148992   4
-fwd    fc1  ln,bias,gelu    amp   64x128x32/w4/s4   151-164     0   62208   2
-fwd    fc1  ln,bias,gelu    amp   64x128x64/w4/s3   232-238     0   91136   4
-fwd    fc1  ln,bias,gelu    amp   64x128x64/w4/s4   232-242     0  124416   4
-fwd    fc1  ln,bias,gelu    amp   64x64x64/w4/s4    138-186     0   91648   4
-fwd    qkv  lnk,bias        amp   128x128x32/w8/s4      128     0   65536   2
-fwd    qkv  lnk,bias        amp   128x128x64/w8/s3      128     0   98304   4
-fwd    qkv  lnk,bias        amp   128x128x64/w8/s4      128     0  131072   4
-fwd    qkv  lnk,bias        amp   128x64x64/w8/s4     72-74     0   98304   4
-fwd    qkv  lnk,bias        amp   64x128x32/w4/s4       104     0   49152   2
-fwd    qkv  lnk,bias        amp   64x128x64/w4/s3   117-119     0   73728   4
-fwd    qkv  lnk,bias        amp   64x128x64/w4/s4   117-119     0   98304   4
-fwd    qkv  lnk,bias        amp   64x64x64/w4/s4      78-79     0   65536   4
-fwd    fc1  lnk,bias,gelu   amp   128x128x32/w8/s4  160-169     0   65536   2
-fwd    fc1  lnk,bias,gelu   amp   128x128x64/w8/s3  159-169     0   98304   4
-fwd    fc1  lnk,bias,gelu   amp   128x128x64/w8/s4  159-169     0  131072   4
-fwd    fc1  lnk,bias,gelu   amp   128x64x64/w8/s4     80-94     0   98304   4
-fwd    fc1  lnk,bias,gelu   amp   64x128x32/w4/s4   158-165     0   49152   2
-fwd    fc1  lnk,bias,gelu   amp   64x128x64/w4/s3   158-168     0   73728   4
-fwd    fc1  lnk,bias,gelu   amp   64x128x64/w4/s4   158-168     0   98304   4
-fwd    fc1  lnk,bias,gelu   amp   64x64x64/w4/s4      80-95     0   65536   4
-fwd    qkv  ln,bias         bf16  128x128x32/w8/s4  128-132     0   65920   2
-fwd    qkv  ln,bias         bf16  128x128x64/w8/s3  164-172     0   98816   4
-fwd    qkv  ln,bias         bf16  128x128x64/w8/s4  164-172     0  131840   4
-fwd    qkv  ln,bias         bf16  128x64x64/w8/s4   128-145     0   99072   4
-fwd    qkv  ln,bias         bf16  64x128x32/w4/s4   128-150     0   49536   2
-fwd    qkv  ln,bias         bf16  64x128x64/w4/s3   173-180     0   74240   4
-fwd    qkv  ln,bias         bf16  64x128x64/w4/s4   173-181     0   99072   4
-fwd    qkv  ln,bias         bf16  64x64x64/w4/s4    134-149     0   66304   4
-fwd    proj bias,scale,res  bf16  128x128x32/w8/s4      128     0   65536   2
-fwd    proj bias,scale,res  bf16  128x128x64/w8/s3      127     0   98304   4
-fwd    proj bias,scale,res  bf16  128x128x64/w8/s4      127     0  131072   4
-fwd    proj bias,scale,res  bf16  128x64x64/w8/s4        76     0   98304   4
-fwd    proj bias,scale,res  bf16  64x128x32/w4/s4       140     0   49152   2
-fwd    proj bias,scale,res  bf16  64x128x64/w4/s3       139     0   73728   4
-fwd    proj bias,scale,res  bf16  64x128x64/w4/s4       139     0   98304   4
-fwd    proj bias,scale,res  bf16  64x64x64/w4/s4         80     0   65536   4
-fwd    fc1  ln,bias,gelu    bf16  128x128x32/w8/s4  141-172     0   65920   2
-fwd    fc1  ln,bias,gelu    bf16  128x128x64/w8/s3  164-172     0   98816   4
-fwd    fc1  ln,bias,gelu    bf16  128x128x64/w8/s4  164-172     0  131840   4
-fwd    fc1  ln,bias,gelu    bf16  128x64x64/w8/s4   128-148     0   99072   4
-fwd    fc1  ln,bias,gelu    bf16  64x128x32/w4/s4   148-164     0   49536   2
-fwd    fc1  ln,bias,gelu    bf16  64x128x64/w4/s3   173-180     0   74240   4
-fwd    fc1  ln,bias,gelu    bf16  64x128x64/w4/s4   173-181     0   99072   4
-fwd    fc1  ln,bias,gelu    bf16  64x64x64/w4/s4    134-149     0   66304   4
-fwd    qkv  ln,bias         fp32  64x64x16/w4/s2    128-168     0   12416   0
-fwd    proj bias,scale,res  fp32  64x64x16/w4/s2        128     0    8192   0
-fwd    fc1  ln,bias,gelu    fp32  64x64x16/w4/s2    128-168     0   12416   0
-dgrad  proj scale,db        amp   128x128x32/w8/s4      159     0   49152   2
-dgrad  proj scale,db        amp   128x128x64/w8/s3  218-224     0  116736   4
-dgrad  proj scale,db        amp   128x128x64/w8/s4  226-227     0  165888   4
-dgrad  proj scale,db        amp   128x64x64/w8/s4       174     0  133120   4
-dgrad  proj scale,db        amp   64x128x32/w4/s4       165     0   40960   2
-dgrad  proj scale,db        amp   64x128x64/w4/s3   211-212     0   82944   4
-dgrad  proj scale,db        amp   64x128x64/w4/s4   210-222     0  115712   4
-dgrad  proj scale,db        amp   64x64x64/w4/s4        168     0   82944   4
-dgrad  qkv  db              bf16  128x128x32/w8/s4      119     0   65536   2
-dgrad  qkv  db              bf16  128x128x64/w8/s3  128-154     0   83968   4
-dgrad  qkv  db              bf16  128x128x64/w8/s4  144-155     0  116736   4
-dgrad  qkv  db              bf16  128x64x64/w8/s4   100-111     0   83968   4
-dgrad  qkv  db              bf16  64x128x32/w4/s4       120     0   45568   2
-dgrad  qkv  db              bf16  64x128x64/w4/s3   146-149     0   66560   4
-dgrad  qkv  db              bf16  64x128x64/w4/s4   147-151     0   91136   4
-dgrad  qkv  db              bf16  64x64x64/w4/s4     96-113     0   58368   4
-dgrad  proj scale,db        bf16  128x128x32/w8/s4      138     0   58368   2
-dgrad  proj scale,db        bf16  128x128x64/w8/s3  190-195     0   83968   4
-dgrad  proj scale,db        bf16  128x128x64/w8/s4  196-202     0  116736   4
-dgrad  proj scale,db        bf16  128x64x64/w8/s4   153-159     0   83968   4
-dgrad  proj scale,db        bf16  64x128x32/w4/s4       138     0   45568   2
-dgrad  proj scale,db        bf16  64x128x64/w4/s3   184-188     0   66560   4
-dgrad  proj scale,db        bf16  64x128x64/w4/s4       192     0   91136   4
-dgrad  proj scale,db        bf16  64x64x64/w4/s4    154-166     0   58368   4
-dgrad  fc1  gelu,db         bf16  128x128x32/w8/s4      175     0   82944   2
-dgrad  fc1  gelu,db         bf16  128x128x64/w8/s3  254-255     0  116736   4
-dgrad  fc1  gelu,db         bf16  128x128x64/w8/s4      255     0  165888   4
-dgrad  fc1  gelu,db         bf16  128x64x64/w8/s4   236-241     0  133120   4
-dgrad  fc1  gelu,db         bf16  64x128x32/w4/s4       168     0   57856   2
-dgrad  fc1  gelu,db         bf16  64x128x64/w4/s3       255     0   82944   4
-dgrad  fc1  gelu,db         bf16  64x128x64/w4/s4       255     0  115712   4
-dgrad  fc1  gelu,db         bf16  64x64x64/w4/s4    242-248     0   82944   4
-dgrad  qkv  db              fp32  64x64x16/w4/s2         96     8    8448   0
-dgrad  proj scale,db        fp32  64x64x16/w4/s2        168     0   12288   0
-dgrad  fc1  gelu,db         fp32  64x64x16/w4/s2        168     8   16384   0
-dz     proj scale,db        amp   256x128/32/w4          60     0    2048   0
-dz     qkv  db              bf16  256x128/32/w4          40     0    2048   0
-dz     proj scale,db        bf16  256x128/32/w4          56     0    2048   0
-dz     fc1  gelu,db         bf16  256x128/32/w4         120     0    2048   0
-"""

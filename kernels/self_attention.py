@@ -101,8 +101,10 @@ Each kernel but the (memory-bound, fixed-config) delta kernel is wrapped in ``tr
 not happen inside CUDA-graph capture: while the current stream is capturing, the launchers use the config already
 tuned for that key in this process (remembered after every tuned launch) or, if none, a fixed default config, and
 launch the kernel directly. Warm up (run once) before capturing to get the tuned config (and to compile outside
-the capture). ``config=`` on the launchers (or ``AUTOTUNE = False`` / ``CROSSVIT_FAST_AUTOTUNE=0``) bypasses
-tuning; under the CPU interpreter a fixed tile is used (16 x 16 below N = 128, 64 x 64 from there).
+the capture). ``config=`` on the launchers (or ``AUTOTUNE = False`` / ``CROSSVIT_FAST_AUTOTUNE=0``, or a
+``kernels.tuning.pinned()`` block: the one switch this module and the block GEMMs' share) bypasses tuning;
+under the CPU interpreter a fixed tile is used (16 x 16 below N = 128,
+64 x 64 from there).
 The candidate tiles (``_TILES_16`` for float16/bfloat16, ``_TILES_32`` for float32) are filtered per call by
 ``early_config_prune``: the dtype's set, minus, for 16-bit 128-wide register tiles, the larger tiles and two
 that spill 8 B (``_SPILL_16_D128``), and for bfloat16 64-wide the one forward tile that spills 8 B
@@ -115,36 +117,9 @@ before dq's first pass). Every config the pruner keeps is compiled for sm_90 ahe
 Grid: 1-D, ``cdiv(N, BLOCK) * B * H`` programs with the block index fastest, so the programs of one (b, h) run
 side by side and share that head's K/V (or Q/dO) in L2; 1-D avoids the 65535 limit of grid axes 1 and 2.
 
-Measured sm_90 resources (ptxas -v of triton 3.6.0's own compile, ``python tests/sm90_compile.py --set ci --table``,
-batch 256; every config the pruner keeps at head dims 32 and 64 (the family's); `cfgs` configs, ranges over them
-(for the 16-bit forward and delta kernels over both specialisations, with and without the ``out_lo`` store / load;
-float32 runs no delta kernel),
-spills as the worst config (how many of them spill); smem in bytes, limit 232,448; ``tests/test_sm90_compile.py`` holds
-the spill budgets)::
+Static sm_90 readings (registers, spills, shared memory per config: ptxas -v of triton 3.6.0's compile, the
+output of ``python tests/sm90_compile.py --set ci --table``) live in docs/sm90.md, not here.
 
-    kernel                 dtype width   cfgs     regs  spill st/ld (B)  stack        smem (B)
-    attn_bwd_delta_kernel  bf16  D=32     1       32                0      0             256
-    attn_bwd_delta_kernel  bf16  D=64     1    34-60                0      0             256
-    attn_bwd_delta_kernel  fp16  D=32     1       32                0      0             256
-    attn_bwd_delta_kernel  fp16  D=64     1    34-56                0      0             256
-    attn_bwd_dkdv_kernel   bf16  D=32     6   78-168                0      0     14592-33280
-    attn_bwd_dkdv_kernel   bf16  D=64     6  123-209                0      0     28928-66048
-    attn_bwd_dkdv_kernel   fp16  D=32     6   78-168                0      0     14592-33280
-    attn_bwd_dkdv_kernel   fp16  D=64     6  123-209                0      0     28928-66048
-    attn_bwd_dkdv_kernel   fp32  D=32     4  210-234                0      0     14528-20864
-    attn_bwd_dkdv_kernel   fp32  D=64     1      255          256/256    256           26816
-    attn_bwd_dq_kernel     bf16  D=32     6   58-116                0      0     14336-32768
-    attn_bwd_dq_kernel     bf16  D=64     6   74-128                0      0     28672-65536
-    attn_bwd_dq_kernel     fp16  D=32     6   58-116                0      0     14336-32768
-    attn_bwd_dq_kernel     fp16  D=64     6   74-128                0      0     28672-65536
-    attn_bwd_dq_kernel     fp32  D=32     4  174-228                0      0     14336-20480
-    attn_bwd_dq_kernel     fp32  D=64     1      255           68/124     72           26624
-    attn_fwd_kernel        bf16  D=32     9   71-243                0      0     16384-40960
-    attn_fwd_kernel        bf16  D=64     8   96-244                0      0     32768-81920
-    attn_fwd_kernel        fp16  D=32     9   69-187                0      0     16384-40960
-    attn_fwd_kernel        fp16  D=64     9   96-234                0      0     32768-81920
-    attn_fwd_kernel        fp32  D=32     6  128-220                0      0     10368-24576
-    attn_fwd_kernel        fp32  D=64     2  128-206                0      0     18432-22592
 """
 
 from __future__ import annotations
@@ -159,6 +134,7 @@ import triton.language as tl
 
 from crossvit_fast.config import FUSED_DTYPES, SELF_ATTENTION_HEAD_DIMS, autotune_cache_from_env, autotune_from_env
 from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION, interpreter_runs_bf16
+from crossvit_fast.kernels import tuning
 
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
@@ -679,16 +655,12 @@ def _interpreted() -> bool:
 _INTERPRETED = _interpreted()
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _launch(name: str, grid, args, meta, tune_key: tuple, device: torch.device, config: Optional[Dict]) -> None:
     """Launch kernel ``name``: explicit config, interpreter config, remembered/default config (capture), or tuned."""
     tuned, raw = _tuned_kernels[name]
     if config is None and _INTERPRETED:
         config = _INTERPRETER_CONFIG_LONG if tune_key[0] >= 128 else _INTERPRETER_CONFIG
-    if config is None and (not AUTOTUNE or _capturing(device)):
+    if config is None and not tuning.may_tune(AUTOTUNE, device):
         config = _chosen.get((name,) + tune_key)
         if config is None:
             bm, bn, w, s = _defaults(name, meta["DOT_PRECISION"] == "ieee", meta["BLOCK_D"])

@@ -28,15 +28,19 @@ def test_warm_up_ends_with_the_launches_a_capture_makes():
     pinned launch uses, and a kernel loaded inside a capture fails it."""
     from crossvit_fast.kernels import linear as kl
     from crossvit_fast.kernels import self_attention as sa
+    from crossvit_fast.kernels import tuning
 
-    before = (sa.AUTOTUNE, kl.AUTOTUNE)
+    cpu, before = torch.device("cpu"), (sa.AUTOTUNE, kl.AUTOTUNE)
     seen = []
-    warm_up(lambda: seen.append((sa.AUTOTUNE, kl.AUTOTUNE)), 2)
-    assert seen == [before, before, (False, False)] and (sa.AUTOTUNE, kl.AUTOTUNE) == before
+    warm_up(lambda: seen.append(tuning.is_pinned()), 2)
+    assert seen == [False, False, True] and not tuning.is_pinned()
+    with tuned_configs_pinned():
+        assert not tuning.may_tune(True, cpu)
+    assert tuning.may_tune(True, cpu) and not tuning.may_tune(False, cpu)
     with pytest.raises(KeyError):
         with tuned_configs_pinned():
             raise KeyError("restored on errors too")
-    assert (sa.AUTOTUNE, kl.AUTOTUNE) == before
+    assert not tuning.is_pinned() and (sa.AUTOTUNE, kl.AUTOTUNE) == before
 
 
 def _models(backend="triton"):

@@ -22,6 +22,7 @@ from crossvit_fast.reference import linear_ref
 from crossvit_fast.testing import assert_within_rule, default_atol, poison_
 
 kl = pytest.importorskip("crossvit_fast.kernels.linear", reason="triton is not installed")
+from crossvit_fast.kernels import tuning  # noqa: E402
 from crossvit_fast.ops.linear import linear  # noqa: E402
 from conftest import (  # noqa: E402
     CUDA, DEV, LOW_DTYPES, DispatchLog, assert_compiled_like_eager, cpu_only, forbid_launches, requires_cuda)
@@ -671,7 +672,7 @@ def fake_tuner(monkeypatch):
 
     monkeypatch.setattr(kl, "AUTOTUNE", True)
     monkeypatch.setattr(kl, "_chosen", {})
-    monkeypatch.setattr(kl, "_capturing", lambda device: False)
+    monkeypatch.setattr(tuning, "capturing", lambda device: False)
     ms = {CANDS[0]: 0.30, CANDS[1]: 0.20, CANDS[2]: 0.10}
     launches, timed = [], []
 
@@ -737,7 +738,7 @@ def test_tuner_uses_the_default_or_the_tuned_config_without_timing(fake_tuner, m
     if why == "autotune-off":
         monkeypatch.setattr(kl, "AUTOTUNE", False)
     if why == "capturing":
-        monkeypatch.setattr(kl, "_capturing", lambda device: True)
+        monkeypatch.setattr(tuning, "capturing", lambda device: True)
     may = why != "output-aliases-input"
     assert _tune(launches, may_tune=may) == CANDS[0] and launches == [CANDS[0]] and not timed
     kl._chosen[("k",)] = CANDS[1]  # tuned before (e.g. the warm-up of a CUDA-graph capture)
@@ -753,7 +754,7 @@ def test_default_tile_that_does_not_fit_this_gpu_takes_the_first_candidate_that_
 
     launches, timed, _ = fake_tuner
     monkeypatch.setattr(kl, "AUTOTUNE", autotune)
-    monkeypatch.setattr(kl, "_capturing", lambda device: autotune)
+    monkeypatch.setattr(tuning, "capturing", lambda device: autotune)
     too_big = {CANDS[0], CANDS[1]}
 
     def launch(c):
@@ -831,9 +832,9 @@ def test_tuner_reads_no_disk_pick_while_capturing_or_with_autotune_off(disk_tune
     launches, timed, _, _, _ = disk_tuner
     _tune(launches)
     _new_process()
-    monkeypatch.setattr(kl, "_capturing", lambda device: True)  # a capture must not load an unlaunched kernel
+    monkeypatch.setattr(tuning, "capturing", lambda device: True)  # a capture must not load an unlaunched kernel
     assert _tune(launches) == CANDS[0] and len(timed) == 3 and not kl.tuned_configs()
-    monkeypatch.setattr(kl, "_capturing", lambda device: False)
+    monkeypatch.setattr(tuning, "capturing", lambda device: False)
     monkeypatch.setattr(kl, "AUTOTUNE", False)
     assert _tune(launches) == CANDS[0] and not kl.tuned_configs()
     monkeypatch.setattr(kl, "AUTOTUNE", True)

@@ -67,8 +67,7 @@ Limits
 * CUDA; CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
   Plain pointer arithmetic with masks; only APIs present in both triton 3.6 and 3.9.
 
-Static sm_90 readings (registers, spills, shared memory per config: ptxas -v of triton 3.6.0's compile, the
-output of ``python tests/sm90_compile.py --set ci --table``) live in docs/sm90.md, not here.
+Static sm_90 readings (``tests/sm90_compile.py --set ci --table``): docs/sm90.md.
 
 """
 

@@ -117,8 +117,7 @@ before dq's first pass). Every config the pruner keeps is compiled for sm_90 ahe
 Grid: 1-D, ``cdiv(N, BLOCK) * B * H`` programs with the block index fastest, so the programs of one (b, h) run
 side by side and share that head's K/V (or Q/dO) in L2; 1-D avoids the 65535 limit of grid axes 1 and 2.
 
-Static sm_90 readings (registers, spills, shared memory per config: ptxas -v of triton 3.6.0's compile, the
-output of ``python tests/sm90_compile.py --set ci --table``) live in docs/sm90.md, not here.
+Registers, spills and shared memory per config as sm_90 compiles them (a static reading): docs/sm90.md.
 
 """
 

@@ -1,0 +1,313 @@
+"""The block GEMMs' autotuner (``crossvit_fast.kernels.linear``) on the CPU: the choice with a stand-in timer, the
+disk cache of picks, the tuning key, the candidate lists; and the one switch (``crossvit_fast.kernels.tuning``) that
+says when a tuned kernel may time candidates. The real timing runs on CUDA (tests/test_linear.py)."""
+
+import warnings
+
+import pytest
+import torch
+
+kl = pytest.importorskip("crossvit_fast.kernels.linear", reason="triton is not installed")
+from crossvit_fast.kernels import tuning  # noqa: E402
+
+
+
+CANDS = [(64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]
+
+
+@pytest.fixture
+def fake_tuner(monkeypatch):
+    """``_launch_with_tuning`` outside CUDA: a stand-in timer (ms per config) and a record of the launches."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(kl, "AUTOTUNE", True)
+    monkeypatch.setattr(kl, "_chosen", {})
+    monkeypatch.setattr(tuning, "capturing", lambda device: False)
+    ms = {CANDS[0]: 0.30, CANDS[1]: 0.20, CANDS[2]: 0.10}
+    launches, timed = [], []
+
+    def bench(fn):
+        timed.append(len(launches))
+        fn()
+        cfg = launches[-1]
+        if cfg == CANDS[2] and "oor" in timed_flags:
+            raise OutOfResources(300000, 232448, "shared memory")
+        if cfg == CANDS[1] and "ptxas" in timed_flags:
+            from triton.runtime.errors import PTXASError
+
+            raise PTXASError("ptxas failed")
+        if cfg == CANDS[2] and "cublas" in timed_flags:
+            raise kl.CublasUnsupported("no such cuBLAS GEMM here")
+        if "oom" in timed_flags:
+            raise torch.cuda.OutOfMemoryError("no room for the L2-flush buffer")
+        return ms[cfg]
+
+    timed_flags = set()
+    monkeypatch.setattr(kl, "_bench_ms", bench)
+    return launches, timed, timed_flags
+
+
+def _tune(launches, key=("k",), may_tune=True):
+    return kl._launch_with_tuning(launches.append, key, CANDS[0], CANDS, torch.device("cpu"), lambda: may_tune)
+
+
+def test_tuner_takes_the_fastest_remembers_it_and_ends_with_its_launch(fake_tuner):
+    launches, timed, _ = fake_tuner
+    assert _tune(launches) == CANDS[2]
+    assert launches == CANDS + [CANDS[2]] and len(timed) == 3  # each timed once, then the winner's own launch
+    assert kl.tuned_configs() == {("k",): CANDS[2]}
+    launches.clear()
+    assert _tune(launches) == CANDS[2] and launches == [CANDS[2]] and len(timed) == 3  # remembered: no timing
+    assert _tune(launches, key=("other",)) == CANDS[2] and len(timed) == 6  # another key is timed afresh
+
+
+def test_tuner_skips_a_config_out_of_resources(fake_tuner):
+    launches, _, flags = fake_tuner
+    flags.add("oor")
+    assert _tune(launches) == CANDS[1]
+    assert launches[-1] == CANDS[1]
+    flags.add("ptxas")  # a candidate ptxas rejects is skipped too
+    assert _tune(launches, key=("k2",)) == CANDS[0]
+
+
+def test_tuner_skips_a_cublas_candidate_this_torch_cannot_run(fake_tuner):
+    launches, _, flags = fake_tuner
+    flags.add("cublas")
+    assert _tune(launches) == CANDS[1] and launches[-1] == CANDS[1]
+
+
+def test_tuner_out_of_memory_takes_the_default_untuned(fake_tuner):
+    launches, _, flags = fake_tuner
+    flags.add("oom")
+    assert _tune(launches) == CANDS[0] and launches[-1] == CANDS[0] and not kl.tuned_configs()
+
+
+@pytest.mark.parametrize("why", ["autotune-off", "capturing", "output-aliases-input"])
+def test_tuner_uses_the_default_or_the_tuned_config_without_timing(fake_tuner, monkeypatch, why):
+    launches, timed, _ = fake_tuner
+    if why == "autotune-off":
+        monkeypatch.setattr(kl, "AUTOTUNE", False)
+    if why == "capturing":
+        monkeypatch.setattr(tuning, "capturing", lambda device: True)
+    may = why != "output-aliases-input"
+    assert _tune(launches, may_tune=may) == CANDS[0] and launches == [CANDS[0]] and not timed
+    kl._chosen[("k",)] = CANDS[1]  # tuned before (e.g. the warm-up of a CUDA-graph capture)
+    assert _tune(launches, may_tune=may) == CANDS[1] and launches[-1] == CANDS[1] and not timed
+
+
+@pytest.mark.parametrize("autotune", [False, True], ids=["autotune-off", "capturing"])
+def test_default_tile_that_does_not_fit_this_gpu_takes_the_first_candidate_that_does(fake_tuner, monkeypatch,
+                                                                                     autotune):
+    """A 16-bit default tile needs 115 KB of shared memory, more than sm_86 / sm_89 parts have: untuned launches
+    (autotune off, or a capture before any tuning) take the first candidate that launches, for the key from then on."""
+    from triton.runtime.errors import OutOfResources
+
+    launches, timed, _ = fake_tuner
+    monkeypatch.setattr(kl, "AUTOTUNE", autotune)
+    monkeypatch.setattr(tuning, "capturing", lambda device: autotune)
+    too_big = {CANDS[0], CANDS[1]}
+
+    def launch(c):
+        launches.append(c)
+        if c in too_big:
+            raise OutOfResources(115456, 101376, "shared memory")
+
+    def tune():
+        return kl._launch_with_tuning(launch, ("k",), CANDS[0], CANDS, torch.device("cpu"), lambda: True,
+                                      fallbacks=lambda: CANDS)
+
+    assert tune() == CANDS[2] and launches == CANDS and not timed
+    assert kl.tuned_configs() == {("k",): CANDS[2]}
+    launches.clear()
+    assert tune() == CANDS[2] and launches == [CANDS[2]]
+    kl._chosen.clear()
+    too_big.add(CANDS[2])
+    with pytest.raises(OutOfResources, match="115456"):  # nothing fits: the default's own error
+        tune()
+    assert not kl.tuned_configs()
+
+
+@pytest.fixture
+def disk_tuner(fake_tuner, monkeypatch, tmp_path):
+    """``fake_tuner`` with the disk cache on, in a fresh Triton cache dir, under a stand-in environment."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(kl, "AUTOTUNE_CACHE", True)
+    monkeypatch.setattr(kl, "_disk_cache_on", lambda device: kl.AUTOTUNE_CACHE)
+    env = {"fingerprint": "sm_90 / triton / torch / source"}
+    monkeypatch.setattr(kl, "_environment_fingerprint", lambda index: env["fingerprint"])
+    monkeypatch.setattr(kl, "_disk_warned", set())
+    return fake_tuner + (tmp_path, env)
+
+
+def _autotune_files(root):
+    return sorted(root.rglob("*.autotune.json"))
+
+
+def _new_process():
+    kl._chosen.clear()
+
+
+def test_tuner_pick_on_disk_is_loaded_by_the_next_process_without_timing(disk_tuner):
+    import json
+
+    launches, timed, _, root, _ = disk_tuner
+    assert _tune(launches, key=("fwd", 4)) == CANDS[2] and len(timed) == 3
+    (f,) = _autotune_files(root)
+    assert f.name == "crossvit_fast-linear-fwd.autotune.json"
+    record = json.loads(f.read_text())
+    assert tuple(record["chosen"]) == CANDS[2] and record["key"] == repr(("fwd",))  # no device index
+    assert {tuple(c): t for c, t in record["times_ms"]} == {CANDS[0]: 0.30, CANDS[1]: 0.20, CANDS[2]: 0.10}
+    _new_process()
+    launches.clear()
+    assert _tune(launches, key=("fwd", 4)) == CANDS[2]
+    assert launches == [CANDS[2]] and len(timed) == 3  # loaded: one launch, nothing timed
+    assert kl.tuned_configs() == {("fwd", 4): CANDS[2]}
+    _new_process()
+    assert _tune(launches, key=("fwd", 5)) == CANDS[2] and len(timed) == 3  # another GPU of the same model
+
+
+def test_tuner_disk_pick_of_another_environment_or_candidate_list_is_not_used(disk_tuner):
+    launches, timed, _, root, env = disk_tuner
+    _tune(launches)
+    _new_process()
+    env["fingerprint"] = "another Triton, torch, GPU model or kernel source"
+    _tune(launches)
+    assert len(timed) == 6 and len(_autotune_files(root)) == 2
+    _new_process()
+    got = kl._launch_with_tuning(launches.append, ("k",), CANDS[0], CANDS[:2], torch.device("cpu"), lambda: True)
+    assert got == CANDS[1] and len(timed) == 8 and len(_autotune_files(root)) == 3
+
+
+def test_tuner_reads_no_disk_pick_while_capturing_or_with_autotune_off(disk_tuner, monkeypatch):
+    launches, timed, _, _, _ = disk_tuner
+    _tune(launches)
+    _new_process()
+    monkeypatch.setattr(tuning, "capturing", lambda device: True)  # a capture must not load an unlaunched kernel
+    assert _tune(launches) == CANDS[0] and len(timed) == 3 and not kl.tuned_configs()
+    monkeypatch.setattr(tuning, "capturing", lambda device: False)
+    monkeypatch.setattr(kl, "AUTOTUNE", False)
+    assert _tune(launches) == CANDS[0] and not kl.tuned_configs()
+    monkeypatch.setattr(kl, "AUTOTUNE", True)
+    assert _tune(launches, may_tune=False) == CANDS[2] and len(timed) == 3  # an aliased output: loaded, not timed
+
+
+def test_tuner_disk_cache_off_writes_nothing(disk_tuner, monkeypatch):
+    launches, timed, _, root, _ = disk_tuner
+    monkeypatch.setattr(kl, "AUTOTUNE_CACHE", False)
+    _tune(launches)
+    _new_process()
+    _tune(launches)
+    assert len(timed) == 6 and not _autotune_files(root)
+
+
+@pytest.mark.parametrize("damage", ["not-json", "no-chosen", "no-such-candidate"])
+def test_tuner_damaged_disk_pick_warns_once_and_is_timed_again(disk_tuner, damage):
+    import json
+
+    launches, timed, _, root, _ = disk_tuner
+    _tune(launches)
+    (f,) = _autotune_files(root)
+    text = {"not-json": "{truncated", "no-chosen": json.dumps({"key": "k"}),
+            "no-such-candidate": json.dumps({"chosen": [1, 2, 3, 4, 5]})}[damage]
+    f.write_text(text)
+    _new_process()
+    with pytest.warns(RuntimeWarning, match="autotune pick"):
+        assert _tune(launches) == CANDS[2]
+    assert len(timed) == 6 and json.loads(f.read_text())["chosen"] == list(CANDS[2])  # timed, written again
+    f.write_text(text)
+    _new_process()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per process
+        _tune(launches)
+
+
+def test_tuner_disk_write_failure_warns_once_and_keeps_the_pick(disk_tuner, monkeypatch):
+    launches, timed, _, root, _ = disk_tuner
+
+    class ReadOnly:
+        def __init__(self, key):
+            pass
+
+        def get_file(self, name):
+            return None
+
+        def put(self, data, name, binary=True):
+            raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(kl, "_disk_entry", lambda key: (ReadOnly, "x.autotune.json"))
+    with pytest.warns(RuntimeWarning, match="cannot write"):
+        assert _tune(launches) == CANDS[2]
+    assert kl.tuned_configs() == {("k",): CANDS[2]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _tune(launches, key=("k2",))
+
+
+def test_tuner_disk_cache_that_cannot_be_keyed_warns_and_times(disk_tuner, monkeypatch):
+    launches, timed, _, root, _ = disk_tuner
+
+    def broken(index):
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(kl, "_environment_fingerprint", broken)
+    with pytest.warns(RuntimeWarning, match="cannot (read|write)") as record:
+        assert _tune(launches) == CANDS[2]
+    assert sorted(str(w.message).split(":")[1].split("(")[0].strip() for w in record) == [
+        "cannot read a cached autotune pick", "cannot write an autotune pick to the disk cache"]
+    assert len(timed) == 3 and not _autotune_files(root) and kl.tuned_configs() == {("k",): CANDS[2]}
+
+
+@pytest.mark.parametrize("value,on", [(None, True), ("1", True), ("0", False), ("false", False), ("", False)])
+def test_autotune_cache_env(monkeypatch, value, on):
+    from crossvit_fast.config import ENV_AUTOTUNE_CACHE, autotune_cache_from_env
+
+    if value is None:
+        monkeypatch.delenv(ENV_AUTOTUNE_CACHE, raising=False)
+    else:
+        monkeypatch.setenv(ENV_AUTOTUNE_CACHE, value)
+    assert autotune_cache_from_env() is on
+
+
+def test_tune_key_buckets_rows_and_names_shapes_flags_dtypes_layouts():
+    x = torch.randn(2, 7, 16)
+    w = torch.randn(32, 16, dtype=torch.float16)
+    o = torch.empty(2, 7, 32, dtype=torch.float16)
+
+    def key(M, N=32, K=16, flags=(True,), xs=x):
+        return kl._tune_key("fwd", M, N, K, flags, [xs, w], [o])
+
+    assert key(100) == key(128) != key(129)
+    assert key(100) != key(100, N=48) and key(100) != key(100, K=8) and key(100) != key(100, flags=(False,))
+    assert key(100) != key(100, xs=x.half()) and key(100) != key(100, xs=x.transpose(0, 2))
+
+
+def test_shares_storage():
+    a = torch.randn(4, 8)
+    assert kl._shares_storage([a], [torch.randn(4, 8), a]) and kl._shares_storage([a[:, 2:]], [a])
+    assert not kl._shares_storage([a], [a.clone(), None])
+
+
+def test_every_default_tile_is_a_tuning_candidate_and_compiled_ahead_of_time():
+    for name, cfg in kl.CONFIGS.items():
+        assert cfg in kl.TUNE_CONFIGS["fp32" if name == "fp32" else "16bit"], name
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        cands = kl.tune_configs(dtype)
+        assert len(set(cands)) == len(cands)
+        for ln in (False, True):
+            fwd = kl.fwd_candidates(dtype, ln)
+            ln_first = [c for c in fwd if len(c) == 6]
+            assert fwd[:len(cands)] == cands and len(ln_first) == (len(cands) if ln and dtype != torch.float32 else 0)
+            assert all(c[:5] in cands and c[5] == kl.LN_FIRST for c in ln_first)
+            assert (kl.CUBLAS in fwd) == (dtype != torch.float32)
+            assert kl.CUBLAS not in kl.fwd_candidates(dtype, ln, 2 * kl.LAYER_NORM_MAX_DIM) or not ln
+            compiled = {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype and c["kernel"] == "fwd"
+                        and bool(c.get("ln")) == ln}
+            assert compiled == set(fwd)
+        dgrad = kl.dgrad_candidates(dtype)
+        assert dgrad == cands + ([kl.DZ_FIRST] if dtype != torch.float32 else [])
+        assert kl.dgrad_candidates(dtype, torch.float32) == dgrad  # cuBLAS writes a float32 da from 16-bit operands
+        assert {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype and c["kernel"] == "dgrad"} == set(dgrad)
+    assert kl.dgrad_candidates(torch.float16, torch.bfloat16) == kl.tune_configs(torch.float16)
+    assert kl.config_name((128, 64, 32, 4, 3)) == "128x64x32/w4/s3"
+    assert kl.config_name((128, 64, 32, 4, 3, kl.LN_FIRST)) == "ln+128x64x32/w4/s3"
+    assert kl.config_name(kl.DZ_FIRST) == "dz+cublas" and kl.config_name(kl.CUBLAS) == "cublas"

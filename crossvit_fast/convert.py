@@ -111,11 +111,11 @@ def optimize(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
         # crossvit_fast's own seams (and those just swapped in): re-choose the backend
         for m in model.modules():
             if isinstance(m, (Attention, Block, CrossAttentionBlock)):
-                previous.append((m, m.backend_requested, m.backend))
+                previous.append((m, m.backend_requested, dict(m.backends)))
                 m.set_backend(backend)
     except Exception:  # nothing half-way: the model is left as it was given
         for m, requested, resolved in previous:
-            m.backend_requested, m.backend = requested, resolved
+            m.backend_requested, m.backends = requested, resolved
         for parent, name, child in reversed(new_swaps):
             setattr(parent, name, child)
         raise
@@ -141,7 +141,7 @@ def revert(model: nn.Module) -> nn.Module:
         # the swapped-in module's flag is the current one (model.eval() after optimize reached it, not `child`)
         setattr(parent, name, _keep_mode(child, getattr(parent, name)))
     for m, requested, resolved in getattr(model, "_crossvit_fast_backends", []):
-        m.backend_requested, m.backend = requested, resolved
+        m.backend_requested, m.backends = requested, resolved
     object.__delattr__(model, _SWAPS)
     if OPS_ATTR in model.__dict__:
         object.__delattr__(model, OPS_ATTR)

@@ -83,7 +83,7 @@ def _children_to_swap(model: nn.Module, pred) -> List[Tuple[nn.Module, str, nn.M
     return out
 
 
-def optimize(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+def optimize(model: nn.Module, backend: Optional[str] = None, verify: bool = False) -> nn.Module:
     """Swap crossvit_fast's fused-capable modules into ``model`` in place and return it.
 
     ``backend`` as everywhere ("reference", "torch", "triton", "auto"; None: the current default). Where an op
@@ -93,7 +93,15 @@ def optimize(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     ``{"self_attention": {"torch": 15}, ...}``. Every module keeps its train/eval flag; the modules created in
     the swap take the flag of the one they replace. Calling it again on an optimized model only re-chooses the
     backend.
+
+    ``verify=True`` first runs :func:`crossvit_fast.verify.verify` at this model's shapes (small batches, quietly),
+    so that ``"auto"`` takes the kernels that pass on this GPU; it raises
+    :class:`crossvit_fast.verify.VerifyUnavailableError` where there is no CUDA device to verify on.
     """
+    if verify:
+        from crossvit_fast.verify import verify as verify_here
+
+        verify_here([model], batch=2, timing_batch=8, progress=None)
     swaps: List[Tuple[nn.Module, str, nn.Module]] = list(getattr(model, _SWAPS, None) or [])
     new_swaps: List[Tuple[nn.Module, str, nn.Module]] = []
     previous = []

@@ -131,9 +131,7 @@ def verified_on(op: Optional[str], arch: Optional[str], dims: Optional[Dict[str,
             return True
     elif arch in GPU_VERIFIED_OPS.get(op, ()):
         return True
-    from crossvit_fast.record import verified_date
-
-    return verified_date(op, arch, dims, dtype) is not None
+    return _record.verified_date(op, arch, dims, dtype) is not None
 
 
 def authority(op: str, arch: Optional[str], dims: Optional[Dict[str, int]] = None, dtype: Optional[str] = None,
@@ -145,9 +143,7 @@ def authority(op: str, arch: Optional[str], dims: Optional[Dict[str, int]] = Non
         return "explicit backend='triton'"
     if arch is not None and arch in GPU_VERIFIED_OPS.get(op, ()):
         return f"shipped GPU_VERIFIED_OPS ({arch})"
-    from crossvit_fast.record import verified_date
-
-    date = verified_date(op, arch, dims, dtype)
+    date = _record.verified_date(op, arch, dims, dtype)
     if date is not None:
         return f"local record of {date} (crossvit-fast verify)"
     return "not verified"
@@ -283,9 +279,7 @@ def _hint_verify(op: Optional[str], arch: Optional[str]) -> None:
     let ``"auto"`` take the kernels that pass here (or why the record there is not used)."""
     if arch is None or (op is not None and arch in GPU_VERIFIED_OPS.get(op, ())):
         return
-    from crossvit_fast.record import load
-
-    data, why = load(arch)
+    data, why = _record.load(arch)
     if data is None:
         warn_once("verify-hint", f"crossvit_fast: 'auto' runs the torch path for the kernels not verified on this "
                   f"{arch} GPU ({why}); `crossvit-fast verify` would enable the fused kernels that pass here")
@@ -340,3 +334,6 @@ def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+from crossvit_fast import record as _record  # noqa: E402  (it reads device_arch and warn_once from here)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -12,6 +11,8 @@ import time
 from typing import List, Optional
 
 import torch
+
+from crossvit_fast.record import package_version as _version
 
 DEFAULT_MODEL = "crossvit_18_dagger_240"
 
@@ -55,13 +56,6 @@ def _device(name: Optional[str]) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise CLIError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
     return device
-
-
-def _version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _table(rows: List[List[str]], header: List[str]) -> str:

@@ -41,14 +41,14 @@ from crossvit_fast.backend import device_arch, warn_once
 from crossvit_fast.config import cache_dir
 
 __all__ = ["FORMAT", "record_path", "system_key", "kernel_source_hash", "class_name", "load", "status",
-           "verified_date", "save", "write_json", "forget"]
+           "verified_date", "save", "write_json", "forget", "package_version"]
 
 FORMAT = 1
 """The version of the record's JSON layout; a file of another version is ignored."""
 
 DimsKey = Tuple[Tuple[str, int], ...]
 _hash: Optional[str] = None
-_loaded: Dict[Tuple[str, str], Tuple[Optional[dict], str, FrozenSet[tuple]]] = {}
+_loaded: Dict[str, Tuple[Optional[dict], str, FrozenSet[tuple]]] = {}
 
 
 def record_path(arch: str) -> str:
@@ -75,7 +75,8 @@ def kernel_source_hash() -> str:
     return _hash
 
 
-def _version(pkg: str) -> str:
+def package_version(pkg: str) -> str:
+    """An installed distribution's version, or ``"not installed"`` (without importing it)."""
     try:
         return importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
@@ -115,7 +116,7 @@ def system_key(arch: str) -> Dict[str, str]:
         "driver": _driver(),
         "cuda": str(torch.version.cuda or torch.version.hip or "none"),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "crossvit_fast": __version__,
         "kernel_sources": kernel_source_hash(),
     }
@@ -171,18 +172,18 @@ def _read(path: str) -> dict:
 
 def load(arch: Optional[str]) -> Tuple[Optional[dict], str]:
     """``(record, why)``: this machine's record for ``arch`` when it holds for the running system (``why`` then
-    says where it is from), else ``(None, why not)``. Read once per process and cache directory; a corrupt or
-    unreadable file warns once."""
+    says where it is from), else ``(None, why not)``. Read once per process (:func:`forget` reads it again); a
+    corrupt or unreadable file warns once."""
     if arch is None:
         return None, "not a GPU"
     return _load(arch)[:2]
 
 
 def _load(arch: str) -> Tuple[Optional[dict], str, FrozenSet[tuple]]:
-    path = record_path(arch)
-    cached = _loaded.get((arch, path))
-    if cached is not None:
+    cached = _loaded.get(arch)
+    if cached is not None:  # the call-time path: dict and set lookups only, which torch.compile traces
         return cached
+    path = record_path(arch)
     if not os.path.exists(path):
         out: Tuple[Optional[dict], str, FrozenSet[tuple]] = (None, f"no record at {path}", frozenset())
     else:
@@ -199,7 +200,7 @@ def _load(arch: str) -> Tuple[Optional[dict], str, FrozenSet[tuple]]:
                              f"again", frozenset())
             else:
                 out = (data, f"the record {path} of {data.get('created', '?')}", _lookup_keys(data["classes"]))
-    _loaded[(arch, path)] = out
+    _loaded[arch] = out
     return out
 
 

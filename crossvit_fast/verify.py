@@ -73,8 +73,11 @@ class Case:
     def dims(self) -> Dict[str, int]:
         """The dims of the shape class, as the registry's ``supports`` takes them."""
         head_dim = self.dim // self.heads
-        return {"self_attention": {"head_dim": head_dim}, "cls_cross_attention": {"dim": self.dim, "head_dim": head_dim},
-                }.get(self.op, {"dim": self.dim})
+        if self.op == "self_attention":
+            return {"head_dim": head_dim}
+        if self.op == "cls_cross_attention":
+            return {"dim": self.dim, "head_dim": head_dim}
+        return {"dim": self.dim}
 
     @property
     def shape_class(self) -> str:
@@ -380,7 +383,8 @@ def _one(case: Case, device: torch.device, batch: int, timing_batch: int, timer:
             return _classify(case, parity, where, {}, {})
         fused, torch_ms = _timings(case, device, timing_batch, timer)
     except Exception as e:  # a kernel that raises fails its case: the report names it
-        return CaseResult(case, "failed", math.inf, "", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        first = (str(e).strip().splitlines() or [""])[0]
+        return CaseResult(case, "failed", math.inf, "", error=f"{type(e).__name__}: {first}")
     return _classify(case, parity, where, fused, torch_ms)
 
 

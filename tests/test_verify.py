@@ -179,3 +179,24 @@ def test_optimize_verifies_first(monkeypatch):
     model = crossvit_fast.create_model("crossvit_tiny_240", backend="reference")
     crossvit_fast.optimize(model, backend="torch", verify=True)
     assert calls and calls[0][0] == [model] and calls[0][1]["batch"] <= 8
+
+
+def test_cli_prints_the_summary_and_exits_by_the_verdicts(device, monkeypatch, capsys, tmp_path):
+    import crossvit_fast.verify as V
+
+    real = V.verify
+    timers = iter([_fixed(1.0, 2.0), _fixed(3.0, 2.0)])
+
+    def tiny(models, **kw):
+        assert models == ["crossvit_9_240"]
+        return real([TINY], device="cpu", timer=next(timers), seed=0,
+                    **{k: v for k, v in kw.items() if k != "dtypes"}, dtypes=["float32"])
+
+    monkeypatch.setattr(V, "verify", tiny)
+    out = tmp_path / "verify.json"
+    assert main(["verify", "crossvit_9_240", "--op", "layer_norm", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "[1/1] layer_norm float32 C=32 heads=2 N=5" in text and "layer_norm[float32, dim=32]  verified" in text
+    assert "1 verified, 0 slower" in text and "took" in text and json.load(open(out))["format"] == 1
+    assert main(["verify", "crossvit_9_240", "--op", "layer_norm"]) == 0  # slower is not a failure
+    assert "0 verified, 1 slower" in capsys.readouterr().out

@@ -125,12 +125,15 @@ def test_a_corrupt_record_warns_and_is_replaced(device):
     assert path and json.load(open(path))["classes"] == data["classes"]
 
 
-def test_a_read_only_cache_dir_warns(device):
+def test_a_read_only_cache_dir_warns(device, monkeypatch):
     os.makedirs(device)
     os.chmod(device, 0o500)
     try:
-        if os.access(device, os.W_OK):
-            pytest.skip("running as root: chmod does not make the directory read-only")
+        if os.access(device, os.W_OK):  # root: chmod does not stop it; the write is refused as it would be
+            def refuse(*a, **k):
+                raise PermissionError(13, "Permission denied", str(device))
+
+            monkeypatch.setattr(record.tempfile, "mkstemp", refuse)
         with pytest.warns(RuntimeWarning, match="could not write"):
             assert record.save(ARCH, [_entry()], ["tiny"])[1] == ""
         assert not B.verified_on("self_attention", ARCH)
@@ -200,3 +203,20 @@ def test_cli_prints_the_summary_and_exits_by_the_verdicts(device, monkeypatch, c
     assert "1 verified, 0 slower" in text and "took" in text and json.load(open(out))["format"] == 1
     assert main(["verify", "crossvit_9_240", "--op", "layer_norm"]) == 0  # slower is not a failure
     assert "0 verified, 1 slower" in capsys.readouterr().out
+
+
+def test_optimize_reports_the_authority(device):
+    import crossvit_fast
+
+    record.save(ARCH, [_entry()], ["tiny"])
+    model = crossvit_fast.optimize(torch.nn.Sequential(Attention(32, 2, backend="torch"), Attention(64, 2)))
+    report = model.crossvit_fast_authority["self_attention"]
+    assert sorted(report.values()) == [1, 1] and any(k.startswith("local record of") for k in report)
+    assert crossvit_fast.op_authorities(model)["self_attention"] == report
+    crossvit_fast.revert(model)
+    assert not hasattr(model, "crossvit_fast_authority")
+
+
+def test_a_spent_budget_runs_nothing_more(device):
+    report = verify([TINY], device="cpu", dtypes=["float32"], timer=_fixed(), budget_s=0.0, progress=None)
+    assert len(report.not_run) == 4 and not report.classes and report.path == "" and report.exit_code == 0

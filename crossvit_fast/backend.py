@@ -42,6 +42,8 @@ __all__ = [
     "device_arch",
     "verified_on",
     "verified_archs",
+    "authority",
+    "op_authorities",
     "BackendUnavailableError",
     "use_backend",
     "get_backend",
@@ -79,6 +81,11 @@ architecture, runs when asked for explicitly (``backend="triton"``), never by de
 fused-GEMM block path: its CUDA tests are tests/test_linear.py and tests/test_block.py (the ``block_half`` op the
 Block runs)."""
 
+INTERPRETER_ARCH: Optional[str] = None
+"""For tests only: the architecture name CPU tensors count as under Triton's CPU interpreter, so that
+``crossvit_fast.verify`` and ``"auto"`` run their whole flow (record included) on CPU tensors. None outside tests:
+then a CPU device has no architecture and ``"auto"`` never takes the interpreter."""
+
 _archs: Dict[int, Optional[str]] = {}
 
 
@@ -86,6 +93,9 @@ def device_arch(device=None) -> Optional[str]:
     """The architecture of a CUDA device, as :data:`GPU_VERIFIED_OPS` names it: ``"sm_90"`` for NVIDIA compute
     capability 9.0, the ROCm architecture (``"gfx942"``) on a ROCm build; None for a non-CUDA device or without
     CUDA. ``device``: a ``torch.device``, an index, or None (the current CUDA device)."""
+    if INTERPRETER_ARCH is not None and interpreter_enabled() and not isinstance(device, int):
+        if (torch.device(device).type == "cpu") if device is not None else not torch.cuda.is_available():
+            return INTERPRETER_ARCH
     if device is None:
         if not torch.cuda.is_available():
             return None
@@ -108,13 +118,52 @@ def device_arch(device=None) -> Optional[str]:
     return _archs[index]
 
 
-def verified_on(op: Optional[str], arch: Optional[str]) -> bool:
-    """Whether ``op``'s kernel (any op's, when None) has passed its CUDA parity tests on ``arch``."""
+def verified_on(op: Optional[str], arch: Optional[str], dims: Optional[Dict[str, int]] = None,
+                dtype: Optional[str] = None) -> bool:
+    """Whether ``op``'s kernel (any op's, when None) may run under ``"auto"`` on ``arch``: it has passed its CUDA
+    parity tests there (the shipped :data:`GPU_VERIFIED_OPS`), or this machine's record (``crossvit-fast verify``,
+    :mod:`crossvit_fast.record`) calls its shape class ``verified``: ``dims`` as the registry's ``supports`` takes
+    them, ``dtype`` a torch name (None: any)."""
     if arch is None:
         return False
     if op is None:
-        return any(arch in archs for archs in GPU_VERIFIED_OPS.values())
-    return arch in GPU_VERIFIED_OPS.get(op, ())
+        if any(arch in archs for archs in GPU_VERIFIED_OPS.values()):
+            return True
+    elif arch in GPU_VERIFIED_OPS.get(op, ()):
+        return True
+    return _record.verified_date(op, arch, dims, dtype) is not None
+
+
+def authority(op: str, arch: Optional[str], dims: Optional[Dict[str, int]] = None, dtype: Optional[str] = None,
+              requested: str = "auto") -> str:
+    """On whose authority ``op``'s kernel runs fused for a module asking for ``requested``: an explicit
+    ``backend="triton"``, the shipped table, this machine's record (with its date), or ``"not verified"``. The
+    order is that of :func:`resolve_backend`: explicit > shipped > local record > the torch path."""
+    if requested == "triton":
+        return "explicit backend='triton'"
+    if arch is not None and arch in GPU_VERIFIED_OPS.get(op, ()):
+        return f"shipped GPU_VERIFIED_OPS ({arch})"
+    date = _record.verified_date(op, arch, dims, dtype)
+    if date is not None:
+        return f"local record of {date} (crossvit-fast verify)"
+    return "not verified"
+
+
+def op_authorities(model: torch.nn.Module) -> Dict[str, Dict[str, int]]:
+    """Per op, on whose authority its modules run fused (:func:`authority`; ``"not fused"`` for those that do not):
+    ``{op: {authority: number of modules}}``, e.g. ``{"self_attention": {"local record of 2026-12-07T19:30:00Z
+    (crossvit-fast verify)": 15}}``."""
+    arch = device_arch()
+    out: Dict[str, List[str]] = {}
+    for m in model.modules():
+        chosen = m.__dict__.get("backends")
+        if isinstance(chosen, dict):
+            dims = m._dims() if hasattr(m, "_dims") else None
+            for op, resolved in chosen.items():
+                why = (authority(op, arch, dims, None, getattr(m, "backend_requested", "auto"))
+                       if resolved == "triton" else "not fused")
+                out.setdefault(op, []).append(why)
+    return count_backends(out)
 
 
 def verified_archs(op: str) -> str:
@@ -185,8 +234,14 @@ def triton_status(op: Optional[str] = None, allow_interpreter: bool = True) -> T
     )
 
 
-def resolve_backend(requested: Optional[str] = None, op: Optional[str] = None) -> str:
+def resolve_backend(requested: Optional[str] = None, op: Optional[str] = None,
+                    dims: Optional[Dict[str, int]] = None) -> str:
     """Resolve a request (None: the current default) to ``"reference"``, ``"torch"`` or ``"triton"`` for ``op``.
+
+    ``"auto"`` takes ``"triton"`` where the kernel can run and :func:`verified_on` the current device for ``dims``
+    (the module's sizes, as the registry's ``supports`` takes them; None: any) in some dtype; the dtype of each
+    call is checked when it runs. On a GPU where neither the shipped table nor a local record covers the op, it
+    says once that ``crossvit-fast verify`` would.
 
     Raises:
         BackendUnavailableError: ``"triton"`` was asked for and cannot run here.
@@ -209,8 +264,25 @@ def resolve_backend(requested: Optional[str] = None, op: Optional[str] = None) -
                 f"backend='triton' was asked for (by {source}) but cannot run here: {why}; {fix}"
             )
         return "triton"
-    ok, _ = triton_status(op, allow_interpreter=False)
-    return "triton" if ok and verified_on(op, device_arch()) else "torch"
+    ok, _ = triton_status(op, allow_interpreter=INTERPRETER_ARCH is not None)
+    if not ok:
+        return "torch"
+    arch = device_arch()
+    if verified_on(op, arch, dims):
+        return "triton"
+    _hint_verify(op, arch)
+    return "torch"
+
+
+def _hint_verify(op: Optional[str], arch: Optional[str]) -> None:
+    """Once per process: where no valid local record exists for this GPU, say that ``crossvit-fast verify`` would
+    let ``"auto"`` take the kernels that pass here (or why the record there is not used)."""
+    if arch is None or (op is not None and arch in GPU_VERIFIED_OPS.get(op, ())):
+        return
+    data, why = _record.load(arch)
+    if data is None:
+        warn_once("verify-hint", f"crossvit_fast: 'auto' runs the torch path for the kernels not verified on this "
+                  f"{arch} GPU ({why}); `crossvit-fast verify` would enable the fused kernels that pass here")
 
 
 def module_backends(model: torch.nn.Module) -> Dict[str, List[str]]:
@@ -262,3 +334,6 @@ def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+from crossvit_fast import record as _record  # noqa: E402  (it reads device_arch and warn_once from here)

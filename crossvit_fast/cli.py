@@ -1,9 +1,8 @@
-"""``crossvit-fast`` (also ``python -m crossvit_fast``): list, info, flops, check."""
+"""``crossvit-fast`` (also ``python -m crossvit_fast``): list, info, flops, check, verify, bench."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -12,6 +11,8 @@ import time
 from typing import List, Optional
 
 import torch
+
+from crossvit_fast.record import package_version as _version
 
 DEFAULT_MODEL = "crossvit_18_dagger_240"
 
@@ -57,13 +58,6 @@ def _device(name: Optional[str]) -> torch.device:
     return device
 
 
-def _version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _table(rows: List[List[str]], header: List[str]) -> str:
     cols = [header] + rows
     widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
@@ -103,6 +97,7 @@ def cmd_info(args) -> int:
     import crossvit_fast
     from crossvit_fast.backend import (
         FUSED_OPS,
+        authority,
         backend_request,
         device_arch,
         resolve_backend,
@@ -119,6 +114,7 @@ def cmd_info(args) -> int:
         autotune_from_env,
         env_raw,
     )
+    from crossvit_fast.record import status as record_status
 
     print(f"crossvit_fast {crossvit_fast.__version__}")
     print(f"python        {platform.python_version()} ({platform.machine()})")
@@ -162,12 +158,15 @@ def cmd_info(args) -> int:
             state = f"no: {why}"
         print(f"    {op:<22} {state}")
     arch = device_arch()
+    if arch is not None:
+        print(f"verification record ({arch}): {record_status(arch)}")
     for op in FUSED_OPS:
         took = resolve_backend("auto", op=op)
-        note = ""
+        note = f" (on the authority of: {authority(op, arch)})" if took == "triton" else ""
         if took != "triton" and not verified_on(op, arch) and triton_status(op)[0]:
             note = (f" (its kernel has not passed its parity tests on {arch or 'this device'}; verified on: "
-                    f"{verified_archs(op)}; ask for 'triton' to run it)")
+                    f"{verified_archs(op)}; no shape class of it verified by this machine's record; "
+                    f"crossvit-fast verify checks it here, or ask for 'triton' to run it)")
         elif took != "triton" and not ok_any:
             note = " (the fused kernels cannot run here: see triton above)"
         print(f"  auto         takes {took} here for {op}{note}")
@@ -333,8 +332,34 @@ def cmd_check(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_verify(args) -> int:
+    from crossvit_fast.model_registry import MODEL_CONFIGS, model_config
+    from crossvit_fast.verify import verify
+
+    if args.all and args.models:
+        raise CLIError("give model names or --all, not both")
+    models = list(MODEL_CONFIGS) if args.all else (args.models or [DEFAULT_MODEL])
+    for name in models:
+        model_config(name)  # an unknown name: a usage error before anything runs
+    report = verify(models, batch=args.batch, timing_batch=args.timing_batch, budget_s=args.budget_s,
+                    dtypes=args.dtype, ops=args.op, json_path=args.json, progress=lambda line: print(line, flush=True))
+    print(f"\nverify on {report.device}: {', '.join(models)}")
+    print(report.table())
+    if report.not_run:
+        print(f"{len(report.not_run)} cases not run: the budget of {args.budget_s:g} s was spent")
+    if report.path:
+        print(f"record: {report.path} ('auto' takes the verified shape classes' kernels from now on)")
+    if args.json:
+        print(f"JSON: {args.json}")
+    counts = {v: sum(c['verdict'] == v for c in report.classes) for v in ('verified', 'slower', 'failed')}
+    print(f"{counts['verified']} verified, {counts['slower']} slower (stay on the torch path), {counts['failed']} "
+          f"failed; took {report.seconds:.1f} s")
+    return report.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     from crossvit_fast.models import list_models
+    from crossvit_fast.ops.registry import op_names
 
     p = _Parser(prog="crossvit-fast", description="CrossViT with fused Triton kernels")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -361,6 +386,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reps", type=_positive_int, default=5,
                    help="timed runs per row, the median is shown (default 5; the CPU interpreter runs once)")
     c.set_defaults(fn=cmd_check)
+    v = sub.add_parser("verify", help="prove the fused kernels on this GPU: parity and speed per op and shape",
+                       description="For every fused op at the models' shapes, forward and backward, in each dtype "
+                                   "the GPU takes: parity against the float64 reference under the tolerance rule, "
+                                   "then timing against the torch path. Writes this machine's record, from which "
+                                   "'auto' takes the kernels found verified. Exit code 0: none failed; 1: some "
+                                   "failed; 2: usage error or no CUDA device.")
+    v.add_argument("models", nargs="*", metavar="MODEL", help=f"model names (default {DEFAULT_MODEL})")
+    v.add_argument("--all", action="store_true", help="the whole family")
+    v.add_argument("--json", metavar="PATH", help="also write the record to PATH")
+    v.add_argument("--budget-s", type=float, default=None, metavar="S",
+                   help="start no case after S seconds (the rest is reported as not run)")
+    v.add_argument("--batch", type=_positive_int, default=4, help="images per parity case (default 4)")
+    v.add_argument("--timing-batch", type=_positive_int, default=32, help="images per timed case (default 32)")
+    v.add_argument("--dtype", action="append", choices=["float32", "bfloat16", "float16"],
+                   help="only this dtype (repeatable; default every dtype the GPU takes)")
+    v.add_argument("--op", action="append", choices=list(op_names()),
+                   help="only this op (repeatable; default every fused op)")
+    v.set_defaults(fn=cmd_verify)
     sub.add_parser("bench", help="end-to-end images/s benchmark (CUDA; see crossvit-fast bench --help)", add_help=False)
     return p
 

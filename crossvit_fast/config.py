@@ -29,6 +29,8 @@ _TABLE = """
 CROSSVIT_FAST_BACKEND         auto   user   the default backend of modules built without backend=: reference, torch, triton or auto; read each time a module is built
 CROSSVIT_FAST_AUTOTUNE        1      user   0 turns the kernels' autotuning off (a launch takes the config already tuned for its key, else the fixed default); read when a kernel module is imported
 CROSSVIT_FAST_AUTOTUNE_CACHE  1      user   0 keeps autotune picks in the process only; otherwise each pick is also written to Triton's cache directory (TRITON_CACHE_DIR) and loaded by later processes on the same GPU model and versions; read at import
+CROSSVIT_FAST_CACHE_DIR       -      user   where crossvit-fast verify keeps this machine's record of verified kernels (default: $XDG_CACHE_HOME/crossvit_fast, else ~/.cache/crossvit_fast); read when the record is loaded or written
+XDG_CACHE_HOME                -      user   the base of the default cache directory (the freedesktop convention; default ~/.cache)
 TRITON_INTERPRET              0      user   Triton's own switch: 1 runs the kernels in its CPU interpreter (tests only: correct but slow); set it before a kernel module is imported
 CROSSVIT_FAST_COMMIT          -      bench  the commit a benchmark record names, where the run has no git checkout (the GPU machine)
 CROSSVIT_FAST_TEST_SEED       0      test   moves every seed of the test suite (randomized tests, random weights, timm comparisons)
@@ -59,6 +61,20 @@ ENV_AUTOTUNE_CACHE = "CROSSVIT_FAST_AUTOTUNE_CACHE"
 """Environment variable: ``0`` keeps the autotuners' picks in the process only; otherwise each pick is also written
 to Triton's cache directory (``TRITON_CACHE_DIR``, default ``~/.triton/cache``) and a later process on the same GPU
 model, Triton, torch and kernel source loads it instead of timing the candidates again. Read once, at import."""
+
+
+ENV_CACHE_DIR = "CROSSVIT_FAST_CACHE_DIR"
+"""Environment variable: the directory of the local verification record (see :func:`cache_dir`)."""
+
+
+def cache_dir() -> str:
+    """The directory of this machine's verification record: ``CROSSVIT_FAST_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/crossvit_fast``, else ``~/.cache/crossvit_fast``."""
+    explicit = env(ENV_CACHE_DIR)
+    if explicit:
+        return os.path.expanduser(explicit)
+    base = env("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "crossvit_fast")
 
 
 def env(name: str) -> str:

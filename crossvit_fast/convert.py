@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 
 import torch.nn as nn
 
-from crossvit_fast.backend import op_backends
+from crossvit_fast.backend import op_authorities, op_backends
 from crossvit_fast.layers import Attention, Block, CrossAttentionBlock, MultiScaleBlock, _is_affine_layer_norm
 
 __all__ = ["optimize", "revert"]
@@ -23,6 +23,9 @@ __all__ = ["optimize", "revert"]
 _SWAPS = "_crossvit_fast_swaps"
 OPS_ATTR = "crossvit_fast_ops"
 """The attribute ``optimize`` sets on the model it returns: :func:`crossvit_fast.op_backends` at that moment."""
+AUTHORITY_ATTR = "crossvit_fast_authority"
+"""The attribute ``optimize`` sets beside it: :func:`crossvit_fast.op_authorities`, on whose authority each op's
+modules run fused."""
 
 
 def _is_linear(m) -> bool:
@@ -83,17 +86,26 @@ def _children_to_swap(model: nn.Module, pred) -> List[Tuple[nn.Module, str, nn.M
     return out
 
 
-def optimize(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+def optimize(model: nn.Module, backend: Optional[str] = None, verify: bool = False) -> nn.Module:
     """Swap crossvit_fast's fused-capable modules into ``model`` in place and return it.
 
     ``backend`` as everywhere ("reference", "torch", "triton", "auto"; None: the current default). Where an op
     does not run fused, its module runs what timm runs ("torch": SDPA, PyTorch's LayerNorm), so the model is never
     slower than before. The returned model says which ops run fused: ``model.crossvit_fast_ops`` is
     ``{op: {resolved backend: number of modules}}`` (``"triton"``: fused), e.g.
-    ``{"self_attention": {"torch": 15}, ...}``. Every module keeps its train/eval flag; the modules created in
+    ``{"self_attention": {"torch": 15}, ...}``, and ``model.crossvit_fast_authority`` on whose authority
+    (:func:`crossvit_fast.op_authorities`). Every module keeps its train/eval flag; the modules created in
     the swap take the flag of the one they replace. Calling it again on an optimized model only re-chooses the
     backend.
+
+    ``verify=True`` first runs :func:`crossvit_fast.verify.verify` at this model's shapes (small batches, quietly),
+    so that ``"auto"`` takes the kernels that pass on this GPU; it raises
+    :class:`crossvit_fast.verify.VerifyUnavailableError` where there is no CUDA device to verify on.
     """
+    if verify:
+        from crossvit_fast.verify import verify as verify_here
+
+        verify_here([model], batch=2, timing_batch=8, progress=None)
     swaps: List[Tuple[nn.Module, str, nn.Module]] = list(getattr(model, _SWAPS, None) or [])
     new_swaps: List[Tuple[nn.Module, str, nn.Module]] = []
     previous = []
@@ -128,6 +140,7 @@ def optimize(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     if not hasattr(model, "_crossvit_fast_backends"):
         object.__setattr__(model, "_crossvit_fast_backends", previous)
     object.__setattr__(model, OPS_ATTR, op_backends(model))
+    object.__setattr__(model, AUTHORITY_ATTR, op_authorities(model))
     return model
 
 
@@ -143,8 +156,9 @@ def revert(model: nn.Module) -> nn.Module:
     for m, requested, resolved in getattr(model, "_crossvit_fast_backends", []):
         m.backend_requested, m.backends = requested, resolved
     object.__delattr__(model, _SWAPS)
-    if OPS_ATTR in model.__dict__:
-        object.__delattr__(model, OPS_ATTR)
+    for attr in (OPS_ATTR, AUTHORITY_ATTR):
+        if attr in model.__dict__:
+            object.__delattr__(model, attr)
     if hasattr(model, "_crossvit_fast_backends"):
         object.__delattr__(model, "_crossvit_fast_backends")
     return model

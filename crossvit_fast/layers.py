@@ -30,6 +30,7 @@ from crossvit_fast.backend import (
 )
 from crossvit_fast.config import LN_EPS
 from crossvit_fast.ops import registry as op_registry
+from crossvit_fast.record import class_name as record_class_name
 from crossvit_fast.reference import cls_cross_attention_ref, self_attention_ref
 
 __all__ = [
@@ -133,7 +134,7 @@ class _FusedSeams:
         return op_registry.get(op).unsupported(**self._dims())
 
     def _resolve(self, op: str, arg: Optional[str], requested: str, chosen: Dict[str, str]) -> str:
-        resolved = resolve_backend(arg, op=op)
+        resolved = resolve_backend(arg, op=op, dims=self._dims())
         if resolved != "triton":
             return resolved
         why = self._unsupported(op)
@@ -191,10 +192,13 @@ class _FusedSeams:
         if self.backend_requested == "triton":
             return True
         arch = device_arch(x.device)
-        if verified_on(op, arch):
+        dims = self._dims()
+        dtype_name = str(dtype).replace("torch.", "")
+        if verified_on(op, arch, dims, dtype_name):
             return True
         problem = (f"a tensor on {x.device} ({arch or 'not a CUDA device'}), an architecture the {op} kernel has "
-                   f"not passed its parity tests on (verified on: {verified_archs(op)})")
+                   f"not passed its parity tests on (verified on: {verified_archs(op)}), nor has this machine's "
+                   f"record verified {record_class_name(op, dtype_name, dims)} (crossvit-fast verify)")
         warn_once(f"{op}: {problem}", f"crossvit_fast: backend 'auto' chose the fused {op} kernel for {name}, but it "
                   f"got {problem}; using {self._instead(op)} for such calls")
         return False
@@ -366,7 +370,7 @@ class Block(_FusedSeams, nn.Module):
         # reference block).
         if chosen["layer_norm"] != "triton":
             return "reference" if chosen["layer_norm"] == "reference" else "torch"
-        if resolve_backend(arg, op="linear") != "triton":
+        if resolve_backend(arg, op="linear", dims=self._dims()) != "triton":
             return "torch"
         why = self._linear_unsupported() or super()._unsupported("linear")
         if why:

@@ -23,6 +23,7 @@ __all__ = [
     "default_atol",
     "max_abs_err",
     "assert_within_rule",
+    "rule_check",
     "poison_",
     "fill_like_fixtures_",
     "fill_seeded_",
@@ -51,6 +52,29 @@ def max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a64 - r64).abs().nan_to_num(0.0).max())
 
 
+def rule_check(
+    out: torch.Tensor,
+    ref64: torch.Tensor,
+    ref_lowp: torch.Tensor,
+    atol: Optional[float] = None,
+    ulps: float = _ULPS,
+) -> Dict[str, float]:
+    """The tolerance rule's numbers, without asserting: ``err`` (``out``'s max abs error against ``ref64``),
+    ``err_ref`` (``ref_lowp``'s), ``bound``, ``scale`` (``max|ref64|``), ``atol`` and ``ratio`` (``err / bound``:
+    at most 1 within the rule; ``inf`` for a NaN where the reference is finite). Arguments as
+    :func:`assert_within_rule`."""
+    if atol is None:
+        atol = default_atol(out.dtype)
+    err = max_abs_err(out, ref64)
+    err_ref = max_abs_err(ref_lowp, ref64)
+    eps = torch.finfo(torch.float64 if out.dtype == torch.float64 else torch.float32).eps
+    r64 = ref64.detach().double()
+    scale = float(r64.abs().nan_to_num(0.0, 0.0, 0.0).max()) if r64.numel() else 0.0
+    bound = 2.0 * err_ref + atol + ulps * eps * scale
+    return {"err": err, "err_ref": err_ref, "bound": bound, "scale": scale, "atol": atol,
+            "ratio": err / bound if bound > 0 else (0.0 if err == 0 else float("inf"))}
+
+
 def assert_within_rule(
     out: torch.Tensor,
     ref64: torch.Tensor,
@@ -63,22 +87,14 @@ def assert_within_rule(
 
     ``atol`` defaults to :func:`default_atol` of ``out``'s dtype; ``ulps`` is the magnitude-scaled share of the
     atol (``ulps * eps * max|ref64|``, eps of float32, of float64 for float64 outputs; 0 turns it off)."""
-    if atol is None:
-        atol = default_atol(out.dtype)
-    err = max_abs_err(out, ref64)
-    err_ref = max_abs_err(ref_lowp, ref64)
-    eps = torch.finfo(torch.float64 if out.dtype == torch.float64 else torch.float32).eps
-    r64 = ref64.detach().double()
-    scale = float(r64.abs().nan_to_num(0.0, 0.0, 0.0).max()) if r64.numel() else 0.0
-    atol_scaled = ulps * eps * scale
-    bound = 2.0 * err_ref + atol + atol_scaled
-    if not err <= bound:
+    r = rule_check(out, ref64, ref_lowp, atol, ulps)
+    if not r["err"] <= r["bound"]:
         raise AssertionError(
-            f"{what}: max abs error {err:.3e} against the float64 reference exceeds the rule's bound "
-            f"{bound:.3e} (= 2 x {err_ref:.3e}, the reference's own error in {out.dtype}, + atol {atol:.1e} "
-            f"+ {ulps:g} ulp x {scale:.3e}, the reference's largest magnitude)"
+            f"{what}: max abs error {r['err']:.3e} against the float64 reference exceeds the rule's bound "
+            f"{r['bound']:.3e} (= 2 x {r['err_ref']:.3e}, the reference's own error in {out.dtype}, + atol "
+            f"{r['atol']:.1e} + {ulps:g} ulp x {r['scale']:.3e}, the reference's largest magnitude)"
         )
-    return {"err": err, "err_ref": err_ref, "bound": bound}
+    return {"err": r["err"], "err_ref": r["err_ref"], "bound": r["bound"]}
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "CROSSVIT_FAST_CACHE_DIR" not in os.environ:  # the suite never reads nor writes this machine's own record
+    import tempfile
+
+    os.environ["CROSSVIT_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="crossvit_fast-test-cache-")
 from crossvit_fast.config import env_flag, env_int, interpreter_enabled  # noqa: E402
 
 INTERPRETED = interpreter_enabled()

@@ -26,12 +26,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
-import warnings
 from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 import torch
 
 from crossvit_fast.config import ENV_BACKEND, env_raw, interpreter_enabled
+from crossvit_fast import device as _device
+from crossvit_fast import record as _record
+from crossvit_fast.device import device_arch, warn_once
 from crossvit_fast.ops.registry import OPS
 
 __all__ = [
@@ -80,43 +82,6 @@ only on a device of one of these architectures: a kernel tested in Triton's CPU 
 architecture, runs when asked for explicitly (``backend="triton"``), never by default. ``"linear"`` is the whole
 fused-GEMM block path: its CUDA tests are tests/test_linear.py and tests/test_block.py (the ``block_half`` op the
 Block runs)."""
-
-INTERPRETER_ARCH: Optional[str] = None
-"""For tests only: the architecture name CPU tensors count as under Triton's CPU interpreter, so that
-``crossvit_fast.verify`` and ``"auto"`` run their whole flow (record included) on CPU tensors. None outside tests:
-then a CPU device has no architecture and ``"auto"`` never takes the interpreter."""
-
-_archs: Dict[int, Optional[str]] = {}
-
-
-def device_arch(device=None) -> Optional[str]:
-    """The architecture of a CUDA device, as :data:`GPU_VERIFIED_OPS` names it: ``"sm_90"`` for NVIDIA compute
-    capability 9.0, the ROCm architecture (``"gfx942"``) on a ROCm build; None for a non-CUDA device or without
-    CUDA. ``device``: a ``torch.device``, an index, or None (the current CUDA device)."""
-    if INTERPRETER_ARCH is not None and interpreter_enabled() and not isinstance(device, int):
-        if (torch.device(device).type == "cpu") if device is not None else not torch.cuda.is_available():
-            return INTERPRETER_ARCH
-    if device is None:
-        if not torch.cuda.is_available():
-            return None
-        index = torch.cuda.current_device()
-    elif isinstance(device, int):
-        index = device
-    else:
-        if not isinstance(device, torch.device):
-            device = torch.device(device)
-        if device.type != "cuda":
-            return None
-        index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _archs:  # every device at once: a compiled model then meets only filled entries
-        for i in sorted({index, *range(torch.cuda.device_count())}):
-            props = torch.cuda.get_device_properties(i)
-            if torch.version.hip is not None:
-                _archs[i] = str(getattr(props, "gcnArchName", "rocm")).split(":")[0]
-            else:
-                _archs[i] = f"sm_{props.major}{props.minor}"
-    return _archs[index]
-
 
 def verified_on(op: Optional[str], arch: Optional[str], dims: Optional[Dict[str, int]] = None,
                 dtype: Optional[str] = None) -> bool:
@@ -172,7 +137,6 @@ def verified_archs(op: str) -> str:
 
 
 _context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("crossvit_fast_backend", default=None)
-_warned: set = set()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -264,7 +228,7 @@ def resolve_backend(requested: Optional[str] = None, op: Optional[str] = None,
                 f"backend='triton' was asked for (by {source}) but cannot run here: {why}; {fix}"
             )
         return "triton"
-    ok, _ = triton_status(op, allow_interpreter=INTERPRETER_ARCH is not None)
+    ok, _ = triton_status(op, allow_interpreter=_device.INTERPRETER_ARCH is not None)
     if not ok:
         return "torch"
     arch = device_arch()
@@ -327,13 +291,3 @@ def describe_op_backends(counts: Dict[str, Dict[str, int]]) -> List[str]:
 def fused_runs_on(t: torch.Tensor) -> bool:
     """Whether a fused kernel can take ``t`` where it is (a CUDA tensor, or any CPU tensor under the interpreter)."""
     return t.is_cuda or (t.device.type == "cpu" and interpreter_enabled())
-
-
-def warn_once(key: str, message: str) -> None:
-    """Warn with ``message`` the first time ``key`` is seen in this process."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-from crossvit_fast import record as _record  # noqa: E402  (it reads device_arch and warn_once from here)

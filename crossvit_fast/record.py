@@ -36,8 +36,8 @@ from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 import torch
 
-from crossvit_fast import backend as _backend
-from crossvit_fast.backend import device_arch, warn_once
+from crossvit_fast import device as _device
+from crossvit_fast.device import device_arch, warn_once
 from crossvit_fast.config import cache_dir
 
 __all__ = ["FORMAT", "record_path", "system_key", "kernel_source_hash", "class_name", "load", "status",
@@ -85,7 +85,7 @@ def package_version(pkg: str) -> str:
 
 def _gpu_names(arch: str) -> List[str]:
     """The names of this machine's devices of architecture ``arch``, the current device first."""
-    if arch is not None and arch == _backend.INTERPRETER_ARCH:
+    if arch is not None and arch == _device.INTERPRETER_ARCH:
         return ["Triton CPU interpreter"]
     if not torch.cuda.is_available():
         return []

@@ -9,6 +9,7 @@ import torch
 
 import crossvit_fast
 from crossvit_fast import backend as B
+from crossvit_fast import device as D
 from crossvit_fast.layers import Attention
 from crossvit_fast.reference import self_attention_ref
 
@@ -72,7 +73,7 @@ def test_explicit_triton_where_it_cannot_run(no_interpreter, monkeypatch):
 
 
 def test_auto_falls_back_with_one_warning_and_explicit_raises(no_interpreter, monkeypatch):
-    monkeypatch.setattr(B, "_warned", set())
+    monkeypatch.setattr(D, "_warned", set())
     attn = Attention(16, 2, qkv_bias=True, backend="reference").eval()
     attn.backend, attn.backend_requested = "triton", "auto"  # as "auto" resolves on a CUDA machine
     x = torch.randn(2, 5, 16)
@@ -89,7 +90,7 @@ def test_auto_falls_back_with_one_warning_and_explicit_raises(no_interpreter, mo
 
 
 def test_attention_dropout_in_training_uses_torch_path_and_warns(monkeypatch):
-    monkeypatch.setattr(B, "_warned", set())
+    monkeypatch.setattr(D, "_warned", set())
     attn = Attention(16, 2, attn_drop=0.1, backend="reference").train()
     attn.backend, attn.backend_requested = "triton", "triton"
     with pytest.warns(RuntimeWarning, match="attention dropout"):
@@ -140,7 +141,7 @@ def test_device_arch(monkeypatch):
     assert B.device_arch(torch.device("cpu")) is None and B.device_arch("meta") is None
     if not torch.cuda.is_available():
         assert B.device_arch() is None
-    monkeypatch.setattr(B, "_archs", {})
+    monkeypatch.setattr(D, "_archs", {})
 
     class Props:
         major, minor, gcnArchName = 9, 0, "gfx942:sramecc+:xnack-"
@@ -149,8 +150,8 @@ def test_device_arch(monkeypatch):
     monkeypatch.setattr(B.torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(B.torch.version, "hip", None)
     assert B.device_arch(torch.device("cuda", 3)) == "sm_90" and B.device_arch(3) == "sm_90"
-    assert sorted(B._archs) == [0, 1, 3]  # every device filled at the first call
-    monkeypatch.setattr(B, "_archs", {})
+    assert sorted(D._archs) == [0, 1, 3]  # every device filled at the first call
+    monkeypatch.setattr(D, "_archs", {})
     monkeypatch.setattr(B.torch.version, "hip", "6.2")  # a ROCm build: named by its own architecture, never sm_*
     assert B.device_arch(torch.device("cuda", 3)) == "gfx942"
 
@@ -163,7 +164,7 @@ def test_auto_module_on_an_unverified_architecture_takes_the_torch_path(monkeypa
 
     if not B.interpreter_enabled():
         pytest.skip("runs the fused path on CPU tensors in Triton's interpreter")
-    monkeypatch.setattr(B, "_warned", set())
+    monkeypatch.setattr(D, "_warned", set())
     calls = []
     monkeypatch.setattr(L, "device_arch", lambda device: calls.append(device) or "sm_80")
     monkeypatch.setattr(B, "GPU_VERIFIED_OPS", {op: frozenset({"sm_90"}) for op in B.FUSED_OPS})

@@ -517,10 +517,10 @@ def test_block_runs_five_kernels_and_keeps_state(monkeypatch):
 
 
 def test_block_dropout_takes_the_unfused_gemms_with_one_warning():
-    import crossvit_fast.backend as B
+    import crossvit_fast.device as D
 
     ref, fused = _block_pair(True, proj_drop=0.1)
-    B._warned.discard("linear-dropout")
+    D._warned.discard("linear-dropout")
     x = torch.randn(2, 5, 32, device=DEV)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")

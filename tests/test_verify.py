@@ -1,5 +1,5 @@
 """crossvit_fast.verify and this machine's record: Triton's CPU interpreter stands in for the GPU (tiny shapes,
-float32), through ``crossvit_fast.backend.INTERPRETER_ARCH``."""
+float32), through ``crossvit_fast.device.INTERPRETER_ARCH``."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import crossvit_fast.backend as B
+import crossvit_fast.device as D
 from crossvit_fast import record
 from crossvit_fast.cli import main
 from crossvit_fast.layers import Attention, Block, CrossAttentionBlock
@@ -28,8 +29,8 @@ def device(monkeypatch, tmp_path):
     """The interpreter as a device of architecture ``interp``, with an empty cache directory."""
     if not B.interpreter_enabled():
         pytest.skip("the interpreter stands in for the GPU")
-    monkeypatch.setattr(B, "INTERPRETER_ARCH", ARCH)
-    monkeypatch.setattr(B, "_warned", set())
+    monkeypatch.setattr(D, "INTERPRETER_ARCH", ARCH)
+    monkeypatch.setattr(D, "_warned", set())
     monkeypatch.setenv("CROSSVIT_FAST_CACHE_DIR", str(tmp_path / "cache"))
     record.forget()
     yield tmp_path / "cache"

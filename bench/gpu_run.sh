@@ -189,7 +189,9 @@ case "$phase" in
     parallel "tests-cls:tests/test_cls_cross_attention.py" "tests-sa:tests/test_self_attention.py" \
       "tests-ln:tests/test_layer_norm.py" "tests-linear:tests/test_linear.py tests/test_block.py"
     # which ops passed every CUDA test here, and the GPU_VERIFIED_OPS entry for this architecture (not a failure)
-    [ "$dry" = 1 ] || python bench/verified_ops.py "$logdir"/junit-tests-{cls,sa,ln,linear}.xml 2>&1 | tee -a "$log" ;;
+    [ "$dry" = 1 ] || python bench/verified_ops.py "$logdir"/junit-tests-{cls,sa,ln,linear}.xml 2>&1 | tee -a "$log"
+    # the user's verification on this GPU: the record (verify.json) a shipped GPU_VERIFIED_OPS entry is made from
+    [ "$dry" = 1 ] || step verify python -m crossvit_fast verify "$headline" --json "$logdir/verify.json" --budget-s 150 ;;
   tests-models)
     parallel "tests-model-backends:tests/test_model_backends.py" "tests-timm:tests/test_timm_parity.py" \
       "tests-rest:tests/test_convert.py tests/test_models.py tests/test_cli.py tests/test_training.py tests/test_backend.py" ;;

@@ -221,3 +221,20 @@ def test_optimize_reports_the_authority(device):
 def test_a_spent_budget_runs_nothing_more(device):
     report = verify([TINY], device="cpu", dtypes=["float32"], timer=_fixed(), budget_s=0.0, progress=None)
     assert len(report.not_run) == 4 and not report.classes and report.path == "" and report.exit_code == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_verify_of_the_headline_shapes_writes_a_record_auto_reads(monkeypatch, tmp_path):
+    """The real path on a GPU: parity, device-event timing and the record, at crossvit_18_dagger_240's shapes (one
+    op, bfloat16, to keep it short); no class may fail, and whatever is verified "auto" then takes."""
+    monkeypatch.setenv("CROSSVIT_FAST_CACHE_DIR", str(tmp_path))
+    record.forget()
+    try:
+        report = verify(["crossvit_18_dagger_240"], dtypes=["bfloat16"], ops=["layer_norm"], budget_s=300)
+        assert report.exit_code == 0, report.table()
+        assert os.path.exists(report.path)
+        for c in report.classes:
+            taken = B.resolve_backend("auto", op=c["op"], dims=c["dims"])
+            assert taken == ("triton" if c["verdict"] == "verified" else "torch"), c
+    finally:
+        record.forget()

@@ -1,6 +1,6 @@
 """Benchmark: fused CLS-query cross-attention (``crossvit_fast::cls_cross_attention``) against the reference.
 
-The shapes are the fusion layers of real models, both directions (see the spec's "cross-attention fusion"):
+The shapes are the fusion layers of real models, both directions (CrossViT's cross-attention fusion: the CLS of one branch against the other's patch tokens):
 
 * ``S->L``: the small branch's projected CLS queries the large branch's patch tokens: ``C = dim_L``,
   ``N = N_L`` (196, or 576 at 408), ``H = heads_L``;
@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from crossvit_fast.bench_utils import DTYPES, OpBench, bar_plot, compile_fresh, pass_call, run_op_bench  # noqa: E402
 
 NAME = "cls_cross_attention"
-# name -> (dims (S, L), heads (S, L), patch tokens (S, L)); from the spec's model table
+# name -> (dims (S, L), heads (S, L), patch tokens (S, L)); from the model configs (crossvit_fast.model_registry)
 MODELS = {
     "crossvit_9_240": ((128, 256), (4, 4), (400, 196)),
     "crossvit_18_dagger_240": ((224, 448), (7, 7), (400, 196)),

@@ -126,7 +126,7 @@ def cls_cross_attention_ref(
     eps: float = LN_EPS,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """CLS-query cross-attention of CrossViT's fusion, written as the spec writes it.
+    """CLS-query cross-attention of CrossViT's fusion, written as the paper describes it.
 
     With ``x = concat(cls, tokens)`` (``(B, 1 + N, C)``) and ``y = LN(x)``::
 

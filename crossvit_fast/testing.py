@@ -1,6 +1,6 @@
 """Helpers for parity tests: the tolerance rule, poisoned outputs, the fixtures' weight-fill rule.
 
-The tolerance rule (DEVELOPERS.md): a kernel's error against the float64 reference may be at most twice the error
+The tolerance rule (docs/kernels.md): a kernel's error against the float64 reference may be at most twice the error
 of the reference itself run in the same low dtype, plus a small atol::
 
     max|out - ref64| <= 2 * max|ref_lowp - ref64| + atol + ulps * eps_acc * max|ref64|

@@ -1,6 +1,7 @@
 """Benchmark: fused CLS-query cross-attention (``crossvit_fast::cls_cross_attention``) against the reference.
 
-The shapes are the fusion layers of real models, both directions (CrossViT's cross-attention fusion: the CLS of one branch against the other's patch tokens):
+The shapes are the fusion layers of real models, both directions (CrossViT's cross-attention fusion: the CLS of
+one branch against the other's patch tokens):
 
 * ``S->L``: the small branch's projected CLS queries the large branch's patch tokens: ``C = dim_L``,
   ``N = N_L`` (196, or 576 at 408), ``H = heads_L``;

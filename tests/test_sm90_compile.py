@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from crossvit_fast.config import env
+from crossvit_fast.config import env as setting
 
 TOOL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sm90_compile.py")
 REPO = os.path.dirname(os.path.dirname(TOOL))
@@ -40,7 +40,7 @@ _NO_PTXAS = ("no ptxas: triton is not installed, or its wheel has no triton/back
 
 @pytest.mark.skipif(_ptxas() is None, reason=_NO_PTXAS)
 def test_sm90_compile(tmp_path):
-    scope = env("CROSSVIT_FAST_SM90_SET")
+    scope = setting("CROSSVIT_FAST_SM90_SET")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["TMPDIR"] = str(tmp_path)  # the workers' fresh Triton caches live (and die) here

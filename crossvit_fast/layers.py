@@ -178,9 +178,11 @@ class _FusedSeams:
                       f"kernel does not implement; using {self._instead(op)} for those calls")
             return False
         dtype = _autocast_dtype(x) or x.dtype
+        dtype_name = str(dtype).replace("torch.", "")
+        dtypes = op_registry.get(op).dtypes
         problem = ""
-        if str(dtype).replace("torch.", "") not in op_registry.get(op).dtypes:
-            problem = f"a {dtype} input (the fused kernels take {', '.join(op_registry.get(op).dtypes)})"
+        if dtype_name not in dtypes:
+            problem = f"a {dtype} input (the fused kernels take {', '.join(dtypes)})"
         elif not fused_runs_on(x):
             problem = f"a tensor on {x.device} (the fused kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU ones)"
         if problem:
@@ -193,7 +195,6 @@ class _FusedSeams:
             return True
         arch = device_arch(x.device)
         dims = self._dims()
-        dtype_name = str(dtype).replace("torch.", "")
         if verified_on(op, arch, dims, dtype_name):
             return True
         problem = (f"a tensor on {x.device} ({arch or 'not a CUDA device'}), an architecture the {op} kernel has "

@@ -56,11 +56,13 @@ Limits
 
 Tuning
 ------
-On CUDA each launch goes through a small autotuner of its own (not ``triton.autotune``: the K-loop's evenness
-``EVEN_K`` depends on the tile): the first launch with a new key -- kernel, ``next_power_of_2(M)``, N, K, the fused
-parts, every tensor's dtype, whether each input is row-contiguous, the device -- times every tile of
+On CUDA each launch goes through this module's :data:`TUNER`, the one autotuner class of the package
+(``kernels/tuning.py``, shared with the self-attention; not ``triton.autotune``: the K-loop's evenness ``EVEN_K``
+depends on the tile, and some candidates are not one Triton kernel): the first launch with a new key -- kernel,
+``next_power_of_2(M)``, N, K, the fused parts, every tensor's dtype, whether each input is row-contiguous, the
+device -- times every tile of
 ``TUNE_CONFIGS`` for the compute dtype (``triton.testing.do_bench``, median, a short budget), keeps the fastest in
-``_chosen`` and in Triton's cache dir (``AUTOTUNE_CACHE``; a later process with the same GPU model, software and
+``TUNER.chosen`` and in Triton's cache dir (``AUTOTUNE_CACHE``; a later process with the same GPU model, software and
 candidates loads the pick instead of timing), then launches it once more, so the result is the winner's. A tile that
 cannot launch is skipped. No timing (the pick for the key, from memory or disk, else :func:`pick_config`'s default):
 ``CROSSVIT_FAST_AUTOTUNE=0``, CUDA-graph capture or a ``kernels.tuning.pinned()`` block (``kernels/tuning.py``
@@ -117,7 +119,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
 
 from crossvit_fast.config import LAYER_NORM_MAX_DIM
 from crossvit_fast.config import TRITON_FP_FUSION as FP_FUSION, interpreter_enabled, interpreter_runs_bf16
@@ -474,18 +475,30 @@ def dgrad_candidates(dtype: torch.dtype, da_dtype: Optional[torch.dtype] = None)
     return tiles
 
 
-_chosen: Dict[tuple, Config] = {}
-"""Tuning key (see :func:`_tune_key`) -> the config the autotuner picked: later launches with that key, and every
-launch during CUDA-graph capture, take it without timing."""
-
 AUTOTUNE_CACHE = autotune_cache_from_env()
-"""Module switch (CUDA only): True keeps each pick on disk too (:func:`_disk_load` / :func:`_disk_store`), so a
+"""Module switch (CUDA only): True keeps each pick on disk too (:class:`~crossvit_fast.kernels.tuning.Tuner`), so a
 later process loads it instead of timing the candidates; ``CROSSVIT_FAST_AUTOTUNE_CACHE=0`` sets it False."""
+
+
+class CublasUnsupported(RuntimeError):
+    """A cuBLAS candidate's GEMM is not available here (e.g. ``mm``'s ``out_dtype`` on this torch / device)."""
+
+
+def _tuned_kernels():
+    from .layer_norm import _layer_norm_fwd_kernel
+
+    return (_linear_fwd_kernel, _linear_dgrad_kernel, _linear_dz_kernel, _layer_norm_fwd_kernel)
+
+
+TUNER = tuning.Tuner("linear", _tuned_kernels, skippable=(CublasUnsupported,))
+"""This module's autotuner (the one :class:`~crossvit_fast.kernels.tuning.Tuner` class, shared with the
+self-attention): its picks, its disk entries (the kernels' source, with the LayerNorm kernel a LayerNorm-first config
+launches, in their key)."""
 
 
 def tuned_configs() -> Dict[tuple, Config]:
     """A copy of what the autotuner picked so far (key -> config), e.g. for a benchmark record."""
-    return dict(_chosen)
+    return TUNER.picks()
 
 
 def config_name(config) -> str:
@@ -504,208 +517,14 @@ def _tune_key(kind: str, M: int, N: int, K: int, flags, ins, outs) -> tuple:
             tuple(t.dtype for t in outs), ins[0].device.index)
 
 
-def _bench_ms(fn) -> float:
-    """Median time of ``fn`` in ms (device events). A short budget (the model's GEMMs take 5 us - 1 ms; at the
-    short end each timed launch costs more CPU than GPU time): tens of samples of a large GEMM are enough to rank
-    tiles, and a model tunes a few dozen keys at start-up."""
-    return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median")
-
-
-def _shares_storage(outs, ins) -> bool:
-    ptrs = {t.untyped_storage().data_ptr() for t in ins if t is not None}
-    return any(t.untyped_storage().data_ptr() in ptrs for t in outs if t is not None)
-
-
-class CublasUnsupported(RuntimeError):
-    """A cuBLAS candidate's GEMM is not available here (e.g. ``mm``'s ``out_dtype`` on this torch / device)."""
-
-
-def _skippable():
-    """What a candidate may raise that makes the tuner skip it (as triton.autotune does): out of shared memory /
-    registers at launch, a ptxas or compile-time-assert failure."""
-    from triton.compiler.errors import CompileTimeAssertionFailure
-    from triton.runtime.errors import PTXASError
-
-    return (OutOfResources, PTXASError, CompileTimeAssertionFailure, CublasUnsupported)
-
-
-def _launch_with_tuning(launch, key: tuple, default: Config, candidates: List[Config], device: torch.device,
-                        may_tune, fallbacks=None) -> Config:
-    """Launch once, with: the config tuned for ``key`` if any; else, when ``AUTOTUNE`` and not capturing (a
-    capture must not compile or load a kernel the process has not launched yet), the pick an earlier process left
-    on disk for this key and candidate list (:data:`AUTOTUNE_CACHE`), remembered; else, when tuning is allowed too
-    (``may_tune()``: no output shares memory with an input, so repeated launches give one result), the fastest
-    candidate, timed now, remembered and written to disk (a candidate that cannot compile or launch is skipped; out
-    of memory for the timing's L2-flush buffer skips the tuning; the result is that of one more launch with the
-    winner); else ``default``, or where ``default`` cannot launch on this GPU (a 16-bit default tile takes 115 KB
-    of shared memory; sm_86 / sm_89 parts allow 99 KB), the first of ``fallbacks()`` that can, remembered for the
-    key. Returns the config used."""
-    chosen = _chosen.get(key)
-    if chosen is None and tuning.may_tune(AUTOTUNE, device) and len(candidates) > 1:
-        if _disk_cache_on(device):
-            chosen = _disk_load(key, candidates)
-            if chosen is not None:
-                _chosen[key] = chosen
-        if chosen is None and may_tune():
-            times = {}
-            try:
-                for c in candidates:
-                    try:
-                        times[c] = _bench_ms(lambda c=c: launch(c))
-                    except _skippable():
-                        continue
-            except torch.cuda.OutOfMemoryError:
-                times = {}
-            if times:
-                chosen = min(times, key=times.get)
-                _chosen[key] = chosen
-                if _disk_cache_on(device):
-                    _disk_store(key, candidates, times, chosen)
-    if chosen is not None:
-        launch(chosen)
-        return chosen
-    try:
-        launch(default)
-        return default
-    except _skippable() as e:
-        for c in fallbacks() if fallbacks is not None else []:
-            if tuple(c) == tuple(default):
-                continue
-            try:
-                launch(c)
-            except _skippable():
-                continue
-            _chosen[key] = c
-            return c
-        raise e
-
-
-# Autotune picks on disk: one JSON file per (environment, tuning key, candidate list), in Triton's cache directory
-# through Triton's cache manager (so TRITON_CACHE_DIR, and a remote cache if one is configured, apply to it).
-
-
-def _disk_cache_on(device: torch.device) -> bool:
-    return AUTOTUNE_CACHE and device.type == "cuda"
-
-
-_fingerprints: Dict[Optional[int], str] = {}
-
-
-def _environment_fingerprint(device_index: Optional[int]) -> str:
-    """What a pick depends on besides its key and candidates: Triton (its own hash and the GPU target's backend
-    hash, which covers ptxas), the kernels' source (with the LayerNorm kernel a LayerNorm-first config launches),
-    torch and its CUDA (the cuBLAS candidates), the GPU model and its SM count."""
-    if device_index in _fingerprints:
-        return _fingerprints[device_index]
-    from triton.compiler.compiler import make_backend
-    from triton.runtime.cache import triton_key
-    from triton.runtime.driver import driver
-
-    from .layer_norm import _layer_norm_fwd_kernel
-
-    index = torch.cuda.current_device() if device_index is None else device_index
-    with torch.cuda.device(index):
-        backend = make_backend(driver.active.get_current_target()).hash()
-    props = torch.cuda.get_device_properties(index)
-    kernels = (_linear_fwd_kernel, _linear_dgrad_kernel, _linear_dz_kernel, _layer_norm_fwd_kernel)
-    parts = [triton_key(), backend, torch.__version__, str(torch.version.cuda), props.name,
-             str(props.multi_processor_count)] + [getattr(k, "cache_key", k.__name__) for k in kernels]
-    _fingerprints[device_index] = "\n".join(parts)
-    return _fingerprints[device_index]
-
-
-def _disk_entry(key: tuple):
-    """(Triton cache manager, file name) of ``key``'s pick; the file name carries the kernel kind for a reader."""
-    from triton.runtime.cache import get_cache_manager
-
-    return get_cache_manager, f"crossvit_fast-linear-{key[0]}.autotune.json"
-
-
-def _disk_hash(key: tuple, candidates: List[Config]) -> str:
-    """sha256 of the environment, the key without its device index (the GPU model stands for it) and the
-    candidates: a changed candidate list or kernel source never reads an old pick."""
-    import hashlib
-
-    parts = [_environment_fingerprint(key[-1]), repr(key[:-1])] + [repr(tuple(c)) for c in candidates]
-    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
-
-
-_disk_warned = set()
-
-
-def _disk_warn(what: str, err: BaseException) -> None:
-    import warnings
-
-    from crossvit_fast.config import ENV_AUTOTUNE_CACHE
-
-    if what not in _disk_warned:
-        _disk_warned.add(what)
-        warnings.warn(f"crossvit_fast linear autotuner: {what} ({type(err).__name__}: {err}); the picks stay in this "
-                      f"process only where it fails (set {ENV_AUTOTUNE_CACHE}=0 to stop using the disk cache)",
-                      RuntimeWarning, stacklevel=3)
-
-
-def _disk_load(key: tuple, candidates: List[Config]) -> Optional[Config]:
-    """The candidate an earlier process picked for ``key`` and this candidate list, or None (no file; a file that
-    cannot be read or names no candidate is ignored, warning once, and the key is timed again)."""
-    import json
-
-    try:
-        manager, name = _disk_entry(key)
-        path = manager(_disk_hash(key, candidates)).get_file(name)
-        if path is None:
-            return None
-        with open(path, "r", encoding="utf-8") as f:
-            picked = tuple(json.load(f)["chosen"])
-    except Exception as e:  # noqa: BLE001 -- a cache must not fail a launch: warned, then timed as without it
-        _disk_warn("cannot read a cached autotune pick", e)
-        return None
-    for c in candidates:
-        if tuple(c) == picked:
-            return c
-    _disk_warn("a cached autotune pick names no candidate", ValueError(f"{picked!r} for key {key!r}"))
-    return None
-
-
-def _disk_store(key: tuple, candidates: List[Config], times: Dict, chosen: Config) -> None:
-    """Write ``chosen`` and every candidate's time (ms) for ``key`` (a failed write warns once)."""
-    import json
-
-    record = {"key": repr(key[:-1]), "chosen": list(chosen),
-              "times_ms": [[list(c), t] for c, t in times.items()]}
-    try:
-        manager, name = _disk_entry(key)
-        manager(_disk_hash(key, candidates)).put(json.dumps(record), name, binary=False)
-    except Exception as e:  # noqa: BLE001 -- as in _disk_load
-        _disk_warn("cannot write an autotune pick to the disk cache", e)
-
-
 def _launch(launch, key_of, M: int, n_cols: int, ct: torch.dtype, ref: torch.Tensor, may_tune,
             config: Optional[Config], candidates) -> None:
-    """The launch of a kernel ``launch(config)``: explicit ``config``; the interpreter's tile; compile-only (the
-    sm_90 tool): every candidate; else :func:`_launch_with_tuning` over ``candidates()``. ``key_of()`` /
-    ``may_tune()`` / ``candidates()`` are only evaluated where needed (a few microseconds of CPU a launch saved)."""
-    if config is not None:
-        launch(config)
-    elif _INTERPRETED:
-        launch(_INTERPRETER_CONFIG)
-    elif COMPILE_ONLY:  # as the tuner: a candidate that cannot compile or launch is skipped, the default never
-        default = pick_config(M, n_cols, ct, _sm_count(ref))
-        fit = 0
-        for c in candidates() if AUTOTUNE and not tuning.is_pinned() else []:
-            try:
-                launch(c)
-                fit += 1
-            except _skippable():
-                continue
-        if not fit:
-            launch(default)
-    else:
-        key = key_of()
-        tunable = AUTOTUNE and not tuning.is_pinned() and key not in _chosen
-        cands = candidates() if tunable else []  # only a launch that may tune needs them
-        _launch_with_tuning(launch, key, pick_config(M, n_cols, ct, _sm_count(ref)), cands, ref.device, may_tune,
-                            fallbacks=candidates)
+    """The launch of a kernel ``launch(config)`` through :meth:`Tuner.dispatch`: explicit ``config``; the
+    interpreter's tile; compile-only (the sm_90 tool): every candidate; else tuned over ``candidates()``."""
+    TUNER.dispatch(launch, config=config, interpreted=_INTERPRETER_CONFIG if _INTERPRETED else None,
+                   compile_only=COMPILE_ONLY, enabled=AUTOTUNE, disk_cache=AUTOTUNE_CACHE, key_of=key_of,
+                   default_of=lambda: pick_config(M, n_cols, ct, _sm_count(ref)), candidates=candidates,
+                   device=ref.device, may_tune=may_tune)
 
 
 _MAX_BLOCK_K = 256  # above every BLOCK_K a config may carry
@@ -907,7 +726,7 @@ def linear_fwd(
         return _tune_key("fwd", M, N, K, flags, [x3, weight] + ([r3] if residual is not None else []), [o3])
 
     def may_tune() -> bool:
-        return not _shares_storage([out], [x, weight, bias, ln_weight, ln_bias, scale, residual])
+        return not tuning.shares_storage([out], [x, weight, bias, ln_weight, ln_bias, scale, residual])
 
     with _device_of(x):
         _launch(launch, key_of, M, N, ct, x, may_tune, config, lambda: fwd_candidates(ct, has_ln, K))
@@ -1038,7 +857,7 @@ def linear_dgrad(
                          [d3, weight] + ([pre] if pre is not None else []), [a3])
 
     with _device_of(dout):
-        _launch(launch, key_of, M, K, ct, dout, lambda: not _shares_storage([da], [dout, pre, scale, weight]),
+        _launch(launch, key_of, M, K, ct, dout, lambda: not tuning.shares_storage([da], [dout, pre, scale, weight]),
                 config, lambda: dgrad_candidates(ct, da.dtype))
     return da, dz, partials[0].sum(0) if bias_grad else None
 

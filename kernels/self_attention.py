@@ -94,25 +94,25 @@ Limits
 
 Tuning
 ------
-Each kernel but the (memory-bound, fixed-config) delta kernel is wrapped in ``triton.autotune`` keyed on
-``(N_BUCKET, H, HEAD_DIM)`` plus the tensors' dtypes (added by Triton itself), where
-``N_BUCKET = next_power_of_2(N)``: a new batch size, or another N in the same bucket, reuses the tuned config
-(kept on disk too, ``AUTOTUNE_CACHE``, so a later process loads it). Autotuning benchmarks kernels, which must
-not happen inside CUDA-graph capture: while the current stream is capturing, the launchers use the config already
-tuned for that key in this process (remembered after every tuned launch) or, if none, a fixed default config, and
-launch the kernel directly. Warm up (run once) before capturing to get the tuned config (and to compile outside
-the capture). ``config=`` on the launchers (or ``AUTOTUNE = False`` / ``CROSSVIT_FAST_AUTOTUNE=0``, or a
-``kernels.tuning.pinned()`` block: the one switch this module and the block GEMMs' share) bypasses tuning;
-under the CPU interpreter a fixed tile is used (16 x 16 below N = 128,
-64 x 64 from there).
+Each kernel but the (memory-bound, fixed-config) delta kernel is tuned by this module's ``TUNER`` (the package's
+one autotuner, ``kernels/tuning.py``, shared with the block GEMMs) keyed on ``(kernel, N_BUCKET, H, HEAD_DIM,
+dtype[, WRITE_LO], device)``, where ``N_BUCKET = next_power_of_2(N)``: a new batch size, or another N in the same
+bucket, reuses the tuned config (kept on disk too, ``AUTOTUNE_CACHE``, so a later process on the same GPU model and
+software loads it). Tuning times kernels, which must not happen inside CUDA-graph capture: while the current stream
+is capturing, the launchers use the config already tuned for that key in this process or, if none, a fixed default
+config. Warm up (run once) before capturing to get the tuned config (and to compile outside the capture); the
+tuner's timed launches are the same raw launches, so they compile what a capture will launch. ``config=`` on the
+launchers (or ``AUTOTUNE = False`` / ``CROSSVIT_FAST_AUTOTUNE=0``, or a ``kernels.tuning.pinned()`` block: the one
+switch this module and the block GEMMs' share) bypasses tuning; under the CPU interpreter a fixed tile is used
+(16 x 16 below N = 128, 64 x 64 from there).
 The candidate tiles (``_TILES_16`` for float16/bfloat16, ``_TILES_32`` for float32) are filtered per call by
-``early_config_prune``: the dtype's set, minus, for 16-bit 128-wide register tiles, the larger tiles and two
+:func:`candidates`: the dtype's set, minus, for 16-bit 128-wide register tiles, the larger tiles and two
 that spill 8 B (``_SPILL_16_D128``), and for bfloat16 64-wide the one forward tile that spills 8 B
 (``_SPILL_BF16_D64``: 128 x 64, 4 warps); for float32 register tiles of 64 or more columns only the 8-warp 512-element
 tiles of ``_TILES_32_WIDE`` (the others spill 100-340 B there), and at 128 columns the one 16 x 16, 8-warp tile of
 ``_TILES_32_D128`` (the least spill there: 0 / 248 / 204 B of stores in fwd / dkdv / dq, against 0.6-3.4 KB
-before dq's first pass). Every config the pruner keeps is compiled for sm_90 ahead of time by
-``tests/sm90_compile.py`` (CI: ``tests/test_sm90_compile.py``); the measured resources are listed below.
+before dq's first pass). Every candidate is compiled for sm_90 ahead of time by
+``tests/sm90_compile.py`` (CI: ``tests/test_sm90_compile.py``).
 
 Grid: 1-D, ``cdiv(N, BLOCK) * B * H`` programs with the block index fastest, so the programs of one (b, h) run
 side by side and share that head's K/V (or Q/dO) in L2; 1-D avoids the 65535 limit of grid axes 1 and 2.
@@ -125,7 +125,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -144,6 +144,8 @@ __all__ = [
     "check_self_attention_inputs",
     "fwd_configs",
     "bwd_configs",
+    "candidates",
+    "tuned_configs",
 ]
 
 SUPPORTED_HEAD_DIMS = SELF_ATTENTION_HEAD_DIMS
@@ -583,64 +585,42 @@ def bwd_configs():
     return {name: [_as_config(t) for t in _all_tiles(name)] for name in ("dkdv", "dq")}
 
 
-def _pruner(name: str):
-    def prune(configs, named_args, **kwargs):
-        """The dtype's tile set (float32: by register tile width); for 128-wide 16-bit tiles, no tile that spills."""
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        fp32 = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION")) == "ieee"
-        qkv = named_args.get("QKV", kwargs.get("QKV"))
-        bf16 = qkv is not None and qkv.dtype == torch.bfloat16
-        if fp32:
-            allowed = set(_tiles_32(block_d)[name])
-        else:
-            allowed = set(_TILES_16[name])
-        keep = []
-        for c in configs:
-            bm, bn, w, _ = _tile(c)
-            if _tile(c) not in allowed:
+def candidates(name: str, dtype: torch.dtype, block_d: int) -> List[Tuple[int, int, int, int]]:
+    """The tiles ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` the autotuner times for kernel ``name`` at this dtype
+    and register tile width: the dtype's set (float32: by width); for 128-wide 16-bit tiles, no large tile and none
+    that spills; for bfloat16 64-wide, not the forward tile that spills there. Never empty (else the default)."""
+    fp32 = dtype == torch.float32
+    allowed = set(_tiles_32(block_d)[name]) if fp32 else set(_TILES_16[name])
+    keep = []
+    for t in _all_tiles(name):
+        bm, bn, w, _ = t
+        if t not in allowed:
+            continue
+        if not fp32 and block_d >= 128:
+            if bm * bn > 128 * 64 or (w == 4 and bm * bn > 64 * 64) or (name == "dkdv" and bm > 32):
                 continue
-            if not fp32 and block_d >= 128:
-                if bm * bn > 128 * 64 or (w == 4 and bm * bn > 64 * 64) or (name == "dkdv" and bm > 32):
-                    continue
-                if _tile(c) in _SPILL_16_D128[name]:
-                    continue
-            if bf16 and block_d == 64 and _tile(c) in _SPILL_BF16_D64[name]:
+            if t in _SPILL_16_D128[name]:
                 continue
-            keep.append(c)
-        return keep or [_as_config(_defaults(name, fp32, block_d))]
-    return prune
+        if dtype == torch.bfloat16 and block_d == 64 and t in _SPILL_BF16_D64[name]:
+            continue
+        keep.append(t)
+    return keep or [_defaults(name, fp32, block_d)]
 
-
-_TUNE_KEY = ["N_BUCKET", "H", "HEAD_DIM"]
-_TUNE_KEYS = {"fwd": _TUNE_KEY + ["WRITE_LO"], "dkdv": _TUNE_KEY, "dq": _TUNE_KEY}  # the out_lo store: its own pick
 
 AUTOTUNE_CACHE = autotune_cache_from_env()
-"""Module switch (CUDA only): True passes ``cache_results=True`` to ``triton.autotune`` (Triton 3.3 and later), which
-keeps each pick in Triton's cache dir, keyed on Triton, the sm target, the kernel source, the tuning key and the
-configs left after pruning, so a later process loads it instead of timing; ``CROSSVIT_FAST_AUTOTUNE_CACHE=0``: False."""
+"""Module switch (CUDA only): True keeps each pick on disk too (:class:`~crossvit_fast.kernels.tuning.Tuner`), so a
+later process loads it instead of timing the candidates; ``CROSSVIT_FAST_AUTOTUNE_CACHE=0`` sets it False."""
+
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+
+TUNER = tuning.Tuner("self_attention", lambda: tuple(_KERNELS.values()))
+"""This module's autotuner (the one :class:`~crossvit_fast.kernels.tuning.Tuner` class, shared with the block
+GEMMs). Keys: ``(kernel, N_BUCKET, H, HEAD_DIM, dtype[, WRITE_LO], device index)``."""
 
 
-def _autotuned(kernel, configs, name: str):
-    """``kernel`` wrapped in ``triton.autotune`` over ``configs`` with pruner ``name`` (and the disk cache where
-    asked for and this Triton has it; without it the picks stay in the process, the configs are the same)."""
-    kw = {"key": _TUNE_KEYS[name], "prune_configs_by": {"early_config_prune": _pruner(name)}}
-    if AUTOTUNE_CACHE:
-        try:
-            return triton.autotune(configs, cache_results=True, **kw)(kernel)
-        except TypeError:  # triton.autotune before 3.3 has no cache_results
-            pass
-    return triton.autotune(configs, **kw)(kernel)
-
-
-_fwd_tuned = _autotuned(_attn_fwd_kernel, fwd_configs(), "fwd")
-_dkdv_tuned = _autotuned(_attn_bwd_dkdv_kernel, bwd_configs()["dkdv"], "dkdv")
-_dq_tuned = _autotuned(_attn_bwd_dq_kernel, bwd_configs()["dq"], "dq")
-
-_tuned_kernels = {"fwd": (_fwd_tuned, _attn_fwd_kernel), "dkdv": (_dkdv_tuned, _attn_bwd_dkdv_kernel),
-                  "dq": (_dq_tuned, _attn_bwd_dq_kernel)}
-
-_chosen: Dict[tuple, Dict[str, int]] = {}
-"""(kernel, N_BUCKET, H, HEAD_DIM, dtype, device) -> the config last picked by the autotuner, for graph capture."""
+def tuned_configs() -> Dict[tuple, Tuple[int, int, int, int]]:
+    """A copy of what the autotuner picked so far (key -> ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``)."""
+    return TUNER.picks()
 
 
 def _interpreted() -> bool:
@@ -655,21 +635,25 @@ _INTERPRETED = _interpreted()
 
 
 def _launch(name: str, grid, args, meta, tune_key: tuple, device: torch.device, config: Optional[Dict]) -> None:
-    """Launch kernel ``name``: explicit config, interpreter config, remembered/default config (capture), or tuned."""
-    tuned, raw = _tuned_kernels[name]
+    """Launch kernel ``name``: an explicit ``config`` dict, the interpreter's tile, else through :data:`TUNER`
+    (compile-only: every candidate; else the tuned, remembered or default tile). ``tune_key``: ``(N_BUCKET, H,
+    HEAD_DIM, dtype[, WRITE_LO])``."""
+    raw = _KERNELS[name]
     if config is None and _INTERPRETED:
         config = _INTERPRETER_CONFIG_LONG if tune_key[0] >= 128 else _INTERPRETER_CONFIG
-    if config is None and not tuning.may_tune(AUTOTUNE, device):
-        config = _chosen.get((name,) + tune_key)
-        if config is None:
-            bm, bn, w, s = _defaults(name, meta["DOT_PRECISION"] == "ieee", meta["BLOCK_D"])
-            config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
     if config is not None:
         raw[grid](*args, **meta, **config, enable_fp_fusion=FP_FUSION)
         return
-    tuned[grid](*args, **meta, enable_fp_fusion=FP_FUSION)
-    best = tuned.best_config
-    _chosen[(name,) + tune_key] = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+
+    def launch(tile):
+        bm, bn, w, s = tile
+        raw[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, enable_fp_fusion=FP_FUSION)
+
+    dtype, block_d = tune_key[3], meta["BLOCK_D"]
+    TUNER.dispatch(launch, config=None, interpreted=None, compile_only=COMPILE_ONLY, enabled=AUTOTUNE,
+                   disk_cache=AUTOTUNE_CACHE, key_of=lambda: (name,) + tuple(tune_key) + (device.index,),
+                   default_of=lambda: _defaults(name, dtype == torch.float32, block_d),
+                   candidates=lambda: candidates(name, dtype, block_d), device=device, may_tune=lambda: True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -809,8 +793,7 @@ def self_attention_fwd(
         return (triton.cdiv(N, m["BLOCK_M"]) * B * H,)
 
     with _device_of(qkv):
-        _launch("fwd", grid, args, meta, (n_bucket, H, D, qkv.dtype, qkv.device, out_lo is not None), qkv.device,
-                config)
+        _launch("fwd", grid, args, meta, (n_bucket, H, D, qkv.dtype, out_lo is not None), qkv.device, config)
     return out, lse
 
 
@@ -852,7 +835,7 @@ def self_attention_bwd(
     idx64 = max(_span(qkv), _span(out), _span(lo), _span(dout), _span(dqkv)) > _INT32_MAX
     meta = _common_meta(D, qkv.dtype, idx64)
     n_bucket = _next_pow2(N)
-    tune_key = (n_bucket, H, D, qkv.dtype, qkv.device)
+    tune_key = (n_bucket, H, D, qkv.dtype)
 
     fp32 = qkv.dtype == torch.float32
     delta = torch.empty((B, H, N), dtype=torch.float32, device=qkv.device)

@@ -7,8 +7,8 @@ Usage (from the repository root; needs triton's bundled ptxas, no GPU)::
 How: a stand-in Triton driver reports an active sm_90 device that compiles and never launches. Each kernel is
 driven through its real launcher (``*_fwd`` / ``*_bwd`` of ``crossvit_fast.kernels``) with CPU tensors (allocated
 with ``torch.empty``, never touched, so a batch of 256 costs no memory); the launcher picks its tiles, warps and
-stages exactly as on the GPU, and a launch becomes a compile (``warmup``). For the autotuned self-attention kernels
-every config the pruner keeps is compiled (every config the autotuner can pick). A compile whose shared memory is
+stages exactly as on the GPU, and a launch becomes a compile (``warmup``). For the tuned kernels (self-attention,
+block GEMMs) every candidate of each key is compiled (every config the autotuner can pick). A compile whose shared memory is
 over the device's limit raises ``OutOfResources`` as a GPU launch would, so the launchers' fallbacks run too.
 
 Per distinct compile (deduplicated by Triton's kernel hash) it reports: kernel, config, registers, spill bytes
@@ -201,7 +201,6 @@ def _init_worker(cache_root: str, shared: bool = False, arch: int = 90) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
-    from triton.runtime.autotuner import Autotuner
     from triton.runtime.errors import OutOfResources
     from triton.runtime.jit import JITFunction
 
@@ -261,22 +260,7 @@ def _init_worker(cache_root: str, shared: bool = False, arch: int = 90) -> None:
             raise OutOfResources(ck.metadata.shared, max_shared, "shared memory")
         return ck
 
-    def autotune_run(self, *args, **kwargs):
-        """Compile every config the pruner keeps (what the autotuner would benchmark); 'pick' the first."""
-        self.nargs = dict(zip(self.arg_names, args))
-        configs = self.prune_configs(kwargs)
-        fit = []
-        for config in configs:
-            try:
-                self.fn.run(*args, **kwargs, **config.all_kwargs())
-                fit.append(config)
-            except OutOfResources:  # the autotuner skips it (and the check reports it)
-                pass
-        self.nargs = None
-        self.best_config = (fit or configs)[0]
-
     JITFunction.run = run
-    Autotuner.run = autotune_run
 
     import importlib
 
@@ -284,7 +268,7 @@ def _init_worker(cache_root: str, shared: bool = False, arch: int = 90) -> None:
     for mod in mods.values():
         mod.COMPILE_ONLY = True
     mods["self_attention"].AUTOTUNE = True
-    mods["linear"].AUTOTUNE = True  # compile every tile the GEMM autotuner may time
+    mods["linear"].AUTOTUNE = True  # compile every candidate the tuners may time
     _W.update(torch=torch, triton=triton, seen=set(), records=[], tag=None, arch=arch, mods=mods)
 
 
@@ -468,7 +452,7 @@ def run_scope(scope: str, jobs: int = 2, ops: Optional[List[str]] = None, cache_
         if ops and j["op"] not in ops:
             continue
         groups.setdefault(_group_key(j), []).append(j)
-    # biggest groups first (self-attention compiles every autotune config)
+    # biggest groups first (the tuned kernels compile every candidate)
     order = sorted(groups.values(), key=lambda g: (g[0]["op"] != "self_attention", g[0]["dtype"] == "fp32"))
     root = os.path.abspath(cache_dir) if cache_dir else tempfile.mkdtemp(prefix="sm90-compile-")
     os.makedirs(root, exist_ok=True)

@@ -474,7 +474,7 @@ def test_gemm_tiles_names_the_autotuners_picks(monkeypatch):
     o = torch.empty(2, 5, 48, dtype=torch.float16)
     fwd = kl._tune_key("fwd", 10, 48, 16, (True, True, False, False, False, True), [x, w], [o])
     dgrad = kl._tune_key("dgrad", 10, 48, 16, (True, False, True), [o, w], [x])
-    monkeypatch.setattr(kl, "_chosen", {fwd: (128, 128, 64, 8, 3), dgrad: (64, 64, 64, 4, 4)})
+    monkeypatch.setattr(kl.TUNER, "chosen", {fwd: (128, 128, 64, 8, 3), dgrad: (64, 64, 64, 4, 4)})
     assert gemm_tiles() == [
         {"kernel": "fwd", "rows_bucket": 16, "N": 48, "K": 16, "parts": ["ln", "bias", "save"], "dtype": "float16",
          "tile": "128x128x64/w8/s3"},

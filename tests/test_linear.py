@@ -868,7 +868,7 @@ def test_cuda_autotuned(monkeypatch, gemm):
     """Tuned forward and backward: under the rule; each key timed once and remembered (a second call times nothing);
     the op's result is the chosen tile's."""
     monkeypatch.setattr(kl, "AUTOTUNE", True)
-    monkeypatch.setattr(kl, "_chosen", {})
+    monkeypatch.setattr(kl.TUNER, "chosen", {})
     flags = {"qkv": ("ln", "bias"), "fc2": ("bias", "scale", "res")}[gemm]
     K, N = (224, 672) if gemm == "qkv" else (672, 224)
     args = make((4, 401, K), N, torch.bfloat16, flags, x_dtype=torch.float32 if "ln" in flags else torch.bfloat16,
@@ -885,7 +885,7 @@ def test_cuda_autotuned(monkeypatch, gemm):
     assert all(c in (kl.fwd_candidates(torch.bfloat16, "ln" in flags) if k[0] == "fwd" else
                      kl.dgrad_candidates(torch.bfloat16, torch.float32)) for k, c in tuned.items())
     calls = []
-    monkeypatch.setattr(kl, "_bench_ms", lambda fn: calls.append(1) or 1.0)
+    monkeypatch.setattr(kl.TUNER, "timer", lambda fn: calls.append(1) or 1.0)
     out2, _ = run_op(args, dout)
     assert not calls and kl.tuned_configs() == tuned
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
@@ -897,26 +897,26 @@ def test_cuda_autotuned(monkeypatch, gemm):
 @requires_cuda
 def test_cuda_autotune_pick_on_disk_is_loaded_by_the_next_process(monkeypatch):
     """The real environment fingerprint and Triton's cache manager: a tuned key's pick is written, and a process
-    that has not tuned it (``_chosen`` empty) loads it and times nothing."""
+    that has not tuned it (no picks in memory) loads it and times nothing."""
     import uuid
 
-    fingerprint = kl._environment_fingerprint(torch.cuda.current_device())
+    fingerprint = kl.TUNER.fingerprint(torch.cuda.current_device())
     assert torch.cuda.get_device_name() in fingerprint and kl.triton.__version__ in fingerprint
     salt = uuid.uuid4().hex  # a fresh entry in the real cache dir (whose compiled kernels stay warm)
-    real = kl._environment_fingerprint
-    monkeypatch.setattr(kl, "_environment_fingerprint", lambda index: real(index) + salt)
+    real = kl.TUNER.fingerprint
+    monkeypatch.setattr(kl.TUNER, "fingerprint", lambda index: real(index) + salt)
     monkeypatch.setattr(kl, "AUTOTUNE", True)
     monkeypatch.setattr(kl, "AUTOTUNE_CACHE", True)
-    monkeypatch.setattr(kl, "_chosen", {})
+    monkeypatch.setattr(kl.TUNER, "chosen", {})
     args = make((4, 197, 192), 576, torch.bfloat16, ("ln", "bias"), x_dtype=torch.float32)
     first, *_ = kl.linear_fwd(**args)
     tuned = kl.tuned_configs()
     (key,) = tuned
-    manager, name = kl._disk_entry(key)
-    assert manager(kl._disk_hash(key, kl.fwd_candidates(torch.bfloat16, True, 192))).get_file(name) is not None
-    kl._chosen.clear()
+    manager, name = kl.TUNER.disk_entry(key)
+    assert manager(kl.TUNER.disk_hash(key, kl.fwd_candidates(torch.bfloat16, True, 192))).get_file(name) is not None
+    kl.TUNER.chosen.clear()
     calls = []
-    monkeypatch.setattr(kl, "_bench_ms", lambda fn: calls.append(1) or 1.0)
+    monkeypatch.setattr(kl.TUNER, "timer", lambda fn: calls.append(1) or 1.0)
     again, *_ = kl.linear_fwd(**args)
     assert not calls and kl.tuned_configs() == tuned
     torch.testing.assert_close(again, first, rtol=0, atol=0)
@@ -927,11 +927,11 @@ def test_cuda_autotune_never_reruns_into_an_aliased_output(monkeypatch):
     """``out=`` the residual (in place): timing would add the branch several times, so that launch is not tuned."""
     monkeypatch.setattr(kl, "AUTOTUNE", True)
     monkeypatch.setattr(kl, "AUTOTUNE_CACHE", False)  # a pick on disk would be loaded (not timed) for it
-    monkeypatch.setattr(kl, "_chosen", {})
+    monkeypatch.setattr(kl.TUNER, "chosen", {})
     args = make((2, 197, 448), 448, torch.bfloat16, ("bias", "res"), res_dtype=torch.bfloat16)
     kl.linear_fwd(**args)
     assert kl.tuned_configs()  # a launch into a fresh output is tuned
-    kl._chosen.clear()
+    kl.TUNER.chosen.clear()
     default = kl.pick_config(2 * 197, 448, torch.bfloat16, kl._sm_count(args["x"]))
     want, *_ = kl.linear_fwd(**args, config=default)
     res = args["residual"].clone()

@@ -400,25 +400,6 @@ def test_mixed_devices_refused(no_launch):
         ksa.self_attention_bwd(dout, qkv, out, lse.cpu(), 2)
 
 
-@pytest.mark.parametrize("name", ["fwd", "dkdv", "dq"])
-def test_tuning_configs_pruned_per_dtype_and_head_dim(name):
-    """Every (dtype, head dim) keeps at least one config, all with tl.dot-sized (>= 16) tiles; bfloat16 at 64
-    columns drops the forward tile that spills there."""
-    configs = ksa.fwd_configs() if name == "fwd" else ksa.bwd_configs()[name]
-    prune = ksa._pruner(name)
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for D in ksa.SUPPORTED_HEAD_DIMS:
-            meta = ksa._common_meta(D, dtype, False)
-            kept = prune(configs, {"QKV": torch.empty(0, dtype=dtype)}, **meta)
-            assert kept, (name, dtype, D)
-            tiles = ksa._tiles_32(meta["BLOCK_D"])[name] if dtype == torch.float32 else ksa._TILES_16[name]
-            for c in kept:
-                assert ksa._tile(c) in tiles
-                assert c.kwargs["BLOCK_M"] >= 16 and c.kwargs["BLOCK_N"] >= 16
-                if dtype == torch.bfloat16 and meta["BLOCK_D"] == 64:
-                    assert ksa._tile(c) not in ksa._SPILL_BF16_D64[name]
-
-
 def test_tune_key_ignores_batch(monkeypatch):
     """The autotune key is (N bucket, H, D, dtype): a new batch size reuses the tuned config."""
     seen = []
@@ -431,8 +412,7 @@ def test_tune_key_ignores_batch(monkeypatch):
         ksa.self_attention_fwd(make_qkv(B, 197, 2, 32, torch.float32), 2)
     ksa.self_attention_fwd(make_qkv(1, 250, 2, 32, torch.float32), 2)
     assert seen[0] == seen[1] == seen[2]
-    assert seen[0][1][:3] == (256, 2, 32)
-    assert "N_BUCKET" in ksa._TUNE_KEY and "H" in ksa._TUNE_KEY and "HEAD_DIM" in ksa._TUNE_KEY
+    assert seen[0][1][:4] == (256, 2, 32, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -523,53 +503,40 @@ def test_cuda_autotuned(monkeypatch, B, N, H, D, dtype):
     (o64, _, g64), (olow, _, glow) = references(qkv, H, dout)
     assert_within_rule(out, o64, olow, what="out")
     assert_within_rule(qkv.grad, g64, glow, what="dqkv")
-    key = (N if N & (N - 1) == 0 else 1 << N.bit_length(), H, D, dtype, qkv.device)
+    key = (N if N & (N - 1) == 0 else 1 << N.bit_length(), H, D, dtype)
     write_lo = dtype != torch.float32  # the op saves O's residual for a 16-bit backward: a forward key of its own
-    assert ("fwd",) + key + (write_lo,) in ksa._chosen and ("dq",) + key in ksa._chosen
-
-
-@pytest.mark.parametrize("cache", [True, False], ids=["cache-on", "cache-off"])
-def test_autotuned_wrappers_ask_triton_for_its_disk_cache(monkeypatch, cache):
-    """``AUTOTUNE_CACHE`` passes ``cache_results`` to ``triton.autotune``; a Triton without it gets the same configs
-    and key without it."""
-    seen, triton_has_cache = [], [True]
-
-    def autotune(configs, key, prune_configs_by=None, **kw):
-        seen.append(kw)
-        if "cache_results" in kw and not triton_has_cache[0]:
-            raise TypeError("autotune() got an unexpected keyword argument 'cache_results'")
-        return lambda fn: ("tuned", fn, tuple(configs), tuple(key))
-
-    monkeypatch.setattr(ksa, "AUTOTUNE_CACHE", cache)
-    monkeypatch.setattr(ksa.triton, "autotune", autotune)
-    want = ("tuned", "kernel", tuple(ksa.fwd_configs()), tuple(ksa._TUNE_KEY) + ("WRITE_LO",))
-    assert ksa._autotuned("kernel", ksa.fwd_configs(), "fwd") == want
-    assert seen == ([{"cache_results": True}] if cache else [{}])
-    seen.clear()
-    triton_has_cache[0] = False
-    assert ksa._autotuned("kernel", ksa.fwd_configs(), "fwd") == want
-    assert seen == ([{"cache_results": True}, {}] if cache else [{}])
+    tuned = ksa.tuned_configs()
+    index = qkv.device.index
+    assert ("fwd",) + key + (write_lo, index) in tuned and ("dq",) + key + (index,) in tuned
+    assert all(c in ksa.candidates(k[0], dtype, ksa._next_pow2(D)) for k, c in tuned.items() if k[1:5] == key)
 
 
 @requires_cuda
 def test_cuda_autotune_picks_are_on_disk(monkeypatch):
-    """Triton's autotune disk cache holds the forward's pick for a tuned key (a later process loads it)."""
-    import json
-    import os
+    """The tuner's disk cache (the real environment fingerprint, Triton's cache manager) holds the forward's pick for
+    a tuned key, and a process without the pick in memory loads it and times nothing."""
+    import uuid
 
     monkeypatch.setattr(ksa, "AUTOTUNE", True)  # the autouse fixture (and gpu_run.sh) turn tuning off
-    if not ksa.AUTOTUNE_CACHE or not ksa._fwd_tuned.cache_results:
-        pytest.skip("the autotune disk cache is off (CROSSVIT_FAST_AUTOTUNE_CACHE=0 or a Triton without it)")
+    monkeypatch.setattr(ksa, "AUTOTUNE_CACHE", True)
+    monkeypatch.setattr(ksa.TUNER, "chosen", {})
+    salt = uuid.uuid4().hex  # a fresh entry in the real cache dir (whose compiled kernels stay warm)
+    real = ksa.TUNER.fingerprint
+    monkeypatch.setattr(ksa.TUNER, "fingerprint", lambda index: real(index) + salt)
     H, D, N = 7, 48, 211  # H = 7 appears in no other test
     qkv = make_qkv(1, N, H, D, torch.float16)
-    ksa.self_attention_fwd(qkv, H)
-    root = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
-    keys = []
-    for dirpath, _, files in os.walk(root):
-        if "_attn_fwd_kernel.autotune.json" in files:
-            with open(os.path.join(dirpath, "_attn_fwd_kernel.autotune.json")) as f:
-                keys.append(json.load(f)["key"][:3])
-    assert [256, H, D] in keys
+    first, _ = ksa.self_attention_fwd(qkv, H)
+    tuned = ksa.tuned_configs()
+    (key,) = tuned
+    assert key[:4] == ("fwd", 256, H, D)
+    manager, name = ksa.TUNER.disk_entry(key)
+    assert manager(ksa.TUNER.disk_hash(key, ksa.candidates("fwd", torch.float16, 64))).get_file(name) is not None
+    ksa.TUNER.chosen.clear()
+    calls = []
+    monkeypatch.setattr(ksa.TUNER, "timer", lambda fn: calls.append(1) or 1.0)
+    again, _ = ksa.self_attention_fwd(qkv, H)
+    assert not calls and ksa.tuned_configs() == tuned
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
 @requires_cuda
@@ -594,19 +561,18 @@ def test_cuda_graph_capture(monkeypatch, warm):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        # then one step with the picks pinned: the raw launches a capture makes (the autotuner's own launches
-        # compile under other launch options, so the capture would load a kernel)
+        # then one step with the picks pinned: exactly the launches a capture makes
         warm_up(lambda: ksa.self_attention_bwd(dout, qkv, *ksa.self_attention_fwd(qkv, H), H), 1)
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
-    tuned_before = {k: v for k, v in ksa._chosen.items() if k[1:4] == (1 << N.bit_length(), H, D)}
+    tuned_before = {k: v for k, v in ksa.tuned_configs().items() if k[1:4] == (1 << N.bit_length(), H, D)}
     assert bool(tuned_before) == warm
     monkeypatch.setattr(ksa, "AUTOTUNE", True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out, lse = ksa.self_attention_fwd(qkv, H)
         dqkv = ksa.self_attention_bwd(dout, qkv, out, lse, H)
-    assert {k: v for k, v in ksa._chosen.items() if k[1:4] == (1 << N.bit_length(), H, D)} == tuned_before
+    assert {k: v for k, v in ksa.tuned_configs().items() if k[1:4] == (1 << N.bit_length(), H, D)} == tuned_before
     qkv.copy_(make_qkv(2, N, H, D, torch.float16))
     graph.replay()
     torch.cuda.synchronize()

@@ -8,11 +8,11 @@ What the capture needs, and what the runner does for it:
 
 * no compilation, module loading or autotuning inside the capture: the runner runs the model ``warmup`` times on a
   side stream first (Triton compiles, the self-attention and GEMM autotuners pick their configs; during capture
-  they never tune), then once more with the tuned configs pinned (:func:`tuned_configs_pinned`). That last run matters: while
-  capturing, the self-attention launchers launch the remembered config directly, and Triton keys its in-memory
-  kernel cache by the launch options, which differ from the autotuner's (no ``num_ctas``); without the pinned run
-  the capture's launch would miss the cache and load the module (``cuModuleLoadData``) inside the capture, which
-  CUDA refuses ("operation not permitted when stream is capturing");
+  they never tune), then once more with the tuned configs pinned (:func:`tuned_configs_pinned`): exactly the
+  launches the capture makes, so every kernel it launches is compiled and loaded already (a module load inside the
+  capture, ``cuModuleLoadData``, is refused: "operation not permitted when stream is capturing"). The tuners time
+  the same raw launches, so the pinned run is a guard more than a necessity; it also covers a key first met after
+  the warm-up;
 * inference only (``torch.no_grad``; the model should be in eval mode, and the runner refuses a model in training
   mode, whose dropout would be frozen into the graph);
 * autocast without its weight-cast cache (``cache_enabled=False``), so the casts are captured too.

@@ -23,24 +23,61 @@ Per batch ``b`` and head ``h``, with ``S = scale * Q K^T`` (default ``scale = D^
 Algorithm
 ---------
 Forward (flash attention, online softmax): one program per (query block of BLOCK_M rows, b, h). It keeps the
-running row maximum ``m``, row sum ``l`` and un-normalised accumulator ``acc`` in registers and streams over key
-blocks of BLOCK_N::
+running row maximum ``m``, row sum ``l~`` and un-normalised accumulator ``acc`` in registers and streams over key
+blocks of BLOCK_N, with ``c = |scale| * log2(e)`` (base-2 exponent, so exp2 replaces exp)::
 
-    s = (q k^T) * scale * log2(e)            (base-2 exponent, so exp2 replaces exp)
-    m' = max(m, rowmax(s));  a = 2^(m - m');  p = 2^(s - m')
-    p~ = p rounded to the input dtype (the tl.dot operand)
-    l = a l + rowsum(p);     l~ = a l~ + rowsum(p~);     acc = a acc + p~ v;   m = m'
-    O = acc / l~,   L = (m + log2 l) * ln 2
+    s = q k^T                                (unscaled: c enters the exponent's FFMA)
+    m' = max(m, rowmax(s) * c);  a = 2^(m - m');  p = 2^(s * c - m')      (one FFMA and one exp2 per score)
+    p~ = p rounded to the input dtype        (the tl.dot operand, converted two scores per instruction)
+    l~ = a l~ + p~ E;   acc = a acc + p~ v;   m = m'
+    O = acc / l~,   L = (m + log2 l~) * ln 2
 
-O is normalised by the sum of the weights the dot actually used (l~, not l), so they sum to 1 to float32 rounding
-and a component common to every value row (the qkv Linear's bias puts one there) passes through unchanged: with
-l, the 16-bit rounding of p scaled it by ``1 + O(2^-11 / sqrt(N))``. L keeps the unrounded l, which the backward's
-recomputed P needs.
+A negative scale negates q instead (exact), so ``m`` is the maximum of the scaled scores for any sign; masked keys
+take ``p = 0`` through a select on the exponent (also right for ``scale = 0``).
 
-float32 keeps the scores in natural units instead: ``s = (q k^T) * scale``, ``p = 2^((s - m') * log2 e)``,
-``L = m + ln l``, so log2(e) multiplies the small differences and never a score of magnitude 20-40, and L is
+One row sum, ``l~``, the sum of the rounded weights the PV dot used, computed by that dot's operand: ``E`` is a
+``(BLOCK_N, 16)`` matrix with ones in column 0, so ``p~ E`` is one more tensor-core dot (64x16 wgmma, products exact,
+float32 sums) whose column 0 accumulates ``l~``. Summing ``p~`` on the CUDA cores instead needs p~ widened back to
+float32, and that second use of each converted score keeps the compiler from converting two at a time (one
+conversion per score plus byte permutes to pack the operand). O divided by ``l~`` has weights that sum to 1 to
+float32 rounding: a component common to every value row (the qkv Linear's bias puts one there) passes through
+unchanged. L is taken from the same ``l~``, not from the sum ``l`` of the unrounded weights: the backward's
+recomputed ``P = p / l~`` then sums to ``l / l~ = 1 + e`` per row (``|e| <= 2^-8`` bfloat16, ``2^-11`` float16:
+a weighted mean of the rounding errors of p~, typically far smaller), one factor per row, and the exact-delta scheme below is
+unaffected: with ``delta = dO . O_fp32 = dO . (sum_j p~_j v_j) / l~``, a component common to the value rows still
+cancels in ``dP - delta`` for every score, and ``rowsum(dS) = sum_j p_j (dP_j - delta) / l~`` is what it was with
+``l`` up to the factor ``l / l~``. The LSE moves by ``ln(l~ / l)``, below the 16-bit reference's own LSE error (its
+scores are rounded to 16 bits).
+
+float32 keeps the scores in natural units instead: ``m' = max(m, rowmax(s) * scale)``,
+``p = 2^((s * scale - m') * log2 e)``, ``L = m + ln l`` with ``l`` the plain row sum (p is the dot's operand
+unrounded), so log2(e) multiplies the small differences and never a score of magnitude 20-40, and L is
 rounded once instead of three times (``* log2 e``, ``+ log2 l``, ``* ln 2``): each of those roundings moved every
 P of a row by up to ``2^-24 |L|``, a float32 error 2-3x the reference's.
+
+Static reading, not a measurement (sm_90 SASS, cuobjdump of each cubin): instructions per score per thread in the
+loop over full key (query) blocks, its instructions divided by ``BLOCK_M * BLOCK_N / (32 * num_warps)``; ranges over
+every config the pruner keeps at batch 256, H = 7, with and without the out_lo store ("before": the scale as a
+separate multiply, two row sums on the CUDA cores, p~ converted one score at a time and widened back)::
+
+    kernel   dtype  D   N     triton 3.6: before -> after   triton 3.9: before -> after
+    forward  bf16   32  401    10.5-14.9 -> 5.4-9.9          10.7-15.4 -> 5.8-10.2
+    forward  bf16   64  197    11.0-16.3 -> 5.9-11.7         11.4-17.4 -> 6.4-12.2
+    forward  fp16   32  401     9.6-13.8 -> 5.4-9.9           9.7-14.4 -> 5.8-10.2
+    forward  fp16   64  197    10.0-15.3 -> 5.9-11.7         10.4-16.6 -> 6.4-12.2
+    dK/dV    bf16   32  401    10.0-18.1                     9.7-18.2
+    dK/dV    bf16   64  197    10.8-18.1                    10.8-20.0
+    dK/dV    fp16   32  401    10.0-18.1                     9.7-18.2
+    dK/dV    fp16   64  197    10.8-18.1                    10.8-20.0
+    dQ       bf16   32  401     6.8-12.2                     7.2-13.4
+    dQ       bf16   64  197     7.3-12.8                     8.2-16.0
+    dQ       fp16   32  401     6.8-12.2                     7.2-13.4
+    dQ       fp16   64  197     7.3-12.8                     8.2-16.0
+
+Per config the forward loop lost 28-48 % of its instructions at D = 32 and 24-46 % at D = 64. What is left per 32
+scores of a thread: 32 exp2, 32 max, 32 FFMA, 16 paired conversions, the rescaling of acc and l~ by a, and the
+loads, barriers and wgmma issue of the block. ptxas (3.6 and 3.9) gives
+no C7515 (wgmma serialisation) for any of these kernels, before or after.
 
 Nothing N x N ever reaches memory: the forward saves only O and L, ``(B, H, N)`` float32, contiguous (and, when
 asked, O's rounding residual O_LO, below).
@@ -59,8 +96,17 @@ Backward, deterministic (no atomics), three launches for float16/bfloat16 (float
    ``dK += dS^T Q`` in registers; each dK/dV row is written once, by its owner;
 3. dQ: one program per (query block, b, h); loops over every key block and accumulates ``dQ += dS K``.
 
-This recomputes ``Q K^T`` twice (7 matmuls per tile pair instead of the 5 of an atomic-add dQ) in exchange for
-bit-reproducible gradients.
+Per score, float16/bfloat16: 7 matmuls (dK/dV: ``K Q^T``, ``V dO^T``, ``P^T dO``, ``dS^T Q``; dQ: ``Q K^T``,
+``dO V^T``, ``dS K``) and 2 exp2 (P, once in each kernel); flash attention 2 has 5 and 1, its dQ accumulated by
+float32 atomic adds from the dK/dV program. The 2 matmuls and 1 exp2 above that are the dQ kernel's recomputation
+of S, P and dP, kept for gradients that are bit-reproducible (atomic adds commit in no fixed order) without
+scratch memory. The deterministic alternatives, on paper at the headline shapes (B = 256, H = 7, N = 401, D = 32:
+288 M scores per layer; H100 SXM, 3.35 TB/s nominal HBM3): dS written by the dK/dV kernel and read by a dQ GEMM,
+2 B per score, 576 MB written and read again per layer, about 0.34 ms of traffic alone; or float32 dQ partials
+per key block, ``cdiv(N, 64) * N * D * 4`` B per head, 644 MB written and read by a reduction pass. The recomputation costs about 0.07-0.15 ms
+there: 288 M exp2 at 16 per clock per SM (132 SMs, 1.75 GHz) and 6.8-16.0 SASS instructions per score per thread
+(the dQ loop, above) at 128 lanes per clock per SM, both about 0.08 ms per 8 instructions; its 3 matmuls are
+55 GFLOP. None of this is measured yet.
 
 float32, two launches, dQ first. P recomputed from a float32 L sums to ``1 + O(2^-24 |L|)`` per row, not to 1, and
 ``rowsum(dS) = delta * (1 - rowsum(P))`` is then no longer 0: with keys or values that share an offset it made dQ
@@ -107,8 +153,8 @@ switch this module and the block GEMMs' share) bypasses tuning; under the CPU in
 (16 x 16 below N = 128, 64 x 64 from there).
 The candidate tiles (``_TILES_16`` for float16/bfloat16, ``_TILES_32`` for float32) are filtered per call by
 :func:`candidates`: the dtype's set, minus, for 16-bit 128-wide register tiles, the larger tiles and two
-that spill 8 B (``_SPILL_16_D128``), and for bfloat16 64-wide the one forward tile that spills 8 B
-(``_SPILL_BF16_D64``: 128 x 64, 4 warps); for float32 register tiles of 64 or more columns only the 8-warp 512-element
+that spill 8 B (``_SPILL_16_D128``), and for 16-bit 64-wide the one forward tile that spills there
+(``_SPILL_16_D64``: 128 x 64, 4 warps); for float32 register tiles of 64 or more columns only the 8-warp 512-element
 tiles of ``_TILES_32_WIDE`` (the others spill 100-340 B there), and at 128 columns the one 16 x 16, 8-warp tile of
 ``_TILES_32_D128`` (the least spill there: 0 / 248 / 204 B of stores in fwd / dkdv / dq, against 0.6-3.4 KB
 before dq's first pass). Every candidate is compiled for sm_90 ahead of time by
@@ -241,29 +287,33 @@ def _qkv_bases(QKV, b, h, stride_qb, stride_qc, stride_qpart, HEAD_DIM: tl.const
 
 
 @triton.jit
-def _fwd_key_block(acc, l_i, l_r, m_i, q, k_base, v_base, start_n, N, offs_n, offs_d, stride_n, stride_c, qk_scale,
+def _fwd_key_block(acc, l_i, m_i, q, ones, k_base, v_base, start_n, N, offs_n, offs_d, stride_n, stride_c, qk_scale,
                    HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
                    IDX64: tl.constexpr, DOT_PRECISION: tl.constexpr):
     rows = start_n + offs_n
     if IDX64:
         rows = rows.to(tl.int64)
     k = _load_tile(k_base, rows, N, offs_d, stride_n, stride_c, HEAD_DIM, MASK_N, EVEN_D)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N); fp32: natural units
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
     if MASK_N:
-        s = tl.where(rows[None, :] < N, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = _exp_units(s - m_new[:, None], DOT_PRECISION)
-    alpha = _exp_units(m_i - m_new, DOT_PRECISION)
-    p_in = p.to(k.dtype)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if DOT_PRECISION == "ieee":  # float32: p is the dot's operand unrounded, l~ = l
-        l_r = l_i
+        valid = rows[None, :] < N
+        m_new = tl.maximum(m_i, tl.max(tl.where(valid, s, float("-inf")), 1) * qk_scale)
+        x = tl.where(valid, s * qk_scale - m_new[:, None], float("-inf"))
     else:
-        l_r = l_r * alpha + tl.sum(p_in.to(tl.float32), 1)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        x = s * qk_scale - m_new[:, None]
+    p = _exp_units(x, DOT_PRECISION)
+    alpha = _exp_units(m_i - m_new, DOT_PRECISION)
     v = _load_tile(v_base, rows, N, offs_d, stride_n, stride_c, HEAD_DIM, MASK_N, EVEN_D)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p_in, v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, l_r, m_new
+    if DOT_PRECISION == "ieee":  # float32: p is the dot's operand unrounded
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+    else:
+        p_in = p.to(k.dtype)
+        l_i = tl.dot(p_in, ones, l_i * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = tl.dot(p_in, v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -284,23 +334,30 @@ def _attn_fwd_kernel(
     offs_m, offs_n, offs_d = _tile_offsets(pid_m, BLOCK_M, BLOCK_N, BLOCK_D, IDX64)
 
     q = _load_tile(q_base, offs_m, N, offs_d, stride_qn, stride_qc, HEAD_DIM, True, EVEN_D)
+    q = tl.where(qk_scale < 0, -q, q)
+    qk_scale = tl.abs(qk_scale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    l_r = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if DOT_PRECISION == "ieee":
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    ones = (tl.arange(0, 16)[None, :] == 0).to(q.dtype) + tl.zeros([BLOCK_N, 16], dtype=q.dtype)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     n_full = (N // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, l_r, m_i = _fwd_key_block(acc, l_i, l_r, m_i, q, k_base, v_base, start_n, N, offs_n, offs_d,
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, ones, k_base, v_base, start_n, N, offs_n, offs_d,
                                        stride_qn, stride_qc, qk_scale,
                                        HEAD_DIM, False, EVEN_D, IDX64, DOT_PRECISION)
     if n_full < N:
-        acc, l_i, l_r, m_i = _fwd_key_block(acc, l_i, l_r, m_i, q, k_base, v_base, n_full, N, offs_n, offs_d,
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, ones, k_base, v_base, n_full, N, offs_n, offs_d,
                                        stride_qn, stride_qc, qk_scale,
                                        HEAD_DIM, True, EVEN_D, IDX64, DOT_PRECISION)
+    if DOT_PRECISION != "ieee":
+        l_i = tl.sum(l_i, 1)
 
-    acc = acc / l_r[:, None]
+    acc = acc / l_i[:, None]
     o = acc.to(O.dtype.element_ty)
     _store_tile(o_base, o, offs_m, N, offs_d, stride_on, stride_oc, HEAD_DIM, EVEN_D)
     if WRITE_LO:
@@ -539,7 +596,9 @@ _TILES_32_WIDE = {
 # 168+168 / 184+184 B without; every other 8-, 4- and 16-warp tile tried, before that pass, spilled 600-3400 B there)
 _TILES_32_D128 = {"fwd": [(16, 16, 8, 2)], "dkdv": [(16, 16, 8, 2)], "dq": [(16, 16, 8, 2)]}
 _SPILL_16_D128 = {"fwd": {(128, 32, 4, 3)}, "dkdv": {(32, 64, 4, 3)}, "dq": set()}
-_SPILL_BF16_D64 = {"fwd": {(128, 64, 4, 3)}, "dkdv": set(), "dq": set()}  # 255 registers + 8 B (fp16: 234, none)
+# 128 x 64, 4 warps at 64 columns: bfloat16 255 registers + 8 B before the forward's tensor-core row sum; with it,
+# float16 255 + 88 B (triton 3.9; 243 registers, none, with 3.6)
+_SPILL_16_D64 = {"fwd": {(128, 64, 4, 3)}, "dkdv": set(), "dq": set()}
 _DEFAULTS_16 = {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
 _DEFAULTS_32 = {"fwd": (32, 32, 8, 2), "dkdv": (32, 32, 8, 2), "dq": (32, 32, 8, 2)}
 _DEFAULTS_32_WIDE = {"fwd": (16, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (16, 32, 8, 2)}
@@ -588,7 +647,7 @@ def bwd_configs():
 def candidates(name: str, dtype: torch.dtype, block_d: int) -> List[Tuple[int, int, int, int]]:
     """The tiles ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` the autotuner times for kernel ``name`` at this dtype
     and register tile width: the dtype's set (float32: by width); for 128-wide 16-bit tiles, no large tile and none
-    that spills; for bfloat16 64-wide, not the forward tile that spills there. Never empty (else the default)."""
+    that spills; for 16-bit 64-wide, not the forward tile that spills there. Never empty (else the default)."""
     fp32 = dtype == torch.float32
     allowed = set(_tiles_32(block_d)[name]) if fp32 else set(_TILES_16[name])
     keep = []
@@ -601,7 +660,7 @@ def candidates(name: str, dtype: torch.dtype, block_d: int) -> List[Tuple[int, i
                 continue
             if t in _SPILL_16_D128[name]:
                 continue
-        if dtype == torch.bfloat16 and block_d == 64 and t in _SPILL_BF16_D64[name]:
+        if not fp32 and block_d == 64 and t in _SPILL_16_D64[name]:
             continue
         keep.append(t)
     return keep or [_defaults(name, fp32, block_d)]

@@ -57,27 +57,29 @@ P of a row by up to ``2^-24 |L|``, a float32 error 2-3x the reference's.
 
 Static reading, not a measurement (sm_90 SASS, cuobjdump of each cubin): instructions per score per thread in the
 loop over full key (query) blocks, its instructions divided by ``BLOCK_M * BLOCK_N / (32 * num_warps)``; ranges over
-every config the pruner keeps at batch 256, H = 7, with and without the out_lo store ("before": the scale as a
-separate multiply, two row sums on the CUDA cores, p~ converted one score at a time and widened back)::
+every config the pruner keeps at batch 256, H = 7, the forward with and without the out_lo store ("before": the
+scale as a separate multiply, two row sums on the CUDA cores, p~ converted one score at a time and widened back;
+dK/dV multiplying each loaded L by log2 e)::
 
     kernel   dtype  D   N     triton 3.6: before -> after   triton 3.9: before -> after
     forward  bf16   32  401    10.5-14.9 -> 5.4-9.9          10.7-15.4 -> 5.8-10.2
     forward  bf16   64  197    11.0-16.3 -> 5.9-11.7         11.4-17.4 -> 6.4-12.2
     forward  fp16   32  401     9.6-13.8 -> 5.4-9.9           9.7-14.4 -> 5.8-10.2
     forward  fp16   64  197    10.0-15.3 -> 5.9-11.7         10.4-16.6 -> 6.4-12.2
-    dK/dV    bf16   32  401    10.0-18.1                     9.7-18.2
-    dK/dV    bf16   64  197    10.8-18.1                    10.8-20.0
-    dK/dV    fp16   32  401    10.0-18.1                     9.7-18.2
-    dK/dV    fp16   64  197    10.8-18.1                    10.8-20.0
-    dQ       bf16   32  401     6.8-12.2                     7.2-13.4
-    dQ       bf16   64  197     7.3-12.8                     8.2-16.0
-    dQ       fp16   32  401     6.8-12.2                     7.2-13.4
-    dQ       fp16   64  197     7.3-12.8                     8.2-16.0
+    dK/dV    bf16   32  401    10.0-18.1 -> 9.5-17.6          9.7-18.2 -> 9.2-17.8
+    dK/dV    bf16   64  197    10.8-18.1 -> 10.3-17.6        10.8-20.0 -> 10.3-19.5
+    dK/dV    fp16   32  401    10.0-18.1 -> 9.5-17.6          9.7-18.2 -> 9.2-17.8
+    dK/dV    fp16   64  197    10.8-18.1 -> 10.3-17.6        10.8-20.0 -> 10.3-19.5
+    dQ       bf16   32  401     6.8-12.2    (unchanged)       7.2-13.4    (unchanged)
+    dQ       bf16   64  197     7.3-12.8    (unchanged)       8.2-16.0    (unchanged)
+    dQ       fp16   32  401     6.8-12.2    (unchanged)       7.2-13.4    (unchanged)
+    dQ       fp16   64  197     7.3-12.8    (unchanged)       8.2-16.0    (unchanged)
 
-Per config the forward loop lost 28-48 % of its instructions at D = 32 and 24-46 % at D = 64. What is left per 32
+Per config the forward loop lost 28-48 % of its instructions at D = 32 and 24-46 % at D = 64; what is left per 32
 scores of a thread: 32 exp2, 32 max, 32 FFMA, 16 paired conversions, the rescaling of acc and l~ by a, and the
-loads, barriers and wgmma issue of the block. ptxas (3.6 and 3.9) gives
-no C7515 (wgmma serialisation) for any of these kernels, before or after.
+loads, barriers and wgmma issue of the block. dK/dV lost 0.5 per score (3-5 %). ptxas (3.6 and 3.9) reports no
+wgmma serialisation (C7515, C7512) for any config kept, before or after; the forward tile that 3.6 serialises for
+lack of registers (C7512: float16, 64 columns, 128 x 64, 4 warps, 243 registers; 3.9 spills there) is pruned.
 
 Nothing N x N ever reaches memory: the forward saves only O and L, ``(B, H, N)`` float32, contiguous (and, when
 asked, O's rounding residual O_LO, below).
@@ -90,9 +92,12 @@ Backward, deterministic (no atomics), three launches for float16/bfloat16 (float
    (flash attention and SDPA take the same rounded O). So the forward can also write the residual
    ``O_LO = O_fp32 - O`` in the input dtype (``out_lo``; the ``self_attention`` op does when it saves for a
    backward) and ``delta`` reads ``O + O_LO``, float32 to within the residual's own rounding. The cost: one more
-   ``(B, N, H * D)`` 16-bit tensor written by the forward, kept and read once by the backward;
+   ``(B, N, H * D)`` 16-bit tensor written by the forward, kept and read once by the backward. The same kernel
+   writes ``L log2 e`` (``(B, H, N)`` float32), the exponent's units, so the loops below subtract it in the
+   exponent's FFMA instead of multiplying every loaded L by log2 e (the dK/dV loop did so once per query column
+   and thread: 0.5 instruction per score);
 2. dK, dV: one program per (key block of BLOCK_N, b, h); it loops over every query block, recomputes
-   ``P^T = 2^(k q^T * scale * log2 e - L log2 e)`` from the saved L and accumulates ``dV += P^T dO`` and
+   ``P^T = 2^(k q^T * scale * log2 e - L log2 e)`` from ``L log2 e`` and accumulates ``dV += P^T dO`` and
    ``dK += dS^T Q`` in registers; each dK/dV row is written once, by its owner;
 3. dQ: one program per (query block, b, h); loops over every key block and accumulates ``dQ += dS K``.
 
@@ -372,7 +377,7 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O, O_LO, DO, DELTA,
+    O, O_LO, DO, DELTA, LSE, LSE2,
     stride_ob, stride_on, stride_oc,
     stride_lob, stride_lon, stride_loc,
     stride_dob, stride_don, stride_doc,
@@ -380,8 +385,8 @@ def _attn_bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, IDX64: tl.constexpr,
     HAS_LO: tl.constexpr,
 ):
-    """delta = rowsum(dO * (O + O_LO)) (O_LO only with HAS_LO), (B, H, N) float32.
-    Grid: (cdiv(N, BLOCK_M) * B * H,)."""
+    """delta = rowsum(dO * (O + O_LO)) (O_LO only with HAS_LO) and LSE2 = LSE * log2(e), the log-sum-exp in the
+    exponent's units the dK/dV and dQ kernels read, both (B, H, N) float32. Grid: (cdiv(N, BLOCK_M) * B * H,)."""
     pid_m, bh, b, h = _program_bh(N, H, BLOCK_M)
     offs_m, _, offs_d = _tile_offsets(pid_m, BLOCK_M, BLOCK_M, BLOCK_D, IDX64)
     o = _load_tile(O + b * stride_ob + h * HEAD_DIM * stride_oc, offs_m, N, offs_d, stride_on, stride_oc,
@@ -394,6 +399,8 @@ def _attn_bwd_delta_kernel(
                         HEAD_DIM, True, EVEN_D).to(tl.float32)
     delta = tl.sum(o * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+    tl.store(LSE2 + bh.to(tl.int64) * N + offs_m, lse * 1.4426950408889634, mask=offs_m < N)
 
 
 @triton.jit
@@ -413,8 +420,7 @@ def _bwd_dkdv_query_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, r
         lse = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-    lse_u = lse if DOT_PRECISION == "ieee" else lse * 1.4426950408889634  # the exponent's units
-    p_t = _exp_units(s_t * qk_scale - lse_u[None, :], DOT_PRECISION)
+    p_t = _exp_units(s_t * qk_scale - lse[None, :], DOT_PRECISION)  # lse in the exponent's units
     if DOT_PRECISION == "ieee":  # float32: P renormalised by the dQ kernel's r
         if MASK_M:
             rnorm = tl.load(rnorm_base + rows, mask=rows < N, other=0.0)
@@ -529,8 +535,7 @@ def _attn_bwd_dq_kernel(
 
     q = _load_tile(q_base, offs_m, N, offs_d, stride_qn, stride_qc, HEAD_DIM, True, EVEN_D)
     do = _load_tile(do_base, offs_m, N, offs_d, stride_don, stride_doc, HEAD_DIM, True, EVEN_D)
-    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))
-    lse2 = lse if DOT_PRECISION == "ieee" else lse * 1.4426950408889634  # the exponent's units (below)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=float("inf"))  # exponent's units
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     n_full = (N // BLOCK_N) * BLOCK_N
@@ -900,7 +905,8 @@ def self_attention_bwd(
     delta = torch.empty((B, H, N), dtype=torch.float32, device=qkv.device)
     delta_block = 16 if _INTERPRETED else _DELTA_BLOCK_M
     rnorm = torch.empty_like(delta) if fp32 else delta  # r = 1 / rowsum(P), float32 only (16-bit: not read)
-    args = (qkv, dout, lse, delta, rnorm, dqkv, *qkv.stride(), H * D * qkv.stride(2), *dout.stride(), *dqkv.stride(),
+    lse_exp = lse if fp32 else torch.empty_like(delta)  # L in the exponent's units (16-bit: L log2 e, delta kernel)
+    args = (qkv, dout, lse_exp, delta, rnorm, dqkv, *qkv.stride(), H * D * qkv.stride(2), *dout.stride(), *dqkv.stride(),
             H * D * dqkv.stride(2), N, H, n_bucket, scale, _exponent_scale(scale, qkv.dtype))
 
     def grid_dkdv(m):
@@ -915,7 +921,7 @@ def self_attention_bwd(
             _launch("dkdv", grid_dkdv, args, meta, tune_key, qkv.device, config)
             return dqkv
         _attn_bwd_delta_kernel[(triton.cdiv(N, delta_block) * B * H,)](
-            out, lo, dout, delta, *out.stride(), *lo.stride(), *dout.stride(), N, H,
+            out, lo, dout, delta, lse, lse_exp, *out.stride(), *lo.stride(), *dout.stride(), N, H,
             HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], EVEN_D=meta["EVEN_D"], BLOCK_M=delta_block, IDX64=idx64,
             HAS_LO=out_lo is not None,
             num_warps=4, enable_fp_fusion=FP_FUSION,

@@ -36,24 +36,25 @@ A negative scale negates q instead (exact), so ``m`` is the maximum of the scale
 take ``p = 0`` through a select on the exponent (also right for ``scale = 0``).
 
 One row sum, ``l~``, the sum of the rounded weights the PV dot used, computed by that dot's operand: ``E`` is a
-``(BLOCK_N, 16)`` matrix with ones in column 0, so ``p~ E`` is one more tensor-core dot (64x16 wgmma, products exact,
-float32 sums) whose column 0 accumulates ``l~``. Summing ``p~`` on the CUDA cores instead needs p~ widened back to
-float32, and that second use of each converted score keeps the compiler from converting two at a time (one
+``(BLOCK_N, 16)`` matrix with ones in column 0, so ``p~ E`` is one more tensor-core dot (64x16 wgmma, products
+exact, float32 sums) whose column 0 accumulates ``l~``. Summing ``p~`` on the CUDA cores instead needs p~ widened
+back to float32, and that second use of each converted score keeps the compiler from converting two at a time (one
 conversion per score plus byte permutes to pack the operand). O divided by ``l~`` has weights that sum to 1 to
 float32 rounding: a component common to every value row (the qkv Linear's bias puts one there) passes through
 unchanged. L is taken from the same ``l~``, not from the sum ``l`` of the unrounded weights: the backward's
-recomputed ``P = p / l~`` then sums to ``l / l~ = 1 + e`` per row (``|e| <= 2^-8`` bfloat16, ``2^-11`` float16:
-a weighted mean of the rounding errors of p~, typically far smaller), one factor per row, and the exact-delta scheme below is
-unaffected: with ``delta = dO . O_fp32 = dO . (sum_j p~_j v_j) / l~``, a component common to the value rows still
-cancels in ``dP - delta`` for every score, and ``rowsum(dS) = sum_j p_j (dP_j - delta) / l~`` is what it was with
-``l`` up to the factor ``l / l~``. The LSE moves by ``ln(l~ / l)``, below the 16-bit reference's own LSE error (its
-scores are rounded to 16 bits).
+recomputed ``P = p / l~`` then sums to ``l / l~ = 1 + e`` per row (``|e| <= 2^-8`` bfloat16, ``2^-11`` float16: a
+weighted mean of the rounding errors of p~, typically far smaller), one factor per row, and the exact-delta scheme
+below is unaffected: with ``delta = dO . O_fp32 = dO . (sum_j p~_j v_j) / l~``, a component common to the value rows
+still cancels in ``dP - delta`` for every score, and ``rowsum(dS) = sum_j p_j (dP_j - delta) / l~`` is what it was
+with ``l`` up to the factor ``l / l~``. The LSE moves by ``ln(l~ / l)``, below the 16-bit reference's own LSE error
+(its scores are rounded to 16 bits).
 
-float32 keeps the scores in natural units instead: ``m' = max(m, rowmax(s) * scale)``,
-``p = 2^((s * scale - m') * log2 e)``, ``L = m + ln l`` with ``l`` the plain row sum (p is the dot's operand
-unrounded), so log2(e) multiplies the small differences and never a score of magnitude 20-40, and L is
-rounded once instead of three times (``* log2 e``, ``+ log2 l``, ``* ln 2``): each of those roundings moved every
-P of a row by up to ``2^-24 |L|``, a float32 error 2-3x the reference's.
+float32 keeps the scores in natural units instead and scales them first (its loop is bound by the FMA dot, not by
+these; folding the scale made its 64-column 16 x 32 tile spill with triton 3.9): ``s = (q k^T) * scale``,
+``m' = max(m, rowmax(s))``, ``p = 2^((s - m') * log2 e)``, ``L = m + ln l`` with ``l`` the plain row sum (p is the
+dot's operand unrounded), so log2(e) multiplies the small differences and never a score of magnitude 20-40, and L is
+rounded once instead of three times (``* log2 e``, ``+ log2 l``, ``* ln 2``): each of those roundings moved every P
+of a row by up to ``2^-24 |L|``, a float32 error 2-3x the reference's.
 
 Static reading, not a measurement (sm_90 SASS, cuobjdump of each cubin): instructions per score per thread in the
 loop over full key (query) blocks, its instructions divided by ``BLOCK_M * BLOCK_N / (32 * num_warps)``; ranges over
@@ -103,15 +104,15 @@ Backward, deterministic (no atomics), three launches for float16/bfloat16 (float
 
 Per score, float16/bfloat16: 7 matmuls (dK/dV: ``K Q^T``, ``V dO^T``, ``P^T dO``, ``dS^T Q``; dQ: ``Q K^T``,
 ``dO V^T``, ``dS K``) and 2 exp2 (P, once in each kernel); flash attention 2 has 5 and 1, its dQ accumulated by
-float32 atomic adds from the dK/dV program. The 2 matmuls and 1 exp2 above that are the dQ kernel's recomputation
-of S, P and dP, kept for gradients that are bit-reproducible (atomic adds commit in no fixed order) without
-scratch memory. The deterministic alternatives, on paper at the headline shapes (B = 256, H = 7, N = 401, D = 32:
-288 M scores per layer; H100 SXM, 3.35 TB/s nominal HBM3): dS written by the dK/dV kernel and read by a dQ GEMM,
-2 B per score, 576 MB written and read again per layer, about 0.34 ms of traffic alone; or float32 dQ partials
-per key block, ``cdiv(N, 64) * N * D * 4`` B per head, 644 MB written and read by a reduction pass. The recomputation costs about 0.07-0.15 ms
-there: 288 M exp2 at 16 per clock per SM (132 SMs, 1.75 GHz) and 6.8-16.0 SASS instructions per score per thread
-(the dQ loop, above) at 128 lanes per clock per SM, both about 0.08 ms per 8 instructions; its 3 matmuls are
-55 GFLOP. None of this is measured yet.
+float32 atomic adds from the dK/dV program. The 2 matmuls and 1 exp2 above that are the dQ kernel's recomputation of
+S, P and dP, kept for gradients that are bit-reproducible (atomic adds commit in no fixed order) without scratch
+memory. The deterministic alternatives, on paper at the headline shapes (B = 256, H = 7, N = 401, D = 32: 288 M
+scores per layer; H100 SXM, 3.35 TB/s nominal HBM3): dS written by the dK/dV kernel and read by a dQ GEMM, 2 B per
+score, 576 MB written and read again per layer, about 0.34 ms of traffic alone; or float32 dQ partials per key
+block, ``cdiv(N, 64) * N * D * 4`` B per head, 644 MB written and read by a reduction pass. The recomputation costs
+about 0.07-0.16 ms there: the dQ loop's 6.8-16.0 SASS instructions per score per thread (above) issued at 4 warp
+instructions per clock per SM (132 SMs, 1.75 GHz), its exp2 (16 per clock per SM: 0.08 ms) overlapping; its 3
+matmuls are 55 GFLOP. None of this is measured yet.
 
 float32, two launches, dQ first. P recomputed from a float32 L sums to ``1 + O(2^-24 |L|)`` per row, not to 1, and
 ``rowsum(dS) = delta * (1 - rowsum(P))`` is then no longer 0: with keys or values that share an offset it made dQ
@@ -299,8 +300,14 @@ def _fwd_key_block(acc, l_i, m_i, q, ones, k_base, v_base, start_n, N, offs_n, o
     if IDX64:
         rows = rows.to(tl.int64)
     k = _load_tile(k_base, rows, N, offs_d, stride_n, stride_c, HEAD_DIM, MASK_N, EVEN_D)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
-    if MASK_N:
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+    if DOT_PRECISION == "ieee":  # float32: the scores scaled first, natural units
+        s = s * qk_scale
+        if MASK_N:
+            s = tl.where(rows[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        x = s - m_new[:, None]
+    elif MASK_N:  # 16-bit: s unscaled, qk_scale >= 0 applied in the exponent's FFMA
         valid = rows[None, :] < N
         m_new = tl.maximum(m_i, tl.max(tl.where(valid, s, float("-inf")), 1) * qk_scale)
         x = tl.where(valid, s * qk_scale - m_new[:, None], float("-inf"))
@@ -339,8 +346,9 @@ def _attn_fwd_kernel(
     offs_m, offs_n, offs_d = _tile_offsets(pid_m, BLOCK_M, BLOCK_N, BLOCK_D, IDX64)
 
     q = _load_tile(q_base, offs_m, N, offs_d, stride_qn, stride_qc, HEAD_DIM, True, EVEN_D)
-    q = tl.where(qk_scale < 0, -q, q)
-    qk_scale = tl.abs(qk_scale)
+    if DOT_PRECISION != "ieee":  # the row maximum of s * qk_scale is that of s times qk_scale >= 0
+        q = tl.where(qk_scale < 0, -q, q)
+        qk_scale = tl.abs(qk_scale)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if DOT_PRECISION == "ieee":
@@ -906,8 +914,8 @@ def self_attention_bwd(
     delta_block = 16 if _INTERPRETED else _DELTA_BLOCK_M
     rnorm = torch.empty_like(delta) if fp32 else delta  # r = 1 / rowsum(P), float32 only (16-bit: not read)
     lse_exp = lse if fp32 else torch.empty_like(delta)  # L in the exponent's units (16-bit: L log2 e, delta kernel)
-    args = (qkv, dout, lse_exp, delta, rnorm, dqkv, *qkv.stride(), H * D * qkv.stride(2), *dout.stride(), *dqkv.stride(),
-            H * D * dqkv.stride(2), N, H, n_bucket, scale, _exponent_scale(scale, qkv.dtype))
+    args = (qkv, dout, lse_exp, delta, rnorm, dqkv, *qkv.stride(), H * D * qkv.stride(2), *dout.stride(),
+            *dqkv.stride(), H * D * dqkv.stride(2), N, H, n_bucket, scale, _exponent_scale(scale, qkv.dtype))
 
     def grid_dkdv(m):
         return (triton.cdiv(N, m["BLOCK_N"]) * B * H,)

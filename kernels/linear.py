@@ -93,8 +93,8 @@ no wgmma). The dgrad likewise: GELU' in its prologue cost 3,198-3,225 instr per 
 erf and exp of every dz element recomputed by each of the ``K / BLOCK_N`` column tiles), and the bias gradient's
 column sums alone 253-292 with C7515 on most tiles; without either the dgrad GEMM runs 83-116 instr. So a 16-bit
 dgrad forms dz once per element in ``_linear_dz_kernel`` (``tile + (DZ_PASS,)``; dz is written anyway, for ``dW``:
-the split costs one more 2-byte read of dz, and where dz is dout itself (qkv, proj) one read of dout for the bias
-sums) and the GEMM has no prologue. One more serialization, ptxas's "non wgmma instructions defining accumulator
+the split costs one more 2-byte read of dz, and where dz is dout itself (qkv's dgrad) one read of dout for the
+bias sums) and the GEMM has no prologue. One more serialization, ptxas's "non wgmma instructions defining accumulator
 registers": the 128x128 tiles at 8 warps (128x128x64/w8/s3: 95-105 instr) when the float32 accumulator is stored as
 is (a float32 ``da``, i.e. the LayerNorm GEMMs' dgrad, or a float32 output without epilogue); those GEMMs skip
 :data:`F32_STORE_SERIALIZED` and default to ``16bit-small``.
@@ -116,19 +116,20 @@ cuBLAS computes ``da = dz @ W`` (``torch.mm``, float32 accumulation; into a floa
 ``out_dtype``): the tuner decides per key whether the Triton GEMM or cuBLAS reads dz.
 
 Ahead-of-time compile for sm_90 (triton 3.6.0, the GPU machines' version; sm_90a ptxas -v through the stand-in
-driver of ``tests/sm90_compile.py``): every case of ``aot_cases()``, i.e. every tile the autotuner may time x the
+driver of ``tests/sm90_compile.py``): every case of ``aot_cases()``, i.e. every config the autotuner may time x the
 flag sets of qkv / proj / fc1 / fc2 (fc2 compiles to the same specialisation as proj) x inference and training
-(SAVE) x float16 / bfloat16 / float32, at K, N of the family's widths; CI compiles the ``ci`` scope (C = 224 and
-448, batch 256) under every change. All compile; every 16-bit dot lowers to Hopper's warp-group MMA (``wgmma`` in
-the PTX, forward and dgrad); with 3.6 no 16-bit tile of ``TUNE_CONFIGS`` spills (0 bytes spill stores / loads),
-the float32 dgrad spills 4+4 bytes (since it sums the bias gradient); shared memory and registers per tile in
-docs/sm90.md (the compile check's output). (triton 3.9 allocates differently: the bfloat16 dgrad spills 16-76
-bytes on most tiles, the float32 kernels 8+8; tests/sm90_compile.py's budgets.) float32 (``ieee``) dots are FMA
-loops (no wgmma, by design); the float32 tile was shrunk to BLOCK_K = 16 after BLOCK_K = 32 spilled 4 bytes in
-the dgrad.
+(SAVE) x float16 / bfloat16 / float32, at K, N of the family's widths (896 cases, 2,044 before the 16-bit prologues
+went); CI compiles the ``ci`` scope (C = 224 and 448, batch 256) under every change: 160 distinct compiles (497
+before). All compile; every 16-bit dot lowers to Hopper's warp-group MMA (``wgmma`` in the PTX, forward and dgrad);
+with 3.6 no compile of the ci scope has its wgmma pipeline serialized (no C7515; bfloat16 and autocast read) and no
+16-bit one spills; the float32 fc1 forward (LayerNorm prologue) spills 28 bytes; registers, shared memory and
+instructions per K step per tile in docs/sm90.md. (triton 3.9, same scope: 160 compiles, 497 before; no 16-bit
+spill, where the bfloat16 dgrad with its prologue spilled up to 76 bytes; the float32 dgrad 16 bytes; no C7515 at
+C = 448, bfloat16 and autocast.) float32 (``ieee``) dots are FMA loops (no wgmma, by design); the float32 tile
+was shrunk to BLOCK_K = 16 after BLOCK_K = 32 spilled 4 bytes in the dgrad.
 
-Not yet timed on a GPU: which tiles win (the GEMM benchmark's ``tiles`` field will say), whether the LayerNorm
-prologue's second read of the row block keeps up with cuBLAS on a ready input, and whether CUBLAS / DZ_FIRST ever
+Not yet timed on a GPU: which tiles win (the GEMM benchmark's ``tiles`` field will say), what the LayerNorm kernel's
+and the dz kernel's extra passes cost against the fused prologues they replace, and whether CUBLAS / DZ_FIRST ever
 win a key (they are there so that no key runs slower than cuBLAS would).
 """
 

@@ -5,7 +5,7 @@ What it computes
 For rows ``x`` (M rows of K channels; a ``(B, T, K)`` view of any strides) and a Linear ``weight`` ``(N, K)`` whose
 dtype is the compute dtype ``ct``::
 
-    a   = LayerNorm(x) (float32 statistics, affine)  if LN  else  x          (prologue)
+    a   = LayerNorm(x) (float32 statistics, affine)  if LN  else  x          (prologue / the layer_norm kernel)
     z   = a.to(ct) @ weight^T  (float32 accumulation) + bias.to(ct)          (bias optional)
     h   = GELU(z)  (exact: 0.5 z (1 + erf(z / sqrt 2)), as nn.GELU())         if GELU
     out = residual + scale[row // RPG] * h,  stored in out_dtype              (scale, residual optional)
@@ -19,7 +19,8 @@ or closer to the float64 value.
 Backward (``linear_dgrad``), with ``g = dout * scale * GELU'(z)`` (``z`` saved by the forward in ``ct``)::
 
     dz = g.to(ct)         (written once: the reference writes it too, as GELU's / the cast's gradient)
-    da = dz @ weight      (the GELU derivative and the scale are applied in this GEMM's prologue)
+    da = dz @ weight      (16-bit: a GEMM with no prologue on the dz of an elementwise pass; float32: the GELU
+                           derivative and the scale applied in this GEMM's prologue)
     db = sum_rows(dz)     (float32 column sums of the rounded dz, one row per row tile, summed by the launcher)
 
 and the op (crossvit_fast/ops/linear.py) finishes with ``dW = dz^T a`` (torch matmul) and the LayerNorm backward
@@ -28,7 +29,9 @@ and the op (crossvit_fast/ops/linear.py) finishes with ``dW = dz^T a`` (torch ma
 Algorithm
 ---------
 One program per (BLOCK_M x BLOCK_N) output tile, tiles ordered in groups of GROUP_M row tiles so that a group's
-rows of x stay in L2 while it sweeps N. With the LayerNorm prologue a program first walks its BLOCK_M rows over K
+rows of x stay in L2 while it sweeps N. A 16-bit LayerNorm GEMM runs as the ``layer_norm`` kernel (each row
+normalised once, written in ``ct``: ``ahat``) followed by this GEMM without prologue (``LN_FIRST``; why: Tuning).
+With the LayerNorm prologue (float32) a program first walks its BLOCK_M rows over K
 once for the statistics of ``x - p``, ``p`` the row's first element (per-chunk mean and M2 by the ``layer_norm``
 kernel's ``row_moments``, merged as Chan et al.: one pass; the centred row ``(x - p) - mean`` keeps the precision
 of the row's spread, so constant rows normalise to exactly the bias), then walks
@@ -39,10 +42,13 @@ When the backward will be needed the forward also writes ``z`` (GELU only), the 
 (LayerNorm only; the reference writes LayerNorm's output too) and the float32 row statistics, from the programs of
 the first column tile.
 
-The dgrad kernel is the same GEMM over N: each program's prologue loads ``dout`` (and ``z``) chunks, applies the
-scale and GELU' in float32, rounds to ``ct``, and the programs of the first K-column tile store ``dz`` and, for the
-bias gradient, each chunk's column sums (one (BLOCK_K,) row of a ``(cdiv(M, BLOCK_M), N)`` float32 buffer per row
-tile; the launcher sums its rows). Deterministic: no atomics, no split-K.
+The dgrad kernel is the same GEMM over N. 16-bit: the elementwise ``_linear_dz_kernel`` first forms dz once per
+element (GELU' and the scale in float32, rounded to ``ct``, stored) and the bias gradient's column sums (one row of a
+``(cdiv(M, DZ_ROWS), N)`` float32 buffer per program row, summed by the launcher), then the GEMM reads dz (or dout
+itself where it is dz) with no prologue (``DZ_PASS``; why: Tuning). float32: each program's prologue loads
+``dout`` (and ``z``) chunks, applies the scale and GELU' in float32, and the programs of the first K-column tile
+store ``dz`` and each chunk's column sums (one (BLOCK_K,) row of a ``(cdiv(M, BLOCK_M), N)`` buffer per row tile).
+Deterministic: no atomics, no split-K.
 
 Limits
 ------
@@ -70,45 +76,60 @@ decides both, for this module and the self-attention's), an explicit ``config=``
 input (``out=`` the residual: the timed launches would add the branch again and again). float32 has one tile. The
 interpreter runs one large tile. :func:`tuned_configs` lists the picks (the GEMM benchmark records them per row).
 
-For a 16-bit GEMM with the LayerNorm prologue (qkv, fc1) the candidates also include each tile as ``tile +
-(LN_FIRST,)``: the ``layer_norm`` kernel normalises each row once and writes it in the compute dtype (``ahat``, which
-training saves anyway), then the GEMM reads that (:func:`fwd_candidates`). Why both: the prologue saves the DRAM
-round trip of the normalised rows (about 4 bytes a channel in inference, 2 in training, where ``ahat`` is written
-either way), but every program re-reads its float32 row block from L2 twice (statistics, then the normalising
-K-loop) for each of the ``N / BLOCK_N`` column tiles: per (BLOCK_M x BLOCK_N x BLOCK_K) step ``8 BLOCK_M BLOCK_K``
-bytes of x against ``2 BLOCK_M BLOCK_K`` for a 16-bit operand, i.e. ``2 BM BN / (8 BM + 2 BN)`` = 26 flop per L2
-byte at 128 x 128 instead of 64. With H100's L2 at roughly 7-10 TB/s that bounds the prologue GEMM near 180-260
-TFLOP/s, below the bf16 tensor-core rate, while the family's qkv / fc1 (K = C <= 448) are short enough that the
-extra DRAM traffic of a separate LayerNorm costs less. A roofline, not a measurement: the tuner decides per key.
+Why no 16-bit GEMM keeps a prologue (a static reading of sm_90a compiles, triton 3.6.0, ptxas -v and cuobjdump
+-sass at the headline shapes: C = 448, M = 256 x 401; "instr" = SASS instructions per warp in one K step of the
+loop that holds the HGMMAs; not a measurement). The plain GEMM at 128x128x64/w8/s3 runs 112 instr, 118 registers,
+2 CTAs per SM. The LayerNorm prologue (the row block normalised in registers and fed to ``tl.dot``) made Triton
+take wgmma's A operand from registers: 288-309 instr with a float32 x (autocast), 336-399 with a bfloat16 one, up to
+227 registers, 1-2 CTAs per SM, and ptxas serialized the wgmma pipeline (warning C7515) on nearly every tile. Tried,
+with the row statistics from a separate pass: the normalised tile carried to the next iteration (Triton then stages
+A in shared memory, SS wgmma, no C7515): 250 (float32 x) / 309 (bfloat16 x) instr; with the LayerNorm's gamma and
+beta also folded into the weight and bias and no masks: 150 / 206. Only the last, for a float32 x, is within 1.5x of
+the plain GEMM, and it cannot win on paper: it reads the float32 row block twice (statistics pass and GEMM, 8 bytes
+per element from DRAM, against LN_FIRST's 4 + 2 + 2), rounds ``gamma * W`` instead of the normalised row, and
+training writes ``ahat`` (what ``dW`` multiplies) anyway. So every 16-bit LayerNorm GEMM runs ``LN_FIRST`` (the
+candidates are ``tile + (LN_FIRST,)``; a bare tile runs that way too) and the prologue is float32's only (FMA loops,
+no wgmma). The dgrad likewise: GELU' in its prologue cost 3,198-3,225 instr per K step (1,663 at BLOCK_K = 32; the
+erf and exp of every dz element recomputed by each of the ``K / BLOCK_N`` column tiles), and the bias gradient's
+column sums alone 253-292 with C7515 on most tiles; without either the dgrad GEMM runs 83-116 instr. So a 16-bit
+dgrad forms dz once per element in ``_linear_dz_kernel`` (``tile + (DZ_PASS,)``; dz is written anyway, for ``dW``:
+the split costs one more 2-byte read of dz, and where dz is dout itself (qkv's dgrad) one read of dout for the
+bias sums) and the GEMM has no prologue. One more serialization, ptxas's "non wgmma instructions defining accumulator
+registers": the 128x128 tiles at 8 warps (128x128x64/w8/s3: 95-105 instr) when the float32 accumulator is stored as
+is (a float32 ``da``, i.e. the LayerNorm GEMMs' dgrad, or a float32 output without epilogue); those GEMMs skip
+:data:`F32_STORE_SERIALIZED` and default to ``16bit-small``.
+
+The 16-bit tiles (:data:`TUNE_CONFIGS`) are the ones no other tile dominates on that reading; the defaults
+(:func:`pick_config`) are ``128x128x64/w8/s3`` (the fewest instructions per MMA, 2 CTAs per SM) where there are two
+waves of its tiles, else ``64x128x64/w4/s3`` (3 CTAs per SM). A 16-bit LayerNorm GEMM key times 5 candidates (4
+``LN_FIRST`` tiles and ``CUBLAS``; 17 before), another forward key 5 (9), a dgrad key 5, or 4 with a float32 ``da``
+(9). The LayerNorm-first GEMM trades the prologue's L2 re-reads of the row block for one DRAM round trip of the
+normalised rows (about 4 bytes a channel in inference, 2 in training, where ``ahat`` is written either way).
 
 Every 16-bit forward key also times :data:`CUBLAS`: timm's sequence (the LayerNorm kernel, ``torch.addmm``, GELU
 / scale / residual as torch elementwise ops; z rounded to the compute dtype as the reference does). It costs one
 or two extra passes over the output, so it wins only where the Triton GEMM itself trails cuBLAS: a guard, so that a
 key never runs slower than the sequence the fused kernel replaced.
 
-For a 16-bit dgrad the candidates also include ``DZ_FIRST`` (:func:`dgrad_candidates`): an elementwise kernel
-forms ``dz`` (and the bias gradient's partial sums) in one pass and cuBLAS computes ``da = dz @ W`` (``torch.mm``,
-float32 accumulation; into a float32 ``da`` through ``mm``'s ``out_dtype``). The fused dgrad saves nothing on
-DRAM (``dz`` is written either way, for ``dW``) but re-reads its A operand -- ``dout`` in float32 under autocast,
-or ``dout`` and ``z`` -- from L2 for each of the ``K / BLOCK_N`` column tiles: ``2 BM BN / (4 BM + 2 BN)`` = 43
-flop per L2 byte at 128 x 128 against 64 for a 16-bit A (fc2's dgrad sweeps 3C / 128 = 10.5 column tiles); the
-split form adds one DRAM read of ``dz`` (2 bytes an element) and hands the GEMM to cuBLAS. Also a roofline, not a
-measurement: the tuner decides per key.
+For a 16-bit dgrad the candidates also include ``DZ_FIRST`` (:func:`dgrad_candidates`): the same dz pass, then
+cuBLAS computes ``da = dz @ W`` (``torch.mm``, float32 accumulation; into a float32 ``da`` through ``mm``'s
+``out_dtype``): the tuner decides per key whether the Triton GEMM or cuBLAS reads dz.
 
 Ahead-of-time compile for sm_90 (triton 3.6.0, the GPU machines' version; sm_90a ptxas -v through the stand-in
-driver of ``tests/sm90_compile.py``): every case of ``aot_cases()``, i.e. every tile the autotuner may time x the
+driver of ``tests/sm90_compile.py``): every case of ``aot_cases()``, i.e. every config the autotuner may time x the
 flag sets of qkv / proj / fc1 / fc2 (fc2 compiles to the same specialisation as proj) x inference and training
-(SAVE) x float16 / bfloat16 / float32, at K, N of the family's widths; CI compiles the ``ci`` scope (C = 224 and
-448, batch 256) under every change. All compile; every 16-bit dot lowers to Hopper's warp-group MMA (``wgmma`` in
-the PTX, forward and dgrad); with 3.6 no 16-bit tile of ``TUNE_CONFIGS`` spills (0 bytes spill stores / loads),
-the float32 dgrad spills 4+4 bytes (since it sums the bias gradient); shared memory and registers per tile in
-docs/sm90.md (the compile check's output). (triton 3.9 allocates differently: the bfloat16 dgrad spills 16-76
-bytes on most tiles, the float32 kernels 8+8; tests/sm90_compile.py's budgets.) float32 (``ieee``) dots are FMA
-loops (no wgmma, by design); the float32 tile was shrunk to BLOCK_K = 16 after BLOCK_K = 32 spilled 4 bytes in
-the dgrad.
+(SAVE) x float16 / bfloat16 / float32, at K, N of the family's widths (896 cases, 2,044 before the 16-bit prologues
+went); CI compiles the ``ci`` scope (C = 224 and 448, batch 256) under every change: 160 distinct compiles (497
+before). All compile; every 16-bit dot lowers to Hopper's warp-group MMA (``wgmma`` in the PTX, forward and dgrad);
+with 3.6 no compile of the ci scope has its wgmma pipeline serialized (no C7515; bfloat16 and autocast read) and no
+16-bit one spills; the float32 fc1 forward (LayerNorm prologue) spills 28 bytes; registers, shared memory and
+instructions per K step per tile in docs/sm90.md. (triton 3.9, same scope: 160 compiles, 497 before; no 16-bit
+spill, where the bfloat16 dgrad with its prologue spilled up to 76 bytes; the float32 dgrad 16 bytes; no C7515 at
+C = 448, bfloat16 and autocast.) float32 (``ieee``) dots are FMA loops (no wgmma, by design); the float32 tile
+was shrunk to BLOCK_K = 16 after BLOCK_K = 32 spilled 4 bytes in the dgrad.
 
-Not yet timed on a GPU: which tiles win (the GEMM benchmark's ``tiles`` field will say), whether the LayerNorm
-prologue's second read of the row block keeps up with cuBLAS on a ready input, and whether CUBLAS / DZ_FIRST ever
+Not yet timed on a GPU: which tiles win (the GEMM benchmark's ``tiles`` field will say), what the LayerNorm kernel's
+and the dz kernel's extra passes cost against the fused prologues they replace, and whether CUBLAS / DZ_FIRST ever
 win a key (they are there so that no key runs slower than cuBLAS would).
 """
 
@@ -128,7 +149,8 @@ from crossvit_fast.kernels import tuning
 from .layer_norm import _as3d, _device_of, _span, _unit_stride, layer_norm_fwd, row_moments, rstd_of
 
 __all__ = ["linear_fwd", "linear_dgrad", "check_linear_inputs", "check_linear_shapes", "check_linear_epilogue",
-           "SUPPORTED_DTYPES", "AUTOTUNE", "CONFIGS", "TUNE_CONFIGS", "LN_FIRST", "DZ_FIRST", "pick_config",
+           "SUPPORTED_DTYPES", "AUTOTUNE", "CONFIGS", "TUNE_CONFIGS", "F32_STORE_SERIALIZED", "LN_FIRST", "DZ_PASS",
+           "DZ_FIRST", "pick_config",
            "tune_configs", "fwd_candidates", "dgrad_candidates", "tuned_configs", "config_name", "aot_cases"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -152,27 +174,40 @@ CONFIGS: Dict[str, Config] = {
     "fp32": (64, 64, 16, 4, 2),
 }
 TUNE_CONFIGS: Dict[str, List[Config]] = {
-    # none spilled on sm_90 (triton 3.6 and 3.9, every flag set) before the dgrad summed the bias gradient; with
-    # 3.6 none does now (docs/sm90.md). Tried and left out for spilling
-    # with 3.6: 128x128x64 at 4 warps (fwd 8-490 B, dgrad ~1.2 KB), 128x256x64 and 256x128x64 at 8 warps (fwd
-    # 16-270 B, dgrad 0.16-1.3 KB), 128x64x64/w4/s4 (dgrad ~0.9 KB), 128x128x128/w8/s2 (dgrad ~1 KB at K = 224);
-    # with 3.9: 64x256x64/w8/s3 (dgrad 16-24 B at K = 224; 255 registers, no spill, with 3.6)
+    # The 16-bit tiles every 16-bit GEMM now runs (no prologue in the K loop: see Tuning in the header), read from
+    # sm_90 compiles (triton 3.6, C = 448, M = 102656; SASS instructions per warp per K step of the HGMMA loop,
+    # CTAs per SM from registers and shared memory, no C7515 serialization):
+    #   128x128x64/w8/s3  112 instr, 118 regs,  96 KB, 2 CTAs (the fewest instructions per MMA)
+    #   64x128x64/w4/s3   137 instr, 117 regs,  72 KB, 3 CTAs
+    #   128x64x64/w8/s4    98 instr,  74 regs,  96 KB, 2 CTAs (N = 448 = 7 x 64: no ragged column tile)
+    #   64x128x32/w4/s4    89 instr (2 HGMMA), 102 regs, 48 KB, 4 CTAs
+    # Dropped as unable to win on paper (each is dominated by a kept tile: as many or fewer CTAs per SM and more
+    # instructions per MMA): 128x128x64/w8/s4 (1 CTA, 128 KB), 64x128x64/w4/s4 (2 CTAs), 128x128x32/w8/s4 (142
+    # instructions per 64 of K, 2 CTAs), 64x64x64/w4/s4 (112 instructions for half the MMA of 128x64x64).
+    # Tried earlier and left out for spilling with 3.6: 128x128x64 at 4 warps, 128x256x64 and 256x128x64 at 8
+    # warps, 128x64x64/w4/s4, 128x128x128/w8/s2; with 3.9: 64x256x64/w8/s3.
     "16bit": [
         (128, 128, 64, 8, 3),
         (64, 128, 64, 4, 3),
-        (128, 128, 64, 8, 4),
-        (64, 128, 64, 4, 4),
         (128, 64, 64, 8, 4),
         (64, 128, 32, 4, 4),
-        (64, 64, 64, 4, 4),
-        (128, 128, 32, 8, 4),
     ],
     "fp32": [(64, 64, 16, 4, 2)],
 }
+F32_STORE_SERIALIZED = ((128, 128, 8),)
+"""(BLOCK_M, BLOCK_N, warps) of the 16-bit tiles whose wgmma loop ptxas serializes (warning C7515: "non wgmma
+instructions defining accumulator registers") when the float32 accumulator is stored as is, with no epilogue
+arithmetic: the dgrad into a float32 ``da`` (the LayerNorm GEMMs') and a float32-output forward with no GELU /
+scale / residual. Those GEMMs neither time nor default to them."""
 LN_FIRST = "ln"
-"""A forward config with this as a sixth element, ``tile + (LN_FIRST,)``, runs a LayerNorm-prologue GEMM as the
-``layer_norm`` kernel (rows normalised once, written in the compute dtype) followed by the GEMM on that output,
-instead of normalising in the GEMM's prologue; the autotuner times both ways (see Tuning in the header)."""
+"""The sixth element of a 16-bit LayerNorm GEMM's forward configs, ``tile + (LN_FIRST,)``: the ``layer_norm``
+kernel normalises each row once and writes it in the compute dtype, then the GEMM (no prologue) reads it. Every
+16-bit LayerNorm GEMM runs this way (a bare tile too); only float32 keeps the in-GEMM prologue (see Tuning)."""
+DZ_PASS = "dz"
+"""The sixth element of a 16-bit dgrad's configs where dz is not dout itself (GELU', a scale, a dtype cast) or the
+bias gradient is wanted, ``tile + (DZ_PASS,)``: ``_linear_dz_kernel`` forms dz once per element (and the bias
+gradient's partial sums), then the dgrad GEMM (no prologue) reads it. Every such 16-bit dgrad runs this way (a bare
+tile too); only float32 keeps the in-GEMM prologue (see Tuning)."""
 CUBLAS = ("cublas",)
 """A forward config: timm's own sequence -- the ``layer_norm`` kernel (LayerNorm-prologue GEMMs), the GEMM and bias
 by cuBLAS (``torch.addmm``, z rounded to the compute dtype), GELU / drop-path scale / residual add as torch
@@ -370,7 +405,7 @@ def _linear_dgrad_kernel(
         acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
         d_ptrs += BLOCK_K * sdn
         w_ptrs += BLOCK_K * swn
-    tl.store(DA + (bt * sa0 + tt * sa1)[:, None] + kcols[None, :] * sak, acc.to(DA.dtype.element_ty),
+    tl.store(DA + (bt * sa0 + tt * sa1)[:, None] + kcols[None, :] * sak, (acc + 0.0).to(DA.dtype.element_ty),
              mask=rmask[:, None] & kmask[None, :])
 
 
@@ -430,31 +465,44 @@ def _sm_count(t: torch.Tensor) -> int:
     return _SM_COUNT_DEFAULT
 
 
-def pick_config(M: int, N: int, dtype: torch.dtype, sms: int = _SM_COUNT_DEFAULT) -> Tuple[int, int, int, int, int]:
-    """The (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tile for an (M x N) output in compute dtype ``dtype``."""
+def pick_config(M: int, N: int, dtype: torch.dtype, sms: int = _SM_COUNT_DEFAULT,
+                f32_store: bool = False) -> Tuple[int, int, int, int, int]:
+    """The (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tile for an (M x N) output in compute dtype ``dtype``;
+    ``f32_store``: the float32 accumulator is stored as is (never a tile of :data:`F32_STORE_SERIALIZED`)."""
     if _INTERPRETED:
         return _INTERPRETER_CONFIG
     if dtype == torch.float32:
         return CONFIGS["fp32"]
     big = CONFIGS["16bit-large"]
     tiles = triton.cdiv(M, big[0]) * triton.cdiv(N, big[1])
-    return big if tiles >= 2 * sms else CONFIGS["16bit-small"]
+    if tiles >= 2 * sms and not (f32_store and _serializes(big)):
+        return big
+    return CONFIGS["16bit-small"]
 
 
-def tune_configs(dtype: torch.dtype) -> List[Config]:
-    """Every tile the autotuner times for compute dtype ``dtype``."""
-    return TUNE_CONFIGS["fp32" if dtype == torch.float32 else "16bit"]
+def _serializes(cfg) -> bool:
+    """Whether a 16-bit tile is one of :data:`F32_STORE_SERIALIZED`."""
+    return (cfg[0], cfg[1], cfg[3]) in F32_STORE_SERIALIZED
 
 
-def fwd_candidates(dtype: torch.dtype, has_ln: bool, K: int = 0) -> list:
-    """Every forward config the autotuner times: the tiles; for a 16-bit compute dtype also :data:`CUBLAS`, and for
-    a 16-bit LayerNorm-prologue GEMM each tile once more as ``tile + (LN_FIRST,)`` (the LayerNorm kernel, then the
-    GEMM), both only where the LayerNorm kernel takes K (``K <= LAYER_NORM_MAX_DIM``). float32 gets neither: its
-    operand stays float32 either way, and cuBLAS's float32 GEMM follows torch's TF32 switch."""
-    tiles = tune_configs(dtype)
-    if dtype == torch.float32 or (has_ln and K > LAYER_NORM_MAX_DIM):
+def tune_configs(dtype: torch.dtype, f32_store: bool = False) -> List[Config]:
+    """Every tile the autotuner times for compute dtype ``dtype`` (``f32_store``: without the tiles of
+    :data:`F32_STORE_SERIALIZED`)."""
+    if dtype == torch.float32:
+        return TUNE_CONFIGS["fp32"]
+    return [c for c in TUNE_CONFIGS["16bit"] if not (f32_store and _serializes(c))]
+
+
+def fwd_candidates(dtype: torch.dtype, has_ln: bool, K: int = 0, f32_store: bool = False) -> list:
+    """Every forward config the autotuner times. float32: its tiles (the LayerNorm in the GEMM's prologue; no
+    cuBLAS: its float32 GEMM follows torch's TF32 switch). 16-bit: the tiles, each as ``tile + (LN_FIRST,)`` for a
+    LayerNorm GEMM (the LayerNorm kernel, then the GEMM), and :data:`CUBLAS`. ``f32_store``: a float32 output with
+    no GELU / scale / residual (see :data:`F32_STORE_SERIALIZED`). ``K`` is kept for callers; the LayerNorm's width
+    limit is checked before any launch."""
+    tiles = tune_configs(dtype, f32_store)
+    if dtype == torch.float32:
         return tiles
-    return tiles + ([c + (LN_FIRST,) for c in tiles] if has_ln else []) + [CUBLAS]
+    return ([c + (LN_FIRST,) for c in tiles] if has_ln else tiles) + [CUBLAS]
 
 
 def _cublas_writes(ct: torch.dtype, da_dtype: torch.dtype) -> bool:
@@ -464,13 +512,17 @@ def _cublas_writes(ct: torch.dtype, da_dtype: torch.dtype) -> bool:
                               and hasattr(torch.ops.aten.mm, "dtype_out"))
 
 
-def dgrad_candidates(dtype: torch.dtype, da_dtype: Optional[torch.dtype] = None) -> list:
-    """Every dgrad config the autotuner times: the tiles and, for a 16-bit compute dtype whose ``da`` dtype cuBLAS
-    can write (``dtype`` or float32), :data:`DZ_FIRST` (a strided ``da`` costs it a copy, which its timing
-    includes). float32 has one tile and no alternative (cuBLAS's float32 GEMM would follow torch's TF32 switch, the
-    kernel never rounds to TF32)."""
-    tiles = tune_configs(dtype)
-    if dtype != torch.float32 and _cublas_writes(dtype, da_dtype or dtype):
+def dgrad_candidates(dtype: torch.dtype, da_dtype: Optional[torch.dtype] = None, dz_pass: bool = True) -> list:
+    """Every dgrad config the autotuner times: the tiles (16-bit: each as ``tile + (DZ_PASS,)`` where ``dz_pass``,
+    i.e. dz is formed by the elementwise kernel first; without the tiles of :data:`F32_STORE_SERIALIZED` for a
+    float32 ``da``) and, for a 16-bit compute dtype whose ``da`` dtype cuBLAS can write (``dtype`` or float32),
+    :data:`DZ_FIRST` (a strided ``da`` costs it a copy, which its timing includes). float32 has one tile and no
+    alternative (cuBLAS's float32 GEMM would follow torch's TF32 switch, the kernel never rounds to TF32)."""
+    if dtype == torch.float32:
+        return tune_configs(dtype)
+    f32 = (da_dtype or dtype) == torch.float32
+    tiles = [c + (DZ_PASS,) if dz_pass else c for c in tune_configs(dtype, f32)]
+    if _cublas_writes(dtype, da_dtype or dtype):
         return tiles + [DZ_FIRST]
     return tiles
 
@@ -502,12 +554,13 @@ def tuned_configs() -> Dict[tuple, Config]:
 
 
 def config_name(config) -> str:
-    """``128x128x64/w8/s3``; a LayerNorm-kernel-first forward config (``tile + (LN_FIRST,)``) as ``ln+128x...``;
-    :data:`CUBLAS` as ``cublas``, :data:`DZ_FIRST` as ``dz+cublas``."""
+    """``128x128x64/w8/s3``; a LayerNorm-kernel-first forward config (``tile + (LN_FIRST,)``) as ``ln+128x...``, a
+    dz-pass dgrad config (``tile + (DZ_PASS,)``) as ``dz+128x...``; :data:`CUBLAS` as ``cublas``, :data:`DZ_FIRST`
+    as ``dz+cublas``."""
     if tuple(config) in (CUBLAS, DZ_FIRST):
         return "+".join(config)
     bm, bn, bk, w, s = config[:5]
-    return ("ln+" if len(config) == 6 else "") + f"{bm}x{bn}x{bk}/w{w}/s{s}"
+    return (f"{config[5]}+" if len(config) == 6 else "") + f"{bm}x{bn}x{bk}/w{w}/s{s}"
 
 
 def _tune_key(kind: str, M: int, N: int, K: int, flags, ins, outs) -> tuple:
@@ -518,12 +571,13 @@ def _tune_key(kind: str, M: int, N: int, K: int, flags, ins, outs) -> tuple:
 
 
 def _launch(launch, key_of, M: int, n_cols: int, ct: torch.dtype, ref: torch.Tensor, may_tune,
-            config: Optional[Config], candidates) -> None:
+            config: Optional[Config], candidates, f32_store: bool = False) -> None:
     """The launch of a kernel ``launch(config)`` through :meth:`Tuner.dispatch`: explicit ``config``; the
-    interpreter's tile; compile-only (the sm_90 tool): every candidate; else tuned over ``candidates()``."""
+    interpreter's tile; compile-only (the sm_90 tool): every candidate; else tuned over ``candidates()``.
+    ``f32_store``: the default tile is :func:`pick_config`'s for a float32 accumulator stored as is."""
     TUNER.dispatch(launch, config=config, interpreted=_INTERPRETER_CONFIG if _INTERPRETED else None,
                    compile_only=COMPILE_ONLY, enabled=AUTOTUNE, disk_cache=AUTOTUNE_CACHE, key_of=key_of,
-                   default_of=lambda: pick_config(M, n_cols, ct, _sm_count(ref)), candidates=candidates,
+                   default_of=lambda: pick_config(M, n_cols, ct, _sm_count(ref), f32_store), candidates=candidates,
                    device=ref.device, may_tune=may_tune)
 
 
@@ -705,7 +759,7 @@ def linear_fwd(
             return
         bm, bn, bk, warps, stages = cfg[:5]
         a3, prologue = x3, has_ln
-        if has_ln and len(cfg) == 6:  # LN_FIRST
+        if has_ln and (len(cfg) == 6 or ct != torch.float32):  # LN_FIRST: every 16-bit LayerNorm GEMM
             a3, prologue = _as3d(_normalized(x, ln_weight, ln_bias, eps, ct, ahat, mean, rstd)), False
         _linear_fwd_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
             a3, weight, bias if bias is not None else dummy, ln_weight if prologue else dummy,
@@ -728,8 +782,10 @@ def linear_fwd(
     def may_tune() -> bool:
         return not tuning.shares_storage([out], [x, weight, bias, ln_weight, ln_bias, scale, residual])
 
+    f32_store = odt == torch.float32 and not gelu and scale is None and residual is None
     with _device_of(x):
-        _launch(launch, key_of, M, N, ct, x, may_tune, config, lambda: fwd_candidates(ct, has_ln, K))
+        _launch(launch, key_of, M, N, ct, x, may_tune, config, lambda: fwd_candidates(ct, has_ln, K, f32_store),
+                f32_store)
     return out, pre, ahat, mean, rstd
 
 
@@ -833,20 +889,27 @@ def linear_dgrad(
     d3, weight = _reduction_stride_safe(d3, 2), _reduction_stride_safe(weight, 0)
     idx64 = max(_span(t) for t in (d3, a3, weight)) > _INT32_MAX or M * max(N, K) > _INT32_MAX
 
+    dz_pass = ct != torch.float32 and (pre is not None or scale is not None or d3.dtype != ct or bool(store_dz)
+                                       or bool(bias_grad))
+
     def launch(cfg: Config) -> None:
         if tuple(cfg) == DZ_FIRST:
             _dz_first(d3, weight, pre, scale, dz, da, partials, bias_grad, M, lead, idx64)
             return
         bm, bn, bk, warps, stages = cfg[:5]
-        if bias_grad:
+        g3, fused = d3, ct == torch.float32
+        if dz_pass:  # every 16-bit dgrad: dz formed once per element, then the GEMM without prologue
+            g3 = _dz_pass(d3, weight, pre, scale, dz, partials, bias_grad, M, lead, idx64, True)
+            g3 = g3 if g3.dim() == 3 else g3.view(d3.shape)
+        elif fused and bias_grad:
             partials[:] = [torch.empty((triton.cdiv(M, bm), N), dtype=torch.float32, device=dout.device)]
         _linear_dgrad_kernel[(triton.cdiv(M, bm) * triton.cdiv(K, bn),)](
-            d3, pre if pre is not None else d3, scale.reshape(-1) if scale is not None else d3, weight, a3,
-            dz if dz is not None else a3, partials[0] if bias_grad else a3,
-            M, N, K, d3.shape[1], max(M // lead, 1),
-            *d3.stride(), *weight.stride(), *a3.stride(),
-            GELU=pre is not None, HAS_SCALE=scale is not None, STORE_DZ=bool(store_dz), HAS_DB=bool(bias_grad),
-            EVEN_N=N % bk == 0,
+            g3, pre if pre is not None else g3, scale.reshape(-1) if scale is not None else g3, weight, a3,
+            dz if dz is not None else a3, partials[0] if fused and bias_grad else a3,
+            M, N, K, g3.shape[1], max(M // lead, 1),
+            *g3.stride(), *weight.stride(), *a3.stride(),
+            GELU=fused and pre is not None, HAS_SCALE=fused and scale is not None, STORE_DZ=fused and bool(store_dz),
+            HAS_DB=fused and bool(bias_grad), EVEN_N=N % bk == 0,
             IDX64=idx64, DOT_PRECISION="ieee" if ct == torch.float32 else "tf32",
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, num_warps=warps, num_stages=stages,
             enable_fp_fusion=FP_FUSION,
@@ -856,28 +919,33 @@ def linear_dgrad(
         return _tune_key("dgrad", M, N, K, (pre is not None, scale is not None, bool(store_dz), bool(bias_grad)),
                          [d3, weight] + ([pre] if pre is not None else []), [a3])
 
+    f32_store = ct != torch.float32 and da.dtype == torch.float32
     with _device_of(dout):
         _launch(launch, key_of, M, K, ct, dout, lambda: not tuning.shares_storage([da], [dout, pre, scale, weight]),
-                config, lambda: dgrad_candidates(ct, da.dtype))
+                config, lambda: dgrad_candidates(ct, da.dtype, dz_pass), f32_store)
     return da, dz, partials[0].sum(0) if bias_grad else None
 
 
-@torch.no_grad()
-def _dz_first(d3, weight, pre, scale, dz, da, partials, bias_grad: bool, M: int, lead: int, idx64: bool) -> None:
-    """:data:`DZ_FIRST`: ``_linear_dz_kernel`` (dz, the bias gradient's partial sums), then ``da = dz @ W`` by
-    ``torch.mm`` (cuBLAS: float32 accumulation into a float32 ``da``; into a 16-bit ``da`` it follows torch's
-    ``allow_{fp16,bf16}_reduced_precision_reduction``, as the reference's GEMM does)."""
-    N, K = weight.shape
+def _dz_pass(d3, weight, pre, scale, dz, partials, bias_grad: bool, M: int, lead: int, idx64: bool,
+             strided_ok: bool) -> torch.Tensor:
+    """A 16-bit dgrad's first step (:data:`DZ_PASS`, :data:`DZ_FIRST`): ``_linear_dz_kernel`` writes
+    ``dz = (dout * scale * GELU'(z)).to(ct)`` into ``dz`` (or a scratch (M, N) one) and, with ``bias_grad``, the
+    bias gradient's partial sums into ``partials``. Returns what the GEMM reads: that dz; or, where dz is dout
+    itself and not stored, ``d3`` (the GEMM takes any strides: ``strided_ok``) or its ``(M, N)`` view (the dz
+    kernel copies a dout whose last stride is not 1), whose column sums alone the kernel then forms."""
+    N = weight.shape[0]
     ct = weight.dtype
     assert DZ_ROWS % DZ_BLOCK_M == 0, (DZ_ROWS, DZ_BLOCK_M)
-    if ct == torch.float32:
-        raise ValueError("linear backward: the DZ_FIRST config needs a 16-bit compute dtype (float32 has the fused "
-                         "dgrad only: cuBLAS's float32 GEMM follows torch's TF32 switch)")
     identity = pre is None and scale is None and d3.dtype == ct
     dzm = dz
     if dzm is None:  # not stored for dW: dout itself when it is dz already, else a scratch dz for the GEMM
-        dzm = d3.reshape(M, N) if identity and d3.stride(-1) == 1 else torch.empty((M, N), dtype=ct, device=d3.device)
-    write = dzm is dz or not identity or d3.stride(-1) != 1
+        if identity and strided_ok:
+            dzm = d3
+        elif identity and d3.stride(-1) == 1:
+            dzm = d3.reshape(M, N)
+        else:
+            dzm = torch.empty((M, N), dtype=ct, device=d3.device)
+    write = dzm is dz or not identity or (not strided_ok and d3.stride(-1) != 1)
     if bias_grad:
         partials[:] = [torch.empty((triton.cdiv(M, DZ_ROWS), N), dtype=torch.float32, device=d3.device)]
     if write or bias_grad:
@@ -889,6 +957,20 @@ def _dz_first(d3, weight, pre, scale, dz, da, partials, bias_grad: bool, M: int,
             ROWS=DZ_ROWS, BLOCK_M=DZ_BLOCK_M, BLOCK_N=DZ_BLOCK_N, num_warps=DZ_WARPS, num_stages=1,
             enable_fp_fusion=FP_FUSION,
         )
+    return dzm
+
+
+@torch.no_grad()
+def _dz_first(d3, weight, pre, scale, dz, da, partials, bias_grad: bool, M: int, lead: int, idx64: bool) -> None:
+    """:data:`DZ_FIRST`: ``_linear_dz_kernel`` (dz, the bias gradient's partial sums), then ``da = dz @ W`` by
+    ``torch.mm`` (cuBLAS: float32 accumulation into a float32 ``da``; into a 16-bit ``da`` it follows torch's
+    ``allow_{fp16,bf16}_reduced_precision_reduction``, as the reference's GEMM does)."""
+    N, K = weight.shape
+    ct = weight.dtype
+    if ct == torch.float32:
+        raise ValueError("linear backward: the DZ_FIRST config needs a 16-bit compute dtype (float32 has the fused "
+                         "dgrad only: cuBLAS's float32 GEMM follows torch's TF32 switch)")
+    dzm = _dz_pass(d3, weight, pre, scale, dz, partials, bias_grad, M, lead, idx64, False)
     if COMPILE_ONLY:
         return
     direct = da.is_contiguous() and da.dtype in (ct, torch.float32)

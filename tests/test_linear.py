@@ -883,7 +883,7 @@ def test_cuda_autotuned(monkeypatch, gemm):
     tuned = kl.tuned_configs()
     assert {k[0] for k in tuned} == {"fwd", "dgrad"}
     assert all(c in (kl.fwd_candidates(torch.bfloat16, "ln" in flags) if k[0] == "fwd" else
-                     kl.dgrad_candidates(torch.bfloat16, torch.float32)) for k, c in tuned.items())
+                     kl.dgrad_candidates(torch.bfloat16)) for k, c in tuned.items())
     calls = []
     monkeypatch.setattr(kl.TUNER, "timer", lambda fn: calls.append(1) or 1.0)
     out2, _ = run_op(args, dout)
@@ -963,3 +963,66 @@ def test_dgrad_bias_gradient_from_partial_sums(gelu_scale, M_shape):
         torch.testing.assert_close(db3, dout.double().sum((0, 1)).float(), rtol=1e-5, atol=1e-5)
     empty = kl.linear_dgrad(dout[:0], w, None, None, None, True, True)[2]
     assert empty.shape == (N,) and not empty.any()
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES[:1] + LOW_DTYPES[1:2], ids=_ids)
+@pytest.mark.parametrize("gelu", [False, True], ids=["qkv", "fc1"])
+def test_layer_norm_prologue_only_in_float32(dtype, gelu, monkeypatch):
+    """A 16-bit LayerNorm GEMM runs as the layer_norm kernel (each row normalised once) and the GEMM without
+    prologue whatever tile it is given (the in-GEMM prologue serialized its wgmma loop on sm_90: kernels/linear.py,
+    Tuning); float32 keeps the prologue (FMA loops, no wgmma). The bare tile's result is the LN_FIRST tile's."""
+    spy = _Spy(kl._linear_fwd_kernel)
+    monkeypatch.setattr(kl, "_linear_fwd_kernel", spy)
+    calls = []
+    real = kl.layer_norm_fwd
+    monkeypatch.setattr(kl, "layer_norm_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = make((2, 9, 40), 24, dtype, ("ln", "bias", "gelu") if gelu else ("ln", "bias"), x_dtype=torch.float32)
+    kw = {k: v for k, v in args.items() if k not in ("x", "weight")}
+    sixteen = dtype != torch.float32
+    for save in (False, True):
+        got = kl.linear_fwd(args["x"], args["weight"], save=save, config=SMALL_TILES, **kw)
+        assert [c["HAS_LN"] for c in spy.calls] == [not sixteen]
+        assert len(calls) == (1 if sixteen else 0)
+        spy.calls.clear()
+        calls.clear()
+        if sixteen:
+            want = kl.linear_fwd(args["x"], args["weight"], save=save, config=SMALL_TILES + (kl.LN_FIRST,), **kw)
+            for g, w in zip(got, want):
+                assert (g is None) == (w is None) and (g is None or torch.equal(g, w))
+            spy.calls.clear()
+            calls.clear()
+
+
+@pytest.mark.parametrize("case", ["gelu", "gelu+scale", "scale", "float32-dout", "dz-is-dout", "dz-is-dout-no-db"])
+def test_16bit_dgrad_forms_dz_once_then_a_plain_gemm(case, monkeypatch):
+    """Every 16-bit dgrad that needs dz formed (GELU', a scale, a cast) or the bias gradient runs the elementwise dz
+    kernel once (GELU' once per element, not once per output column tile), then the dgrad GEMM with no prologue and
+    no column sums (both serialized its wgmma loop on sm_90); dz not needed: the GEMM alone on dout. dz and the bias
+    gradient equal DZ_FIRST's, da within float32 summation order."""
+    ct = torch.float16 if not CUDA else torch.bfloat16
+    if not CUDA:
+        monkeypatch.setattr(kl, "DZ_ROWS", 32)
+        monkeypatch.setattr(kl, "DZ_BLOCK_M", 16)
+        monkeypatch.setattr(kl, "DZ_BLOCK_N", 16)
+    dz_spy, gemm_spy = _Spy(kl._linear_dz_kernel), _Spy(kl._linear_dgrad_kernel)
+    monkeypatch.setattr(kl, "_linear_dz_kernel", dz_spy)
+    monkeypatch.setattr(kl, "_linear_dgrad_kernel", gemm_spy)
+    B, T, N, K = 3, 21, 37, 24
+    M = B * T
+    dout = rand((B, T, N), torch.float32 if case == "float32-dout" else ct, "slice")
+    w = (torch.randn(N, K, device=DEV) / 5).to(ct)
+    pre = torch.randn(M, N, device=DEV).to(ct) if "gelu" in case else None
+    scale = torch.rand(B, device=DEV).to(ct) if "scale" in case else None
+    store = not case.startswith("dz-is-dout")
+    bias_grad = case != "dz-is-dout-no-db"
+    da, dz, db = kl.linear_dgrad(dout, w, pre, scale, torch.float32, store, bias_grad, config=SMALL_TILES)
+    assert len(dz_spy.calls) == (0 if case == "dz-is-dout-no-db" else 1)
+    assert [c["STORE_DZ"] for c in dz_spy.calls] == [store] * len(dz_spy.calls)
+    assert [(c["GELU"], c["HAS_SCALE"], c["STORE_DZ"], c["HAS_DB"]) for c in gemm_spy.calls] == [(False,) * 4]
+    da2, dz2, db2 = kl.linear_dgrad(dout, w, pre, scale, torch.float32, store, bias_grad, config=kl.DZ_FIRST)
+    assert (dz is None) == (dz2 is None) == (not store) and (db is None) == (db2 is None) == (not bias_grad)
+    if store:
+        torch.testing.assert_close(dz, dz2, rtol=0, atol=0)
+    if bias_grad:
+        torch.testing.assert_close(db, db2, rtol=0, atol=0)
+    torch.testing.assert_close(da, da2, rtol=1e-5, atol=1e-5)

@@ -310,22 +310,47 @@ def test_every_default_tile_is_a_tuning_candidate_and_compiled_ahead_of_time():
         assert len(set(cands)) == len(cands)
         for ln in (False, True):
             fwd = kl.fwd_candidates(dtype, ln)
-            ln_first = [c for c in fwd if len(c) == 6]
-            assert fwd[:len(cands)] == cands and len(ln_first) == (len(cands) if ln and dtype != torch.float32 else 0)
-            assert all(c[:5] in cands and c[5] == kl.LN_FIRST for c in ln_first)
-            assert (kl.CUBLAS in fwd) == (dtype != torch.float32)
-            assert kl.CUBLAS not in kl.fwd_candidates(dtype, ln, 2 * kl.LAYER_NORM_MAX_DIM) or not ln
+            if dtype == torch.float32:
+                assert fwd == cands
+            else:  # 16-bit: a LayerNorm GEMM is always the LayerNorm kernel + the GEMM (no prologue), or cuBLAS
+                assert fwd == ([c + (kl.LN_FIRST,) for c in cands] if ln else cands) + [kl.CUBLAS]
             compiled = {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype and c["kernel"] == "fwd"
                         and bool(c.get("ln")) == ln}
             assert compiled == set(fwd)
         dgrad = kl.dgrad_candidates(dtype)
-        assert dgrad == cands + ([kl.DZ_FIRST] if dtype != torch.float32 else [])
-        assert kl.dgrad_candidates(dtype, torch.float32) == dgrad  # cuBLAS writes a float32 da from 16-bit operands
-        assert {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype and c["kernel"] == "dgrad"} == set(dgrad)
-    assert kl.dgrad_candidates(torch.float16, torch.bfloat16) == kl.tune_configs(torch.float16)
+        if dtype == torch.float32:
+            assert dgrad == cands
+        else:  # 16-bit: dz formed once per element first (the dz kernel), then the GEMM, or cuBLAS
+            assert dgrad == [c + (kl.DZ_PASS,) for c in cands] + [kl.DZ_FIRST]
+            assert kl.dgrad_candidates(dtype, dz_pass=False) == cands + [kl.DZ_FIRST]
+            f32 = kl.dgrad_candidates(dtype, torch.float32)  # cuBLAS writes a float32 da from 16-bit operands
+            assert f32 == [c for c in dgrad if c == kl.DZ_FIRST or not kl._serializes(c)] and len(f32) < len(dgrad)
+        compiled = {c["config"] for c in kl.aot_cases() if c["dtype"] == dtype and c["kernel"] == "dgrad"}
+        assert compiled == set(dgrad) | set(kl.dgrad_candidates(dtype, torch.float32))
+    assert kl.dgrad_candidates(torch.float16, torch.bfloat16) == [c + (kl.DZ_PASS,) for c in
+                                                                   kl.tune_configs(torch.float16)]
     assert kl.config_name((128, 64, 32, 4, 3)) == "128x64x32/w4/s3"
     assert kl.config_name((128, 64, 32, 4, 3, kl.LN_FIRST)) == "ln+128x64x32/w4/s3"
+    assert kl.config_name((128, 64, 32, 4, 3, kl.DZ_PASS)) == "dz+128x64x32/w4/s3"
     assert kl.config_name(kl.DZ_FIRST) == "dz+cublas" and kl.config_name(kl.CUBLAS) == "cublas"
+
+
+def test_candidates_from_the_static_reading(monkeypatch):
+    """The tiles of the sm_90 reading (kernels/linear.py, TUNE_CONFIGS): four 16-bit tiles; a 16-bit LayerNorm
+    GEMM's key times them as LN_FIRST and cuBLAS (5, was 17), a dgrad key dz-first tiles and DZ_FIRST (5, 4 for a
+    float32 da; was 9); the default of a GEMM that stores the float32 accumulator as is (a float32 da, a float32
+    output without epilogue) is never a tile whose wgmma loop ptxas serializes there."""
+    bf = torch.bfloat16
+    assert len(kl.tune_configs(bf)) == 4 and len(kl.fwd_candidates(bf, True)) == 5
+    assert len(kl.fwd_candidates(bf, False)) == 5 and len(kl.fwd_candidates(torch.float32, True)) == 1
+    assert len(kl.dgrad_candidates(bf, bf)) == 5 and len(kl.dgrad_candidates(bf, torch.float32)) == 4
+    assert all(not kl._serializes(c) for c in kl.fwd_candidates(bf, False, f32_store=True) if c != kl.CUBLAS)
+    assert kl._serializes(kl.CONFIGS["16bit-large"]) and not kl._serializes(kl.CONFIGS["16bit-small"])
+    monkeypatch.setattr(kl, "_INTERPRETED", False)  # pick_config's CUDA rule
+    M = 256 * 401
+    assert kl.pick_config(M, 1344, bf) == kl.CONFIGS["16bit-large"]
+    assert kl.pick_config(M, 448, bf, f32_store=True) == kl.CONFIGS["16bit-small"]
+    assert kl.pick_config(M, 448, torch.float32, f32_store=True) == kl.CONFIGS["fp32"]
 
 
 def test_both_tuned_modules_launch_through_one_tuner_class():

@@ -8,15 +8,17 @@ Semantics, with ``ct = w1.dtype`` the compute dtype and every GEMM as the ``line
         = self_attention(y1, num_heads)   if num_heads > 0     the attention half: x + drop_path(proj(attn(norm1(x))))
     out = x + scale * (mid @ w2^T + b2)                        in promote(x.dtype, ct); scale: drop-path's (B,) or None
 
-Forward: the launches of the separate ops, nothing more: ``linear`` (LayerNorm prologue, bias, GELU for the MLP),
+Forward: the launches of the separate ops, nothing more: ``linear`` (LayerNorm -- in 16-bit the ``layer_norm``
+kernel, then the GEMM --, bias, GELU for the MLP),
 ``self_attention`` for the attention half, ``linear`` (bias, scale and the residual add in the epilogue).
 
 Why one op: the backward. ``x`` feeds two uses, the LayerNorm and the residual; as separate ops autograd adds their
 gradients with an extra elementwise pass over the residual stream (the float32 ``(B, N, C)`` gradient read twice
 and written once, twice per block). Here the LayerNorm backward kernel takes the residual's gradient (``dout``) as
 its ``dr`` input and adds it while it writes ``dx``: that pass is gone. The rest is the ``linear`` op's backward:
-``linear_dgrad`` for each GEMM (drop-path scale and GELU' in its prologue, the bias gradient's partial sums as it
-goes), ``dW = dz^T a`` with torch, the ``self_attention`` backward kernels in between for the attention half.
+``linear_dgrad`` for each GEMM (drop-path scale, GELU' and the bias gradient's partial sums: in 16-bit by the
+elementwise dz kernel, once per element, before a GEMM without prologue; in float32 in the GEMM's prologue),
+``dW = dz^T a`` with torch, the ``self_attention`` backward kernels in between for the attention half.
 
 Ops (``torch.ops.crossvit_fast``), each with a fake implementation:
 
@@ -187,7 +189,7 @@ def _block_half_backward_impl(dout, x, ln_weight, w1, w2, y1, pre, o, o_lo, lse,
                                  out_lo=o_lo if o_lo.numel() else None)  # (B, N, N1)
         da, dz1, db1 = dgrad(dy1, w1, None, None, torch.float32)
     else:
-        da, dz1, db1 = dgrad(dmid, w1, pre, None, torch.float32)  # GELU' in the dgrad prologue
+        da, dz1, db1 = dgrad(dmid, w1, pre, None, torch.float32)  # GELU' (16-bit: the dz kernel; float32: prologue)
     dw1 = torch.mm(dz1.t(), ahat) if M > 0 else w1.new_zeros(w1.shape)
     # dx = dout (the residual's gradient) + the LayerNorm's backward, one kernel (its dr input)
     dx, _, dlw, dlb = _ln_kernels().layer_norm_bwd(da, dout, x, ln_weight, mean.reshape(B, N), rstd.reshape(B, N),

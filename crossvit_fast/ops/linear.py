@@ -17,13 +17,13 @@ Ops (``torch.ops.crossvit_fast``), each with a fake implementation:
   Tensor? mean, Tensor? rstd, Tensor? scale) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dln_weight,
   Tensor dln_bias)``: ``dbias`` float32 ``(N,)``; ``dln_*`` empty without a LayerNorm.
 
-The backward: one Triton GEMM ``da = dz @ W`` whose prologue forms ``dz = (dout * scale * GELU'(z)).to(ct)``, writes
-it (the reference writes that gradient too) and its per-row-tile column sums (``db``, summed by torch: no second
-read of dz) -- or, where the autotuner times it faster (16-bit, ``DZ_FIRST``), an elementwise kernel writing dz and
-those sums, then cuBLAS for ``da``; the forward likewise may run as the LayerNorm kernel + GEMM or as timm's
-sequence on cuBLAS (``LN_FIRST``, ``CUBLAS``: kernels/linear.py, Tuning); ``dW = dz^T a`` with torch (cuBLAS); no
-atomics, deterministic; the LayerNorm backward by the ``layer_norm`` op's kernel. The residual's gradient is
-``dout`` itself. The drop-path scale is not differentiable (a random mask).
+The backward: ``dz = (dout * scale * GELU'(z)).to(ct)`` (written: the reference writes that gradient too) and its
+column sums (``db``), then ``da = dz @ W``: in 16-bit an elementwise kernel forms dz and the sums once per element
+and a Triton GEMM without prologue (or, where the autotuner times it faster, cuBLAS: ``DZ_FIRST``) computes ``da``;
+in float32 one Triton GEMM forms dz and the sums in its prologue. The 16-bit forward of a LayerNorm GEMM is the
+LayerNorm kernel + the GEMM (``LN_FIRST``), or timm's sequence on cuBLAS (``CUBLAS``: kernels/linear.py, Tuning);
+``dW = dz^T a`` with torch (cuBLAS); no atomics, deterministic; the LayerNorm backward by the ``layer_norm`` op's
+kernel. The residual's gradient is ``dout`` itself. The drop-path scale is not differentiable (a random mask).
 
 Use :func:`linear`.
 """

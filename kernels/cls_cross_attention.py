@@ -80,8 +80,35 @@ the rule (worst 0.77 in the probe that found this); the 16-bit dtypes are not af
 With no patch tokens (N = 0) the softmax has one entry and ``ds`` is set to exactly zero (its value; a rounding
 residue otherwise).
 
-Limits (checked by :func:`check_inputs`, which raises before any launch): fp32 / fp16 / bf16, every tensor one
-dtype and one device (CUDA; CPU only under ``TRITON_INTERPRET=1``; launches run under ``torch.cuda.device`` of the
+Float32 activations (autocast). The weights' dtype (``wq``'s) is the compute dtype: every weight, bias and norm
+parameter has it, ``out`` is returned in it, and it picks the precisions above. ``cls`` and ``tokens`` have it or,
+each on its own, float32: a float32 activation of a 16-bit call is rounded to the compute dtype as the kernels
+load it (``ROUND``: ``cvt.rn``, round to nearest even, the pivot channel too; the launchers' CLS row likewise), so
+every result is bit for bit that of the call on ``.to(dtype)`` copies, which is what ``CrossAttentionBlock`` passed
+under autocast before (a float32 -> 16-bit copy of the tokens, read again by the kernels). Its gradient comes back
+in float32, unrounded: the backward kernel writes ``dx`` as it computed it (``.to(dtype)`` then autocast's cast
+backward would round it to the compute dtype and widen it again). Forward bytes at crossvit_18_dagger_240,
+batch 256, bf16 autocast (a count, not a measurement: every read and write of every kernel and torch op of the
+module's call once, no reuse across ops in L2; ideal = the float32 tokens, CLS and parameters read once and
+``out`` written once, 93.8 / 92.9 MB):
+
+==============================  ===================  ===================
+                                C = 448, N = 196     C = 224, N = 400
+==============================  ===================  ===================
+tokens, before (cast + kernel)  179.8 MB (2.00x)     183.5 MB (2.00x)
+tokens, now (kernel)            89.9 MB (1.00x)      91.8 MB (1.00x)
+whole forward, before           238.2 MB (2.54x)     209.5 MB (2.26x)
+whole forward, now              148.8 MB (1.59x)     118.0 MB (1.27x)
+==============================  ===================  ===================
+
+The rest above the ideal is the per-head float32 state, ``H / N`` of the tokens' bytes per tensor pass: the
+chunks' partials (``3 x (H, B, C)``, written and read: 19.4 / 9.7 MB), ``u`` (written, read twice), ``xbar`` and
+``z`` (written; ``z`` read), and the weights' casts. The forward of float32 tokens at ``BLOCK_C`` 256 / 512 runs
+at 1 stage with ``maxnreg=128`` (:func:`plan`): 128 registers, no spills, 98 / 82 KB of shared memory at C = 448
+/ 224 (triton 3.6), two programs per SM as the 16-bit forward.
+
+Limits (checked by :func:`check_inputs`, which raises before any launch): fp32 / fp16 / bf16 as above, every
+tensor on one device (CUDA; CPU only under ``TRITON_INTERPRET=1``; launches run under ``torch.cuda.device`` of the
 tensors); ``1 <= C <= 1024``, ``C % H == 0``, ``D <= 128``; any ``B`` and ``N >= 0``; ``tokens`` any strided ``(B, N, C)``
 view (read in place; offsets are 64-bit). The row of C channels is held whole in registers (``BLOCK_C =
 next_pow2(C)``, ``BLOCK_H = max(16, next_pow2(H))`` rows of heads, masked), which is what bounds C. Block sizes,
@@ -140,14 +167,25 @@ POISON_WORKSPACES = False
 
 
 @triton.jit
+def _act_f32(x, ROUND: tl.constexpr):
+    """An activation as fp32, rounded first to the compute dtype (nearest even, as ``Tensor.to``) where ROUND
+    names it: a float32 activation of a 16-bit call; "" leaves the value as it is."""
+    if ROUND == "bf16":
+        x = x.to(tl.bfloat16)
+    elif ROUND == "fp16":
+        x = x.to(tl.float16)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _load_xhat(
-    tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps,
+    tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps, ROUND: tl.constexpr,
 ):
     """One tile of tokens ``(BLOCK_T, BLOCK_C)`` -> (xhat in fp32, zero outside the valid rows/channels; rstd)."""
     ptrs = tok_base + offs_n.to(tl.int64)[:, None] * stride_tn + offs_c.to(tl.int64)[None, :] * stride_tc
     mask = n_mask[:, None] & c_mask[None, :]
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    piv = tl.load(tok_base + offs_n.to(tl.int64) * stride_tn, mask=n_mask, other=0.0).to(tl.float32)  # channel 0
+    x = _act_f32(tl.load(ptrs, mask=mask, other=0.0), ROUND)
+    piv = _act_f32(tl.load(tok_base + offs_n.to(tl.int64) * stride_tn, mask=n_mask, other=0.0), ROUND)  # channel 0
     _, m2, d = row_moments(tl.where(mask, x - piv[:, None], 0.0), mask, C, 1, False)
     rstd = tl.rsqrt(m2 / C + eps)
     return d * rstd[:, None], rstd
@@ -169,7 +207,7 @@ def _fwd_tokens_kernel(
     m_ptr, l_ptr, acc_ptr,  # partials: m, l (n_chunks, H, B); acc (n_chunks, H, B, C)
     B, N, C, H, chunk_tokens, eps, scale,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
-    SCORE_FP16: tl.constexpr,
+    SCORE_FP16: tl.constexpr, ROUND: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -199,7 +237,7 @@ def _fwd_tokens_kernel(
     for n0 in range(n_start, n_end, BLOCK_T):
         offs_n = n0 + offs_t
         n_mask = offs_n < n_end
-        xhat, _rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps)
+        xhat, _rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps, ROUND)
         if SCORE_FP16:
             x16 = xhat.to(tl.float16)
             s = tl.dot(x16, g_t16)  # (BLOCK_T, BLOCK_H)
@@ -231,7 +269,7 @@ def _fwd_combine_kernel(
     m_ptr, l_ptr, acc_ptr,  # partials of _fwd_tokens_kernel
     xbar_ptr, z_ptr, lse_ptr,  # xbar, z: (H, B, C); lse: (H, B); contiguous fp32
     B, C, H, n_chunks, eps, scale,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, ROUND: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     h = tl.program_id(1)
@@ -243,8 +281,8 @@ def _fwd_combine_kernel(
     # the CLS token (t = 0) is one more partial: m = s_0, l = 1, acc = xhat_0
     gamma = tl.load(w_ptr + offs_c, mask=c_mask, other=0.0)
     beta = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0)
-    x0 = tl.load(cls_ptr + b64 * stride_cb + offs_c * stride_cc, mask=c_mask, other=0.0).to(tl.float32)
-    piv = tl.load(cls_ptr + b64 * stride_cb).to(tl.float32)  # the CLS row's channel 0
+    x0 = _act_f32(tl.load(cls_ptr + b64 * stride_cb + offs_c * stride_cc, mask=c_mask, other=0.0), ROUND)
+    piv = _act_f32(tl.load(cls_ptr + b64 * stride_cb), ROUND)  # the CLS row's channel 0
     _, m2, d0 = row_moments(tl.where(c_mask, x0 - piv, 0.0), c_mask, C, 0, False)
     xhat0 = d0 * tl.rsqrt(m2 / C + eps)
     u = tl.load(u_ptr + h64 * stride_uh + b64 * stride_ub + offs_c, mask=c_mask, other=0.0)
@@ -286,6 +324,7 @@ def _bwd_tokens_kernel(
     B, N, C, H, chunk_tokens, eps, scale,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     SCORE_PRECISION: tl.constexpr, KS: tl.constexpr, RELOAD: tl.constexpr, ROUND_TF32: tl.constexpr,
+    ROUND: tl.constexpr,
 ):
     """The two score dots ``xhat g^T`` and ``xhat e^T`` (K = C, tiny M and N) are split along C into KS batched
     slices (``(KS, BLOCK_T, BLOCK_C/KS) x (KS, BLOCK_C/KS, BLOCK_H)``, summed over the slices), so each warp holds only
@@ -328,7 +367,7 @@ def _bwd_tokens_kernel(
     for n0 in range(n_start, n_end, BLOCK_T):
         offs_n = n0 + offs_t
         n_mask = offs_n < n_end
-        xhat, rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps)
+        xhat, rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps, ROUND)
         # the masks depend on n0 (always true) so that these loads stay in the loop (not hoisted and staged)
         x3 = tl.permute(tl.reshape(xhat, (BLOCK_T, KS, CK)), (1, 0, 2))  # (KS, BLOCK_T, CK)
         m3 = (c3 < C) & h_mask[None, None, :] & (n0 >= 0)
@@ -403,6 +442,7 @@ def plan(
     chunk_tokens: Optional[int] = None,
     block_t: Optional[int] = None,
     dtype: torch.dtype = torch.float16,
+    act_dtype: Optional[torch.dtype] = None,
 ) -> Dict[str, int]:
     """Block sizes, warps, pipeline stages and the split of the N tokens into chunks for one call.
 
@@ -418,6 +458,11 @@ def plan(
     ``maxnreg=128`` (``bwd_maxnreg``: the whole register file over 512 threads): left to itself ptxas gives it
     32-40 registers and spills 5-7 KB a thread. Warps, stages and ``maxnreg`` were chosen from ahead-of-time sm_90
     compiles (``tests/sm90_compile.py``: registers, spills, shared memory; the header lists them).
+
+    ``act_dtype`` is the tokens' dtype (default ``dtype``). Float32 tokens into a 16-bit call at 8 warps
+    (``BLOCK_C`` 256 and 512) run the forward at 1 stage with ``maxnreg=128`` (``fwd_stages``, ``fwd_maxnreg``):
+    left at 2 stages the float32 tiles take it to 131 KB of shared memory and 183 registers (C = 448), one program
+    per SM where the 16-bit forward fits two; so it fits two again (98 KB, 128 registers, no spills).
     """
     block_c = max(16, triton.next_power_of_2(C))
     block_h = max(16, triton.next_power_of_2(H))
@@ -441,6 +486,7 @@ def plan(
     fwd_warps = _warps(block_t * block_c + 2 * block_h * block_c)
     if fp32:
         fwd_warps = max(8, fwd_warps)  # 4 warps spill at BLOCK_T = 32..64 in fp32
+    f32_tiles = not fp32 and act_dtype == torch.float32 and fwd_warps == 8
     reload = block_c >= 1024
     bwd_warps = 8 if bwd_block_t * block_c <= 16 * 512 else 16
     if fp32 and block_c >= 512:
@@ -455,6 +501,8 @@ def plan(
         "chunk_tokens": chunk_tokens,
         "n_chunks": triton.cdiv(N, chunk_tokens),
         "fwd_warps": fwd_warps,
+        "fwd_stages": 1 if f32_tiles else 2,
+        "fwd_maxnreg": 128 if f32_tiles else None,
         "bwd_warps": bwd_warps,
         "bwd_ks": max(1, min(8, block_c // 16)),
         "bwd_reload": int(reload),
@@ -505,6 +553,19 @@ def _score_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32x3"
 
 
+def act_round(act: torch.dtype, dtype: torch.dtype) -> str:
+    """The kernels' ``ROUND`` for an activation of dtype ``act`` in a call of compute dtype ``dtype``: "bf16" or
+    "fp16" where a float32 activation is rounded to the 16-bit compute dtype at load, else ""."""
+    if act == dtype:
+        return ""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _act_rows(t: torch.Tensor, dtype: torch.dtype, B: int, C: int) -> torch.Tensor:
+    """``(B, 1, C)`` CLS rows as fp32 ``(B, C)``, rounded to the compute dtype first (the kernels' ``ROUND``)."""
+    return t.reshape(B, C).to(dtype).to(torch.float32)
+
+
 def _shape_str(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
@@ -514,8 +575,11 @@ def check_inputs(
 ) -> Tuple[int, int, int, int, int]:
     """Validate the op's inputs (types, dtypes, devices, shapes, supported sizes); returns ``(B, N, C, H, D)``.
 
+    The weights' dtype (``wq``'s) is the compute dtype: every weight, bias and norm parameter has it; ``cls`` and
+    ``tokens`` have it or float32 (each on its own; see :func:`act_round`).
+
     Raises:
-        TypeError: a non-tensor, an unsupported dtype, or tensors of different dtypes.
+        TypeError: a non-tensor, an unsupported dtype, or a dtype mix other than float32 activations.
         ValueError: a wrong shape, a size outside the kernel's limits, mixed devices or an unusable device.
     """
     required = {"cls": cls, "tokens": tokens, "wq": wq, "wk": wk, "wv": wv, "wproj": wproj}
@@ -532,13 +596,23 @@ def check_inputs(
         raise ValueError(f"cls_cross_attention: eps must be a finite float >= 0, got {eps!r}")
 
     tensors = {**required, **{k: v for k, v in optional.items() if v is not None}}
-    dtype = cls.dtype
+    dtype = wq.dtype
     if dtype not in _DTYPES:
-        raise TypeError(f"cls_cross_attention: cls has dtype {dtype}; supported are float32, float16, bfloat16")
-    wrong = {k: v.dtype for k, v in tensors.items() if v.dtype != dtype}
+        raise TypeError(
+            f"cls_cross_attention: wq has dtype {dtype}; the weights' dtype is the compute dtype, one of float32, "
+            "float16, bfloat16"
+        )
+    params = {k: v for k, v in tensors.items() if k not in ("cls", "tokens")}
+    wrong = {k: v.dtype for k, v in params.items() if v.dtype != dtype}
     if wrong:
         raise TypeError(
-            f"cls_cross_attention: every tensor must have cls's dtype {dtype}; these differ: "
+            f"cls_cross_attention: every weight, bias and norm parameter must have wq's dtype {dtype} (the compute "
+            "dtype); these differ: " + ", ".join(f"{k} ({d})" for k, d in wrong.items())
+        )
+    wrong = {k: t.dtype for k, t in (("cls", cls), ("tokens", tokens)) if t.dtype not in (dtype, torch.float32)}
+    if wrong:
+        raise TypeError(
+            f"cls_cross_attention: cls and tokens must have the compute dtype {dtype} (wq's) or float32; got "
             + ", ".join(f"{k} ({d})" for k, d in wrong.items())
         )
     device = cls.device
@@ -643,24 +717,24 @@ def cls_cross_attention_fwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward of the op; arguments as ``cls_cross_attention_ref`` (``bk`` is checked, and cancels).
 
-    Returns ``(out, q, u, xbar, lse, o)``: ``out`` ``(B, 1, C)`` in the input dtype (written into ``out=`` when
-    given), and what the backward needs, all fp32 and contiguous: ``q = Wq y_0 + bq`` ``(B, C)``,
+    Returns ``(out, q, u, xbar, lse, o)``: ``out`` ``(B, 1, C)`` in the compute dtype, ``wq``'s (written into
+    ``out=`` when given), and what the backward needs, all fp32 and contiguous: ``q = Wq y_0 + bq`` ``(B, C)``,
     ``u_h = Wk_h^T q_h`` as ``(H, B, C)``, ``xbar_h = sum_t a_{t,h} xhat_t`` as ``(H, B, C)``, ``lse`` ``(H, B)``
     of the shifted scores ``D^-0.5 (u_h * gamma) . xhat_t``, and ``o`` ``(B, C)`` (the heads' outputs, before proj).
     ``chunk_tokens`` and ``block_t`` override the launch plan (see :func:`plan`).
     """
     B, N, C, H, D = check_inputs(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wproj, bproj,
                                  num_heads, eps)
-    device, dtype = cls.device, cls.dtype
+    device, dtype = cls.device, wq.dtype
     if out is not None:
         _check_tensor("out", out, (B, 1, C), dtype, device)
     scale = D ** -0.5
-    p = plan(B, N, C, H, device, chunk_tokens, block_t, dtype)
+    p = plan(B, N, C, H, device, chunk_tokens, block_t, dtype, tokens.dtype)
     n_chunks = p["n_chunks"]
 
     gamma = _vec32(norm_weight, 1.0, C, device)
     beta = _vec32(norm_bias, 0.0, C, device)
-    y0 = F.layer_norm(cls.reshape(B, C).to(torch.float32), (C,), gamma, beta, eps)  # (B, C)
+    y0 = F.layer_norm(_act_rows(cls, dtype, B, C), (C,), gamma, beta, eps)  # (B, C)
     q = F.linear(y0, wq.to(torch.float32), _f32(bq))  # (B, C)
     u = torch.bmm(q.view(B, H, D).transpose(0, 1), wk.to(torch.float32).reshape(H, D, C))  # (H, B, C)
 
@@ -678,10 +752,10 @@ def cls_cross_attention_fwd(
                  u, u.stride(0), u.stride(1), gamma,
                  m_part, l_part, acc_part,
                  B, N, C, H, p["chunk_tokens"], float(eps), scale),
-                ("fwd", p["BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
-                p["fwd_warps"],
+                ("fwd", p["BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], tokens.dtype, dtype),
+                p["fwd_warps"], p["fwd_stages"], p["fwd_maxnreg"],
                 BLOCK_T=p["BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
-                SCORE_FP16=dtype == torch.float16,
+                SCORE_FP16=dtype == torch.float16, ROUND=act_round(tokens.dtype, dtype),
             )
         if B > 0:
             _launch(
@@ -692,7 +766,7 @@ def cls_cross_attention_fwd(
                  B, C, H, n_chunks, float(eps), scale),
                 ("combine", p["BLOCK_C"]),
                 p["combine_warps"],
-                BLOCK_C=p["BLOCK_C"],
+                BLOCK_C=p["BLOCK_C"], ROUND=act_round(cls.dtype, dtype),
             )
 
     wv_hcd = wv.to(torch.float32).reshape(H, D, C).transpose(1, 2)  # (H, C, D): Wv_h^T
@@ -733,25 +807,26 @@ def cls_cross_attention_bwd(
 ) -> Tuple[torch.Tensor, ...]:
     """Backward of the op from ``grad_out`` ``(B, 1, C)`` and the forward's ``q, u, xbar, lse, o``.
 
-    Returns the gradients ``(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wproj, bproj)`` in the
-    input dtype, every one a tensor (for a None input the caller drops it). The tokens' gradient is written into
-    ``grad_tokens=`` ``(B, N, C)`` (any strides) when given, else into a new contiguous tensor. ``bk``'s gradient
-    is exactly zero (``q_h . bk_h`` is constant over the keys). ``chunk_tokens`` and ``block_t`` override the
-    launch plan (see :func:`plan`).
+    Returns the gradients ``(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wproj, bproj)``, each in
+    its input's dtype (``bq``, ``bk``, ``bv``, ``bproj``: the compute dtype), every one a tensor (for a None
+    input the caller drops it). The tokens' gradient is written into ``grad_tokens=`` ``(B, N, C)`` (any
+    strides, the tokens' dtype) when given, else into a new contiguous tensor. ``bk``'s gradient is exactly zero
+    (``q_h . bk_h`` is constant over the keys). ``chunk_tokens`` and ``block_t`` override the launch plan (see
+    :func:`plan`).
     """
     B, N, C, H, D = check_inputs(cls, tokens, norm_weight, norm_bias, wq, None, wk, None, wv, None, wproj, None,
                                  num_heads, eps)
-    device, dtype = cls.device, cls.dtype
+    device, dtype = cls.device, wq.dtype
     _check_tensor("grad_out", grad_out, (B, 1, C), None, device)
     for name, t, shape in (("q", q, (B, C)), ("u", u, (H, B, C)), ("xbar", xbar, (H, B, C)),
                            ("lse", lse, (H, B)), ("o", o, (B, C))):
         _check_tensor(f"saved {name}", t, shape, torch.float32, device)
     if grad_tokens is None:
-        grad_tokens = torch.empty((B, N, C), dtype=dtype, device=device)
+        grad_tokens = torch.empty((B, N, C), dtype=tokens.dtype, device=device)
     else:
-        _check_tensor("grad_tokens", grad_tokens, (B, N, C), dtype, device)
+        _check_tensor("grad_tokens", grad_tokens, (B, N, C), tokens.dtype, device)
     scale = D ** -0.5
-    p = plan(B, N, C, H, device, chunk_tokens, block_t, dtype)
+    p = plan(B, N, C, H, device, chunk_tokens, block_t, dtype, tokens.dtype)
     n_chunks = p["n_chunks"]
 
     gamma = _vec32(norm_weight, 1.0, C, device)
@@ -781,15 +856,15 @@ def cls_cross_attention_bwd(
                  u, u.stride(0), u.stride(1), dz, dz.stride(0), dz.stride(1),
                  f, lse, gamma, duhat_part, dss_part,
                  B, N, C, H, p["chunk_tokens"], float(eps), scale),
-                ("bwd", p["BWD_BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
+                ("bwd", p["BWD_BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], tokens.dtype, dtype),
                 p["bwd_warps"], p["bwd_stages"], p["bwd_maxnreg"],
                 BLOCK_T=p["BWD_BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
                 SCORE_PRECISION=_score_precision(dtype), KS=p["bwd_ks"], RELOAD=bool(p["bwd_reload"]),
-                ROUND_TF32=dtype != torch.float32,
+                ROUND_TF32=dtype != torch.float32, ROUND=act_round(tokens.dtype, dtype),
             )
 
     # the CLS token (t = 0), whose LayerNorm output also feeds q
-    x0 = cls.reshape(B, C).to(torch.float32)
+    x0 = _act_rows(cls, dtype, B, C)
     xs0 = x0 - x0[:, :1]  # the pivot of the kernels' row_moments: exact on constant rows
     xc0 = xs0 - xs0.mean(-1, keepdim=True)
     rstd0 = torch.rsqrt((xc0 * xc0).mean(-1, keepdim=True) + eps)  # (B, 1)
@@ -820,6 +895,6 @@ def cls_cross_attention_bwd(
         return t.to(dtype)
 
     return (
-        cast(d_cls.view(B, 1, C)), grad_tokens, cast(d_gamma), cast(d_beta),
+        d_cls.view(B, 1, C).to(cls.dtype), grad_tokens, cast(d_gamma), cast(d_beta),
         cast(d_wq), cast(d_bq), cast(d_wk), cast(d_bk), cast(d_wv), cast(d_bv), cast(d_wproj), cast(d_bproj),
     )

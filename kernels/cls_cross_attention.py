@@ -34,7 +34,17 @@ Backward: with ``do = Wproj^T dout`` and ``dz_h = Wv_h^T do_h``, ``e_h = gamma *
     dx_t     = rstd_t (dxhat_t - mean(dxhat_t) - xhat_t mean(dxhat_t * xhat_t))          (LayerNorm backward)
 
 ``_bwd_tokens_kernel`` streams the patch tokens once more (the only extra pass): it reads each token once and
-writes its gradient once, and per chunk the partial sums ``sum_t ds_{t,h} xhat_t`` and ``sum_t ds_{t,h}``. From
+writes its gradient once, and per chunk the partial sums ``sum_t ds_{t,h} xhat_t`` and ``sum_t ds_{t,h}``. Its
+per-row operands ``g_h = D^-0.5 u_h * gamma`` and ``e_h`` come from the launcher as one ``(B, 2, HP, BLOCK_C)``
+float32 tensor (``HP = next_pow2(H)``, zero padded): every load of them is one base address plus compile-time
+offsets, and the head rows of a BLOCK_H tile past HP are masked at compile time. With ``u``, ``dz`` ``(H, B, C)``
+and ``gamma`` applied in the loop instead, the kernel kept the hoisted 64-bit addresses of those loads across the
+token loop, and at C = 448 (16-bit, 8 warps, 255 registers) they spilled: 172+156 B (triton 3.6), 18 local loads
+in the loop; now 24+12 B, stored before the loop and loaded once after it (none in the loop), the loop 2819 -> 2599
+SASS instructions per thread per 16 tokens (3.9: 108+88 -> 88+72 B, 15 -> 13 local loads in the loop, 2653 ->
+2592 instructions; float32 tokens into a bf16 call, 3.6: 232+204 -> 40+20 B, 26 -> 0 in the loop, 2673 -> 2500).
+Static readings of ptxas / cuobjdump output, not measurements. The launcher's extra work is the zero padding
+(about 2 MB at batch 256, C = 448); it computed ``g`` and ``e`` before too. From
 those (plus the CLS token, done in torch) the launcher gets ``du_h`` and the parameter gradients by identities that
 need no other per-token sum: ``sum_t dy_t xhat_t = sum_h dz_h xbar_h + D^-0.5 u_h sum_t ds_{t,h} xhat_t`` (for
 ``dgamma``) and ``sum_t dy_t = sum_h dz_h + D^-0.5 u_h sum_t ds_{t,h}`` (for ``dbeta``), plus the CLS row's own
@@ -115,7 +125,7 @@ next_pow2(C)``, ``BLOCK_H = max(16, next_pow2(H))`` rows of heads, masked), whic
 warps and stages are a fixed heuristic (:func:`plan`, not autotuned), chosen from ahead-of-time sm_90 compiles:
 forward ``BLOCK_T`` 64 to 16 (at most 32 in fp32), backward ``BLOCK_T = 16`` at 8 warps, 16 warps with
 ``maxnreg=128`` for fp16/bf16 at ``BLOCK_C = 1024`` and fp32 from ``BLOCK_C = 512``; for ``BLOCK_C = 1024`` the
-backward rebuilds its ``g``/``e`` operands inside the token loop, and from 512 it runs at 1 stage (shared memory). A
+backward loads its ``g``/``e`` operands inside the token loop, and from 512 it runs at 1 stage (shared memory). A
 config the device still cannot hold falls back to fewer pipeline stages.
 
 Static sm_90 readings of these kernels (ptxas -v, triton 3.6.0): docs/sm90.md.
@@ -306,32 +316,38 @@ def _fwd_combine_kernel(
 
 
 @triton.jit
-def _load_heads(ptr, stride_h, stride_b, b64, h64, offs_c, hc_mask, w):
-    """A ``(BLOCK_H, BLOCK_C)`` fp32 tile of an ``(H, B, C)`` tensor (channel stride 1) for batch row b, times ``w``."""
-    v = tl.load(ptr + h64[:, None] * stride_h + b64 * stride_b + offs_c[None, :], mask=hc_mask, other=0.0)
-    return v * w[None, :]
+def _load_heads(base, offs_h, offs_c, mask, BLOCK_C: tl.constexpr, ROUND_TF32: tl.constexpr):
+    """The ``(BLOCK_H, BLOCK_C)`` fp32 block at ``base`` (rows of BLOCK_C), rounded to tf32 where ROUND_TF32."""
+    if mask is None:
+        v = tl.load(base + offs_h[:, None] * BLOCK_C + offs_c[None, :])
+    else:
+        v = tl.load(base + offs_h[:, None] * BLOCK_C + offs_c[None, :], mask=mask, other=0.0)
+    if ROUND_TF32:
+        v = _tf32_rn(v)
+    return v
 
 
 @triton.jit
 def _bwd_tokens_kernel(
     tok_ptr, stride_tb, stride_tn, stride_tc,
     dtok_ptr, stride_db, stride_dn, stride_dc,
-    u_ptr, stride_uh, stride_ub,  # u: (H, B, C), channel stride 1
-    dz_ptr, stride_zh, stride_zb,  # dz: (H, B, C), channel stride 1
+    ge_ptr,  # (g, e) = (D^-0.5 u * gamma, dz * gamma): (B, 2, HP, BLOCK_C), contiguous fp32, zero padded
     f_ptr, lse_ptr,  # (H, B), contiguous fp32
-    w_ptr,  # gamma: (C,), contiguous fp32
     duhat_ptr, dss_ptr,  # partials: (n_chunks, H, B, C) and (n_chunks, H, B)
-    B, N, C, H, chunk_tokens, eps, scale,
+    B, N, C, H, chunk_tokens, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     SCORE_PRECISION: tl.constexpr, KS: tl.constexpr, RELOAD: tl.constexpr, ROUND_TF32: tl.constexpr,
-    ROUND: tl.constexpr,
+    ROUND: tl.constexpr, HP: tl.constexpr,
 ):
     """The two score dots ``xhat g^T`` and ``xhat e^T`` (K = C, tiny M and N) are split along C into KS batched
     slices (``(KS, BLOCK_T, BLOCK_C/KS) x (KS, BLOCK_C/KS, BLOCK_H)``, summed over the slices), so each warp holds only
     its slice of ``xhat`` as a dot operand instead of the whole row (which spilled); their operand tiles are loaded
-    in the loop (L1/L2 hits). ``g = D^-0.5 u * gamma`` and ``e = dz * gamma``, the operands of the dots that expand
-    over C, are built once before the token loop (RELOAD=False) or, when staging both in shared memory for the
-    whole loop does not fit (RELOAD=True, ``BLOCK_C >= 1024``), rebuilt in the loop right before their dot."""
+    in the loop (L1/L2 hits). ``g = D^-0.5 u * gamma`` and ``e = dz * gamma`` come from the launcher, per batch row
+    an ``(H, BLOCK_C)`` block with the channels padded to BLOCK_C: every load of them is one base address plus
+    compile-time offsets (with ``(H, B, C)`` strides and ``gamma`` applied in the loop, the hoisted 64-bit
+    addresses of those loads were what spilled at C = 448). The operands of the dots that expand over C (g, e) are
+    loaded once before the token loop (RELOAD=False) or, when staging both in shared memory for the whole loop does
+    not fit (RELOAD=True, ``BLOCK_C >= 1024``), in the loop right before their dot."""
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
     b64 = pid_b.to(tl.int64)
@@ -340,17 +356,14 @@ def _bwd_tokens_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     c_mask = offs_c < C
     h_mask = offs_h < H
-    hc_mask = h_mask[:, None] & c_mask[None, :]
     h64 = offs_h.to(tl.int64)
 
-    gamma = tl.load(w_ptr + offs_c, mask=c_mask, other=0.0)
-    gscale = gamma * scale
+    g_base = ge_ptr + b64 * (2 * HP * BLOCK_C)
+    e_base = g_base + HP * BLOCK_C
+    hp_mask = offs_h < HP  # known at compile time: the rows past HP are not loaded
     if not RELOAD:
-        g = _load_heads(u_ptr, stride_uh, stride_ub, b64, h64, offs_c, hc_mask, gscale)  # (BLOCK_H, BLOCK_C)
-        e = _load_heads(dz_ptr, stride_zh, stride_zb, b64, h64, offs_c, hc_mask, gamma)  # (BLOCK_H, BLOCK_C)
-        if ROUND_TF32:
-            g = _tf32_rn(g)
-            e = _tf32_rn(e)
+        g = _load_heads(g_base, offs_h, offs_c, hp_mask[:, None], BLOCK_C, ROUND_TF32)  # (BLOCK_H, BLOCK_C)
+        e = _load_heads(e_base, offs_h, offs_c, hp_mask[:, None], BLOCK_C, ROUND_TF32)
     f = tl.load(f_ptr + h64 * B + b64, mask=h_mask, other=0.0)
     lse = tl.load(lse_ptr + h64 * B + b64, mask=h_mask, other=0.0)
 
@@ -370,13 +383,13 @@ def _bwd_tokens_kernel(
         xhat, rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps, ROUND)
         # the masks depend on n0 (always true) so that these loads stay in the loop (not hoisted and staged)
         x3 = tl.permute(tl.reshape(xhat, (BLOCK_T, KS, CK)), (1, 0, 2))  # (KS, BLOCK_T, CK)
-        m3 = (c3 < C) & h_mask[None, None, :] & (n0 >= 0)
-        gam3 = tl.load(w_ptr + c3, mask=c3 < C, other=0.0)
-        g3 = tl.load(u_ptr + h64[None, None, :] * stride_uh + b64 * stride_ub + c3, mask=m3, other=0.0)
-        s = tl.sum(tl.dot(x3, g3 * (gam3 * scale), input_precision=SCORE_PRECISION), axis=0)  # (BLOCK_T, BLOCK_H)
+        m3 = hp_mask[None, None, :] & (n0 >= 0)
+        hc3 = offs_h[None, None, :] * BLOCK_C + c3  # (KS, CK, BLOCK_H)
+        g3 = tl.load(g_base + hc3, mask=m3, other=0.0)
+        s = tl.sum(tl.dot(x3, g3, input_precision=SCORE_PRECISION), axis=0)  # (BLOCK_T, BLOCK_H)
         a = tl.where(n_mask[:, None] & h_mask[None, :], tl.exp(s - lse[None, :]), 0.0)
-        e3 = tl.load(dz_ptr + h64[None, None, :] * stride_zh + b64 * stride_zb + c3, mask=m3, other=0.0)
-        es = tl.sum(tl.dot(x3, e3 * gam3, input_precision=SCORE_PRECISION), axis=0)  # (BLOCK_T, BLOCK_H)
+        e3 = tl.load(e_base + hc3, mask=m3, other=0.0)
+        es = tl.sum(tl.dot(x3, e3, input_precision=SCORE_PRECISION), axis=0)  # (BLOCK_T, BLOCK_H)
         ds = a * (es + f[None, :])  # (BLOCK_T, BLOCK_H)
         if ROUND_TF32:
             a_op = _tf32_rn(a)
@@ -386,14 +399,10 @@ def _bwd_tokens_kernel(
             a_op = a
             ds_op = ds
         if RELOAD:
-            e = _load_heads(dz_ptr, stride_zh, stride_zb, b64, h64, offs_c, hc_mask & (n0 >= 0), gamma)
-            if ROUND_TF32:
-                e = _tf32_rn(e)
+            e = _load_heads(e_base, offs_h, offs_c, hp_mask[:, None] & (n0 >= 0), BLOCK_C, ROUND_TF32)
         dxhat = tl.dot(a_op, e, input_precision=PRECISION)
         if RELOAD:
-            g = _load_heads(u_ptr, stride_uh, stride_ub, b64, h64, offs_c, hc_mask & (n0 >= 0), gscale)
-            if ROUND_TF32:
-                g = _tf32_rn(g)
+            g = _load_heads(g_base, offs_h, offs_c, hp_mask[:, None] & (n0 >= 0), BLOCK_C, ROUND_TF32)
         dxhat = tl.dot(ds_op, g, dxhat, input_precision=PRECISION)  # (BLOCK_T, BLOCK_C)
         c1 = tl.sum(dxhat, axis=1) / C
         c2 = tl.sum(dxhat * xhat, axis=1) / C
@@ -408,7 +417,7 @@ def _bwd_tokens_kernel(
 
     row = (pid_k.to(tl.int64) * H + offs_h) * B + b64  # (k, h, b) of a (n_chunks, H, B) partial
     tl.store(dss_ptr + row, acc_ss, mask=h_mask)
-    tl.store(duhat_ptr + row[:, None] * C + offs_c[None, :], acc_du, mask=hc_mask)
+    tl.store(duhat_ptr + row[:, None] * C + offs_c[None, :], acc_du, mask=h_mask[:, None] & c_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -510,6 +519,12 @@ def plan(
         "bwd_maxnreg": 128 if bwd_warps == 16 else None,
         "combine_warps": max(1, min(4, block_c // 128)),
     }
+
+
+def _head_rows(H: int) -> int:
+    """Rows per batch row of the backward's ``g``/``e`` operands: ``next_pow2(H)``, so that the rows of a
+    ``BLOCK_H`` tile past them are masked at compile time."""
+    return triton.next_power_of_2(H)
 
 
 def _device_of(t: torch.Tensor):
@@ -842,7 +857,13 @@ def cls_cross_attention_bwd(
     z = torch.addcmul(beta, xbar, gamma)  # (H, B, C): z_h = sum_t a_{t,h} y_t
     d_wv = torch.bmm(do_h.transpose(1, 2), z).reshape(C, C)  # (H, D, C) -> (C, C)
     dz = torch.bmm(do_h, w_v.reshape(H, D, C))  # (H, B, C): Wv_h^T do_h
-    e = dz * gamma  # (H, B, C)
+    # the kernel's operands g = D^-0.5 u * gamma and e = dz * gamma, per batch row (2, HP, BLOCK_C), zero padded
+    hp, block_c = _head_rows(H), p["BLOCK_C"]
+    ge = torch.empty((B, 2, hp, block_c), dtype=torch.float32, device=device)
+    ge[:, :, H:].zero_()
+    ge[:, :, :H, C:].zero_()
+    g = torch.mul(u.transpose(0, 1), gamma * scale, out=ge[:, 0, :H, :C]).transpose(0, 1)  # (H, B, C) view
+    e = torch.mul(dz.transpose(0, 1), gamma, out=ge[:, 1, :H, :C]).transpose(0, 1)
     f = -(e * xbar).sum(-1).contiguous()  # (H, B): dz_h . (beta - z_h), without z's rounding of beta
 
     duhat_part = _workspace((n_chunks, H, B, C), device)
@@ -853,14 +874,13 @@ def cls_cross_attention_bwd(
                 _bwd_tokens_kernel, (B, n_chunks),
                 (tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
                  grad_tokens, grad_tokens.stride(0), grad_tokens.stride(1), grad_tokens.stride(2),
-                 u, u.stride(0), u.stride(1), dz, dz.stride(0), dz.stride(1),
-                 f, lse, gamma, duhat_part, dss_part,
-                 B, N, C, H, p["chunk_tokens"], float(eps), scale),
+                 ge, f, lse, duhat_part, dss_part,
+                 B, N, C, H, p["chunk_tokens"], float(eps)),
                 ("bwd", p["BWD_BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], tokens.dtype, dtype),
                 p["bwd_warps"], p["bwd_stages"], p["bwd_maxnreg"],
                 BLOCK_T=p["BWD_BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
                 SCORE_PRECISION=_score_precision(dtype), KS=p["bwd_ks"], RELOAD=bool(p["bwd_reload"]),
-                ROUND_TF32=dtype != torch.float32, ROUND=act_round(tokens.dtype, dtype),
+                ROUND_TF32=dtype != torch.float32, ROUND=act_round(tokens.dtype, dtype), HP=_head_rows(H),
             )
 
     # the CLS token (t = 0), whose LayerNorm output also feeds q
@@ -869,7 +889,6 @@ def cls_cross_attention_bwd(
     xc0 = xs0 - xs0.mean(-1, keepdim=True)
     rstd0 = torch.rsqrt((xc0 * xc0).mean(-1, keepdim=True) + eps)  # (B, 1)
     xhat0 = xc0 * rstd0  # (B, C)
-    g = u * (gamma * scale)  # (H, B, C)
     a0 = torch.exp((g * xhat0).sum(-1) - lse)  # (H, B)
     # with no patch tokens the softmax has one entry, whose gradient is exactly zero (a rounding residue otherwise)
     ds0 = a0 * ((e * xhat0).sum(-1) + f) if N > 0 else torch.zeros_like(a0)  # (H, B)

@@ -468,10 +468,11 @@ def plan(
     32-40 registers and spills 5-7 KB a thread. Warps, stages and ``maxnreg`` were chosen from ahead-of-time sm_90
     compiles (``tests/sm90_compile.py``: registers, spills, shared memory; the header lists them).
 
-    ``act_dtype`` is the tokens' dtype (default ``dtype``). Float32 tokens into a 16-bit call at 8 warps
-    (``BLOCK_C`` 256 and 512) run the forward at 1 stage with ``maxnreg=128`` (``fwd_stages``, ``fwd_maxnreg``):
-    left at 2 stages the float32 tiles take it to 131 KB of shared memory and 183 registers (C = 448), one program
-    per SM where the 16-bit forward fits two; so it fits two again (98 KB, 128 registers, no spills).
+    ``act_dtype`` is the tokens' dtype (default ``dtype``). Float32 tokens into a 16-bit call run the forward at 1
+    stage from ``BLOCK_C = 256`` (``fwd_stages``), with ``maxnreg=128`` at 8 warps (``fwd_maxnreg``): left at 2
+    stages the float32 tiles take it to 131 KB of shared memory and 183 registers (C = 448), one program per SM
+    where the 16-bit forward fits two; so it fits two again (98 KB, 128 registers, no spills). At ``BLOCK_C =
+    1024`` two stages need 262 KB (bf16), past the limit; one stage 197 KB, no spills.
     """
     block_c = max(16, triton.next_power_of_2(C))
     block_h = max(16, triton.next_power_of_2(H))
@@ -495,7 +496,7 @@ def plan(
     fwd_warps = _warps(block_t * block_c + 2 * block_h * block_c)
     if fp32:
         fwd_warps = max(8, fwd_warps)  # 4 warps spill at BLOCK_T = 32..64 in fp32
-    f32_tiles = not fp32 and act_dtype == torch.float32 and fwd_warps == 8
+    f32_tiles = not fp32 and act_dtype == torch.float32 and block_c >= 256
     reload = block_c >= 1024
     bwd_warps = 8 if bwd_block_t * block_c <= 16 * 512 else 16
     if fp32 and block_c >= 512:
@@ -511,7 +512,7 @@ def plan(
         "n_chunks": triton.cdiv(N, chunk_tokens),
         "fwd_warps": fwd_warps,
         "fwd_stages": 1 if f32_tiles else 2,
-        "fwd_maxnreg": 128 if f32_tiles else None,
+        "fwd_maxnreg": 128 if f32_tiles and fwd_warps == 8 else None,
         "bwd_warps": bwd_warps,
         "bwd_ks": max(1, min(8, block_c // 16)),
         "bwd_reload": int(reload),

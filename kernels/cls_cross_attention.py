@@ -113,9 +113,9 @@ whole forward, now              148.8 MB (1.59x)     118.0 MB (1.27x)
 
 The rest above the ideal is the per-head float32 state, ``H / N`` of the tokens' bytes per tensor pass: the
 chunks' partials (``3 x (H, B, C)``, written and read: 19.4 / 9.7 MB), ``u`` (written, read twice), ``xbar`` and
-``z`` (written; ``z`` read), and the weights' casts. The forward of float32 tokens at ``BLOCK_C`` 256 / 512 runs
-at 1 stage with ``maxnreg=128`` (:func:`plan`): 128 registers, no spills, 98 / 82 KB of shared memory at C = 448
-/ 224 (triton 3.6), two programs per SM as the 16-bit forward.
+``z`` (written; ``z`` read), and the weights' casts. The forward of float32 tokens runs at 1 stage from ``BLOCK_C
+= 256``, with ``maxnreg=128`` at 8 warps (:func:`plan`): 128 registers, no spills, 98 / 82 KB of shared memory at
+C = 448 / 224 (triton 3.6), two programs per SM as the 16-bit forward.
 
 Limits (checked by :func:`check_inputs`, which raises before any launch): fp32 / fp16 / bf16 as above, every
 tensor on one device (CUDA; CPU only under ``TRITON_INTERPRET=1``; launches run under ``torch.cuda.device`` of the

@@ -637,12 +637,16 @@ class CrossAttentionBlock(_FusedSeams, nn.Module):
         from crossvit_fast.ops.cls_cross_attention import cls_cross_attention
 
         a = self.attn
-        args = (cls, tokens, self.norm1.weight, self.norm1.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias,
-                a.wv.weight, a.wv.bias, a.proj.weight, a.proj.bias)
+        params = (self.norm1.weight, self.norm1.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias,
+                  a.wv.weight, a.wv.bias, a.proj.weight, a.proj.bias)
         dt = _autocast_dtype(tokens)
-        if dt is not None:  # autocast: the op takes one dtype, the autocast one
-            args = tuple(t if t is None else t.to(dt) for t in args)
-        return cls_cross_attention(*args, a.num_heads, self.norm1.eps)
+        if dt is not None:
+            # the parameters cast to the autocast dtype, the op's compute dtype; float32 activations go in as they
+            # are (the kernels round them as they load them: no copy of the tokens)
+            params = tuple(t if t is None else t.to(dt) for t in params)
+            cls = cls if cls.dtype in (dt, torch.float32) else cls.to(dt)
+            tokens = tokens if tokens.dtype in (dt, torch.float32) else tokens.to(dt)
+        return cls_cross_attention(cls, tokens, *params, a.num_heads, self.norm1.eps)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

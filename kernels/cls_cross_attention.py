@@ -34,7 +34,17 @@ Backward: with ``do = Wproj^T dout`` and ``dz_h = Wv_h^T do_h``, ``e_h = gamma *
     dx_t     = rstd_t (dxhat_t - mean(dxhat_t) - xhat_t mean(dxhat_t * xhat_t))          (LayerNorm backward)
 
 ``_bwd_tokens_kernel`` streams the patch tokens once more (the only extra pass): it reads each token once and
-writes its gradient once, and per chunk the partial sums ``sum_t ds_{t,h} xhat_t`` and ``sum_t ds_{t,h}``. From
+writes its gradient once, and per chunk the partial sums ``sum_t ds_{t,h} xhat_t`` and ``sum_t ds_{t,h}``. Its
+per-row operands ``g_h = D^-0.5 u_h * gamma`` and ``e_h`` come from the launcher as one ``(B, 2, HP, BLOCK_C)``
+float32 tensor (``HP = next_pow2(H)``, zero padded): every load of them is one base address plus compile-time
+offsets, and the head rows of a BLOCK_H tile past HP are masked at compile time. With ``u``, ``dz`` ``(H, B, C)``
+and ``gamma`` applied in the loop instead, the kernel kept the hoisted 64-bit addresses of those loads across the
+token loop, and at C = 448 (16-bit, 8 warps, 255 registers) they spilled: 172+156 B (triton 3.6), 18 local loads
+in the loop; now 24+12 B, stored before the loop and loaded once after it (none in the loop), the loop 2819 -> 2599
+SASS instructions per thread per 16 tokens (3.9: 108+88 -> 88+72 B, 15 -> 13 local loads in the loop, 2653 ->
+2592 instructions; float32 tokens into a bf16 call, 3.6: 232+204 -> 40+20 B, 26 -> 0 in the loop, 2673 -> 2500).
+Static readings of ptxas / cuobjdump output, not measurements. The launcher's extra work is the zero padding
+(about 2 MB at batch 256, C = 448); it computed ``g`` and ``e`` before too. From
 those (plus the CLS token, done in torch) the launcher gets ``du_h`` and the parameter gradients by identities that
 need no other per-token sum: ``sum_t dy_t xhat_t = sum_h dz_h xbar_h + D^-0.5 u_h sum_t ds_{t,h} xhat_t`` (for
 ``dgamma``) and ``sum_t dy_t = sum_h dz_h + D^-0.5 u_h sum_t ds_{t,h}`` (for ``dbeta``), plus the CLS row's own
@@ -80,15 +90,42 @@ the rule (worst 0.77 in the probe that found this); the 16-bit dtypes are not af
 With no patch tokens (N = 0) the softmax has one entry and ``ds`` is set to exactly zero (its value; a rounding
 residue otherwise).
 
-Limits (checked by :func:`check_inputs`, which raises before any launch): fp32 / fp16 / bf16, every tensor one
-dtype and one device (CUDA; CPU only under ``TRITON_INTERPRET=1``; launches run under ``torch.cuda.device`` of the
+Float32 activations (autocast). The weights' dtype (``wq``'s) is the compute dtype: every weight, bias and norm
+parameter has it, ``out`` is returned in it, and it picks the precisions above. ``cls`` and ``tokens`` have it or,
+each on its own, float32: a float32 activation of a 16-bit call is rounded to the compute dtype as the kernels
+load it (``ROUND``: ``cvt.rn``, round to nearest even, the pivot channel too; the launchers' CLS row likewise), so
+every result is bit for bit that of the call on ``.to(dtype)`` copies, which is what ``CrossAttentionBlock`` passed
+under autocast before (a float32 -> 16-bit copy of the tokens, read again by the kernels). Its gradient comes back
+in float32, unrounded: the backward kernel writes ``dx`` as it computed it (``.to(dtype)`` then autocast's cast
+backward would round it to the compute dtype and widen it again). Forward bytes at crossvit_18_dagger_240,
+batch 256, bf16 autocast (a count, not a measurement: every read and write of every kernel and torch op of the
+module's call once, no reuse across ops in L2; ideal = the float32 tokens, CLS and parameters read once and
+``out`` written once, 93.8 / 92.9 MB):
+
+==============================  ===================  ===================
+                                C = 448, N = 196     C = 224, N = 400
+==============================  ===================  ===================
+tokens, before (cast + kernel)  179.8 MB (2.00x)     183.5 MB (2.00x)
+tokens, now (kernel)            89.9 MB (1.00x)      91.8 MB (1.00x)
+whole forward, before           238.2 MB (2.54x)     209.5 MB (2.26x)
+whole forward, now              148.8 MB (1.59x)     118.0 MB (1.27x)
+==============================  ===================  ===================
+
+The rest above the ideal is the per-head float32 state, ``H / N`` of the tokens' bytes per tensor pass: the
+chunks' partials (``3 x (H, B, C)``, written and read: 19.4 / 9.7 MB), ``u`` (written, read twice), ``xbar`` and
+``z`` (written; ``z`` read), and the weights' casts. The forward of float32 tokens runs at 1 stage from ``BLOCK_C
+= 256``, with ``maxnreg=128`` at 8 warps (:func:`plan`): 128 registers, no spills, 98 / 82 KB of shared memory at
+C = 448 / 224 (triton 3.6), two programs per SM as the 16-bit forward.
+
+Limits (checked by :func:`check_inputs`, which raises before any launch): fp32 / fp16 / bf16 as above, every
+tensor on one device (CUDA; CPU only under ``TRITON_INTERPRET=1``; launches run under ``torch.cuda.device`` of the
 tensors); ``1 <= C <= 1024``, ``C % H == 0``, ``D <= 128``; any ``B`` and ``N >= 0``; ``tokens`` any strided ``(B, N, C)``
 view (read in place; offsets are 64-bit). The row of C channels is held whole in registers (``BLOCK_C =
 next_pow2(C)``, ``BLOCK_H = max(16, next_pow2(H))`` rows of heads, masked), which is what bounds C. Block sizes,
 warps and stages are a fixed heuristic (:func:`plan`, not autotuned), chosen from ahead-of-time sm_90 compiles:
 forward ``BLOCK_T`` 64 to 16 (at most 32 in fp32), backward ``BLOCK_T = 16`` at 8 warps, 16 warps with
 ``maxnreg=128`` for fp16/bf16 at ``BLOCK_C = 1024`` and fp32 from ``BLOCK_C = 512``; for ``BLOCK_C = 1024`` the
-backward rebuilds its ``g``/``e`` operands inside the token loop, and from 512 it runs at 1 stage (shared memory). A
+backward loads its ``g``/``e`` operands inside the token loop, and from 512 it runs at 1 stage (shared memory). A
 config the device still cannot hold falls back to fewer pipeline stages.
 
 Static sm_90 readings of these kernels (ptxas -v, triton 3.6.0): docs/sm90.md.
@@ -140,14 +177,25 @@ POISON_WORKSPACES = False
 
 
 @triton.jit
+def _act_f32(x, ROUND: tl.constexpr):
+    """An activation as fp32, rounded first to the compute dtype (nearest even, as ``Tensor.to``) where ROUND
+    names it: a float32 activation of a 16-bit call; "" leaves the value as it is."""
+    if ROUND == "bf16":
+        x = x.to(tl.bfloat16)
+    elif ROUND == "fp16":
+        x = x.to(tl.float16)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _load_xhat(
-    tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps,
+    tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps, ROUND: tl.constexpr,
 ):
     """One tile of tokens ``(BLOCK_T, BLOCK_C)`` -> (xhat in fp32, zero outside the valid rows/channels; rstd)."""
     ptrs = tok_base + offs_n.to(tl.int64)[:, None] * stride_tn + offs_c.to(tl.int64)[None, :] * stride_tc
     mask = n_mask[:, None] & c_mask[None, :]
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    piv = tl.load(tok_base + offs_n.to(tl.int64) * stride_tn, mask=n_mask, other=0.0).to(tl.float32)  # channel 0
+    x = _act_f32(tl.load(ptrs, mask=mask, other=0.0), ROUND)
+    piv = _act_f32(tl.load(tok_base + offs_n.to(tl.int64) * stride_tn, mask=n_mask, other=0.0), ROUND)  # channel 0
     _, m2, d = row_moments(tl.where(mask, x - piv[:, None], 0.0), mask, C, 1, False)
     rstd = tl.rsqrt(m2 / C + eps)
     return d * rstd[:, None], rstd
@@ -169,7 +217,7 @@ def _fwd_tokens_kernel(
     m_ptr, l_ptr, acc_ptr,  # partials: m, l (n_chunks, H, B); acc (n_chunks, H, B, C)
     B, N, C, H, chunk_tokens, eps, scale,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
-    SCORE_FP16: tl.constexpr,
+    SCORE_FP16: tl.constexpr, ROUND: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -199,7 +247,7 @@ def _fwd_tokens_kernel(
     for n0 in range(n_start, n_end, BLOCK_T):
         offs_n = n0 + offs_t
         n_mask = offs_n < n_end
-        xhat, _rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps)
+        xhat, _rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps, ROUND)
         if SCORE_FP16:
             x16 = xhat.to(tl.float16)
             s = tl.dot(x16, g_t16)  # (BLOCK_T, BLOCK_H)
@@ -231,7 +279,7 @@ def _fwd_combine_kernel(
     m_ptr, l_ptr, acc_ptr,  # partials of _fwd_tokens_kernel
     xbar_ptr, z_ptr, lse_ptr,  # xbar, z: (H, B, C); lse: (H, B); contiguous fp32
     B, C, H, n_chunks, eps, scale,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, ROUND: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     h = tl.program_id(1)
@@ -243,8 +291,8 @@ def _fwd_combine_kernel(
     # the CLS token (t = 0) is one more partial: m = s_0, l = 1, acc = xhat_0
     gamma = tl.load(w_ptr + offs_c, mask=c_mask, other=0.0)
     beta = tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0)
-    x0 = tl.load(cls_ptr + b64 * stride_cb + offs_c * stride_cc, mask=c_mask, other=0.0).to(tl.float32)
-    piv = tl.load(cls_ptr + b64 * stride_cb).to(tl.float32)  # the CLS row's channel 0
+    x0 = _act_f32(tl.load(cls_ptr + b64 * stride_cb + offs_c * stride_cc, mask=c_mask, other=0.0), ROUND)
+    piv = _act_f32(tl.load(cls_ptr + b64 * stride_cb), ROUND)  # the CLS row's channel 0
     _, m2, d0 = row_moments(tl.where(c_mask, x0 - piv, 0.0), c_mask, C, 0, False)
     xhat0 = d0 * tl.rsqrt(m2 / C + eps)
     u = tl.load(u_ptr + h64 * stride_uh + b64 * stride_ub + offs_c, mask=c_mask, other=0.0)
@@ -268,31 +316,38 @@ def _fwd_combine_kernel(
 
 
 @triton.jit
-def _load_heads(ptr, stride_h, stride_b, b64, h64, offs_c, hc_mask, w):
-    """A ``(BLOCK_H, BLOCK_C)`` fp32 tile of an ``(H, B, C)`` tensor (channel stride 1) for batch row b, times ``w``."""
-    v = tl.load(ptr + h64[:, None] * stride_h + b64 * stride_b + offs_c[None, :], mask=hc_mask, other=0.0)
-    return v * w[None, :]
+def _load_heads(base, offs_h, offs_c, mask, BLOCK_C: tl.constexpr, ROUND_TF32: tl.constexpr):
+    """The ``(BLOCK_H, BLOCK_C)`` fp32 block at ``base`` (rows of BLOCK_C), rounded to tf32 where ROUND_TF32."""
+    if mask is None:
+        v = tl.load(base + offs_h[:, None] * BLOCK_C + offs_c[None, :])
+    else:
+        v = tl.load(base + offs_h[:, None] * BLOCK_C + offs_c[None, :], mask=mask, other=0.0)
+    if ROUND_TF32:
+        v = _tf32_rn(v)
+    return v
 
 
 @triton.jit
 def _bwd_tokens_kernel(
     tok_ptr, stride_tb, stride_tn, stride_tc,
     dtok_ptr, stride_db, stride_dn, stride_dc,
-    u_ptr, stride_uh, stride_ub,  # u: (H, B, C), channel stride 1
-    dz_ptr, stride_zh, stride_zb,  # dz: (H, B, C), channel stride 1
+    ge_ptr,  # (g, e) = (D^-0.5 u * gamma, dz * gamma): (B, 2, HP, BLOCK_C), contiguous fp32, zero padded
     f_ptr, lse_ptr,  # (H, B), contiguous fp32
-    w_ptr,  # gamma: (C,), contiguous fp32
     duhat_ptr, dss_ptr,  # partials: (n_chunks, H, B, C) and (n_chunks, H, B)
-    B, N, C, H, chunk_tokens, eps, scale,
+    B, N, C, H, chunk_tokens, eps,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     SCORE_PRECISION: tl.constexpr, KS: tl.constexpr, RELOAD: tl.constexpr, ROUND_TF32: tl.constexpr,
+    ROUND: tl.constexpr, HP: tl.constexpr,
 ):
     """The two score dots ``xhat g^T`` and ``xhat e^T`` (K = C, tiny M and N) are split along C into KS batched
     slices (``(KS, BLOCK_T, BLOCK_C/KS) x (KS, BLOCK_C/KS, BLOCK_H)``, summed over the slices), so each warp holds only
     its slice of ``xhat`` as a dot operand instead of the whole row (which spilled); their operand tiles are loaded
-    in the loop (L1/L2 hits). ``g = D^-0.5 u * gamma`` and ``e = dz * gamma``, the operands of the dots that expand
-    over C, are built once before the token loop (RELOAD=False) or, when staging both in shared memory for the
-    whole loop does not fit (RELOAD=True, ``BLOCK_C >= 1024``), rebuilt in the loop right before their dot."""
+    in the loop (L1/L2 hits). ``g = D^-0.5 u * gamma`` and ``e = dz * gamma`` come from the launcher, per batch row
+    an ``(H, BLOCK_C)`` block with the channels padded to BLOCK_C: every load of them is one base address plus
+    compile-time offsets (with ``(H, B, C)`` strides and ``gamma`` applied in the loop, the hoisted 64-bit
+    addresses of those loads were what spilled at C = 448). The operands of the dots that expand over C (g, e) are
+    loaded once before the token loop (RELOAD=False) or, when staging both in shared memory for the whole loop does
+    not fit (RELOAD=True, ``BLOCK_C >= 1024``), in the loop right before their dot."""
     pid_b = tl.program_id(0)
     pid_k = tl.program_id(1)
     b64 = pid_b.to(tl.int64)
@@ -301,17 +356,14 @@ def _bwd_tokens_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     c_mask = offs_c < C
     h_mask = offs_h < H
-    hc_mask = h_mask[:, None] & c_mask[None, :]
     h64 = offs_h.to(tl.int64)
 
-    gamma = tl.load(w_ptr + offs_c, mask=c_mask, other=0.0)
-    gscale = gamma * scale
+    g_base = ge_ptr + b64 * (2 * HP * BLOCK_C)
+    e_base = g_base + HP * BLOCK_C
+    hp_mask = offs_h < HP  # known at compile time: the rows past HP are not loaded
     if not RELOAD:
-        g = _load_heads(u_ptr, stride_uh, stride_ub, b64, h64, offs_c, hc_mask, gscale)  # (BLOCK_H, BLOCK_C)
-        e = _load_heads(dz_ptr, stride_zh, stride_zb, b64, h64, offs_c, hc_mask, gamma)  # (BLOCK_H, BLOCK_C)
-        if ROUND_TF32:
-            g = _tf32_rn(g)
-            e = _tf32_rn(e)
+        g = _load_heads(g_base, offs_h, offs_c, hp_mask[:, None], BLOCK_C, ROUND_TF32)  # (BLOCK_H, BLOCK_C)
+        e = _load_heads(e_base, offs_h, offs_c, hp_mask[:, None], BLOCK_C, ROUND_TF32)
     f = tl.load(f_ptr + h64 * B + b64, mask=h_mask, other=0.0)
     lse = tl.load(lse_ptr + h64 * B + b64, mask=h_mask, other=0.0)
 
@@ -328,16 +380,16 @@ def _bwd_tokens_kernel(
     for n0 in range(n_start, n_end, BLOCK_T):
         offs_n = n0 + offs_t
         n_mask = offs_n < n_end
-        xhat, rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps)
+        xhat, rstd = _load_xhat(tok_base, offs_n, offs_c, n_mask, c_mask, stride_tn, stride_tc, C, eps, ROUND)
         # the masks depend on n0 (always true) so that these loads stay in the loop (not hoisted and staged)
         x3 = tl.permute(tl.reshape(xhat, (BLOCK_T, KS, CK)), (1, 0, 2))  # (KS, BLOCK_T, CK)
-        m3 = (c3 < C) & h_mask[None, None, :] & (n0 >= 0)
-        gam3 = tl.load(w_ptr + c3, mask=c3 < C, other=0.0)
-        g3 = tl.load(u_ptr + h64[None, None, :] * stride_uh + b64 * stride_ub + c3, mask=m3, other=0.0)
-        s = tl.sum(tl.dot(x3, g3 * (gam3 * scale), input_precision=SCORE_PRECISION), axis=0)  # (BLOCK_T, BLOCK_H)
+        m3 = hp_mask[None, None, :] & (n0 >= 0)
+        hc3 = offs_h[None, None, :] * BLOCK_C + c3  # (KS, CK, BLOCK_H)
+        g3 = tl.load(g_base + hc3, mask=m3, other=0.0)
+        s = tl.sum(tl.dot(x3, g3, input_precision=SCORE_PRECISION), axis=0)  # (BLOCK_T, BLOCK_H)
         a = tl.where(n_mask[:, None] & h_mask[None, :], tl.exp(s - lse[None, :]), 0.0)
-        e3 = tl.load(dz_ptr + h64[None, None, :] * stride_zh + b64 * stride_zb + c3, mask=m3, other=0.0)
-        es = tl.sum(tl.dot(x3, e3 * gam3, input_precision=SCORE_PRECISION), axis=0)  # (BLOCK_T, BLOCK_H)
+        e3 = tl.load(e_base + hc3, mask=m3, other=0.0)
+        es = tl.sum(tl.dot(x3, e3, input_precision=SCORE_PRECISION), axis=0)  # (BLOCK_T, BLOCK_H)
         ds = a * (es + f[None, :])  # (BLOCK_T, BLOCK_H)
         if ROUND_TF32:
             a_op = _tf32_rn(a)
@@ -347,14 +399,10 @@ def _bwd_tokens_kernel(
             a_op = a
             ds_op = ds
         if RELOAD:
-            e = _load_heads(dz_ptr, stride_zh, stride_zb, b64, h64, offs_c, hc_mask & (n0 >= 0), gamma)
-            if ROUND_TF32:
-                e = _tf32_rn(e)
+            e = _load_heads(e_base, offs_h, offs_c, hp_mask[:, None] & (n0 >= 0), BLOCK_C, ROUND_TF32)
         dxhat = tl.dot(a_op, e, input_precision=PRECISION)
         if RELOAD:
-            g = _load_heads(u_ptr, stride_uh, stride_ub, b64, h64, offs_c, hc_mask & (n0 >= 0), gscale)
-            if ROUND_TF32:
-                g = _tf32_rn(g)
+            g = _load_heads(g_base, offs_h, offs_c, hp_mask[:, None] & (n0 >= 0), BLOCK_C, ROUND_TF32)
         dxhat = tl.dot(ds_op, g, dxhat, input_precision=PRECISION)  # (BLOCK_T, BLOCK_C)
         c1 = tl.sum(dxhat, axis=1) / C
         c2 = tl.sum(dxhat * xhat, axis=1) / C
@@ -369,7 +417,7 @@ def _bwd_tokens_kernel(
 
     row = (pid_k.to(tl.int64) * H + offs_h) * B + b64  # (k, h, b) of a (n_chunks, H, B) partial
     tl.store(dss_ptr + row, acc_ss, mask=h_mask)
-    tl.store(duhat_ptr + row[:, None] * C + offs_c[None, :], acc_du, mask=hc_mask)
+    tl.store(duhat_ptr + row[:, None] * C + offs_c[None, :], acc_du, mask=h_mask[:, None] & c_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,6 +451,7 @@ def plan(
     chunk_tokens: Optional[int] = None,
     block_t: Optional[int] = None,
     dtype: torch.dtype = torch.float16,
+    act_dtype: Optional[torch.dtype] = None,
 ) -> Dict[str, int]:
     """Block sizes, warps, pipeline stages and the split of the N tokens into chunks for one call.
 
@@ -418,6 +467,12 @@ def plan(
     ``maxnreg=128`` (``bwd_maxnreg``: the whole register file over 512 threads): left to itself ptxas gives it
     32-40 registers and spills 5-7 KB a thread. Warps, stages and ``maxnreg`` were chosen from ahead-of-time sm_90
     compiles (``tests/sm90_compile.py``: registers, spills, shared memory; the header lists them).
+
+    ``act_dtype`` is the tokens' dtype (default ``dtype``). Float32 tokens into a 16-bit call run the forward at 1
+    stage from ``BLOCK_C = 256`` (``fwd_stages``), with ``maxnreg=128`` at 8 warps (``fwd_maxnreg``): left at 2
+    stages the float32 tiles take it to 131 KB of shared memory and 183 registers (C = 448), one program per SM
+    where the 16-bit forward fits two; so it fits two again (98 KB, 128 registers, no spills). At ``BLOCK_C =
+    1024`` two stages need 262 KB (bf16), past the limit; one stage 197 KB, no spills.
     """
     block_c = max(16, triton.next_power_of_2(C))
     block_h = max(16, triton.next_power_of_2(H))
@@ -441,6 +496,7 @@ def plan(
     fwd_warps = _warps(block_t * block_c + 2 * block_h * block_c)
     if fp32:
         fwd_warps = max(8, fwd_warps)  # 4 warps spill at BLOCK_T = 32..64 in fp32
+    f32_tiles = not fp32 and act_dtype == torch.float32 and block_c >= 256
     reload = block_c >= 1024
     bwd_warps = 8 if bwd_block_t * block_c <= 16 * 512 else 16
     if fp32 and block_c >= 512:
@@ -455,6 +511,8 @@ def plan(
         "chunk_tokens": chunk_tokens,
         "n_chunks": triton.cdiv(N, chunk_tokens),
         "fwd_warps": fwd_warps,
+        "fwd_stages": 1 if f32_tiles else 2,
+        "fwd_maxnreg": 128 if f32_tiles and fwd_warps == 8 else None,
         "bwd_warps": bwd_warps,
         "bwd_ks": max(1, min(8, block_c // 16)),
         "bwd_reload": int(reload),
@@ -462,6 +520,12 @@ def plan(
         "bwd_maxnreg": 128 if bwd_warps == 16 else None,
         "combine_warps": max(1, min(4, block_c // 128)),
     }
+
+
+def _head_rows(H: int) -> int:
+    """Rows per batch row of the backward's ``g``/``e`` operands: ``next_pow2(H)``, so that the rows of a
+    ``BLOCK_H`` tile past them are masked at compile time."""
+    return triton.next_power_of_2(H)
 
 
 def _device_of(t: torch.Tensor):
@@ -505,6 +569,19 @@ def _score_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32x3"
 
 
+def act_round(act: torch.dtype, dtype: torch.dtype) -> str:
+    """The kernels' ``ROUND`` for an activation of dtype ``act`` in a call of compute dtype ``dtype``: "bf16" or
+    "fp16" where a float32 activation is rounded to the 16-bit compute dtype at load, else ""."""
+    if act == dtype:
+        return ""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def _act_rows(t: torch.Tensor, dtype: torch.dtype, B: int, C: int) -> torch.Tensor:
+    """``(B, 1, C)`` CLS rows as fp32 ``(B, C)``, rounded to the compute dtype first (the kernels' ``ROUND``)."""
+    return t.reshape(B, C).to(dtype).to(torch.float32)
+
+
 def _shape_str(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
@@ -514,8 +591,11 @@ def check_inputs(
 ) -> Tuple[int, int, int, int, int]:
     """Validate the op's inputs (types, dtypes, devices, shapes, supported sizes); returns ``(B, N, C, H, D)``.
 
+    The weights' dtype (``wq``'s) is the compute dtype: every weight, bias and norm parameter has it; ``cls`` and
+    ``tokens`` have it or float32 (each on its own; see :func:`act_round`).
+
     Raises:
-        TypeError: a non-tensor, an unsupported dtype, or tensors of different dtypes.
+        TypeError: a non-tensor, an unsupported dtype, or a dtype mix other than float32 activations.
         ValueError: a wrong shape, a size outside the kernel's limits, mixed devices or an unusable device.
     """
     required = {"cls": cls, "tokens": tokens, "wq": wq, "wk": wk, "wv": wv, "wproj": wproj}
@@ -532,13 +612,23 @@ def check_inputs(
         raise ValueError(f"cls_cross_attention: eps must be a finite float >= 0, got {eps!r}")
 
     tensors = {**required, **{k: v for k, v in optional.items() if v is not None}}
-    dtype = cls.dtype
+    dtype = wq.dtype
     if dtype not in _DTYPES:
-        raise TypeError(f"cls_cross_attention: cls has dtype {dtype}; supported are float32, float16, bfloat16")
-    wrong = {k: v.dtype for k, v in tensors.items() if v.dtype != dtype}
+        raise TypeError(
+            f"cls_cross_attention: wq has dtype {dtype}; the weights' dtype is the compute dtype, one of float32, "
+            "float16, bfloat16"
+        )
+    params = {k: v for k, v in tensors.items() if k not in ("cls", "tokens")}
+    wrong = {k: v.dtype for k, v in params.items() if v.dtype != dtype}
     if wrong:
         raise TypeError(
-            f"cls_cross_attention: every tensor must have cls's dtype {dtype}; these differ: "
+            f"cls_cross_attention: every weight, bias and norm parameter must have wq's dtype {dtype} (the compute "
+            "dtype); these differ: " + ", ".join(f"{k} ({d})" for k, d in wrong.items())
+        )
+    wrong = {k: t.dtype for k, t in (("cls", cls), ("tokens", tokens)) if t.dtype not in (dtype, torch.float32)}
+    if wrong:
+        raise TypeError(
+            f"cls_cross_attention: cls and tokens must have the compute dtype {dtype} (wq's) or float32; got "
             + ", ".join(f"{k} ({d})" for k, d in wrong.items())
         )
     device = cls.device
@@ -643,24 +733,24 @@ def cls_cross_attention_fwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward of the op; arguments as ``cls_cross_attention_ref`` (``bk`` is checked, and cancels).
 
-    Returns ``(out, q, u, xbar, lse, o)``: ``out`` ``(B, 1, C)`` in the input dtype (written into ``out=`` when
-    given), and what the backward needs, all fp32 and contiguous: ``q = Wq y_0 + bq`` ``(B, C)``,
+    Returns ``(out, q, u, xbar, lse, o)``: ``out`` ``(B, 1, C)`` in the compute dtype, ``wq``'s (written into
+    ``out=`` when given), and what the backward needs, all fp32 and contiguous: ``q = Wq y_0 + bq`` ``(B, C)``,
     ``u_h = Wk_h^T q_h`` as ``(H, B, C)``, ``xbar_h = sum_t a_{t,h} xhat_t`` as ``(H, B, C)``, ``lse`` ``(H, B)``
     of the shifted scores ``D^-0.5 (u_h * gamma) . xhat_t``, and ``o`` ``(B, C)`` (the heads' outputs, before proj).
     ``chunk_tokens`` and ``block_t`` override the launch plan (see :func:`plan`).
     """
     B, N, C, H, D = check_inputs(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wproj, bproj,
                                  num_heads, eps)
-    device, dtype = cls.device, cls.dtype
+    device, dtype = cls.device, wq.dtype
     if out is not None:
         _check_tensor("out", out, (B, 1, C), dtype, device)
     scale = D ** -0.5
-    p = plan(B, N, C, H, device, chunk_tokens, block_t, dtype)
+    p = plan(B, N, C, H, device, chunk_tokens, block_t, dtype, tokens.dtype)
     n_chunks = p["n_chunks"]
 
     gamma = _vec32(norm_weight, 1.0, C, device)
     beta = _vec32(norm_bias, 0.0, C, device)
-    y0 = F.layer_norm(cls.reshape(B, C).to(torch.float32), (C,), gamma, beta, eps)  # (B, C)
+    y0 = F.layer_norm(_act_rows(cls, dtype, B, C), (C,), gamma, beta, eps)  # (B, C)
     q = F.linear(y0, wq.to(torch.float32), _f32(bq))  # (B, C)
     u = torch.bmm(q.view(B, H, D).transpose(0, 1), wk.to(torch.float32).reshape(H, D, C))  # (H, B, C)
 
@@ -678,10 +768,10 @@ def cls_cross_attention_fwd(
                  u, u.stride(0), u.stride(1), gamma,
                  m_part, l_part, acc_part,
                  B, N, C, H, p["chunk_tokens"], float(eps), scale),
-                ("fwd", p["BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
-                p["fwd_warps"],
+                ("fwd", p["BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], tokens.dtype, dtype),
+                p["fwd_warps"], p["fwd_stages"], p["fwd_maxnreg"],
                 BLOCK_T=p["BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
-                SCORE_FP16=dtype == torch.float16,
+                SCORE_FP16=dtype == torch.float16, ROUND=act_round(tokens.dtype, dtype),
             )
         if B > 0:
             _launch(
@@ -692,7 +782,7 @@ def cls_cross_attention_fwd(
                  B, C, H, n_chunks, float(eps), scale),
                 ("combine", p["BLOCK_C"]),
                 p["combine_warps"],
-                BLOCK_C=p["BLOCK_C"],
+                BLOCK_C=p["BLOCK_C"], ROUND=act_round(cls.dtype, dtype),
             )
 
     wv_hcd = wv.to(torch.float32).reshape(H, D, C).transpose(1, 2)  # (H, C, D): Wv_h^T
@@ -733,25 +823,26 @@ def cls_cross_attention_bwd(
 ) -> Tuple[torch.Tensor, ...]:
     """Backward of the op from ``grad_out`` ``(B, 1, C)`` and the forward's ``q, u, xbar, lse, o``.
 
-    Returns the gradients ``(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wproj, bproj)`` in the
-    input dtype, every one a tensor (for a None input the caller drops it). The tokens' gradient is written into
-    ``grad_tokens=`` ``(B, N, C)`` (any strides) when given, else into a new contiguous tensor. ``bk``'s gradient
-    is exactly zero (``q_h . bk_h`` is constant over the keys). ``chunk_tokens`` and ``block_t`` override the
-    launch plan (see :func:`plan`).
+    Returns the gradients ``(cls, tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wproj, bproj)``, each in
+    its input's dtype (``bq``, ``bk``, ``bv``, ``bproj``: the compute dtype), every one a tensor (for a None
+    input the caller drops it). The tokens' gradient is written into ``grad_tokens=`` ``(B, N, C)`` (any
+    strides, the tokens' dtype) when given, else into a new contiguous tensor. ``bk``'s gradient is exactly zero
+    (``q_h . bk_h`` is constant over the keys). ``chunk_tokens`` and ``block_t`` override the launch plan (see
+    :func:`plan`).
     """
     B, N, C, H, D = check_inputs(cls, tokens, norm_weight, norm_bias, wq, None, wk, None, wv, None, wproj, None,
                                  num_heads, eps)
-    device, dtype = cls.device, cls.dtype
+    device, dtype = cls.device, wq.dtype
     _check_tensor("grad_out", grad_out, (B, 1, C), None, device)
     for name, t, shape in (("q", q, (B, C)), ("u", u, (H, B, C)), ("xbar", xbar, (H, B, C)),
                            ("lse", lse, (H, B)), ("o", o, (B, C))):
         _check_tensor(f"saved {name}", t, shape, torch.float32, device)
     if grad_tokens is None:
-        grad_tokens = torch.empty((B, N, C), dtype=dtype, device=device)
+        grad_tokens = torch.empty((B, N, C), dtype=tokens.dtype, device=device)
     else:
-        _check_tensor("grad_tokens", grad_tokens, (B, N, C), dtype, device)
+        _check_tensor("grad_tokens", grad_tokens, (B, N, C), tokens.dtype, device)
     scale = D ** -0.5
-    p = plan(B, N, C, H, device, chunk_tokens, block_t, dtype)
+    p = plan(B, N, C, H, device, chunk_tokens, block_t, dtype, tokens.dtype)
     n_chunks = p["n_chunks"]
 
     gamma = _vec32(norm_weight, 1.0, C, device)
@@ -767,7 +858,13 @@ def cls_cross_attention_bwd(
     z = torch.addcmul(beta, xbar, gamma)  # (H, B, C): z_h = sum_t a_{t,h} y_t
     d_wv = torch.bmm(do_h.transpose(1, 2), z).reshape(C, C)  # (H, D, C) -> (C, C)
     dz = torch.bmm(do_h, w_v.reshape(H, D, C))  # (H, B, C): Wv_h^T do_h
-    e = dz * gamma  # (H, B, C)
+    # the kernel's operands g = D^-0.5 u * gamma and e = dz * gamma, per batch row (2, HP, BLOCK_C), zero padded
+    hp, block_c = _head_rows(H), p["BLOCK_C"]
+    ge = torch.empty((B, 2, hp, block_c), dtype=torch.float32, device=device)
+    ge[:, :, H:].zero_()
+    ge[:, :, :H, C:].zero_()
+    g = torch.mul(u.transpose(0, 1), gamma * scale, out=ge[:, 0, :H, :C]).transpose(0, 1)  # (H, B, C) view
+    e = torch.mul(dz.transpose(0, 1), gamma, out=ge[:, 1, :H, :C]).transpose(0, 1)
     f = -(e * xbar).sum(-1).contiguous()  # (H, B): dz_h . (beta - z_h), without z's rounding of beta
 
     duhat_part = _workspace((n_chunks, H, B, C), device)
@@ -778,23 +875,21 @@ def cls_cross_attention_bwd(
                 _bwd_tokens_kernel, (B, n_chunks),
                 (tokens, tokens.stride(0), tokens.stride(1), tokens.stride(2),
                  grad_tokens, grad_tokens.stride(0), grad_tokens.stride(1), grad_tokens.stride(2),
-                 u, u.stride(0), u.stride(1), dz, dz.stride(0), dz.stride(1),
-                 f, lse, gamma, duhat_part, dss_part,
-                 B, N, C, H, p["chunk_tokens"], float(eps), scale),
-                ("bwd", p["BWD_BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], dtype),
+                 ge, f, lse, duhat_part, dss_part,
+                 B, N, C, H, p["chunk_tokens"], float(eps)),
+                ("bwd", p["BWD_BLOCK_T"], p["BLOCK_C"], p["BLOCK_H"], tokens.dtype, dtype),
                 p["bwd_warps"], p["bwd_stages"], p["bwd_maxnreg"],
                 BLOCK_T=p["BWD_BLOCK_T"], BLOCK_C=p["BLOCK_C"], BLOCK_H=p["BLOCK_H"], PRECISION=_precision(dtype),
                 SCORE_PRECISION=_score_precision(dtype), KS=p["bwd_ks"], RELOAD=bool(p["bwd_reload"]),
-                ROUND_TF32=dtype != torch.float32,
+                ROUND_TF32=dtype != torch.float32, ROUND=act_round(tokens.dtype, dtype), HP=_head_rows(H),
             )
 
     # the CLS token (t = 0), whose LayerNorm output also feeds q
-    x0 = cls.reshape(B, C).to(torch.float32)
+    x0 = _act_rows(cls, dtype, B, C)
     xs0 = x0 - x0[:, :1]  # the pivot of the kernels' row_moments: exact on constant rows
     xc0 = xs0 - xs0.mean(-1, keepdim=True)
     rstd0 = torch.rsqrt((xc0 * xc0).mean(-1, keepdim=True) + eps)  # (B, 1)
     xhat0 = xc0 * rstd0  # (B, C)
-    g = u * (gamma * scale)  # (H, B, C)
     a0 = torch.exp((g * xhat0).sum(-1) - lse)  # (H, B)
     # with no patch tokens the softmax has one entry, whose gradient is exactly zero (a rounding residue otherwise)
     ds0 = a0 * ((e * xhat0).sum(-1) + f) if N > 0 else torch.zeros_like(a0)  # (H, B)
@@ -820,6 +915,6 @@ def cls_cross_attention_bwd(
         return t.to(dtype)
 
     return (
-        cast(d_cls.view(B, 1, C)), grad_tokens, cast(d_gamma), cast(d_beta),
+        d_cls.view(B, 1, C).to(cls.dtype), grad_tokens, cast(d_gamma), cast(d_beta),
         cast(d_wq), cast(d_bq), cast(d_wk), cast(d_bk), cast(d_wv), cast(d_bv), cast(d_wproj), cast(d_bproj),
     )

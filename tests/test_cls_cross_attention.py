@@ -24,7 +24,7 @@ from crossvit_fast.reference import cls_cross_attention_ref  # noqa: E402
 from crossvit_fast.testing import assert_within_rule, poison_  # noqa: E402
 from crossvit_fast.ops import cls_cross_attention as ops  # noqa: E402
 from crossvit_fast.kernels import cls_cross_attention as K  # noqa: E402
-from conftest import forbid_launches, requires_cuda  # noqa: E402
+from conftest import DispatchLog, forbid_launches, requires_cuda  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -72,20 +72,21 @@ class Case:
             self.master["b" + w[1:]] = 0.05 * torch.randn(C, dtype=f) if biases else None
         self.grad_out = torch.randn(B, 1, C, dtype=f)
 
-    def leaves(self, dtype, device=DEVICE, requires_grad=True, upcast_from=None):
+    def leaves(self, dtype, device=DEVICE, requires_grad=True, upcast_from=None, act=None):
         """(src leaf, args in NAMES order): tensors in ``dtype``; with ``upcast_from`` the low-precision values
-        of that dtype carried exactly in ``dtype`` (the float64 reference sees the kernel's inputs)."""
+        of that dtype carried exactly in ``dtype`` (the float64 reference sees the kernel's inputs); with ``act``
+        the activations ``cls`` and ``tokens`` in that dtype instead (e.g. float32 into a 16-bit call)."""
 
-        def conv(t):
+        def conv(t, to=dtype):
             if t is None:
                 return None
             t = t.to(device)
             if upcast_from is not None:
                 t = t.to(upcast_from)
-            return t.to(dtype).detach().requires_grad_(requires_grad)
+            return t.to(to).detach().requires_grad_(requires_grad)
 
-        src = conv(self.src)
-        args = {k: conv(v) for k, v in self.master.items()}
+        src = conv(self.src, act or dtype)
+        args = {k: conv(v, act or dtype if k == "cls" else dtype) for k, v in self.master.items()}
         args["tokens"] = self.view(src)
         return src, [args[n] for n in NAMES]
 
@@ -103,9 +104,11 @@ def _run(fn, args, H, grad_out, with_grads=True):
     return out, [next(grads) if a is not None else None for a in args]
 
 
-def _check_against_reference(case, dtype, fn=ops.cls_cross_attention, with_grads=True):
+def _check_against_reference(case, dtype, fn=ops.cls_cross_attention, with_grads=True, act=None):
+    """``act``: the activations (``cls``, ``tokens``) in that dtype (float32) into a call of compute dtype
+    ``dtype``; the references see them rounded to ``dtype``, the kernels' semantics."""
     H = case.H
-    _, args = case.leaves(dtype)
+    _, args = case.leaves(dtype, act=act)
     out, grads = _run(fn, args, H, case.go(dtype), with_grads)
     _, args64 = case.leaves(torch.float64, upcast_from=dtype)
     ref64, grads64 = _run(cls_cross_attention_ref, args64, H, case.go(torch.float64, upcast_from=dtype), with_grads)
@@ -120,7 +123,7 @@ def _check_against_reference(case, dtype, fn=ops.cls_cross_attention, with_grads
             if g64 is None:
                 assert g is None, f"grad of {name} (None input) should be None"
                 continue
-            assert g.dtype == dtype and g.shape == g64.shape, name
+            assert g.dtype == (act or dtype if name in ("cls", "tokens") else dtype) and g.shape == g64.shape, name
             assert bool(torch.isfinite(g).all()), f"non-finite grad of {name}"
             assert_within_rule(g, g64, glp, what=f"grad of {name}")
     return out, grads
@@ -145,6 +148,43 @@ SMALL_CASES = [
 @pytest.mark.parametrize("B,N,C,H,layout", SMALL_CASES, ids=lambda v: str(v))
 def test_matches_reference(B, N, C, H, layout, dtype):
     _check_against_reference(Case(B, N, C, H, layout), dtype)
+
+
+FLOAT32_ACT_CASES = [
+    # (B, N, C, H, layout)
+    (3, 7, 20, 5, "transposed"),
+    (2, 5, 96, 3, "slice"),
+    (2, 2, 224, 7, "slice"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,N,C,H,layout", FLOAT32_ACT_CASES, ids=lambda v: str(v))
+def test_float32_activations_match_reference(B, N, C, H, layout, dtype):
+    """float32 ``cls`` and ``tokens`` into a 16-bit call (autocast's case): within the rule of the 16-bit
+    reference, the activations' gradients in float32."""
+    _check_against_reference(Case(B, N, C, H, layout), dtype, act=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("which", ["both", "tokens", "cls"])
+def test_float32_activations_rounded_as_by_a_cast(dtype, which):
+    """A float32 activation is rounded to the compute dtype as the kernels load it: the output and the weights'
+    gradients are bit for bit those of the call on ``.to(dtype)`` copies, and each float32 activation's gradient
+    rounds to the 16-bit call's."""
+    case = Case(2, 9, 48, 3, "slice")
+    _, a16 = case.leaves(dtype)
+    _, a32 = case.leaves(dtype, act=torch.float32)
+    keep = {"both": (0, 1), "tokens": (1,), "cls": (0,)}[which]
+    args = [a32[i] if i in keep else a16[i] for i in range(len(NAMES))]
+    out16, g16 = _run(ops.cls_cross_attention, a16, case.H, case.go(dtype))
+    out, g = _run(ops.cls_cross_attention, args, case.H, case.go(dtype))
+    assert out.dtype == dtype and torch.equal(out, out16)
+    for i, (name, x, y) in enumerate(zip(NAMES, g, g16)):
+        if x is None:
+            continue
+        assert x.dtype == args[i].dtype, name
+        assert torch.equal(x.to(dtype), y), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -314,13 +354,15 @@ def test_nan_in_nan_out():
     assert bool(torch.isnan(out[0]).all()) and bool(torch.isfinite(out[1:]).all())
 
 
-def test_opcheck():
+@pytest.mark.parametrize("dtype,act", [(torch.float32, None), (torch.float16, torch.float32)],
+                         ids=["fp32", "fp16-fp32act"])
+def test_opcheck(dtype, act):
     case = Case(2, 3, 12, 3, "slice")
-    _, args = case.leaves(torch.float32)
+    _, args = case.leaves(dtype, act=act)
     torch.library.opcheck(torch.ops.crossvit_fast.cls_cross_attention.default, (*args, case.H, 1e-6))
     with torch.no_grad():
         saved = torch.ops.crossvit_fast.cls_cross_attention.default(*args, case.H, 1e-6)[1:]
-    bwd_args = (case.go(torch.float32), args[0], args[1], args[2], args[3], args[4], args[6], args[8], args[10],
+    bwd_args = (case.go(dtype), args[0], args[1], args[2], args[3], args[4], args[6], args[8], args[10],
                 *saved, case.H, 1e-6)
     torch.library.opcheck(
         torch.ops.crossvit_fast.cls_cross_attention_backward.default,
@@ -328,20 +370,23 @@ def test_opcheck():
     )
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(backend):
-    """The op is opaque to torch.compile: ``fullgraph=True`` traces (no graph break) and matches eager."""
+@pytest.mark.parametrize("backend,dtype", [("aot_eager", torch.float32), ("inductor", torch.float32),
+                                           ("aot_eager", torch.float16)], ids=["aot_eager", "inductor", "fp16-fp32act"])
+def test_torch_compile_fullgraph(backend, dtype):
+    """The op is opaque to torch.compile: ``fullgraph=True`` traces (no graph break) and matches eager (also with
+    float32 activations into a 16-bit call: the fake's output and gradient dtypes)."""
     if backend == "inductor" and not CUDA and shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("inductor on CPU needs a C compiler, none found")
     case = Case(2, 3, 12, 3, "slice")
-    _, args = case.leaves(torch.float32)
+    _, args = case.leaves(dtype, act=torch.float32)
     torch._dynamo.reset()
 
     def f(*a):
         return ops.cls_cross_attention(*a) * 2.0
 
-    out_c, g_c = _run(torch.compile(f, fullgraph=True, backend=backend), args, case.H, case.go(torch.float32))
-    out_e, g_e = _run(f, args, case.H, case.go(torch.float32))
+    out_c, g_c = _run(torch.compile(f, fullgraph=True, backend=backend), args, case.H, case.go(dtype))
+    out_e, g_e = _run(f, args, case.H, case.go(dtype))
+    assert out_c.dtype == out_e.dtype == dtype
     torch.testing.assert_close(out_c, out_e)
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b)
@@ -375,6 +420,13 @@ def _bad_variants():
     return {
         "float64": (TypeError, "dtype", lambda: (base(torch.float64), H)),
         "mixed dtype": (TypeError, "wq", set_(4, lambda a: a[4].half())),
+        "weights mixed 16-bit": (TypeError, "these differ: .*wk \\(torch.float32\\)", lambda: (
+            [t if t is None or i < 2 else t.half() for i, t in enumerate(base())][:6] + base()[6:], H)),
+        "16-bit tokens, float32 weights": (TypeError, "tokens \\(torch.float16\\)", set_(1, lambda a: a[1].half())),
+        "bf16 cls, fp16 weights": (TypeError, "cls \\(torch.bfloat16\\)", lambda: (
+            [a.bfloat16() if i == 0 else a for i, a in enumerate(base(torch.float16))], H)),
+        "float64 tokens, fp16 weights": (TypeError, "tokens \\(torch.float64\\)", lambda: (
+            [a.double() if i == 1 else a for i, a in enumerate(base(torch.float16))], H)),
         "tokens not a tensor": (TypeError, "tokens", set_(1, lambda a: a[1].tolist())),
         "cls (B, 2, C)": (ValueError, "cls must be", set_(0, lambda a: torch.cat([a[0], a[0]], 1))),
         "tokens other batch": (ValueError, "tokens must be", set_(1, lambda a: a[1][:1])),
@@ -582,3 +634,36 @@ def test_caller_autocast_does_not_reach_inside(dtype):
         results.append([out] + [g for g in grads if g is not None])
     for a, b in zip(*results):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_block_under_autocast_passes_float32_activations(dtype):
+    """``CrossAttentionBlock`` under autocast casts its parameters (small) and hands the float32 ``cls`` and
+    ``tokens`` to the op as they are: no copy of the tokens, the output bit for bit that of the op on ``.to(dtype)``
+    copies (what the block passed before), the activations' gradients float32 (the tokens' rounding to that
+    call's; ``test_float32_activations_rounded_as_by_a_cast`` checks the op's for both)."""
+    from crossvit_fast.layers import CrossAttentionBlock
+
+    C, H, B, N = 48, 3, 2, 9
+    blk = CrossAttentionBlock(C, H, qkv_bias=True, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        blk.norm1.weight.normal_(1.0, 0.1)
+        blk.norm1.bias.normal_(0.0, 0.1)
+    cls = torch.randn(B, 1, C, device=DEVICE, requires_grad=True)
+    x = torch.randn(B, 1 + N, C, device=DEVICE, requires_grad=True)
+    go = torch.randn(B, 1, C, device=DEVICE)
+    a = blk.attn
+    params = [blk.norm1.weight, blk.norm1.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias, a.wv.weight,
+              a.wv.bias, a.proj.weight, a.proj.bias]
+    with DispatchLog() as log, torch.autocast(DEVICE.type, dtype=dtype):
+        y = blk(cls, x[:, 1:])
+    assert log.counts().get("aten._to_copy", 0) == len(params)  # the parameters' casts only
+    g_cls, g_x = torch.autograd.grad(y, (cls, x), go)
+    assert y.dtype == g_cls.dtype == g_x.dtype == torch.float32
+
+    out = ops.cls_cross_attention(cls.to(dtype), x[:, 1:].to(dtype), *[p.to(dtype) for p in params], H,
+                                  blk.norm1.eps)
+    y_cast = cls + out
+    r_x, = torch.autograd.grad(y_cast, (x,), go)
+    assert torch.equal(y, y_cast)
+    assert torch.equal(g_x.to(dtype).float(), r_x)

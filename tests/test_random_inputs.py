@@ -319,10 +319,12 @@ def draw_cls_cross_attention(d: Draw):
     H = d.choice("H", (1, 2, 3))
     C = H * d.choice("D", (4, 8, 16, 24))
     dtype = d.choice("dtype", (F32, F16, BF16))
+    # float32 activations into a 16-bit call (autocast's case): rounded to the compute dtype as the kernels load them
+    act = d.choice("act_dtype", (F32, dtype)) if dtype != F32 else F32
     std = 0.05  # the fp32 fold's conditioning at larger weights: test_cls_cross_attention's large-weight test
-    args = dict(cls=d.tensor("cls", d.values("cls", (B, 1, C)), dtype, layouts=("contiguous", "sliced")),
-                tokens=d.tensor("tokens", d.values("tokens", (B, N, C)), dtype) if N else
-                Arg(torch.zeros(B, 0, C, dtype=dtype, device=DEV)),
+    args = dict(cls=d.tensor("cls", d.values("cls", (B, 1, C)), act, layouts=("contiguous", "sliced")),
+                tokens=d.tensor("tokens", d.values("tokens", (B, N, C)), act) if N else
+                Arg(torch.zeros(B, 0, C, dtype=act, device=DEV)),
                 num_heads=H)
     affine = d.coin("affine", 0.8)
     args["norm_weight"] = d.tensor("norm_weight", 1 + 0.3 * d.randn(C), dtype) if affine else None
@@ -335,7 +337,9 @@ def draw_cls_cross_attention(d: Draw):
     def fused(**kw):
         return cls_cross_attention(**kw)
 
-    def ref(**kw):
+    def ref(**kw):  # the activations rounded to the compute dtype first, then in the weights' working dtype
+        for k in ("cls", "tokens"):
+            kw[k] = kw[k].to(dtype).to(kw["wq"].dtype)
         return cls_cross_attention_ref(**kw)
 
     return fused, ref, args, {}

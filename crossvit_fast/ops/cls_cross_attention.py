@@ -14,6 +14,12 @@ Two ops are registered, each with a fake (meta) implementation, so ``torch.compi
 * ``crossvit_fast::cls_cross_attention_backward`` returns the gradients of the 12 tensor inputs (every one a
   tensor; the autograd formula drops those of inputs that were None).
 
+Dtypes: the weights' dtype is the compute dtype (every weight, bias and norm parameter has it; ``out`` is returned
+in it). ``cls`` and ``tokens`` have it too, or float32 when it is 16-bit: under autocast the module passes the
+float32 activations as they are and the kernels round them to the compute dtype in registers as they load them
+(the same values as ``.to(dtype)`` first, without the copy). Each activation's gradient comes back in its own dtype,
+a float32 activation's unrounded.
+
 Use :func:`cls_cross_attention`, which returns ``out`` only.
 """
 
@@ -74,7 +80,7 @@ def _cls_cross_attention_fake(
     )
     f32 = torch.float32
     return (
-        cls.new_empty((B, 1, C)),
+        cls.new_empty((B, 1, C), dtype=wq.dtype),
         cls.new_empty((B, C), dtype=f32),
         cls.new_empty((H, B, C), dtype=f32),
         cls.new_empty((H, B, C), dtype=f32),
@@ -117,20 +123,20 @@ def _cls_cross_attention_backward_fake(
     B, N, C, _, _ = _kernels().check_inputs(
         cls, tokens, norm_weight, norm_bias, wq, None, wk, None, wv, None, wproj, None, num_heads, eps
     )
-    vec = [cls.new_empty((C,)) for _ in range(2)]
+    vec = [wq.new_empty((C,)) for _ in range(2)]
     return (
         cls.new_empty((B, 1, C)),
-        cls.new_empty((B, N, C)),
+        tokens.new_empty((B, N, C)),
         vec[0],
         vec[1],
-        cls.new_empty((C, C)),  # wq
-        cls.new_empty((C,)),
-        cls.new_empty((C, C)),  # wk
-        cls.new_empty((C,)),
-        cls.new_empty((C, C)),  # wv
-        cls.new_empty((C,)),
-        cls.new_empty((C, C)),  # wproj
-        cls.new_empty((C,)),
+        wq.new_empty((C, C)),  # wq
+        wq.new_empty((C,)),
+        wq.new_empty((C, C)),  # wk
+        wq.new_empty((C,)),
+        wq.new_empty((C, C)),  # wv
+        wq.new_empty((C,)),
+        wq.new_empty((C, C)),  # wproj
+        wq.new_empty((C,)),
     )
 
 
@@ -201,8 +207,9 @@ def cls_cross_attention(
         eps: the LayerNorm's eps.
 
     Returns:
-        ``(B, 1, C)`` in the inputs' dtype (fp32, fp16 or bf16; all tensors one dtype, on one CUDA device), before
-        the residual.
+        ``(B, 1, C)`` in the weights' dtype (fp32, fp16 or bf16: the compute dtype, which every weight, bias and
+        norm parameter has; ``cls`` and ``tokens`` have it or float32, rounded to it as the kernels load them; all
+        on one CUDA device), before the residual.
     """
     named = (("cls", cls), ("tokens", tokens), ("norm_weight", norm_weight), ("norm_bias", norm_bias), ("wq", wq),
              ("bq", bq), ("wk", wk), ("bk", bk), ("wv", wv), ("bv", bv), ("wproj", wproj), ("bproj", bproj))

@@ -11,16 +11,27 @@ float32 summation orders differ by a few such ulps, while the reference's own er
 half of one: with values near 10 a fixed float32 atol of 1e-6 is one ulp, and correct float32 LayerNorm gradients
 missed the bound by 2-4 % for some draws. For 16-bit outputs the term is about 1/1000 of the reference's own
 error and changes nothing.
+
+The reference's own error is taken as at least half an ulp of the output dtype at the output's largest magnitude
+(``err_ref = max(max|ref_lowp - ref64|, half_ulp(dtype, max|ref64|))``): the exact result rounded once to the output
+dtype is that far off, so no implementation in that dtype can be expected closer, while the reference may by chance
+round closer. That happens where few elements decide the maximum: a 3-element float16 LayerNorm bias gradient whose
+reference landed 2.0e-3 from the exact value at magnitude 12.6 (half an ulp there: 3.9e-3), while the kernel, which
+rounds the same float16 upstream gradient once instead of twice, landed 5.8e-3 off. A correctly rounded result
+therefore always passes. For tensors of more than a few elements the reference's own error is already about half
+an ulp at the largest magnitude, and the floor changes little.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
 
 __all__ = [
     "default_atol",
+    "half_ulp",
     "max_abs_err",
     "assert_within_rule",
     "rule_check",
@@ -37,6 +48,17 @@ _ULPS = 4  # float32 ulps at the output's largest magnitude (see the module docs
 def default_atol(dtype: torch.dtype) -> float:
     """The small absolute slack of the tolerance rule for ``dtype``."""
     return _ATOL[dtype]
+
+
+def half_ulp(dtype: torch.dtype, magnitude: float) -> float:
+    """Half the spacing of ``dtype``'s values at ``magnitude`` (its binade's; the subnormal spacing below the
+    smallest normal; 0 for 0 or a non-finite magnitude): the largest error of the exact value rounded once to
+    ``dtype``."""
+    if not (magnitude > 0.0 and math.isfinite(magnitude)):
+        return 0.0
+    fi = torch.finfo(dtype)
+    _, exp = math.frexp(max(magnitude, fi.smallest_normal))  # magnitude in [2^(exp-1), 2^exp)
+    return 0.5 * fi.eps * 2.0 ** (exp - 1)
 
 
 def max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -60,16 +82,16 @@ def rule_check(
     ulps: float = _ULPS,
 ) -> Dict[str, float]:
     """The tolerance rule's numbers, without asserting: ``err`` (``out``'s max abs error against ``ref64``),
-    ``err_ref`` (``ref_lowp``'s), ``bound``, ``scale`` (``max|ref64|``), ``atol`` and ``ratio`` (``err / bound``:
-    at most 1 within the rule; ``inf`` for a NaN where the reference is finite). Arguments as
-    :func:`assert_within_rule`."""
+    ``err_ref`` (``ref_lowp``'s, at least :func:`half_ulp` of ``out``'s dtype at ``scale``: module docstring),
+    ``bound``, ``scale`` (``max|ref64|``), ``atol`` and ``ratio`` (``err / bound``: at most 1 within the rule;
+    ``inf`` for a NaN where the reference is finite). Arguments as :func:`assert_within_rule`."""
     if atol is None:
         atol = default_atol(out.dtype)
     err = max_abs_err(out, ref64)
-    err_ref = max_abs_err(ref_lowp, ref64)
     eps = torch.finfo(torch.float64 if out.dtype == torch.float64 else torch.float32).eps
     r64 = ref64.detach().double()
     scale = float(r64.abs().nan_to_num(0.0, 0.0, 0.0).max()) if r64.numel() else 0.0
+    err_ref = max(max_abs_err(ref_lowp, ref64), half_ulp(out.dtype, scale))
     bound = 2.0 * err_ref + atol + ulps * eps * scale
     return {"err": err, "err_ref": err_ref, "bound": bound, "scale": scale, "atol": atol,
             "ratio": err / bound if bound > 0 else (0.0 if err == 0 else float("inf"))}
@@ -91,7 +113,8 @@ def assert_within_rule(
     if not r["err"] <= r["bound"]:
         raise AssertionError(
             f"{what}: max abs error {r['err']:.3e} against the float64 reference exceeds the rule's bound "
-            f"{r['bound']:.3e} (= 2 x {r['err_ref']:.3e}, the reference's own error in {out.dtype}, + atol "
+            f"{r['bound']:.3e} (= 2 x {r['err_ref']:.3e}, the reference's own error in {out.dtype} or half an ulp "
+            f"of it at the largest magnitude if more, + atol "
             f"{r['atol']:.1e} + {ulps:g} ulp x {r['scale']:.3e}, the reference's largest magnitude)"
         )
     return {"err": r["err"], "err_ref": r["err_ref"], "bound": r["bound"]}

@@ -119,7 +119,9 @@ float32, two launches, dQ first. P recomputed from a float32 L sums to ``1 + O(2
 and dK 2-3x less accurate than the float32 reference. So the dQ kernel first streams over the key blocks once
 for ``r = 1 / rowsum(P)`` and ``delta = r * rowsum(P * dP)`` (two more matmuls per tile pair, 9 in all), stores
 both ``(B, H, N)`` and multiplies every P by r; the dK/dV kernel reads them. No delta kernel runs; ``out_lo`` is
-not needed (O is float32).
+not needed (O is float32). r is correctly rounded (``tl.div_rn``, once per query row): ``rowsum(dS) = delta * (1 -
+rowsum(r P))`` takes delta times r's error, and with the GPU's approximate division (about 2 ulp) two keys sharing
+an offset (delta ~28) put dQ at 1.6x the rule's bound.
 
 Masking: keys past N score -inf (forward) or get P = 0 (backward, a padded query row loads L = +inf, so its P
 is 0); padded query rows are computed and never written. Full key/query blocks run an unmasked loop; only the
@@ -559,7 +561,7 @@ def _attn_bwd_dq_kernel(
             delta, psum = _bwd_delta_key_block(delta, psum, q, do, lse2, k_base, v_base, n_full, N, offs_n, offs_d,
                                                stride_qn, stride_qc, qk_scale, HEAD_DIM, True, EVEN_D, IDX64,
                                                DOT_PRECISION)
-        rnorm = tl.where(offs_m < N, 1.0 / tl.where(offs_m < N, psum, 1.0), 0.0)
+        rnorm = tl.where(offs_m < N, tl.div_rn(tl.zeros_like(psum) + 1.0, tl.where(offs_m < N, psum, 1.0)), 0.0)
         delta = delta * rnorm
         tl.store(DELTA + bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
         tl.store(RNORM + bh.to(tl.int64) * N + offs_m, rnorm, mask=offs_m < N)

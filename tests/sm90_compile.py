@@ -3,6 +3,7 @@
 Usage (from the repository root; needs triton's bundled ptxas, no GPU)::
 
     python tests/sm90_compile.py --set smoke|ci|family [--jobs 2] [--json out.json] [--check] [--arch 90|89|86|80]
+    python tests/sm90_compile.py --set ci --write-docs [--suggest-budgets]   # under the GPU image's triton (3.6.0)
 
 How: a stand-in Triton driver reports an active sm_90 device that compiles and never launches. Each kernel is
 driven through its real launcher (``*_fwd`` / ``*_bwd`` of ``crossvit_fast.kernels``) with CPU tensors (allocated
@@ -13,8 +14,14 @@ over the device's limit raises ``OutOfResources`` as a GPU launch would, so the 
 
 Per distinct compile (deduplicated by Triton's kernel hash) it reports: kernel, config, registers, spill bytes
 (stores / loads), stack frame, shared memory and the number of ``wgmma`` instructions in the PTX, read from the
-ptxas ``-v`` log of Triton's own compile. ``--check`` fails (exit 1) on a compile error, on shared memory over
-232,448 bytes, or on spills (stores + loads) above the kernel's budget in :data:`SPILL_BUDGET`. ``--arch 80`` (A100),
+ptxas ``-v`` log of Triton's own compile, and ptxas's diagnostics (its warnings and coded notes such as C7515,
+"wgmma.mma_async instructions are serialized"). At the headline shapes (:data:`HEADLINE`) the cubin's SASS
+(``cuobjdump -sass``) gives the instructions and HGMMA of one main-loop iteration (:func:`main_loop`), and registers,
+warps and shared memory the CTAs per SM (:func:`ctas_per_sm`). ``--check`` fails (exit 1) on a compile error, on
+shared memory over 232,448 bytes, on spills (stores + loads) above the kernel's budget in :data:`SPILL_BUDGET`, on
+C7515 in a 16-bit GEMM or attention compile (:func:`c7515_gated`, :data:`C7515_PENDING`), and on the headline
+readings past :data:`SASS_BUDGET`; ``--check-docs`` on a stale ``docs/sm90.md`` or README table (``--write-docs``
+writes both; ``--suggest-budgets`` prints :data:`SASS_BUDGET`; ``--from-json`` rereads saved runs). ``--arch 80`` (A100),
 ``86`` or ``89`` compile for those GPUs instead (their shared-memory limits, :data:`ARCHS`; spills reported, not
 checked): what ``backend="triton"`` would run there, where ``"auto"`` takes no kernel until it is verified.
 
@@ -841,7 +848,8 @@ def _tile(r: dict) -> str:
     c = r["config"]
     dims = [str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T", "BLOCK_C", "BLOCK_R", "BLOCK_D", "ROWS")
             if k in c]
-    return f"{'x'.join(dims) or '-'}/w{c['warps']}/s{c['stages']}"
+    even = "".join(f"/{k.lower()}" for k in _NOT_VARIANT if k != "IDX64" and c.get(k) is True)
+    return f"{'x'.join(dims) or '-'}/w{c['warps']}/s{c['stages']}{even}"
 
 
 def _md(header: List[str], rows: List[List[str]], keys: int, tid: str) -> str:
@@ -868,7 +876,7 @@ def perf_rows(result: dict) -> List[List[str]]:
         rows.append([r["kernel"], r["dtype"], str(r["C"]), variant(r), _tile(r), str(r["regs"]),
                      f"{r['spill_st']}/{r['spill_ld']}", str(r["shared"]), f"{r['ctas']} ({r['ctas_by']})",
                      str(sp["sass"]), str(sp["hgmma"]), sp["loop"], "yes" if c7515(r) else ""])
-    return sorted({tuple(x) for x in rows}, key=lambda x: (x[0], x[1], int(x[2]), x[3], x[4]))
+    return [list(x) for x in sorted({tuple(x) for x in rows}, key=lambda x: (x[0], x[1], int(x[2]), x[3:]))]
 
 
 def resource_rows(result: dict) -> List[List[str]]:
@@ -881,7 +889,7 @@ def resource_rows(result: dict) -> List[List[str]]:
     rows = []
     for k in sorted(groups, key=lambda k: (k[0], k[1], _width_order(k[2]))):
         g = groups[k]
-        worst = max(g, key=lambda r: r["spill_st"] + r["spill_ld"])
+        worst = max(g, key=lambda r: (r["spill_st"] + r["spill_ld"], r["spill_st"]))
         rows.append([*k, str(len(g)), _rng(r["regs"] for r in g), f"{worst['spill_st']}/{worst['spill_ld']}",
                      str(budget(*k)), _rng(r["stack"] for r in g), _rng(r["shared"] for r in g),
                      _rng(r["wgmma"] for r in g), _rng(r.get("ctas") for r in g), str(sum(map(c7515, g)))])
@@ -932,7 +940,7 @@ def render_docs(result: dict) -> str:
     cmd = "python tests/sm90_compile.py --set ci --write-docs"
     flagged = sorted({(r["kernel"], r["dtype"], str(r["C"]), variant(r), _tile(r), "pending" if not c7515_gated(r)
                        else "fails") for r in result["records"] if c7515(r)},
-                     key=lambda x: (x[0], x[1], int(x[2]), x[3], x[4]))
+                     key=lambda x: (x[0], x[1], int(x[2]), x[3:]))
     parts = [
         "# Static sm_90 readings of the kernels",
         "",
@@ -953,7 +961,7 @@ def render_docs(result: dict) -> str:
         "",
         "crossvit_18_dagger_240, batch 256, bf16 and amp, C = 224 (401 tokens) and 448 (197): one row per compile. "
         "*variant*: the compile's true boolean constexprs. *tile*: its block sizes (M x N x K for the GEMMs) / warps "
-        "/ stages. *CTAs/SM*: resident CTAs per SM from registers (allocated per warp in units of 256, 65,536 per "
+        "/ stages (/even_k, /even_n, /even_d: the loop's dimension a multiple of its block, unmasked). *CTAs/SM*: resident CTAs per SM from registers (allocated per warp in units of 256, 65,536 per "
         "SM), threads (2,048), CTAs (32) and shared memory (233,472 B per SM, 1 KB reserved per CTA), and which of "
         "them limits. *SASS/iter*: instructions (NOPs excluded) in one iteration of the main loop in "
         "`cuobjdump -sass`: the innermost loop with the most HGMMA (*loop* `hgmma`), else the innermost loop with "

@@ -21,7 +21,8 @@ warps and shared memory the CTAs per SM (:func:`ctas_per_sm`). ``--check`` fails
 shared memory over 232,448 bytes, on spills (stores + loads) above the kernel's budget in :data:`SPILL_BUDGET`, on
 C7515 in a 16-bit GEMM or attention compile (:func:`c7515_gated`, :data:`C7515_PENDING`), and on the headline
 readings past :data:`SASS_BUDGET`; ``--check-docs`` on a stale ``docs/sm90.md`` or README table (``--write-docs``
-writes both; ``--suggest-budgets`` prints :data:`SASS_BUDGET`; ``--from-json`` rereads saved runs). ``--arch 80`` (A100),
+writes both; ``--suggest-budgets`` prints :data:`SASS_BUDGET`; ``--from-json`` rereads saved runs).
+``--arch 80`` (A100),
 ``86`` or ``89`` compile for those GPUs instead (their shared-memory limits, :data:`ARCHS`; spills reported, not
 checked): what ``backend="triton"`` would run there, where ``"auto"`` takes no kernel until it is verified.
 
@@ -432,7 +433,8 @@ def main_loop(ins: List[Tuple[int, str, str]]) -> dict:
             kind = unit
             break
     if pick is None and info:
-        inner = [c for lo, hi, c in info if not any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi) for l2, h2, _ in info)]
+        inner = [c for lo, hi, c in info
+                 if not any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi) for l2, h2, _ in info)]
         pick, kind = max(inner, key=lambda c: c["sass"]), "largest"
     res = dict(pick or total)
     res.update(loop=kind, loops=len(loops), total=total["sass"])
@@ -648,7 +650,8 @@ def run_scope(scope: str, jobs: int = 2, ops: Optional[List[str]] = None, cache_
               arch: int = 90, sass: bool = True) -> dict:
     """Compile a scope (only ``ops`` when given) in ``jobs`` worker processes; returns ``{"records", "errors",
     "compiles", "cpu_s", ...}``. ``sass``: read the SASS (cuobjdump) of the headline compiles
-    (:func:`is_headline`, sm_90 only). With ``cache_dir`` every worker compiles into that one Triton cache, which is kept
+    (:func:`is_headline`, sm_90 only).
+    With ``cache_dir`` every worker compiles into that one Triton cache, which is kept
     (see :func:`pack_cache`); without, each into a fresh temporary one (cold compiles, removed after)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -1002,7 +1005,8 @@ def render_docs(result: dict) -> str:
         "",
         "crossvit_18_dagger_240, batch 256, bf16 and amp, C = 224 (401 tokens) and 448 (197): one row per compile. "
         "*variant*: the compile's true boolean constexprs. *tile*: its block sizes (M x N x K for the GEMMs) / warps "
-        "/ stages (/even_k, /even_n, /even_d: the loop's dimension a multiple of its block, unmasked). *CTAs/SM*: resident CTAs per SM from registers (allocated per warp in units of 256, 65,536 per "
+        "/ stages (/even_k, /even_n, /even_d: the loop's dimension a multiple of its block, unmasked). "
+        "*CTAs/SM*: resident CTAs per SM from registers (allocated per warp in units of 256, 65,536 per "
         "SM), threads (2,048), CTAs (32) and shared memory (233,472 B per SM, 1 KB reserved per CTA), and which of "
         "them limits. *SASS/iter*: instructions (NOPs excluded) in one iteration of the main loop in "
         "`cuobjdump -sass`: the innermost loop with the most HGMMA (*loop* `hgmma`), else the innermost loop with "
@@ -1156,7 +1160,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     result["problems"] = bad
     print(f"\nscope {result['scope']}, sm_{args.arch}: {result['compiles']} distinct compiles "
           f"({result['compiles_with_duplicates']} with cross-worker duplicates), {result['cpu_s']} CPU s, "
-          f"{result['wall_s']} s wall on {result['jobs']} workers (the SASS reading {result.get('sass_s', 0)} CPU s of them), "
+          f"{result['wall_s']} s wall on {result['jobs']} workers (the SASS reading "
+          f"{result.get('sass_s', 0)} CPU s of them), "
           f"triton {result['triton']}, {result.get('ptxas', '')}")
     flagged = [r for r in result["records"] if c7515(r)]
     print(f"C7515 in {len(flagged)} compiles ({sum(map(c7515_gated, flagged))} gated, the others 32-bit, not GEMM / "

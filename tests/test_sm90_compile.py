@@ -42,7 +42,8 @@ def _tool():
 
 
 # ptxas -v logs as triton 3.6.0 (ptxas 12.8) and 3.9.0 (ptxas-blackwell 13.4) print them
-LOG_36 = """ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma \
+LOG_36 = """ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to \
+non wgmma \
 instructions defining accumulator registers of a wgmma between start and end of the pipeline stage in the function \
 '_linear_fwd_kernel'
 ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to the presence \

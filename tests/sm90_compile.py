@@ -3,6 +3,7 @@
 Usage (from the repository root; needs triton's bundled ptxas, no GPU)::
 
     python tests/sm90_compile.py --set smoke|ci|family [--jobs 2] [--json out.json] [--check] [--arch 90|89|86|80]
+    python tests/sm90_compile.py --set ci --write-docs [--suggest-budgets]   # under the GPU image's triton (3.6.0)
 
 How: a stand-in Triton driver reports an active sm_90 device that compiles and never launches. Each kernel is
 driven through its real launcher (``*_fwd`` / ``*_bwd`` of ``crossvit_fast.kernels``) with CPU tensors (allocated
@@ -13,8 +14,15 @@ over the device's limit raises ``OutOfResources`` as a GPU launch would, so the 
 
 Per distinct compile (deduplicated by Triton's kernel hash) it reports: kernel, config, registers, spill bytes
 (stores / loads), stack frame, shared memory and the number of ``wgmma`` instructions in the PTX, read from the
-ptxas ``-v`` log of Triton's own compile. ``--check`` fails (exit 1) on a compile error, on shared memory over
-232,448 bytes, or on spills (stores + loads) above the kernel's budget in :data:`SPILL_BUDGET`. ``--arch 80`` (A100),
+ptxas ``-v`` log of Triton's own compile, and ptxas's diagnostics (its warnings and coded notes such as C7515,
+"wgmma.mma_async instructions are serialized"). At the headline shapes (:data:`HEADLINE`) the cubin's SASS
+(``cuobjdump -sass``) gives the instructions and HGMMA of one main-loop iteration (:func:`main_loop`), and registers,
+warps and shared memory the CTAs per SM (:func:`ctas_per_sm`). ``--check`` fails (exit 1) on a compile error, on
+shared memory over 232,448 bytes, on spills (stores + loads) above the kernel's budget in :data:`SPILL_BUDGET`, on
+C7515 in a 16-bit GEMM or attention compile (:func:`c7515_gated`, :data:`C7515_PENDING`), and on the headline
+readings past :data:`SASS_BUDGET`; ``--check-docs`` on a stale ``docs/sm90.md`` or README table (``--write-docs``
+writes both; ``--suggest-budgets`` prints :data:`SASS_BUDGET`; ``--from-json`` rereads saved runs).
+``--arch 80`` (A100),
 ``86`` or ``89`` compile for those GPUs instead (their shared-memory limits, :data:`ARCHS`; spills reported, not
 checked): what ``backend="triton"`` would run there, where ``"auto"`` takes no kernel until it is verified.
 
@@ -108,6 +116,72 @@ SPILL_BUDGET: Dict[Tuple[str, str, str], int] = {
 
 DTYPES = ("fp32", "fp16", "bf16")
 
+# ptxas's C7515 ("Potential Performance Loss: wgmma.mma_async instructions are serialized ..."): --check fails on it
+# in every 16-bit (fp16 / bf16 / amp) compile of these kernels and of any other kernel whose PTX issues wgmma, except
+# the (kernel, variant) classes of C7515_PENDING (:func:`variant`: its true boolean constexprs).
+C7515_KERNELS = frozenset({"_linear_fwd_kernel", "_linear_dgrad_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
+                           "_attn_bwd_dq_kernel"})
+
+# The classes that carry C7515 in the ci scope with triton 3.6.0 (ptxas 12.8: 201 compiles) and 3.9.0 (ptxas 13.4:
+# 135): the forward GEMM with the LayerNorm prologue (qkv, fc1; inference and SAVE) and every 16-bit dgrad (qkv's
+# plain one too). To be emptied when the GEMM change that removes them lands.
+C7515_PENDING: frozenset = frozenset({
+    ("_linear_fwd_kernel", "has_ln,has_bias"),
+    ("_linear_fwd_kernel", "has_ln,has_bias,save"),
+    ("_linear_fwd_kernel", "has_ln,has_bias,gelu"),
+    ("_linear_fwd_kernel", "has_ln,has_bias,gelu,save"),
+    ("_linear_dgrad_kernel", "has_db"),
+    ("_linear_dgrad_kernel", "gelu,store_dz,has_db"),
+    ("_linear_dgrad_kernel", "has_scale,store_dz,has_db"),
+})
+
+# Occupancy of one sm_90 SM: registers, threads, resident CTAs, shared memory (228 KB, of which each CTA's 1 KB
+# is reserved by the system).
+SM_REGS, SM_THREADS, SM_CTAS, SM_SHARED, CTA_RESERVED_SHARED = 65536, 2048, 32, 233472, 1024
+
+# The headline shapes (crossvit_18_dagger_240, batch 256, bfloat16 and bfloat16 autocast): (C, N) of the launcher
+# calls whose compiles get the SASS reading (cuobjdump) and its budgets.
+HEADLINE = frozenset({(224, 401), (224, 400), (448, 197), (448, 196)})
+HEADLINE_DTYPES = ("bf16", "amp")
+
+# Static budgets at the headline shapes, per (kernel, dtype, width class) and triton minor version: the SASS
+# instructions of one main-loop iteration (most over the variants and configs, with a margin), the HGMMA per
+# iteration (fewest) and the CTAs an SM holds (fewest). Written by ``--suggest-budgets`` from a run of each version.
+SASS_BUDGET: Dict[Tuple[str, str, str], Dict[str, Tuple[int, int, int]]] = {
+    ('_attn_bwd_delta_kernel', 'bf16', 'D32'): {'3.6': (283, 0, 16), '3.9': (287, 0, 16)},
+    ('_attn_bwd_delta_kernel', 'bf16', 'D64'): {'3.6': (462, 0, 8), '3.9': (476, 0, 10)},
+    ('_attn_bwd_dkdv_kernel', 'bf16', 'D32'): {'3.6': (342, 6, 1), '3.9': (334, 6, 1)},
+    ('_attn_bwd_dkdv_kernel', 'bf16', 'D64'): {'3.6': (367, 10, 1), '3.9': (370, 10, 1)},
+    ('_attn_bwd_dq_kernel', 'bf16', 'D32'): {'3.6': (231, 5, 2), '3.9': (254, 5, 2)},
+    ('_attn_bwd_dq_kernel', 'bf16', 'D64'): {'3.6': (249, 9, 2), '3.9': (284, 9, 2)},
+    ('_attn_fwd_kernel', 'bf16', 'D32'): {'3.6': (749, 4, 1), '3.9': (760, 4, 1)},
+    ('_attn_fwd_kernel', 'bf16', 'D64'): {'3.6': (748, 6, 1), '3.9': (770, 6, 1)},
+    ('_bwd_tokens_kernel', 'bf16', 'C256'): {'3.6': (1871, 0, 1), '3.9': (1627, 0, 1)},
+    ('_bwd_tokens_kernel', 'bf16', 'C512'): {'3.6': (2949, 0, 1), '3.9': (2786, 0, 1)},
+    ('_fwd_combine_kernel', 'bf16', 'C256'): {'3.6': (324, 0, 32), '3.9': (312, 0, 32)},
+    ('_fwd_combine_kernel', 'bf16', 'C512'): {'3.6': (330, 0, 16), '3.9': (319, 0, 16)},
+    ('_fwd_tokens_kernel', 'bf16', 'C256'): {'3.6': (1316, 0, 2), '3.9': (1291, 0, 2)},
+    ('_fwd_tokens_kernel', 'bf16', 'C512'): {'3.6': (1418, 0, 2), '3.9': (1403, 0, 2)},
+    ('_layer_norm_bwd_kernel', 'amp', 'C256'): {'3.6': (489, 0, 2), '3.9': (452, 0, 2)},
+    ('_layer_norm_bwd_kernel', 'amp', 'C512'): {'3.6': (485, 0, 2), '3.9': (437, 0, 2)},
+    ('_layer_norm_bwd_kernel', 'bf16', 'C256'): {'3.6': (450, 0, 3), '3.9': (410, 0, 2)},
+    ('_layer_norm_bwd_kernel', 'bf16', 'C512'): {'3.6': (440, 0, 2), '3.9': (396, 0, 2)},
+    ('_layer_norm_fwd_kernel', 'amp', 'C256'): {'3.6': (1353, 0, 4), '3.9': (1368, 0, 4)},
+    ('_layer_norm_fwd_kernel', 'amp', 'C512'): {'3.6': (1385, 0, 4), '3.9': (1376, 0, 4)},
+    ('_layer_norm_fwd_kernel', 'bf16', 'C256'): {'3.6': (1149, 0, 6), '3.9': (1164, 0, 7)},
+    ('_layer_norm_fwd_kernel', 'bf16', 'C512'): {'3.6': (1199, 0, 5), '3.9': (1191, 0, 5)},
+    ('_linear_dgrad_kernel', 'amp', 'C256'): {'3.6': (542, 2, 1), '3.9': (536, 2, 1)},
+    ('_linear_dgrad_kernel', 'amp', 'C512'): {'3.6': (494, 4, 1), '3.9': (509, 4, 1)},
+    ('_linear_dgrad_kernel', 'bf16', 'C256'): {'3.6': (3440, 2, 1), '3.9': (3482, 2, 1)},
+    ('_linear_dgrad_kernel', 'bf16', 'C512'): {'3.6': (3387, 4, 1), '3.9': (3442, 4, 1)},
+    ('_linear_dz_kernel', 'amp', 'C256'): {'3.6': (501, 0, 8), '3.9': (503, 0, 9)},
+    ('_linear_dz_kernel', 'bf16', 'C256'): {'3.6': (1850, 0, 4), '3.9': (1861, 0, 4)},
+    ('_linear_fwd_kernel', 'amp', 'C256'): {'3.6': (436, 2, 1), '3.9': (450, 2, 1)},
+    ('_linear_fwd_kernel', 'amp', 'C512'): {'3.6': (410, 4, 1), '3.9': (436, 4, 1)},
+    ('_linear_fwd_kernel', 'bf16', 'C256'): {'3.6': (474, 2, 1), '3.9': (467, 2, 1)},
+    ('_linear_fwd_kernel', 'bf16', 'C512'): {'3.6': (456, 4, 1), '3.9': (451, 4, 1)},
+}
+
 # (C_small, C_large, heads) of the five width pairs, and the models that use them at 408 pixels
 _WIDTHS = {"tiny": (96, 192, 3), "small": (192, 384, 6), "base": (384, 768, 12), "9": (128, 256, 4),
            "18": (224, 448, 7)}
@@ -190,7 +264,7 @@ def _group_key(j: dict) -> tuple:
 _W: dict = {}  # worker state
 
 
-def _init_worker(cache_root: str, shared: bool = False, arch: int = 90) -> None:
+def _init_worker(cache_root: str, shared: bool = False, arch: int = 90, sass: bool = False) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     cache = cache_root if shared else os.path.join(cache_root, f"cache-{os.getpid()}")
     os.makedirs(cache, exist_ok=True)
@@ -270,11 +344,117 @@ def _init_worker(cache_root: str, shared: bool = False, arch: int = 90) -> None:
         mod.COMPILE_ONLY = True
     mods["self_attention"].AUTOTUNE = True
     mods["linear"].AUTOTUNE = True  # compile every candidate the tuners may time
-    _W.update(torch=torch, triton=triton, seen=set(), records=[], tag=None, arch=arch, mods=mods)
+    _W.update(torch=torch, triton=triton, seen=set(), records=[], tag=None, arch=arch, mods=mods, sass=sass)
 
 
 _RE_REGS = re.compile(r"Used (\d+) registers")
 _RE_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+_RE_DIAG = re.compile(r"^ptxas(?:-blackwell)?\s+(info|warning)\s*:\s*(?:\((C\d+)\)\s*)?(.*)$")
+_RE_IN_FUNCTION = re.compile(r"in (?:the )?function '([^']+)'")
+
+
+def ptxas_warnings(log: str, name: str) -> List[str]:
+    """ptxas's diagnostics of kernel ``name`` in a ``-v`` log: every ``warning`` line and every coded ``info`` line
+    (``(C7515) Potential Performance Loss: ...``), as ``"C7515 Potential Performance Loss: ..."`` (the code, if any,
+    first). A line naming another function is another kernel's."""
+    out = []
+    for line in log.splitlines():
+        m = _RE_DIAG.match(line.strip())
+        if not m or (m.group(1) == "info" and not m.group(2)):
+            continue
+        f = _RE_IN_FUNCTION.search(line)
+        if f and f.group(1) != name:
+            continue
+        out.append(" ".join(x for x in (m.group(2), m.group(3).strip()) if x))
+    return out
+
+
+_RE_SASS = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-9T]\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+_RE_TARGET = re.compile(r"0x([0-9a-f]+)")
+
+
+def parse_sass(text: str) -> List[Tuple[int, str, str]]:
+    """``cuobjdump -sass`` text (one function) -> ``[(address, opcode, operands)]`` in address order."""
+    out = []
+    for line in text.splitlines():
+        m = _RE_SASS.match(line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(3), m.group(4).strip()))
+    return out
+
+
+def sass_loops(ins: List[Tuple[int, str, str]]) -> List[Tuple[int, int]]:
+    """The loops of a function: ``(first, last)`` address of every backward branch's range (the branch included)."""
+    loops = set()
+    for addr, op, args in ins:
+        if op.split(".")[0] == "BRA":
+            t = _RE_TARGET.search(args)
+            if t and int(t.group(1), 16) < addr:
+                loops.add((int(t.group(1), 16), addr))
+    return sorted(loops)
+
+
+def _counts(ins, lo: int, hi: int) -> Dict[str, int]:
+    body = [op for a, op, _ in ins if lo <= a <= hi and op != "NOP"]
+    first = [op.split(".")[0] for op in body]
+    return {"sass": len(body), "hgmma": first.count("HGMMA"), "hmma": first.count("HMMA"), "ffma": first.count("FFMA")}
+
+
+def main_loop(ins: List[Tuple[int, str, str]]) -> dict:
+    """The main loop of a kernel's SASS and its counts per iteration: the innermost loop with the most HGMMA (wgmma
+    kernels), else with the most HMMA, else the innermost loop with the most instructions (FMA dots, elementwise
+    loops); a kernel without a loop reports its whole body (``"loop": "none"``). Counts exclude NOPs. Returns
+    ``{"sass", "hgmma", "hmma", "ffma", "loop", "loops", "total"}``."""
+    total = _counts(ins, 0, 1 << 62)
+    loops = sass_loops(ins)
+    info = [(lo, hi, _counts(ins, lo, hi)) for lo, hi in loops]
+    pick, kind = None, "none"
+    for unit in ("hgmma", "hmma"):
+        best = max((c[unit] for _, _, c in info), default=0)
+        if best:
+            pick = min((c for _, _, c in info if c[unit] == best), key=lambda c: c["sass"])
+            kind = unit
+            break
+    if pick is None and info:
+        inner = [c for lo, hi, c in info
+                 if not any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi) for l2, h2, _ in info)]
+        pick, kind = max(inner, key=lambda c: c["sass"]), "largest"
+    res = dict(pick or total)
+    res.update(loop=kind, loops=len(loops), total=total["sass"])
+    return res
+
+
+def ctas_per_sm(regs: int, warps: int, shared: int) -> Tuple[int, str]:
+    """Resident CTAs per sm_90 SM and what limits them (``threads``, ``ctas``, ``smem`` or ``regs``, the first of
+    them on a tie): registers allocated per warp in units of 256, 1 KB of shared memory reserved per CTA."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    lim = {"regs": (SM_REGS // per_warp) // warps, "threads": SM_THREADS // (32 * warps), "ctas": SM_CTAS,
+           "smem": SM_SHARED // (shared + CTA_RESERVED_SHARED)}
+    by = min(("threads", "ctas", "smem", "regs"), key=lambda k: lim[k])
+    return lim[by], by
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def sass_of(cubin: bytes) -> str:
+    import subprocess
+
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        return subprocess.run([_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def is_headline(rec: dict) -> bool:
+    return rec["B"] == 256 and (rec["C"], rec["N"]) in HEADLINE and rec["dtype"] in HEADLINE_DTYPES
 
 
 def _ptxas_log(ptx: str) -> str:
@@ -320,7 +500,7 @@ def _record(fn, ck, log: str) -> None:
                if isinstance(k, tuple) and len(k) == 1 and isinstance(v, (int, bool, str))}
     cfg = {k: v for k, v in cfg.items() if k.isupper() or k.startswith("BLOCK")}
     ptx = ck.asm["ptx"] if "ptx" in ck.asm else ""
-    _W["records"].append({
+    rec = {
         **_W["tag"], "kernel": fn.__name__, "hash": ck.hash,
         "config": {**cfg, "warps": ck.metadata.num_warps, "stages": ck.metadata.num_stages},
         "regs": int(regs.group(1)) if regs else None,
@@ -329,7 +509,16 @@ def _record(fn, ck, log: str) -> None:
         "spill_ld": int(sp.group(3)) if sp else None,
         "shared": int(ck.metadata.shared),
         "wgmma": ptx.count("wgmma.mma_async"),
-    })
+        "warnings": ptxas_warnings(log, name),
+    }
+    if rec["regs"] is not None:
+        rec["ctas"], rec["ctas_by"] = ctas_per_sm(rec["regs"], ck.metadata.num_warps, rec["shared"])
+    if _W.get("sass") and is_headline(rec) and "cubin" in ck.asm:
+        c0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
+        rec["sass"] = main_loop(parse_sass(sass_of(ck.asm["cubin"])))
+        c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        _W["sass_s"] += time.process_time() - t0 + c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime
+    _W["records"].append(rec)
 
 
 def _tensor(shape, dtype):
@@ -422,6 +611,7 @@ def _run_group(jobs: List[dict]) -> dict:
     c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     w0 = time.time()
     _W["records"] = []
+    _W["sass_s"] = 0.0
     _W["compile_errors"] = errors = []
     for j in jobs:
         _W["tag"] = dict(j)
@@ -432,7 +622,8 @@ def _run_group(jobs: List[dict]) -> dict:
                 errors.append({**_W["tag"], "error": f"{type(e).__name__}: {str(e)[:1500]}"})
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (time.process_time() - t0) + (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
-    return {"records": _W["records"], "errors": errors, "cpu_s": cpu, "wall_s": time.time() - w0}
+    return {"records": _W["records"], "errors": errors, "cpu_s": cpu, "wall_s": time.time() - w0,
+            "sass_s": _W["sass_s"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -441,9 +632,11 @@ def _run_group(jobs: List[dict]) -> dict:
 
 
 def run_scope(scope: str, jobs: int = 2, ops: Optional[List[str]] = None, cache_dir: Optional[str] = None,
-              arch: int = 90) -> dict:
+              arch: int = 90, sass: bool = True) -> dict:
     """Compile a scope (only ``ops`` when given) in ``jobs`` worker processes; returns ``{"records", "errors",
-    "compiles", "cpu_s", ...}``. With ``cache_dir`` every worker compiles into that one Triton cache, which is kept
+    "compiles", "cpu_s", ...}``. ``sass``: read the SASS (cuobjdump) of the headline compiles
+    (:func:`is_headline`, sm_90 only).
+    With ``cache_dir`` every worker compiles into that one Triton cache, which is kept
     (see :func:`pack_cache`); without, each into a fresh temporary one (cold compiles, removed after)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -460,7 +653,7 @@ def run_scope(scope: str, jobs: int = 2, ops: Optional[List[str]] = None, cache_
     t0 = time.time()
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(root, bool(cache_dir), arch)) as pool:
+                                 initargs=(root, bool(cache_dir), arch, sass and arch == 90)) as pool:
             results = list(pool.map(_run_group, order))
     finally:
         if not cache_dir:
@@ -476,9 +669,11 @@ def run_scope(scope: str, jobs: int = 2, ops: Optional[List[str]] = None, cache_
     import triton  # only for the version in the report (after the workers, so nothing is compiled here)
 
     return {"scope": scope, "arch": arch, "max_shared": ARCHS[arch][0], "triton": triton.__version__,
+            "ptxas": _ptxas_version(),
             "records": records, "errors": errors,
             "compiles": len(records), "compiles_with_duplicates": sum(len(r["records"]) for r in results),
-            "cpu_s": round(sum(r["cpu_s"] for r in results), 1), "wall_s": round(wall, 1), "jobs": jobs}
+            "cpu_s": round(sum(r["cpu_s"] for r in results), 1), "wall_s": round(wall, 1), "jobs": jobs,
+            "sass_s": round(sum(r["sass_s"] for r in results), 1)}
 
 
 CACHE_KEEP = (".cubin", ".json")  # what a cache hit loads: the binary, its metadata and the group index
@@ -515,11 +710,73 @@ def budget(kernel: str, dtype: str, width: str) -> int:
     return SPILL_BUDGET.get((kernel, dtype, width), 0)
 
 
+_NOT_VARIANT = ("IDX64", "EVEN_K", "EVEN_N", "EVEN_D")
+
+
+def variant(rec: dict) -> str:
+    """A compile's specialisation: its true boolean constexprs, lower case (``has_ln,has_bias``), or ``-``."""
+    return ",".join(k.lower() for k, v in rec["config"].items() if v is True and k not in _NOT_VARIANT) or "-"
+
+
+def sixteen_bit(rec: dict) -> bool:
+    return rec["dtype"] in ("fp16", "bf16", "amp")
+
+
+def c7515(rec: dict) -> bool:
+    return any(w.startswith("C7515 ") for w in rec.get("warnings", ()))
+
+
+def c7515_gated(rec: dict) -> bool:
+    """A compile C7515 fails: 16-bit, a GEMM or attention kernel (or any kernel whose PTX issues wgmma), its class
+    not pending."""
+    return (sixteen_bit(rec) and (rec["kernel"] in C7515_KERNELS or rec["wgmma"] > 0)
+            and (rec["kernel"], variant(rec)) not in C7515_PENDING)
+
+
+def triton_minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def static_readings(result: dict) -> Dict[Tuple[str, str, str], Tuple[int, int, int]]:
+    """Per (kernel, dtype, width class) of the headline compiles with a SASS reading: the most SASS instructions per
+    main-loop iteration, the fewest HGMMA per iteration and the fewest CTAs per SM over its variants and configs."""
+    out: Dict[Tuple[str, str, str], Tuple[int, int, int]] = {}
+    for r in result["records"]:
+        if "sass" not in r or r.get("ctas") is None:
+            continue
+        k = (r["kernel"], r["dtype"], width_class(r))
+        s, h, c = out.get(k, (0, 1 << 30, 1 << 30))
+        out[k] = (max(s, r["sass"]["sass"]), min(h, r["sass"]["hgmma"]), min(c, r["ctas"]))
+    return out
+
+
+def suggest_budgets(results: List[dict], margin: float = 0.05, slack: int = 8) -> Dict[tuple, Dict[str, tuple]]:
+    """:data:`SASS_BUDGET` from runs of one or more triton versions: SASS per iteration plus ``max(slack, margin)``,
+    HGMMA per iteration and CTAs per SM as measured."""
+    out: Dict[tuple, Dict[str, tuple]] = {}
+    for result in results:
+        v = triton_minor(result["triton"])
+        for k, (s, h, c) in static_readings(result).items():
+            out.setdefault(k, {})[v] = (s + max(slack, -(-s * int(margin * 100) // 100)), h, c)
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2][0], int(kv[0][2][1:]))))
+
+
+def format_budgets(budgets: Dict[tuple, Dict[str, tuple]]) -> str:
+    lines = ["SASS_BUDGET: Dict[Tuple[str, str, str], Dict[str, Tuple[int, int, int]]] = {"]
+    for k, per in budgets.items():
+        vals = ", ".join(f"{v!r}: {t!r}" for v, t in sorted(per.items()))
+        lines.append(f"    {k!r}: {{{vals}}},")
+    lines.append("}")
+    return "\n".join(lines)
+
+
 def problems(result: dict) -> List[str]:
     """Everything the check fails on: compile/launcher errors; on sm_90 also any compile over the shared-memory
-    limit and spills over budget (measured there). Elsewhere a compile over the limit is what the launchers handle
-    (the GEMM tuner skips the tile, the CLS launcher retries with one stage): only what reaches a caller, an error,
-    fails."""
+    limit, spills over budget (measured there), C7515 in a gated compile (:func:`c7515_gated`), and at the headline
+    shapes SASS per main-loop iteration over, or HGMMA per iteration or CTAs per SM under, :data:`SASS_BUDGET` for
+    this triton version (a version without budgets is not checked there). Elsewhere a compile over the limit is what
+    the launchers handle (the GEMM tuner skips the tile, the CLS launcher retries with one stage): only what reaches
+    a caller, an error, fails."""
     max_shared = result.get("max_shared", MAX_SHARED)
     strict = result.get("arch", 90) == 90
     out = [f"ERROR {e['op']} {e['dtype']} C={e['C']} H={e['H']} N={e['N']} B={e['B']} ({e.get('pass')}): "
@@ -536,6 +793,22 @@ def problems(result: dict) -> List[str]:
         if strict and spill > allowed:
             out.append(f"SPILL {r['spill_st']}+{r['spill_ld']} B > budget {allowed} "
                        f"{where}")
+        if strict and c7515(r) and c7515_gated(r):
+            out.append(f"C7515 (wgmma serialized) {where} [{variant(r)}]")
+    if strict:
+        v = triton_minor(result.get("triton", ""))
+        for k, (s, h, c) in static_readings(result).items():
+            b = SASS_BUDGET.get(k, {}).get(v)
+            if b is None:
+                if any(v in per for per in SASS_BUDGET.values()):
+                    out.append(f"NO SASS BUDGET {k} for triton {v} (--suggest-budgets)")
+                continue
+            if s > b[0]:
+                out.append(f"SASS {s} instructions per main-loop iteration > budget {b[0]} {k}")
+            if h < b[1]:
+                out.append(f"HGMMA {h} per main-loop iteration < budget {b[1]} {k}")
+            if c < b[2]:
+                out.append(f"CTAS {c} per SM < budget {b[2]} {k}")
     return out
 
 
@@ -586,6 +859,233 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+DOCS = os.path.join(REPO, "docs", "sm90.md")
+README = os.path.join(REPO, "README.md")
+README_BEGIN, README_END = "<!-- sm90-table:begin -->", "<!-- sm90-table:end -->"
+_RE_GENERATED = re.compile(r"<!-- generated by `([^`]*)` with triton (\S+) and (ptxas [^\s:]+)")
+
+
+def _rng(vals) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    lo, hi = min(vals), max(vals)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _tile(r: dict) -> str:
+    c = r["config"]
+    dims = [str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T", "BLOCK_C", "BLOCK_R", "BLOCK_D", "ROWS")
+            if k in c]
+    even = "".join(f"/{k.lower()}" for k in _NOT_VARIANT if k != "IDX64" and c.get(k) is True)
+    return f"{'x'.join(dims) or '-'}/w{c['warps']}/s{c['stages']}{even}"
+
+
+def _md(header: List[str], rows: List[List[str]], keys: int, tid: str) -> str:
+    """A Markdown table; the first ``keys`` columns name a row (the structure the docs check compares across
+    triton versions)."""
+    lines = [f"<!-- table:{tid} keys={keys} -->", "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < keys else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _width_order(w: str) -> Tuple[str, int]:
+    return w[0], int(w[1:])
+
+
+def perf_rows(result: dict) -> List[List[str]]:
+    """One row per headline compile with a SASS reading: kernel, dtype, C, variant, tile, registers, spills,
+    shared memory, CTAs per SM (limited by), SASS and HGMMA per main-loop iteration, the loop picked, C7515."""
+    rows = []
+    for r in result["records"]:
+        if "sass" not in r:
+            continue
+        sp = r["sass"]
+        rows.append([r["kernel"], r["dtype"], str(r["C"]), variant(r), _tile(r), str(r["regs"]),
+                     f"{r['spill_st']}/{r['spill_ld']}", str(r["shared"]), f"{r['ctas']} ({r['ctas_by']})",
+                     str(sp["sass"]), str(sp["hgmma"]), sp["loop"], "yes" if c7515(r) else ""])
+    return [list(x) for x in sorted({tuple(x) for x in rows}, key=lambda x: (x[0], x[1], int(x[2]), x[3:]))]
+
+
+def resource_rows(result: dict) -> List[List[str]]:
+    """Per (kernel, dtype, width class) over the scope: distinct compiles, registers, spills (worst), its budget,
+    stack, shared memory, wgmma in the PTX, compiles with C7515."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in result["records"]:
+        if r["regs"] is not None:
+            groups.setdefault((r["kernel"], r["dtype"], width_class(r)), []).append(r)
+    rows = []
+    for k in sorted(groups, key=lambda k: (k[0], k[1], _width_order(k[2]))):
+        g = groups[k]
+        worst = max(g, key=lambda r: (r["spill_st"] + r["spill_ld"], r["spill_st"]))
+        rows.append([*k, str(len(g)), _rng(r["regs"] for r in g), f"{worst['spill_st']}/{worst['spill_ld']}",
+                     str(budget(*k)), _rng(r["stack"] for r in g), _rng(r["shared"] for r in g),
+                     _rng(r["wgmma"] for r in g), _rng(r.get("ctas") for r in g), str(sum(map(c7515, g)))])
+    return rows
+
+
+def readme_rows(result: dict) -> List[List[str]]:
+    """Per kernel over its headline compiles (bf16 and amp, C = 224 and 448, every variant and config)."""
+    groups: Dict[str, List[dict]] = {}
+    for r in result["records"]:
+        if "sass" in r:
+            groups.setdefault(r["kernel"], []).append(r)
+    return [[k, str(len(g)), _rng(r["regs"] for r in g), _rng(r["ctas"] for r in g),
+             _rng(r["sass"]["sass"] for r in g), _rng(r["sass"]["hgmma"] for r in g), str(sum(map(c7515, g)))]
+            for k, g in sorted(groups.items())]
+
+
+def _ptxas_version() -> str:
+    import subprocess
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        path = get_ptxas(90).path
+    except Exception:  # pragma: no cover
+        return "ptxas ?"
+    out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+\.\d+)", out)
+    return f"ptxas {m.group(1) if m else '?'}"
+
+
+def _label(result: dict) -> str:
+    return (f"static reading of the sm_90 compile (triton {result['triton']}, {result.get('ptxas', 'ptxas')}), "
+            f"not a measurement")
+
+
+def render_readme_table(result: dict) -> str:
+    return "\n".join([
+        README_BEGIN,
+        f"Per kernel at the headline shapes (crossvit_18_dagger_240, batch 256, bf16 and bf16 autocast, C = 224 and "
+        f"448, every variant and config): a {_label(result)}. Details: [docs/sm90.md](docs/sm90.md).",
+        "",
+        _md(["kernel", "compiles", "registers", "CTAs/SM", "SASS/iteration", "HGMMA/iteration", "C7515"],
+            readme_rows(result), 1, "readme"),
+        README_END])
+
+
+def render_docs(result: dict) -> str:
+    cmd = "python tests/sm90_compile.py --set ci --write-docs"
+    flagged = sorted({(r["kernel"], r["dtype"], str(r["C"]), variant(r), _tile(r), "pending" if not c7515_gated(r)
+                       else "fails") for r in result["records"] if c7515(r)},
+                     key=lambda x: (x[0], x[1], int(x[2]), x[3:]))
+    parts = [
+        "# Static sm_90 readings of the kernels",
+        "",
+        f"<!-- generated by `{cmd}` with triton {result['triton']} and {result.get('ptxas', 'ptxas ?')}: "
+        "do not edit by hand -->",
+        "",
+        f"Everything here is a **{_label(result)}**: what ptxas makes of each kernel for an H100 (sm_90a), read on a "
+        "machine without a GPU. No kernel has been timed on a GPU yet. The file is written by "
+        f"`{cmd}` (the README's table too) under the GPU image's triton; `tests/test_sm90_compile.py` fails when "
+        "it is stale: against the same triton version every table must match, under another one (CI's) the rows "
+        "of the tables must (registers, spills and SASS differ between versions).",
+        "",
+        "Scope `ci`: batch 256; self-attention at head dims 32 and 64 (C = 224 / 448, 7 heads), CLS attention and "
+        "LayerNorm at C = 96, 224, 448, 768, the block GEMMs at C = 224 and 448; every config the pruner or the GEMM "
+        "tuner may pick is compiled. `amp` is bfloat16 autocast (a float32 residual stream, bfloat16 GEMM inputs).",
+        "",
+        "## At the headline shapes",
+        "",
+        "crossvit_18_dagger_240, batch 256, bf16 and amp, C = 224 (401 tokens) and 448 (197): one row per compile. "
+        "*variant*: the compile's true boolean constexprs. *tile*: its block sizes (M x N x K for the GEMMs) / warps "
+        "/ stages (/even_k, /even_n, /even_d: the loop's dimension a multiple of its block, unmasked). "
+        "*CTAs/SM*: resident CTAs per SM from registers (allocated per warp in units of 256, 65,536 per "
+        "SM), threads (2,048), CTAs (32) and shared memory (233,472 B per SM, 1 KB reserved per CTA), and which of "
+        "them limits. *SASS/iter*: instructions (NOPs excluded) in one iteration of the main loop in "
+        "`cuobjdump -sass`: the innermost loop with the most HGMMA (*loop* `hgmma`), else the innermost loop with "
+        "the most instructions (`largest`); `none`: the kernel has no loop and the count is its whole body. "
+        "*HGMMA/iter*: wgmma instructions in that loop (per warpgroup). *C7515*: ptxas reports the wgmma "
+        "pipeline serialized. `--check` holds these to `SASS_BUDGET` in `tests/sm90_compile.py` (per kernel, "
+        "dtype and width class, per triton version; `--suggest-budgets` writes it).",
+        "",
+        _md(["kernel", "dtype", "C", "variant", "tile", "regs", "spill st/ld", "smem (B)", "CTAs/SM", "SASS/iter",
+             "HGMMA/iter", "loop", "C7515"], perf_rows(result), 5, "headline"),
+        "",
+        "## C7515",
+        "",
+        "Compiles for which ptxas reports C7515 (`Potential Performance Loss: wgmma.mma_async instructions are "
+        "serialized`), over the whole scope; `--check` fails on each 16-bit GEMM and attention compile (and any "
+        "other that issues wgmma) unless its (kernel, variant) is in `C7515_PENDING` (*pending*):",
+        "",
+        _md(["kernel", "dtype", "C", "variant", "tile", "gate"], [list(x) for x in flagged], 0, "c7515")
+        if flagged else "None.",
+        "",
+        "## Resources per kernel",
+        "",
+        "Per kernel, dtype and width class (`D<head dim>` for self-attention, `C<next power of two>` otherwise) over "
+        "the scope: distinct compiles, ranges of registers, stack (B), shared memory (B, limit 232,448), wgmma in "
+        "the PTX and CTAs/SM; spills as the worst compile, against `SPILL_BUDGET`.",
+        "",
+        _md(["kernel", "dtype", "width", "compiles", "regs", "spill st/ld", "budget", "stack", "smem (B)", "wgmma",
+             "CTAs/SM", "C7515"], resource_rows(result), 3, "resources"),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def _tables(text: str) -> Dict[str, List[List[str]]]:
+    out: Dict[str, List[List[str]]] = {}
+    tid, keys = None, 0
+    for line in text.splitlines():
+        m = re.match(r"<!-- table:(\w+) keys=(\d+) -->", line)
+        if m:
+            tid, keys = m.group(1), int(m.group(2))
+            out[tid] = []
+            continue
+        if tid and line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not set("".join(cells)) <= set("-:"):
+                out[tid].append(cells[:keys])
+        elif tid:
+            tid = None
+    return out
+
+
+def readme_block(text: str) -> Optional[str]:
+    i, j = text.find(README_BEGIN), text.find(README_END)
+    return text[i:j + len(README_END)] if 0 <= i < j else None
+
+
+def docs_problems(result: dict, docs: str, readme: str) -> List[str]:
+    """docs/sm90.md and the README's table against what ``--write-docs`` would write: the same text where the
+    running triton is the one that wrote them, else the same rows (each table's key columns)."""
+    m = _RE_GENERATED.search(docs)
+    if not m:
+        return ["DOCS docs/sm90.md carries no generated-by line: run --write-docs"]
+    block = readme_block(readme)
+    if block is None:
+        return [f"DOCS README.md has no {README_BEGIN} ... {README_END} block"]
+    new_docs, new_block = render_docs(result), render_readme_table(result)
+    exact = m.group(2) == result["triton"] and m.group(3) == result.get("ptxas")
+    out = []
+    for name, old, new in (("docs/sm90.md", docs, new_docs), ("README.md's sm90 table", block, new_block)):
+        if exact:
+            if old.strip() != new.strip():
+                out.append(f"DOCS {name} is stale (triton {m.group(2)}): run --set ci --write-docs")
+            continue
+        a, b = _tables(old), _tables(new)
+        a.pop("c7515", None), b.pop("c7515", None)
+        if a != b:
+            diff = sorted(t for t in set(a) | set(b) if a.get(t) != b.get(t))
+            out.append(f"DOCS {name}: the rows of table(s) {', '.join(diff)} differ from triton {result['triton']}'s "
+                       f"(written with {m.group(2)}): rerun --set ci --write-docs with triton {m.group(2)}")
+    return out
+
+
+def write_docs(result: dict) -> None:
+    with open(DOCS, "w") as f:
+        f.write(render_docs(result))
+    with open(README) as f:
+        text = f.read()
+    block = readme_block(text)
+    if block is None:
+        raise SystemExit(f"README.md has no {README_BEGIN} ... {README_END} block")
+    with open(README, "w") as f:
+        f.write(text.replace(block, render_readme_table(result)))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", default="ci", choices=("smoke", "ci", "family"), help="which shapes (default ci)")
@@ -600,21 +1100,62 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="only these ops (default all)")
     ap.add_argument("--cache-dir", help="compile into this Triton cache and keep it (default: a fresh temporary one "
                                         "per worker, removed after)")
+    ap.add_argument("--perf-table", action="store_true",
+                    help="print the headline compiles' static readings (SASS and HGMMA per main-loop iteration, CTAs "
+                         "per SM, C7515)")
+    ap.add_argument("--suggest-budgets", action="store_true",
+                    help="print SASS_BUDGET from this run (or the --from-json runs, one per triton version)")
+    ap.add_argument("--write-docs", action="store_true",
+                    help="with --set ci: write docs/sm90.md and the README's sm90 table from this run")
+    ap.add_argument("--check-docs", action="store_true",
+                    help="with --set ci: fail when docs/sm90.md or the README's table differ from what --write-docs "
+                         "would write (the rows only, under another triton version than theirs)")
+    ap.add_argument("--from-json", nargs="+", metavar="JSON",
+                    help="read the run(s) from --json files instead of compiling (the first is checked and written)")
+    ap.add_argument("--no-sass", action="store_true", help="skip the SASS reading (cuobjdump) of the headline compiles")
     ap.add_argument("--pack", metavar="TAR_XZ", help="with --cache-dir: pack what a cache hit needs into this file "
                                                      "(bench/gpu_run.sh unpacks bench/.gpu-carry/triton-cache.tar.xz)")
     args = ap.parse_args(argv)
     if args.pack and not args.cache_dir:
         ap.error("--pack needs --cache-dir")
-    result = run_scope(args.set, args.jobs, args.ops, args.cache_dir, args.arch)
+    if args.from_json:
+        runs = []
+        for path in args.from_json:
+            with open(path) as f:
+                runs.append(json.load(f))
+        result = runs[0]
+        args.set, args.arch = result["scope"], result["arch"]
+    else:
+        result = run_scope(args.set, args.jobs, args.ops, args.cache_dir, args.arch, not args.no_sass)
+        runs = [result]
+    if (args.write_docs or args.check_docs) and (args.set != "ci" or args.ops or args.arch != 90 or args.no_sass):
+        ap.error("--write-docs / --check-docs need the whole ci scope on sm_90 with the SASS reading")
     if args.table:
         print(table(result))
         print()
     print(summary(result))
+    if args.perf_table:
+        print()
+        print(_md(["kernel", "dtype", "C", "variant", "tile", "regs", "spill st/ld", "smem (B)", "CTAs/SM",
+                   "SASS/iter", "HGMMA/iter", "loop", "C7515"], perf_rows(result), 5, "headline"))
     bad = problems(result)
+    if args.check_docs:
+        with open(DOCS) as f, open(README) as g:
+            bad += docs_problems(result, f.read(), g.read())
     result["problems"] = bad
     print(f"\nscope {result['scope']}, sm_{args.arch}: {result['compiles']} distinct compiles "
           f"({result['compiles_with_duplicates']} with cross-worker duplicates), {result['cpu_s']} CPU s, "
-          f"{result['wall_s']} s wall on {result['jobs']} workers, triton {result['triton']}")
+          f"{result['wall_s']} s wall on {result['jobs']} workers (the SASS reading "
+          f"{result.get('sass_s', 0)} CPU s of them), "
+          f"triton {result['triton']}, {result.get('ptxas', '')}")
+    flagged = [r for r in result["records"] if c7515(r)]
+    print(f"C7515 in {len(flagged)} compiles ({sum(map(c7515_gated, flagged))} gated, the others 32-bit, not GEMM / "
+          f"attention, or pending)")
+    if args.suggest_budgets:
+        print(format_budgets(suggest_budgets(runs)))
+    if args.write_docs:
+        write_docs(result)
+        print(f"wrote {os.path.relpath(DOCS, REPO)} and README.md's sm90 table")
     for p in bad:
         print(p)
     if args.pack:

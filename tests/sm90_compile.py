@@ -9,8 +9,9 @@ How: a stand-in Triton driver reports an active sm_90 device that compiles and n
 driven through its real launcher (``*_fwd`` / ``*_bwd`` of ``crossvit_fast.kernels``) with CPU tensors (allocated
 with ``torch.empty``, never touched, so a batch of 256 costs no memory); the launcher picks its tiles, warps and
 stages exactly as on the GPU, and a launch becomes a compile (``warmup``). For the tuned kernels (self-attention,
-block GEMMs) every candidate of each key is compiled (every config the autotuner can pick). A compile whose shared memory is
-over the device's limit raises ``OutOfResources`` as a GPU launch would, so the launchers' fallbacks run too.
+block GEMMs) every candidate of each key is compiled (every config the autotuner can pick). A compile whose shared
+memory is over the device's limit raises ``OutOfResources`` as a GPU launch would, so the launchers' fallbacks run
+too.
 
 Per distinct compile (deduplicated by Triton's kernel hash) it reports: kernel, config, registers, spill bytes
 (stores / loads), stack frame, shared memory and the number of ``wgmma`` instructions in the PTX, read from the
@@ -141,16 +142,16 @@ HEADLINE_DTYPES = ("bf16", "amp")
 # instructions of one main-loop iteration (most over the variants and configs, with a margin), the HGMMA per
 # iteration (fewest) and the CTAs an SM holds (fewest). Written by ``--suggest-budgets`` from a run of each version.
 SASS_BUDGET: Dict[Tuple[str, str, str], Dict[str, Tuple[int, int, int]]] = {
-    ('_attn_bwd_delta_kernel', 'bf16', 'D32'): {'3.6': (283, 0, 16), '3.9': (287, 0, 16)},
-    ('_attn_bwd_delta_kernel', 'bf16', 'D64'): {'3.6': (462, 0, 8), '3.9': (476, 0, 10)},
-    ('_attn_bwd_dkdv_kernel', 'bf16', 'D32'): {'3.6': (342, 6, 1), '3.9': (334, 6, 1)},
-    ('_attn_bwd_dkdv_kernel', 'bf16', 'D64'): {'3.6': (367, 10, 1), '3.9': (370, 10, 1)},
+    ('_attn_bwd_delta_kernel', 'bf16', 'D32'): {'3.6': (297, 0, 16), '3.9': (302, 0, 16)},
+    ('_attn_bwd_delta_kernel', 'bf16', 'D64'): {'3.6': (476, 0, 8), '3.9': (491, 0, 10)},
+    ('_attn_bwd_dkdv_kernel', 'bf16', 'D32'): {'3.6': (325, 6, 1), '3.9': (318, 6, 1)},
+    ('_attn_bwd_dkdv_kernel', 'bf16', 'D64'): {'3.6': (350, 10, 1), '3.9': (353, 10, 1)},
     ('_attn_bwd_dq_kernel', 'bf16', 'D32'): {'3.6': (231, 5, 2), '3.9': (254, 5, 2)},
     ('_attn_bwd_dq_kernel', 'bf16', 'D64'): {'3.6': (249, 9, 2), '3.9': (284, 9, 2)},
-    ('_attn_fwd_kernel', 'bf16', 'D32'): {'3.6': (749, 4, 1), '3.9': (760, 4, 1)},
-    ('_attn_fwd_kernel', 'bf16', 'D64'): {'3.6': (748, 6, 1), '3.9': (770, 6, 1)},
-    ('_bwd_tokens_kernel', 'bf16', 'C256'): {'3.6': (1871, 0, 1), '3.9': (1627, 0, 1)},
-    ('_bwd_tokens_kernel', 'bf16', 'C512'): {'3.6': (2949, 0, 1), '3.9': (2786, 0, 1)},
+    ('_attn_fwd_kernel', 'bf16', 'D32'): {'3.6': (409, 6, 1), '3.9': (416, 6, 1)},
+    ('_attn_fwd_kernel', 'bf16', 'D64'): {'3.6': (418, 8, 1), '3.9': (446, 8, 1)},
+    ('_bwd_tokens_kernel', 'bf16', 'C256'): {'3.6': (1780, 0, 1), '3.9': (1549, 0, 1)},
+    ('_bwd_tokens_kernel', 'bf16', 'C512'): {'3.6': (2717, 0, 1), '3.9': (2722, 0, 1)},
     ('_fwd_combine_kernel', 'bf16', 'C256'): {'3.6': (324, 0, 32), '3.9': (312, 0, 32)},
     ('_fwd_combine_kernel', 'bf16', 'C512'): {'3.6': (330, 0, 16), '3.9': (319, 0, 16)},
     ('_fwd_tokens_kernel', 'bf16', 'C256'): {'3.6': (1316, 0, 2), '3.9': (1291, 0, 2)},
@@ -163,16 +164,14 @@ SASS_BUDGET: Dict[Tuple[str, str, str], Dict[str, Tuple[int, int, int]]] = {
     ('_layer_norm_fwd_kernel', 'amp', 'C512'): {'3.6': (1385, 0, 4), '3.9': (1376, 0, 4)},
     ('_layer_norm_fwd_kernel', 'bf16', 'C256'): {'3.6': (1149, 0, 6), '3.9': (1164, 0, 7)},
     ('_layer_norm_fwd_kernel', 'bf16', 'C512'): {'3.6': (1199, 0, 5), '3.9': (1191, 0, 5)},
-    ('_linear_dgrad_kernel', 'amp', 'C256'): {'3.6': (542, 2, 1), '3.9': (536, 2, 1)},
-    ('_linear_dgrad_kernel', 'amp', 'C512'): {'3.6': (494, 4, 1), '3.9': (509, 4, 1)},
-    ('_linear_dgrad_kernel', 'bf16', 'C256'): {'3.6': (3440, 2, 1), '3.9': (3482, 2, 1)},
-    ('_linear_dgrad_kernel', 'bf16', 'C512'): {'3.6': (3387, 4, 1), '3.9': (3442, 4, 1)},
+    ('_linear_dgrad_kernel', 'bf16', 'C256'): {'3.6': (164, 2, 2), '3.9': (174, 2, 2)},
+    ('_linear_dgrad_kernel', 'bf16', 'C512'): {'3.6': (124, 4, 2), '3.9': (145, 4, 2)},
     ('_linear_dz_kernel', 'amp', 'C256'): {'3.6': (501, 0, 8), '3.9': (503, 0, 9)},
     ('_linear_dz_kernel', 'bf16', 'C256'): {'3.6': (1850, 0, 4), '3.9': (1861, 0, 4)},
-    ('_linear_fwd_kernel', 'amp', 'C256'): {'3.6': (436, 2, 1), '3.9': (450, 2, 1)},
-    ('_linear_fwd_kernel', 'amp', 'C512'): {'3.6': (410, 4, 1), '3.9': (436, 4, 1)},
-    ('_linear_fwd_kernel', 'bf16', 'C256'): {'3.6': (474, 2, 1), '3.9': (467, 2, 1)},
-    ('_linear_fwd_kernel', 'bf16', 'C512'): {'3.6': (456, 4, 1), '3.9': (451, 4, 1)},
+    ('_linear_fwd_kernel', 'amp', 'C256'): {'3.6': (182, 2, 1), '3.9': (194, 2, 1)},
+    ('_linear_fwd_kernel', 'amp', 'C512'): {'3.6': (158, 4, 1), '3.9': (167, 4, 1)},
+    ('_linear_fwd_kernel', 'bf16', 'C256'): {'3.6': (182, 2, 1), '3.9': (194, 2, 1)},
+    ('_linear_fwd_kernel', 'bf16', 'C512'): {'3.6': (158, 4, 1), '3.9': (164, 4, 1)},
 }
 
 # (C_small, C_large, heads) of the five width pairs, and the models that use them at 408 pixels
